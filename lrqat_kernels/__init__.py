@@ -1,0 +1,22 @@
+"""lrqat_kernels: fused kernels for Low-Rank Quantization-Aware Training (LR-QAT) of LLMs.
+
+Public API only; the compiled extension ``lrqat_kernels._C`` is loaded lazily and its absence
+never breaks ``import lrqat_kernels`` (see ``_ext.py``).
+"""
+
+__version__ = "0.1.0"
+
+from . import formats, reference  # noqa: F401
+from .formats import (  # noqa: F401
+    BYTES_PER_WEIGHT,
+    PHI_FORMATS,
+    decode_phi,
+    encode_phi,
+    pack_nibbles,
+    qrange,
+    unpack_nibbles,
+)
+from .reference import estimate_scale, lora_init, merge_weight, rtn_quantize, svd_init  # noqa: F401
+
+# The fused paths (Triton on CUDA / TRITON_INTERPRET, reference on CPU) share the reference's signatures.
+from .reference import fake_quant_weight, lrqat_linear  # noqa: F401  (replaced by the dispatcher in functions.py)

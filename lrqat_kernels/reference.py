@@ -1,0 +1,373 @@
+"""Eager PyTorch reference of the LR-QAT math (the oracle every fast path is tested against).
+
+Plain PyTorch, no Triton. Follows ``../shared/design/NUMERICS.md`` literally:
+
+    C     = (lora_B @ lora_A) * (alpha / r)            fp32, [out, in], grid units
+    Z     = decode_phi(Phi0) + C
+    W_int = clip(round_half_even(Z), qmin, qmax)
+    W_hat = s * (W_int - z)                            cast to the compute dtype last
+
+Backward (straight-through rounding, inclusive clip mask ``M = qmin <= round(Z) <= qmax``):
+
+    dL/dZ      = s * G * M
+    dL/dlora_B = (alpha / r) * dL/dZ @ lora_A^T
+    dL/dlora_A = (alpha / r) * lora_B^T @ dL/dZ
+    dL/ds      = sum over the channel / group of G * (W_int - z)
+
+The gradients come from autograd over the ops below; the STE is the detach trick, which is
+exact here because ``Z + (round(Z) - Z)`` reproduces ``round(Z)`` bit for bit for |Z| < 2^23.
+Computation is fp32, or fp64 when lora_A/scale are fp64 (for ``gradcheck``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_fake_quant_args, check_group_size, check_linear_args, check_tensor
+from .formats import check_bits, decode_phi, encode_phi, qrange
+
+__all__ = [
+    "fake_quant_weight",
+    "lrqat_linear",
+    "lowrank_product",
+    "quantize_z",
+    "merge_weight",
+    "estimate_scale",
+    "rtn_quantize",
+    "rtn_w_int",
+    "lora_init",
+    "svd_init",
+    "expand_groups",
+]
+
+LP_NORMS = (2.0, 2.4, 3.0, 3.5, 4.0, 5.0)
+LP_CANDIDATES = 100
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def expand_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Broadcast a per-group tensor ``[out, in // g]`` to ``[out, in]`` (groups are contiguous columns)."""
+    return t.repeat_interleave(group_size, dim=1)
+
+
+def lowrank_product(lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float, dtype=torch.float32) -> torch.Tensor:
+    """``C = (lora_B @ lora_A) * (alpha / r)`` in ``dtype``. lora_A ``[r, in]``, lora_B ``[out, r]`` -> ``[out, in]``."""
+    r = lora_A.shape[0]
+    return (lora_B.to(dtype) @ lora_A.to(dtype)) * (alpha / r)
+
+
+def quantize_z(z_grid: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round half to even and clip, with the straight-through estimator.
+
+    Args:
+        z_grid: ``Z`` ``[out, in]`` float.
+        bits: grid width.
+
+    Returns:
+        ``(w_int, mask)``: ``w_int`` float ``[out, in]`` on the grid whose gradient is 1 where
+        ``mask`` (``qmin <= round(Z) <= qmax``, inclusive) and 0 elsewhere; NaN stays NaN.
+    """
+    qmin, qmax = qrange(bits)
+    q = torch.round(z_grid)
+    mask = (q >= qmin) & (q <= qmax)
+    w_ste = z_grid + (q - z_grid).detach()
+    w_int = torch.where(mask, w_ste, q.clamp(qmin, qmax).detach())
+    return w_int, mask
+
+
+def _w_int_and_dequant(phi, lora_A, lora_B, scale, *, bits, phi_format, alpha, zero_point, group_size, out_dtype):
+    shapes = check_fake_quant_args(
+        phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
+        zero_point=zero_point, group_size=group_size, out_dtype=out_dtype,
+    )
+    cdt = _compute_dtype(lora_A, scale)
+    z_grid = decode_phi(phi, bits, phi_format).to(cdt) + lowrank_product(lora_A, lora_B, alpha, cdt)
+    w_int, _ = quantize_z(z_grid, bits)
+    s = expand_groups(scale.to(cdt), shapes.group_size)
+    centered = w_int if zero_point is None else w_int - expand_groups(zero_point.to(cdt), shapes.group_size)
+    return w_int, s * centered
+
+
+def fake_quant_weight(
+    phi: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    bits: int,
+    phi_format: str,
+    alpha: float,
+    zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """LR-QAT fake-quantised weight ``W_hat = s * (clip(round(Phi0 + C), qmin, qmax) - z)``.
+
+    Args:
+        phi: stored Phi0, ``[out, in]`` (``[out, in // 2]`` uint8 for packed_int); frozen.
+        lora_A: ``[r, in]`` float, trainable.
+        lora_B: ``[out, r]`` float (same dtype as lora_A), trainable.
+        scale: float32 ``[out, 1]`` (per-channel) or ``[out, in // group_size]``, trainable.
+        bits: 2..8 (2..4 for packed_int, 2..7 for fixed_point).
+        phi_format: "packed_int", "fixed_point", "bf16", "fp16" or "fp32".
+        alpha: LoRA scaling numerator (``C = alpha / r * lora_B @ lora_A``).
+        zero_point: None (symmetric) or integer-valued tensor shaped like ``scale``; frozen.
+        group_size: None for per-channel, else the number of contiguous input columns a group.
+        out_dtype: dtype of ``W_hat``; default ``lora_A.dtype``.
+
+    Returns:
+        ``W_hat`` ``[out, in]`` in ``out_dtype``.
+    """
+    out_dtype = out_dtype or lora_A.dtype
+    _, w_hat = _w_int_and_dequant(
+        phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
+        zero_point=zero_point, group_size=group_size, out_dtype=out_dtype,
+    )
+    return w_hat.to(out_dtype)
+
+
+def lrqat_linear(
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int,
+    phi_format: str,
+    alpha: float,
+    zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``y = x @ W_hat^T + bias`` with ``W_hat`` from :func:`fake_quant_weight`.
+
+    Args:
+        x: ``[..., in]`` float (the compute dtype).
+        bias: None or ``[out]``.
+        out_dtype: dtype of ``W_hat`` and ``y``; default ``x.dtype``.
+        Others: as :func:`fake_quant_weight`.
+
+    Returns:
+        ``[..., out]`` in ``out_dtype``.
+    """
+    out_dtype = out_dtype or (x.dtype if isinstance(x, torch.Tensor) else None)
+    w_hat = fake_quant_weight(
+        phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
+        zero_point=zero_point, group_size=group_size, out_dtype=out_dtype,
+    )
+    shapes = check_fake_quant_args(
+        phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
+        zero_point=zero_point, group_size=group_size,
+    )
+    check_linear_args(x, bias, shapes, lora_A.dtype, phi.device)
+    return F.linear(x.to(out_dtype), w_hat, None if bias is None else bias.to(out_dtype))
+
+
+@torch.no_grad()
+def merge_weight(
+    phi: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    bits: int,
+    phi_format: str,
+    alpha: float,
+    zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fuse the trained layer into ``W_Z = W_int`` (NUMERICS "Merge").
+
+    Returns:
+        ``(w_int, scale, zero_point)``: int8 ``[out, in]`` on the grid, a float32 copy of
+        ``scale``, and ``zero_point`` as int8 (or None). ``s * (w_int - z)`` equals the
+        training forward's ``W_hat`` before its final cast.
+    """
+    w_int, _ = _w_int_and_dequant(
+        phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
+        zero_point=zero_point, group_size=group_size, out_dtype=None,
+    )
+    if torch.isnan(w_int).any():
+        raise ValueError("cannot merge: W_int contains NaN (lora_A/lora_B hold non-finite values)")
+    zp = None if zero_point is None else zero_point.detach().round().to(torch.int8)
+    return w_int.to(torch.int8), scale.detach().float().clone(), zp
+
+
+# ----------------------------------------------------------------------------------------------
+# Range estimation, RTN and initialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def rtn_w_int(
+    w: torch.Tensor, scale: torch.Tensor, *, bits: int, zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """Round-to-nearest integer weights ``clip(round(w / s + z), qmin, qmax)`` as float32 ``[out, in]``."""
+    g = check_group_size(group_size, w.shape[1])
+    qmin, qmax = qrange(bits)
+    x = w.float() / expand_groups(scale.float(), g)
+    if zero_point is not None:
+        x = x + expand_groups(zero_point.float(), g)
+    return torch.round(x).clamp(qmin, qmax)
+
+
+def rtn_quantize(
+    w: torch.Tensor, scale: torch.Tensor, *, bits: int, zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """RTN baseline: ``s * (clip(round(w / s + z), qmin, qmax) - z)`` in ``w.dtype``.
+
+    Args:
+        w: ``[out, in]`` float weight. scale: ``[out, 1]`` or ``[out, in // group_size]``.
+    """
+    check_tensor("w", w, dim=2)
+    check_bits(bits)
+    g = check_group_size(group_size, w.shape[1])
+    q = rtn_w_int(w, scale, bits=bits, zero_point=zero_point, group_size=group_size)
+    if zero_point is not None:
+        q = q - expand_groups(zero_point.float(), g)
+    return (expand_groups(scale.float(), g) * q).to(w.dtype)
+
+
+def _parse_method(method: str) -> float | None:
+    if method == "minmax":
+        return None
+    if isinstance(method, str) and method.startswith("lp:"):
+        try:
+            p = float(method[3:])
+        except ValueError:
+            p = None
+        if p is not None and p > 0:
+            return p
+    raise ValueError(f"method must be 'minmax' or 'lp:<p>' with p > 0 (paper: p in {LP_NORMS}), got {method!r}")
+
+
+@torch.no_grad()
+def estimate_scale(
+    w: torch.Tensor, bits: int, method: str = "minmax", group_size: int | None = None, symmetric: bool = True,
+):
+    """Range estimation for ``s0`` (and ``z`` when asymmetric), per channel or per group, in fp32.
+
+    ``minmax``: symmetric ``s0 = max|w| / qmax``; asymmetric ``s0 = (max - min) / (qmax - qmin)``,
+    ``z = clip(round(qmin - min / s0))``.
+    ``lp:<p>``: candidate ranges ``k / 100`` of the min-max range, k = 1..100; keep the k
+    minimising ``sum |w - q(w; s)|^p`` of the RTN quantizer (first k on ties). Asymmetric
+    ranges shrink about the midpoint, and each tries zero points ``round(qmin - lo / s) + {-2..2}``.
+
+    Args:
+        w: ``[out, in]`` float weight.
+        bits: 2..8.
+        group_size: None for per-channel or a divisor of ``in``.
+
+    Returns:
+        ``s0`` float32 ``[out, n_groups]`` when symmetric; ``(s0, z)`` (z float32, integer
+        valued, same shape) when asymmetric.
+    """
+    check_tensor("w", w, dim=2)
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
+    check_bits(bits)
+    p = _parse_method(method)
+    g = check_group_size(group_size, w.shape[1])
+    qmin, qmax = qrange(bits)
+    wg = w.detach().float().reshape(w.shape[0], w.shape[1] // g, g)
+    eps = 1e-8
+    if symmetric:
+        amax = wg.abs().amax(-1).clamp_min(eps)
+        if p is None:
+            return amax / qmax
+        best_err = torch.full_like(amax, float("inf"))
+        best_s = amax / qmax
+        for k in range(1, LP_CANDIDATES + 1):
+            s = (amax * (k / LP_CANDIDATES) / qmax).clamp_min(eps)
+            q = torch.round(wg / s[..., None]).clamp(qmin, qmax)
+            err = (wg - q * s[..., None]).abs().pow(p).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+        return best_s
+
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    span = (hi - lo).clamp_min(eps)
+    mid = (hi + lo) / 2
+
+    def zp_for(s, lo_k):
+        return torch.round(qmin - lo_k / s).clamp(qmin, qmax)
+
+    if p is None:
+        s = span / (qmax - qmin)
+        return s, zp_for(s, lo)
+    best_err = torch.full_like(span, float("inf"))
+    best_s = span / (qmax - qmin)
+    best_z = zp_for(best_s, lo)
+    for k in range(1, LP_CANDIDATES + 1):
+        half = span * (k / LP_CANDIDATES) / 2
+        s = (2 * half / (qmax - qmin)).clamp_min(eps)
+        z0 = zp_for(s, mid - half)
+        for dz in (-2, -1, 0, 1, 2):
+            z = (z0 + dz).clamp(qmin, qmax)
+            q = torch.round(wg / s[..., None] + z[..., None]).clamp(qmin, qmax)
+            err = (wg - (q - z[..., None]) * s[..., None]).abs().pow(p).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def lora_init(out_features: int, in_features: int, rank: int, *, dtype=torch.float32, device=None, generator=None):
+    """LoRA init (NUMERICS "Init"): ``lora_A ~ U(+-1/sqrt(in))`` ``[r, in]`` (kaiming_uniform, a=sqrt(5)), ``lora_B = 0`` ``[out, r]``."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    bound = 1.0 / math.sqrt(in_features)
+    lora_A = torch.empty(rank, in_features, dtype=torch.float32, device=device)
+    lora_A.uniform_(-bound, bound, generator=generator)
+    lora_B = torch.zeros(out_features, rank, dtype=torch.float32, device=device)
+    return lora_A.to(dtype), lora_B.to(dtype)
+
+
+@torch.no_grad()
+def svd_init(
+    x: torch.Tensor, rank: int, *, bits: int, phi_format: str, alpha: float = 1.0, steps: int = 1,
+    dtype=torch.float32,
+):
+    """LoftQ-style initialisation of Phi0, lora_A, lora_B (paper section 3, "SVD-based init").
+
+    Alternates ``T = steps`` times, starting from ``C = 0``:
+    ``Phi0 = phi(x - C)``, then ``C = SVD_r(x - decode(Phi0))`` (best rank-r fit of what the
+    downcast lost); returns the last ``Phi0`` with the ``C`` fitted to it (as LoftQ). ``C`` is split as ``lora_B = U sqrt(S) sqrt(r/alpha)``, ``lora_A = sqrt(S) V^T sqrt(r/alpha)``
+    so that ``(alpha / r) lora_B @ lora_A = C``.
+
+    Args:
+        x: ``W0 / s0 + z`` in grid units, ``[out, in]``.
+        rank: r >= 1 (at most ``min(out, in)``).
+        steps: T >= 1 alternations.
+
+    Returns:
+        ``(phi, lora_A [r, in], lora_B [out, r])``; factors in ``dtype``.
+    """
+    check_tensor("x", x, dim=2)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(x.shape):
+        raise ValueError(f"rank must be an int in 1..min(out, in)={min(x.shape)}, got {rank!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    x = x.float()
+    c = torch.zeros_like(x)
+    lora_A = lora_B = None
+    for _ in range(steps):
+        phi = encode_phi(x - c, bits, phi_format)
+        residual = x - decode_phi(phi, bits, phi_format)
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = (s[:rank] * (rank / alpha)).sqrt()
+        lora_B = u[:, :rank] * root
+        lora_A = root[:, None] * vh[:rank]
+        c = lowrank_product(lora_A, lora_B, alpha)
+    return phi, lora_A.to(dtype), lora_B.to(dtype)
