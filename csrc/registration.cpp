@@ -1,0 +1,44 @@
+// The one place where lrqat's operator schemas are declared.
+//
+// Every native op of lrqat_kernels is a dispatcher op `torch.ops.lrqat.<name>`:
+//   * its schema is declared here, in TORCH_LIBRARY(lrqat, m), and nowhere else;
+//   * its device impls live beside its kernels, one folder per op family
+//     (csrc/<family>/<family>_cpu.cpp: TORCH_LIBRARY_IMPL(lrqat, CPU, m),
+//      csrc/<family>/<family>_cuda.cu:  TORCH_LIBRARY_IMPL(lrqat, CUDA, m));
+//   * its fake (meta) impl, which torch.compile traces with, is Python, in the module
+//     named by m.set_python_module() just before its defs. torch checks that name
+//     against the module that calls torch.library.register_fake, and
+//     lrqat_kernels._ext imports these modules right after loading this library.
+// setup.py globs csrc/**/*.cpp and csrc/**/*.cu, so a new family needs no build edits.
+//
+// Note: no <torch/extension.h> (pybind11) is needed anywhere: ops reach Python through the
+// dispatcher. The module below only makes the .so importable as `lrqat_kernels._C`;
+// importing it runs the static registrations.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A bare Python module named _C. Importing it loads this shared library, which runs the
+// TORCH_LIBRARY / TORCH_LIBRARY_IMPL static initializers of every translation unit.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                                             // m_name
+      "Native ops of lrqat_kernels; they live in torch.ops.lrqat.",  // m_doc
+      -1,                                                               // m_size
+      nullptr,                                                          // m_methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(lrqat, m) {
+  // ---- nibble: signed 4-bit packing (NUMERICS.md "packed_int"); csrc/nibble/ ----------
+  m.set_python_module("lrqat_kernels.ops.nibble");
+  // w_int: int8 [out, in], values in [-8, 7], in even -> uint8 [out, in / 2];
+  // column 2j -> low nibble, column 2j + 1 -> high nibble (two's complement).
+  m.def("pack_nibbles(Tensor w_int) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // packed: uint8 [out, in / 2] -> int8 [out, in] (sign-extended).
+  m.def("unpack_nibbles(Tensor packed) -> Tensor", {at::Tag::pt2_compliant_tag});
+}
