@@ -41,6 +41,8 @@ __all__ = [
     "lora_init",
     "svd_init",
     "expand_groups",
+    "fake_quant_activation",
+    "act_quant_params",
 ]
 
 LP_NORMS = (2.0, 2.4, 3.0, 3.5, 4.0, 5.0)
@@ -371,3 +373,79 @@ def svd_init(
         lora_A = root[:, None] * vh[:rank]
         c = lowrank_product(lora_A, lora_B, alpha)
     return phi, lora_A.to(dtype), lora_B.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation / KV-cache fake quantisation (weight-activation settings, paper Table 5)
+# ----------------------------------------------------------------------------------------------
+
+ACT_BITS = (4, 8)
+
+
+def check_act_args(x, bits, symmetric) -> None:
+    check_tensor("x", x)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if isinstance(bits, bool) or bits not in ACT_BITS:
+        raise ValueError(f"bits must be one of {ACT_BITS} for activation quantisation, got {bits!r}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+
+
+def act_quant_params(x: torch.Tensor, bits: int, symmetric: bool):
+    """Per-token scale and zero point from the row's min/max, fp32, detached.
+
+    The range always includes 0 (``lo = min(row_min, 0)``, ``hi = max(row_max, 0)``) so zero is
+    exact and a constant row survives. Symmetric: ``s = max|x| / qmax``, ``z = 0``. Asymmetric:
+    ``s = (hi - lo) / (qmax - qmin)``, ``z = round(qmin - lo / s)``. ``s`` is floored at 1e-8
+    (an all-zero row quantises to zeros). A row with a NaN gives NaN (as min/max propagate it).
+
+    Returns:
+        ``(s, z)`` float32 ``[..., 1]`` each.
+    """
+    qmin, qmax = qrange(bits)
+    xf = x.detach().float()
+    if symmetric:
+        s = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
+        return s, torch.zeros_like(s)
+    lo = xf.amin(-1, keepdim=True).clamp_max(0.0)
+    hi = xf.amax(-1, keepdim=True).clamp_min(0.0)
+    s = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
+    return s, torch.round(qmin - lo / s)
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int = 8, symmetric: bool = False) -> torch.Tensor:
+    """Dynamic per-token fake quantisation: ``s * (clip(round(x / s + z), qmin, qmax) - z)``.
+
+    Scale and zero point come from :func:`act_quant_params` and are detached; rounding is
+    straight-through, so ``dL/dx = dL/dx_hat`` (nothing clips: the grid covers the row's range).
+
+    Args:
+        x: ``[..., hidden]`` float; quantised along the last dimension (one scale per token).
+        bits: 4 or 8.
+        symmetric: signed symmetric grid (z = 0) or asymmetric with an integer zero point.
+
+    Returns:
+        ``x_hat`` with ``x``'s shape and dtype (computed in fp32).
+    """
+    check_act_args(x, bits, symmetric)
+    qmin, qmax = qrange(bits)
+    s, z = act_quant_params(x, bits, symmetric)
+    xf = x.float()
+    q = torch.round(xf / s + z)
+    q = torch.where(q < qmin, qmin, torch.where(q > qmax, qmax, q))  # keeps NaN
+    return _StraightThrough.apply(x, (s * (q - z)).to(x.dtype))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Return ``x_hat`` in the forward; pass ``dL/dx_hat`` to ``x`` unchanged in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, x_hat):
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None

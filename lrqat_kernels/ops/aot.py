@@ -1,0 +1,110 @@
+"""Ahead-of-time compilation of Triton kernels for NVIDIA targets, without a GPU.
+
+Used by tests (and by anyone checking a kernel change on a CPU-only machine) to prove that a
+kernel configuration compiles for sm_80 / sm_90 and to read its resource usage. Registers and
+spills come from ``ptxas -v`` (Triton's bundled ptxas) on the generated PTX, because
+``CompiledKernel.n_regs`` is only filled in when the kernel is loaded onto a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class AOTResult:
+    name: str
+    arch: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.name} sm_{self.arch} warps={self.num_warps} stages={self.num_stages}: "
+            f"{self.registers} regs, spills {self.spill_stores}B st / {self.spill_loads}B ld, "
+            f"{self.shared_bytes} B shared"
+        )
+
+
+def _ptxas(arch: int) -> str:
+    import triton
+
+    root = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas", "ptxas-blackwell"):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    return "ptxas"
+
+
+def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int, num_warps: int = 4, num_stages: int = 3) -> AOTResult:
+    """Compile ``fn`` (a ``@triton.jit`` kernel) for ``sm_<arch>`` and report its resources.
+
+    Under ``TRITON_INTERPRET=1`` kernels are interpreter objects that cannot be compiled, so the
+    work runs in a subprocess without the interpreter (see :func:`aot_compile_many`).
+
+    Args:
+        fn: the kernel.
+        signature: ``{arg: type}`` for every argument, e.g. ``{"x_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"}``.
+        constexprs: values of the ``constexpr`` arguments.
+        arch: 80, 86, 89, 90, ...
+    """
+    spec = dict(signature=signature, constexprs=constexprs, arch=arch, num_warps=num_warps, num_stages=num_stages)
+    return aot_compile_many(fn, [spec])[0]
+
+
+def aot_compile_many(fn, specs: list[dict]) -> list[AOTResult]:
+    """Compile ``fn`` once per spec (keys as :func:`aot_compile`'s arguments); one subprocess in all
+    when the interpreter is on."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        inner = getattr(fn, "fn", fn)
+        payload = json.dumps(dict(module=inner.__module__, name=inner.__name__, specs=specs))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = (
+            "import importlib, json, sys; from dataclasses import asdict; from lrqat_kernels.ops import aot; "
+            "p = json.loads(sys.stdin.read()); fn = getattr(importlib.import_module(p['module']), p['name']); "
+            "print(json.dumps([asdict(aot._compile(fn, **s)) for s in p['specs']]))"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"AOT compile of {inner.__name__} failed:\n{proc.stderr[-4000:]}")
+        return [AOTResult(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+    return [_compile(fn, **s) for s in specs]
+
+
+def _compile(fn, signature, constexprs, arch, num_warps, num_stages) -> AOTResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = os.path.join(tmp, "k.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        proc = subprocess.run(
+            [_ptxas(arch), f"-arch=sm_{arch}{suffix}", "-v", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    log = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"could not parse ptxas output:\n{log}")
+    return AOTResult(
+        name=kernel.metadata.name, arch=arch, num_warps=num_warps, num_stages=num_stages,
+        registers=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
+        shared_bytes=int(kernel.metadata.shared),
+    )

@@ -1,0 +1,155 @@
+"""Per-token activation fake quantisation: Triton kernel vs the reference, STE, torch.library, AOT."""
+
+import os
+
+import pytest
+import torch
+
+from lrqat_kernels import reference as R
+from lrqat_kernels.ops import act_quant as AQ
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _rows(n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, n, generator=g) * 3
+    x[1] = 2.5  # constant row
+    x[2] = 0.0  # zero row
+    x[3, 0] = 40.0  # outlier
+    x[4] = x[4].abs() + 1  # all positive
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 130, 4096, 8193], ids=lambda n: f"hidden{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,symmetric", [(8, False), (8, True), (4, False), (4, True)])
+def test_kernel_matches_reference_exactly(n, dtype, bits, symmetric):
+    x = _rows(n, dtype)
+    got = AQ.act_fake_quant_forward(x, bits, symmetric)
+    want = R.fake_quant_activation(x, bits, symmetric)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, want)
+
+
+def test_reference_semantics_by_hand():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.5]])
+    # 4-bit asymmetric: lo = -1.5, hi = 3, s = 4.5 / 15 = 0.3, z = round(-8 + 5) = -3
+    s, z = R.act_quant_params(x, 4, False)
+    assert s.item() == pytest.approx(0.3) and z.item() == -3.0
+    xh = R.fake_quant_activation(x, 4, False)
+    q = torch.round(x / s + z).clamp(-8, 7)
+    assert torch.equal(xh, s * (q - z))
+    # constant row keeps its value (0 is in the range), zero row stays zero
+    c = torch.full((2, 5), 2.5)
+    c[1] = 0
+    torch.testing.assert_close(R.fake_quant_activation(c, 8, False), c)
+    torch.testing.assert_close(R.fake_quant_activation(c, 8, True), c)
+    # symmetric 8 bit: s = max|x| / 127
+    s, z = R.act_quant_params(x, 8, True)
+    assert s.item() == pytest.approx(3.0 / 127) and z.item() == 0.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_nan_inf_rows_like_reference(symmetric):
+    x = torch.randn(4, 20)
+    x[0, 3] = float("nan")
+    x[1, 2] = float("inf")
+    x[2, 5] = -float("inf")
+    got = AQ.act_fake_quant_forward(x, 8, symmetric)
+    want = R.fake_quant_activation(x, 8, symmetric)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(got[0]).all()
+    assert torch.isfinite(got[3]).all()
+
+
+def test_shapes_noncontiguous_and_empty():
+    x = torch.randn(2, 3, 5, 40)[..., ::2]  # last dim strided
+    torch.testing.assert_close(AQ.fake_quant_activation(x, 8), R.fake_quant_activation(x, 8), rtol=0, atol=0)
+    e = torch.empty(0, 16)
+    assert AQ.fake_quant_activation(e, 8).shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_straight_through_gradient(dtype):
+    x = _rows(37, dtype).requires_grad_(True)
+    g = torch.randn(x.shape).to(dtype)
+    y = AQ.fake_quant_activation(x, 4, False)
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(dx, g)
+    xr = x.detach().clone().requires_grad_(True)
+    (dxr,) = torch.autograd.grad(R.fake_quant_activation(xr, 4, False), xr, g)
+    assert torch.equal(dxr, g)
+
+
+def test_saves_nothing_for_backward():
+    x = torch.randn(8, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        AQ.fake_quant_activation(x, 8).sum()
+    assert saved == []
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(4, 48, requires_grad=True)
+    torch.library.opcheck(AQ._fake_quant_activation_op, (x, 8, False))
+    torch.library.opcheck(AQ._fake_quant_activation_op, (x.detach(), 4, True))
+
+    def f(t):
+        return AQ.fake_quant_activation(t * 2, 8, False).sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(cf(x), f(x))
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = _rows(50, torch.bfloat16)
+    assert torch.equal(AQ.fake_quant_activation(x, 8), R.fake_quant_activation(x, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        (dict(bits=6), ValueError, r"bits must be one of \(4, 8\)"),
+        (dict(bits=True), ValueError, "bits must be one of"),
+        (dict(symmetric=1), TypeError, "symmetric must be a bool"),
+    ],
+)
+def test_bad_input(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        AQ.fake_quant_activation(torch.randn(2, 4), **kwargs)
+
+
+def test_bad_input_tensor():
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        AQ.fake_quant_activation(torch.ones(2, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        AQ.fake_quant_activation([1.0, 2.0])
+    with pytest.raises(ValueError, match="non-empty last dimension"):
+        AQ.fake_quant_activation(torch.ones(2, 0))
+
+
+def test_launcher_config():
+    assert AQ.act_quant_config(4096) == (4096, 16)
+    assert AQ.act_quant_config(11008) == (8192, 16)
+    assert AQ.act_quant_config(7) == (128, 4)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_compiles_without_spills(arch):
+    from lrqat_kernels.ops.aot import aot_compile_many
+
+    sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "stride_x": "i64", "stride_y": "i64",
+           "QMIN": "constexpr", "QMAX": "constexpr", "SYMMETRIC": "constexpr", "BLOCK": "constexpr"}
+    cases = [("bf16", b, False, 8) for b in AQ.ACT_BLOCKS]
+    cases += [("fp16", 4096, True, 4), ("fp32", 4096, False, 8)]
+    specs = []
+    for dt, block, sym, bits in cases:
+        qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
+        specs.append(dict(signature=dict(sig, x_ptr=f"*{dt}", y_ptr=f"*{dt}"),
+                          constexprs=dict(QMIN=qmin, QMAX=qmax, SYMMETRIC=sym, BLOCK=block),
+                          arch=arch, num_warps=AQ.act_quant_config(block)[1], num_stages=3))
+    for res in aot_compile_many(AQ._act_fake_quant_kernel, specs):
+        print(res)
+        assert res.spill_stores == 0 and res.spill_loads == 0, str(res)
