@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up used by the quick-start commands (scripts/test.sh, scripts/demo.sh) and CI:
+# a virtual environment with torch, triton and the build tools, then an editable build of
+# lrqat_kernels (the native extension _C included). Source it or run it.
+#
+#   LRQAT_VENV     venv path (default: .venv in the repo root); created when missing
+#   LRQAT_TORCH    torch requirement to install when the venv has none (default torch==2.14.1,
+#                  the CUDA 13.0 build: it runs on CPU too and lets the .cu sources compile)
+#   CUDA_HOME      toolkit root (default /usr/local/cuda when it holds nvcc)
+#   LRQAT_SKIP_EXT=1  Python-only install (no compiler needed; reference paths on CPU)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LRQAT_VENV:-$ROOT/.venv}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "[setup] creating venv $VENV"
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  echo "[setup] installing ${LRQAT_TORCH:-torch==2.14.1}"
+  "$PY" -m pip install -q "${LRQAT_TORCH:-torch==2.14.1}"
+fi
+"$PY" -m pip install -q triton ninja pybind11 setuptools wheel
+if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0}"
+echo "[setup] building lrqat_kernels (CUDA_HOME=${CUDA_HOME:-<none>}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+(cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation -e ".[test,bench,hf]")
+"$PY" -c 'import torch, lrqat_kernels; from lrqat_kernels import _ext; print("[setup] torch", torch.__version__, "| lrqat_kernels", lrqat_kernels.__version__, "| native ops:", _ext.load_extension())'
