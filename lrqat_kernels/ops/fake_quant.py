@@ -1,0 +1,818 @@
+"""Fused Triton kernels for the LR-QAT fake-quantised weight (NUMERICS.md "Forward", "Backward").
+
+    C     = (alpha / r) * lora_B @ lora_A                 [out, in], grid units, fp32
+    Z     = decode(Phi0) + C
+    W_int = clip(round_half_even(Z), qmin, qmax)          M = qmin <= round(Z) <= qmax
+    W_hat = s * (W_int - z)                               cast to the compute dtype last
+
+Forward (:func:`fake_quant_forward`): one program owns a ``[BLOCK_M, BLOCK_N]`` tile of
+``W_hat``. It reads the tile of Phi0 once (0.5 to 4 bytes a weight), builds the tile of ``C`` on
+the fly with one ``tl.dot`` of a ``[BLOCK_M, R]`` slice of lora_B and an ``[R, BLOCK_N]`` slice of
+lora_A (both tiny and L2-resident: the low-rank factors are never expanded to ``[out, in]`` in
+HBM), quantises in registers and writes the tile once. HBM traffic is the roofline minimum:
+``bytes(Phi0) + bytes(W_hat)``. ``write_int=True`` writes ``W_int`` as int8 instead (the merge
+path: the deployed integers come from the very code the training forward runs).
+
+Backward (:func:`fake_quant_backward`): given ``G = dL/dW_hat``, every tile recomputes ``Z``,
+``W_int`` and ``M`` (cheaper than saving any of them: recomputing costs one extra read of Phi0,
+saving would cost a weight-sized write plus read), forms ``dZ = s * G * M`` in registers and
+reduces it straight into the three small gradients:
+
+    dL/dlora_B = (alpha/r) dZ @ lora_A^T     (reduced along in:  a register accumulator)
+    dL/dlora_A = (alpha/r) lora_B^T @ dZ     (reduced along out: per-row-band partial buffer)
+    dL/ds      = sum_group G * (W_int - z)   (reduced along in:  register accumulator)
+
+``G`` is read exactly once and nothing weight-sized is written. The cross-program reductions
+are deterministic two-stage ones (no float atomics): a program owns a band of ``TM`` row tiles x
+``TN`` column tiles; ``dB``/``ds`` partials are indexed by column band, ``dA`` partials by row band,
+and the launcher sums the bands with ``torch.sum``. Partial bytes are
+``4 r (P_n * out + P_m * in)`` for a ``P_m x P_n`` grid, minimised for a given program count by
+``P_m / P_n = sqrt(out / in)`` (:func:`bwd_grid`).
+
+Column tiling and groups (:func:`column_tiling`): a tile never straddles a quantisation group in
+the "one group per tile" mode (``GPT == 1``): tiles walk each group in ``chunks = cdiv(g, BLOCK_N)``
+pieces (a partial last piece is masked), so scale/zero point are one ``[BLOCK_M]`` vector load a
+tile and ``dL/ds`` accumulates in a register. Groups smaller than the tile that divide it
+(g = 16, 32, 64 with ``BLOCK_N = 128``) use ``GPT = BLOCK_N // g`` groups a tile with a per-element
+group index (``col // g`` is a shift) and a reshape-sum for ``dL/ds``. Per-channel is one group of
+``g = in``. Any divisor ``g`` of ``in`` works.
+
+Numerics shared with the eager reference (``reference.py``): ``C`` is the fp32 sum of exact
+products (16-bit factors go to tensor cores with fp32 accumulation; fp32 factors use an IEEE
+fp32 dot, never TF32, so ``W_int`` matches the reference except where ``Z`` is within a few ulps
+of a ``.5`` tie and the summation order decides); round half to even by the ``1.5 * 2^23`` trick;
+NaN stays NaN, +-inf clip to the grid's ends, as ``torch.round`` + ``torch.clamp``.
+
+Quantiser math lives in small ``@triton.jit`` helpers (``_decode_phi``, ``_round_clip``,
+``_dequant``) apart from the tile plumbing, so a new mode (L4Q's scale inside the rounding,
+PE-QAT, pQuant) is a new helper plus a constexpr switch.
+
+Under ``TRITON_INTERPRET=1`` (CPU CI) the kernels run in Triton's interpreter, whose bf16
+arithmetic and fp32->bf16 cast are not IEEE: 16-bit operands are widened to fp32 before every
+dot (exact) and bf16 stores go through :func:`_to_bf16_rne`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import fixed_point_frac_bits, qrange
+
+__all__ = [
+    "FwdConfig",
+    "BwdConfig",
+    "column_tiling",
+    "fwd_config",
+    "bwd_config",
+    "bwd_grid",
+    "needs_int64",
+    "fake_quant_forward",
+    "fake_quant_backward",
+    "PHI_KIND",
+    "MAX_RANK",
+    "interpreting",
+]
+
+#: ``phi_format`` -> the kernels' ``PHI_KIND`` constexpr.
+PHI_KIND = {"packed_int": 0, "fixed_point": 1, "bf16": 2, "fp16": 2, "fp32": 2}
+
+#: Largest LoRA rank the kernels take (``R_PAD <= 256``); larger ranks use the eager path.
+MAX_RANK = 256
+
+_INT32_LIMIT = 2**31 - 1
+
+# 1.5 * 2^23: adding and subtracting it rounds an fp32 |x| < 2^22 to the nearest integer, ties to
+# even, in the default rounding mode (the sum lands in [2^23, 2^24), where the ulp is 1).
+_RNE_MAGIC = 12582912.0
+_RNE_LIMIT = 4194304.0  # 2^22; beyond it every fp32 is far outside any grid (|q| <= 128)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantiser math: small helpers, one rule each (new modes add a helper, not a kernel)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid,
+                PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Phi0 tile ``[BM, BN]`` in fp32 grid units (exact for every format).
+
+    ``row_off``: ``[BM, 1]`` element (packed: byte) offsets of the rows; ``cols``/``cmask``:
+    ``[BN]``; ``col0``/``n_valid``: the tile's first column and how many of its columns exist.
+    """
+    mask = rmask[:, None] & cmask[None, :]
+    if PHI_KIND == 0:
+        # packed_int: column 2j is the low nibble of byte j, 2j+1 the high one (formats.py).
+        if PACKED_PAIRS:
+            # Tile starts on an even column: load BN/2 whole bytes (vectorised, 0.5 B a weight)
+            # and interleave the two nibbles back into column order.
+            HALF: tl.constexpr = BLOCK_N // 2
+            jj = tl.arange(0, HALF)
+            pmask = rmask[:, None] & (jj < n_valid // 2)[None, :]
+            byte = tl.load(phi_ptr + row_off + (col0 // 2 + jj)[None, :], mask=pmask, other=0).to(tl.int32)
+            lo = byte & 15
+            hi = byte >> 4
+            lo = lo - ((lo & 8) << 1)  # sign-extend the 4-bit two's complement
+            hi = hi - ((hi & 8) << 1)
+            return tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_N)).to(tl.float32)
+        else:
+            # Odd group size: a tile may start on a high nibble; two lanes share a byte (L1
+            # merges them, HBM still sees 0.5 byte a weight).
+            byte = tl.load(phi_ptr + row_off + (cols >> 1)[None, :], mask=mask, other=0).to(tl.int32)
+            nib = (byte >> ((cols & 1) * 4)[None, :]) & 15
+            return (nib - ((nib & 8) << 1)).to(tl.float32)
+    elif PHI_KIND == 1:
+        # fixed_point Q b.(8-b): code / 2^(8-b), a power of two, so the product is exact.
+        code = tl.load(phi_ptr + row_off + cols[None, :], mask=mask, other=0)
+        return code.to(tl.float32) * PHI_MUL
+    else:
+        return tl.load(phi_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _round_half_even(z):
+    """``torch.round`` on fp32: exact for |z| < 2^22; larger |z|, +-inf and NaN pass through.
+
+    Passing through is exact enough: beyond 2^22 every value clips to the grid's end and is
+    outside the mask, whatever its rounding. Two FADDs, no libdevice (portable to the interpreter).
+    """
+    return tl.where(tl.abs(z) < 4194304.0, (z + 12582912.0) - 12582912.0, z)
+
+
+@triton.jit
+def _round_clip(z, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """``(W_int, M)``: ``clip(round(z), qmin, qmax)`` (NaN stays NaN) and the inclusive mask."""
+    q = _round_half_even(z)
+    inside = (q >= QMIN) & (q <= QMAX)  # False for NaN, as in the reference
+    w_int = tl.where(q < QMIN, QMIN, tl.where(q > QMAX, QMAX, q))
+    return w_int, inside
+
+
+@triton.jit
+def _center(w_int, zp, HAS_ZP: tl.constexpr):
+    """``W_int - z`` (exact: small integers in fp32)."""
+    if HAS_ZP:
+        return w_int - zp
+    else:
+        return w_int
+
+
+@triton.jit
+def _dequant(w_int, s, zp, HAS_ZP: tl.constexpr):
+    """``W_hat = s * (W_int - z)`` in fp32 (one rounding, as the reference)."""
+    return s * _center(w_int, zp, HAS_ZP)
+
+
+@triton.jit
+def _to_bf16_rne(x):
+    """fp32 -> bf16, round to nearest even, from integer ops (the interpreter's cast truncates)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = u + 0x7FFF + ((u >> 16) & 1)
+    r = tl.where(x != x, u | 0x400000, r)  # NaN stays a (quiet) NaN
+    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Cast fp32 ``x`` to ``DTYPE`` with IEEE round-to-nearest-even on every backend."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        return _to_bf16_rne(x)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    ``DOT_FP32``: widen the operands to fp32 and use an IEEE dot (fp32 factors: never TF32;
+    the interpreter: its 16-bit arithmetic is not IEEE). Otherwise 16-bit operands go to the
+    tensor cores with fp32 accumulation; products of 16-bit values are exact in fp32 either way.
+    """
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile plumbing shared by every kernel (fused GEMMs in fused_linear.py included)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_tile(tile_m, n_rows, BLOCK_M: tl.constexpr, I64: tl.constexpr):
+    """Rows of row tile ``tile_m`` (int64 when offsets can pass 2^31) and their mask."""
+    if I64:
+        rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, rows < n_rows
+
+
+@triton.jit
+def _col_tile(tile_n, in_features, group_size, chunks, BLOCK_N: tl.constexpr, GPT: tl.constexpr):
+    """Columns of column tile ``tile_n``: ``(cols, cmask, group, chunk, col0, n_valid)``.
+
+    ``GPT == 1``: tile ``t`` is chunk ``t % chunks`` of group ``t // chunks`` (a tile never
+    straddles a group; ``group`` is the tile's group, ``chunk`` its piece). ``GPT > 1``: tiles
+    are contiguous and hold ``GPT`` whole groups; ``group`` is the first of them. ``col0`` is
+    the first column, ``n_valid`` the number of real columns from it (``cmask = arange < n_valid``).
+    """
+    if GPT == 1:
+        grp = tile_n // chunks
+        chunk = tile_n - grp * chunks
+        col0 = grp * group_size + chunk * BLOCK_N
+        n_valid = group_size - chunk * BLOCK_N
+    else:
+        grp = tile_n * GPT
+        chunk = 0
+        col0 = tile_n * BLOCK_N
+        n_valid = in_features - col0
+    offs = tl.arange(0, BLOCK_N)
+    return col0 + offs, offs < n_valid, grp, chunk, col0, n_valid
+
+
+@triton.jit
+def _load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GPT: tl.constexpr, HAS_ZP: tl.constexpr):
+    """Scale and zero point of the tile, broadcastable against ``[BM, BN]``.
+
+    ``GPT == 1``: ``[BM, 1]`` (one group a tile). ``GPT > 1``: the ``[BM, GPT]`` values are loaded
+    once and expanded to ``[BM, BN]`` in registers (a per-element gather would carry a 64-bit
+    address per element: ~100 more registers a thread at 64 x 128).
+    """
+    if GPT == 1:
+        offs = rows * n_groups + grp
+        s = tl.load(scale_ptr + offs, mask=rmask, other=0.0)[:, None]
+        if HAS_ZP:
+            zp = tl.load(zp_ptr + offs, mask=rmask, other=0.0)[:, None]
+        else:
+            zp = s
+    else:
+        gidx = grp + tl.arange(0, GPT)
+        offs = rows[:, None] * n_groups + gidx[None, :]
+        m2 = rmask[:, None] & (gidx < n_groups)[None, :]
+        s = _expand_groups(tl.load(scale_ptr + offs, mask=m2, other=0.0), BLOCK_M, BLOCK_N, GPT)
+        if HAS_ZP:
+            zp = _expand_groups(tl.load(zp_ptr + offs, mask=m2, other=0.0), BLOCK_M, BLOCK_N, GPT)
+        else:
+            zp = s
+    return s, zp
+
+
+@triton.jit
+def _expand_groups(q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GPT: tl.constexpr):
+    """``[BM, GPT]`` per-group values -> ``[BM, BN]`` (each repeated over its ``BN // GPT`` columns)."""
+    G: tl.constexpr = BLOCK_N // GPT
+    return tl.reshape(tl.broadcast_to(q[:, :, None], (BLOCK_M, GPT, G)), (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _lora_rows(b_ptr, rows, rmask, rank, R_PAD: tl.constexpr):
+    """``lora_B[rows, :]`` zero-padded to ``[BM, R_PAD]`` (padding keeps the dot exact)."""
+    rr = tl.arange(0, R_PAD)
+    return tl.load(b_ptr + rows[:, None] * rank + rr[None, :], mask=rmask[:, None] & (rr < rank)[None, :], other=0.0)
+
+
+@triton.jit
+def _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD: tl.constexpr):
+    """``lora_A[:, cols]`` zero-padded to ``[R_PAD, BN]``."""
+    rr = tl.arange(0, R_PAD)
+    return tl.load(a_ptr + rr[:, None] * in_features + cols[None, :], mask=(rr < rank)[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _z_tile(phi_ptr, b_tile, a_tile, row_off, rmask, cols, cmask, col0, n_valid, lr_scale,
+            PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr,
+            BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``Z = Phi0 + (B @ A) * (alpha / r)`` for one tile, fp32 (same op order as the reference)."""
+    acc = tl.zeros((b_tile.shape[0], a_tile.shape[1]), dtype=tl.float32)
+    c = _dot(b_tile, a_tile, acc, DOT_FP32) * lr_scale
+    return _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid, PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N) + c
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fake_quant_fwd_kernel(
+    phi_ptr, a_ptr, b_ptr, scale_ptr, zp_ptr, out_ptr, nan_ptr,
+    out_features, in_features, rank, group_size, n_groups, chunks, stride_phi, lr_scale,
+    PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    HAS_ZP: tl.constexpr, GPT: tl.constexpr, WRITE_INT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr, I64: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``W_hat`` (or int8 ``W_int``): one read of Phi0, one write.
+
+    Grid: ``(n_col_tiles, n_row_tiles)``; axis 0 walks along a row band, so consecutive programs
+    stream contiguous Phi0 rows and reuse the same lora_B slice from L1/L2.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows, rmask = _row_tile(pid_m, out_features, BLOCK_M, I64)
+    cols, cmask, grp, _, col0, n_valid = _col_tile(pid_n, in_features, group_size, chunks, BLOCK_N, GPT)
+    mask = rmask[:, None] & cmask[None, :]
+
+    b_tile = _lora_rows(b_ptr, rows, rmask, rank, R_PAD)
+    a_tile = _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
+    z = _z_tile(phi_ptr, b_tile, a_tile, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, lr_scale,
+                PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N, DOT_FP32)
+    w_int, _ = _round_clip(z, QMIN, QMAX)
+
+    offs = rows[:, None] * in_features + cols[None, :]
+    if WRITE_INT:
+        is_nan = w_int != w_int
+        tl.store(out_ptr + offs, tl.where(is_nan, 0.0, w_int).to(tl.int8), mask=mask)
+        # One int per program (no atomics): the launcher raises if any W_int is NaN.
+        n_nan = tl.sum(tl.sum((is_nan & mask).to(tl.int32), axis=1), axis=0)
+        tl.store(nan_ptr + pid_m * tl.num_programs(0) + pid_n, n_nan)
+    else:
+        s, zp = _load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, HAS_ZP)
+        w_hat = _dequant(w_int, s, zp, HAS_ZP)
+        tl.store(out_ptr + offs, _cast(w_hat, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _g_tile_from_dy_x(dy_ptr, x_ptr, rows, rmask, cols, cmask, n_tokens, out_features, in_features,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                      DOT_FP32: tl.constexpr, I64: tl.constexpr):
+    """``G[rows, cols] = dy[:, rows]^T @ x[:, cols]`` in fp32, looping over token chunks.
+
+    Used by the G-free backward (fused_linear.py): the ``[out, in]`` gradient never exists in HBM.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, n_tokens, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        tmask = tt < n_tokens
+        if I64:
+            tt = tt.to(tl.int64)
+        dy_t = tl.load(dy_ptr + tt[None, :] * out_features + rows[:, None], mask=rmask[:, None] & tmask[None, :], other=0.0)
+        x_t = tl.load(x_ptr + tt[:, None] * in_features + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
+        acc = _dot(dy_t, x_t, acc, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _fake_quant_bwd_kernel(
+    g_ptr, dy_ptr, x_ptr, phi_ptr, a_ptr, b_ptr, scale_ptr, zp_ptr,
+    da_part_ptr, db_part_ptr, ds_ptr,
+    out_features, in_features, rank, group_size, n_groups, chunks, stride_phi,
+    n_tiles_m, n_tiles_n, tiles_m_per_prog, tiles_n_per_prog, n_tokens, ds_band_stride, lr_scale,
+    PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    HAS_ZP: tl.constexpr, GPT: tl.constexpr, FUSED_G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    DOT_FP32: tl.constexpr, G_DOT_FP32: tl.constexpr, I64: tl.constexpr,
+):
+    """Recompute ``Z, W_int, M`` per tile and reduce ``G`` into dA, dB, ds partials in one pass.
+
+    Grid ``(P_n, P_m)``: program ``(j, i)`` owns row tiles ``[i*TM, (i+1)*TM)`` x column tiles
+    ``[j*TN, (j+1)*TN)``. Outputs (all fp32, unscaled by alpha/r):
+
+    * ``da_part[i, r, col]``: sum over the band's rows of ``B^T dZ`` (read-modify-write over the
+      band's row tiles; a CTA barrier orders the revisit).
+    * ``db_part[j, row, r]``: sum over the band's columns of ``dZ A^T`` (register accumulator).
+    * ``ds[j * ds_band_stride + row * n_groups + grp]``: group sums of ``G (W_int - z)``; bands
+      write disjoint entries, so ``ds_band_stride`` is 0 when a group never crosses a band.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rr = tl.arange(0, R_PAD)
+    rank_mask = rr < rank
+    if I64:
+        da_band = da_part_ptr + pid_m.to(tl.int64) * rank * in_features
+        db_band = db_part_ptr + pid_n.to(tl.int64) * out_features * rank
+        ds_band = ds_ptr + pid_n.to(tl.int64) * ds_band_stride
+    else:
+        da_band = da_part_ptr + pid_m * rank * in_features
+        db_band = db_part_ptr + pid_n * out_features * rank
+        ds_band = ds_ptr + pid_n * ds_band_stride
+
+    for tm in range(0, tiles_m_per_prog):
+        tile_m = pid_m * tiles_m_per_prog + tm
+        rows, rmask = _row_tile(tile_m, out_features, BLOCK_M, I64)
+        b_tile = _lora_rows(b_ptr, rows, rmask, rank, R_PAD)
+        db_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        ds_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for tn in range(0, tiles_n_per_prog):
+            tile_n = pid_n * tiles_n_per_prog + tn
+            cols, cmask, grp, chunk, col0, n_valid = _col_tile(tile_n, in_features, group_size, chunks, BLOCK_N, GPT)
+            n_valid = tl.where(tile_n < n_tiles_n, n_valid, 0)
+            cmask = cmask & (tile_n < n_tiles_n)
+            mask = rmask[:, None] & cmask[None, :]
+
+            a_tile = _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
+            z = _z_tile(phi_ptr, b_tile, a_tile, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, lr_scale,
+                        PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N, DOT_FP32)
+            w_int, inside = _round_clip(z, QMIN, QMAX)
+            if FUSED_G:
+                g = _g_tile_from_dy_x(dy_ptr, x_ptr, rows, rmask, cols, cmask, n_tokens, out_features, in_features,
+                                      BLOCK_M, BLOCK_N, BLOCK_T, G_DOT_FP32, I64)
+            else:
+                g = tl.load(g_ptr + rows[:, None] * in_features + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s, zp = _load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, HAS_ZP)
+
+            # STE through the rounding, inclusive clip mask; padding lanes contribute exact zeros.
+            dz = tl.where(inside & mask, s * g, 0.0)
+            gw = tl.where(mask, g * _center(w_int, zp, HAS_ZP), 0.0)
+
+            # dB rows: reduced along in, stays in registers for the whole column band.
+            db_acc = tl.dot(dz, tl.trans(a_tile.to(tl.float32)), db_acc, input_precision="ieee")
+            # dA columns: this row tile's share, added to the band's partial.
+            da = tl.dot(tl.trans(b_tile.to(tl.float32)), dz, input_precision="ieee")
+            da_ptrs = da_band + rr[:, None] * in_features + cols[None, :]
+            da_mask = rank_mask[:, None] & cmask[None, :]
+            if tm > 0:
+                da = da + tl.load(da_ptrs, mask=da_mask, other=0.0)
+            tl.store(da_ptrs, da, mask=da_mask)
+
+            if GPT == 1:
+                ds_acc += tl.sum(gw, axis=1)
+                flush = (chunk == chunks - 1) | (tn == tiles_n_per_prog - 1)
+                tl.store(ds_band + rows * n_groups + grp, ds_acc, mask=rmask & flush & (tile_n < n_tiles_n))
+                ds_acc = tl.where(flush, 0.0, ds_acc)
+            else:
+                G: tl.constexpr = BLOCK_N // GPT
+                ds_tile = tl.sum(tl.reshape(gw, (BLOCK_M, GPT, G)), axis=2)
+                gidx = grp + tl.arange(0, GPT)
+                tl.store(ds_band + rows[:, None] * n_groups + gidx[None, :], ds_tile,
+                         mask=rmask[:, None] & (gidx < n_groups)[None, :] & (tile_n < n_tiles_n))
+
+        tl.store(db_band + rows[:, None] * rank + rr[None, :], db_acc, mask=rmask[:, None] & rank_mask[None, :])
+        # The next row tile revisits this band's dA partial: make this tile's stores visible to
+        # every thread of the CTA first (a thread may read what another one wrote).
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: a small fixed table (no autotuning), exposed so tests enumerate exactly it
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Launch configuration of :func:`_fake_quant_fwd_kernel` (tile shape, warps)."""
+
+    block_m: int
+    block_n: int
+    r_pad: int
+    gpt: int
+    num_warps: int
+    num_stages: int = 1
+    block_n_max: int = 128  # the table's tile width; ``block_n``/``gpt`` follow from it and g
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Launch configuration of :func:`_fake_quant_bwd_kernel`."""
+
+    block_m: int
+    block_n: int
+    r_pad: int
+    gpt: int
+    block_t: int
+    num_warps: int
+    num_stages: int = 1
+    block_n_max: int = 64
+
+
+def rank_pad(rank: int) -> int:
+    """``R_PAD``: rank rounded up to a power of two, at least 16 (``tl.dot``'s minimum K/N)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def column_tiling(in_features: int, group_size: int, block_n_max: int) -> tuple[int, int, int, int]:
+    """How column tiles cover a row: ``(block_n, gpt, chunks, n_col_tiles)``.
+
+    * ``g % block_n_max == 0`` (per-channel with ``in`` a multiple, g = 128, 256...): one group
+      a tile, ``chunks = g / block_n``.
+    * ``g < block_n_max`` dividing it (g = 16, 32, 64): ``gpt = block_n_max / g`` groups a tile.
+    * otherwise one group a tile with the last chunk masked: the largest power-of-two tile
+      (>= 16) wasting at most 1/8 of the lanes, else the one wasting least.
+    """
+    g = group_size
+    if g % block_n_max == 0:
+        return block_n_max, 1, g // block_n_max, (in_features // g) * (g // block_n_max)
+    if g < block_n_max and block_n_max % g == 0:
+        gpt = block_n_max // g
+        return block_n_max, gpt, 1, triton.cdiv(in_features, block_n_max)
+    best = None
+    bn = block_n_max
+    while bn >= 16:
+        chunks = triton.cdiv(g, bn)
+        waste = chunks * bn - g
+        if best is None or waste < best[0]:
+            best = (waste, bn, chunks)
+        if waste * 8 <= g:
+            best = (waste, bn, chunks)
+            break
+        bn //= 2
+    _, bn, chunks = best
+    return bn, 1, chunks, (in_features // g) * chunks
+
+
+def fwd_config(out_features: int, in_features: int, rank: int, group_size: int, lora_dtype: torch.dtype,
+               *, interpret: bool | None = None) -> FwdConfig:
+    """The forward kernel's configuration for a problem (a fixed table, no autotuning).
+
+    GPU table (``R_PAD`` = rank padded to a power of two >= 16):
+
+    ====== ============== ======= =======================================================
+    R_PAD  BLOCK_M x N    warps   why
+    ====== ============== ======= =======================================================
+    <= 64  64 x 128       8       32 fp32 lanes a thread; 128 columns = 256 B bf16 stores
+    128    64 x 64        8       keeps the lora slices (2 x 16 KiB bf16) and acc in budget
+    256    32 x 64        8       same, for the widest rank
+    ====== ============== ======= =======================================================
+
+    Under the interpreter the tiles are 16 x 32 so small test shapes still span many tiles.
+    """
+    interpret = interpreting() if interpret is None else interpret
+    r_pad = rank_pad(rank)
+    if interpret:
+        bm, bn_max, warps = 16, 32, 4
+    elif r_pad <= 64:
+        bm, bn_max, warps = 64, 128, 8
+    elif r_pad <= 128:
+        bm, bn_max, warps = 64, 64, 8
+    else:
+        bm, bn_max, warps = 32, 64, 8
+    bn, gpt, _, _ = column_tiling(in_features, group_size, bn_max)
+    return FwdConfig(block_m=bm, block_n=bn, r_pad=r_pad, gpt=gpt, num_warps=warps, block_n_max=bn_max)
+
+
+def bwd_config(out_features: int, in_features: int, rank: int, group_size: int, lora_dtype: torch.dtype,
+               *, fused_g: bool = False, interpret: bool | None = None) -> BwdConfig:
+    """The backward kernel's configuration (a fixed table, no autotuning).
+
+    GPU table: ``64 x 64`` tiles with 4 warps up to ``R_PAD = 32``; 8 warps at 64 (the dB
+    accumulator ``[64, R_PAD]`` and the dA share ``[R_PAD, 64]`` grow with the rank); ``32 x 64``
+    with 8 warps beyond. ``BLOCK_T`` (token chunk of the G-free variant) is 32.
+    """
+    interpret = interpreting() if interpret is None else interpret
+    r_pad = rank_pad(rank)
+    if interpret:
+        bm, bn_max, warps = 16, 32, 4
+    elif r_pad <= 32:
+        bm, bn_max, warps = 64, 64, 4
+    elif r_pad <= 64:
+        bm, bn_max, warps = 64, 64, 8
+    else:
+        bm, bn_max, warps = 32, 64, 8
+    bn, gpt, _, _ = column_tiling(in_features, group_size, bn_max)
+    block_t = 16 if interpret else 32
+    return BwdConfig(block_m=bm, block_n=bn, r_pad=r_pad, gpt=gpt, block_t=block_t, num_warps=warps, block_n_max=bn_max)
+
+
+def all_gpu_configs() -> list[tuple[str, object, dict]]:
+    """Every (kernel, config, key) the GPU launchers can pick: what ``tests/test_aot_compile.py`` compiles.
+
+    The tables above depend only on ``R_PAD`` and on the column mode (one group a tile, or
+    ``gpt`` groups a tile); ``key`` holds a representative problem for each entry.
+    """
+    out = []
+    for rank in (16, 32, 64, 128, 256):
+        for g in (4096, 32):  # per-channel / large groups (gpt 1) and 32-wide groups (gpt > 1)
+            key = dict(out_features=4096, in_features=4096, rank=rank, group_size=g)
+            cfg = fwd_config(4096, 4096, rank, g, torch.bfloat16, interpret=False)
+            out.append(("fwd", cfg, key))
+            for fused_g in (False, True):
+                bcfg = bwd_config(4096, 4096, rank, g, torch.bfloat16, fused_g=fused_g, interpret=False)
+                out.append(("bwd_fused_g" if fused_g else "bwd", bcfg, key))
+    # configurations are keyed on R_PAD and gpt only: drop duplicates (rank 16 and 32 share some)
+    seen, uniq = set(), []
+    for kind, cfg, key in out:
+        if (kind, cfg) not in seen:
+            seen.add((kind, cfg))
+            uniq.append((kind, cfg, key))
+    return uniq
+
+
+def needs_int64(*numels: int) -> bool:
+    """Whether any flat offset can pass 2^31 - 1: then the kernels compute offsets in int64.
+
+    Offsets are ``row * stride + col`` over ``[out, in]`` tensors (and ``[tokens, in]`` /
+    ``[tokens, out]`` activations for the fused GEMMs); int32 keeps the common case cheap.
+    """
+    return max(numels, default=0) > _INT32_LIMIT
+
+
+def bwd_grid(out_features: int, in_features: int, n_tiles_m: int, n_tiles_n: int, *,
+             target_programs: int, chunks: int, gpt: int) -> tuple[int, int, int, int]:
+    """Row/column banding of the backward: ``(P_m, P_n, TM, TN)`` (programs and tiles per program).
+
+    Chooses ``P_m * P_n ~ target_programs`` with ``P_m / P_n ~ sqrt(out / in)``, which minimises
+    the partial-buffer bytes ``4 r (P_n out + P_m in)``. With one group a tile and several chunks
+    a group, ``TN`` is rounded up to whole groups when a band spans more than one group, so
+    ``dL/ds`` can be written in place (no ``[P_n, out, n_groups]`` partial).
+    """
+    target = max(1, target_programs)
+    p_m = max(1, min(n_tiles_m, round(math.sqrt(target * out_features / max(1, in_features)))))
+    p_n = max(1, min(n_tiles_n, triton.cdiv(target, p_m)))
+    tm = triton.cdiv(n_tiles_m, p_m)
+    tn = triton.cdiv(n_tiles_n, p_n)
+    if gpt == 1 and chunks > 1 and tn > chunks:
+        tn = triton.cdiv(tn, chunks) * chunks
+    return triton.cdiv(n_tiles_m, tm), triton.cdiv(n_tiles_n, tn), tm, tn
+
+
+def _target_programs(device: torch.device) -> int:
+    """About two waves of CTAs on a GPU; a handful under the interpreter (programs run serially)."""
+    override = os.environ.get("LRQAT_BWD_PROGRAMS")
+    if override:
+        return max(1, int(override))
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _qparams(scale: torch.Tensor, zero_point: torch.Tensor | None):
+    """fp32 contiguous scale / zero point (tiny ``[out, n_groups]`` tensors)."""
+    s = scale.to(torch.float32).contiguous()
+    zp = None if zero_point is None else zero_point.to(torch.float32).contiguous()
+    return s, zp
+
+
+def phi_constexprs(bits: int, phi_format: str, group_size: int, gpt: int) -> dict:
+    """The quantiser constexprs every kernel takes (format, grid, packed-pair mode)."""
+    qmin, qmax = qrange(bits)
+    phi_mul = 1.0 / (1 << fixed_point_frac_bits(bits)) if phi_format == "fixed_point" else 1.0
+    # Tiles start on even columns unless one-group-a-tile with an odd group size.
+    pairs = gpt > 1 or group_size % 2 == 0
+    return dict(PHI_KIND=PHI_KIND[phi_format], PHI_MUL=phi_mul, PACKED_PAIRS=pairs, QMIN=qmin, QMAX=qmax)
+
+
+def _dot_fp32(lora_dtype: torch.dtype, interpret: bool) -> bool:
+    return interpret or lora_dtype == torch.float32
+
+
+def fake_quant_forward(
+    phi: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    *,
+    bits: int,
+    phi_format: str,
+    alpha: float,
+    out_dtype: torch.dtype,
+    write_int: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, int]:
+    """Launch the forward kernel (inputs already validated by ``_checks.check_fake_quant_args``).
+
+    Args:
+        phi: stored Phi0, contiguous ``[out, in]`` (uint8 ``[out, in // 2]`` for packed_int).
+        lora_A: ``[r, in]`` fp32/bf16/fp16. lora_B: ``[out, r]``, same dtype.
+        scale: ``[out, n_groups]`` float (per-channel: ``n_groups = 1``); the group size is
+            ``in // n_groups``. zero_point: None or shaped like scale.
+        out_dtype: fp32, bf16 or fp16: dtype of ``W_hat``.
+        write_int: write int8 ``W_int`` instead of ``W_hat``.
+
+    Returns:
+        ``W_hat`` ``[out, in]`` in ``out_dtype``; with ``write_int``, ``(W_int int8 [out, in],
+        number of NaN entries of W_int)`` (NaNs are written as 0).
+    """
+    out_features = phi.shape[0]
+    in_features = lora_A.shape[1]
+    rank = lora_A.shape[0]
+    n_groups = scale.shape[1]
+    g = in_features // n_groups
+    interpret = interpreting()
+    cfg = fwd_config(out_features, in_features, rank, g, lora_A.dtype, interpret=interpret)
+    _, _, chunks, n_tiles_n = column_tiling(in_features, g, cfg.block_n_max)
+    n_tiles_m = triton.cdiv(out_features, cfg.block_m)
+    a = lora_A.contiguous()
+    b = lora_B.contiguous()
+    s, zp = _qparams(scale, zero_point)
+    device = phi.device
+    if write_int:
+        out = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        nan_count = torch.zeros(n_tiles_m * n_tiles_n, dtype=torch.int32, device=device)
+    else:
+        out = torch.empty(out_features, in_features, dtype=out_dtype, device=device)
+        nan_count = out  # unused
+    if out.numel() == 0:
+        return (out, 0) if write_int else out
+    grid = (n_tiles_n, n_tiles_m)
+    _fake_quant_fwd_kernel[grid](
+        phi, a, b, s, s if zp is None else zp, out, nan_count,
+        out_features, in_features, rank, g, n_groups, chunks, phi.shape[1], float(alpha / rank),
+        **phi_constexprs(bits, phi_format, g, cfg.gpt),
+        HAS_ZP=zp is not None, GPT=cfg.gpt, WRITE_INT=write_int,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+        DOT_FP32=_dot_fp32(lora_A.dtype, interpret), INTERPRET=interpret,
+        I64=needs_int64(out.numel(), phi.numel()),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    if write_int:
+        return out, int(nan_count.sum().item())
+    return out
+
+
+def fake_quant_backward(
+    grad: torch.Tensor | None,
+    phi: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    *,
+    bits: int,
+    phi_format: str,
+    alpha: float,
+    dy: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: ``(dL/dlora_A, dL/dlora_B, dL/dscale)``.
+
+    Args:
+        grad: ``G = dL/dW_hat`` ``[out, in]`` (any float dtype; read once), or None with ``dy``
+            and ``x`` given: then each tile builds ``G = dy^T x`` itself (the G-free backward of
+            the fused linear; ``dy`` ``[T, out]``, ``x`` ``[T, in]``, same 16/32-bit dtype).
+        phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha: as the forward.
+
+    Returns:
+        ``dA`` ``[r, in]`` in lora_A's dtype, ``dB`` ``[out, r]`` in lora_B's dtype, ``ds`` like
+        ``scale`` (fp32).
+    """
+    out_features = phi.shape[0]
+    in_features = lora_A.shape[1]
+    rank = lora_A.shape[0]
+    n_groups = scale.shape[1]
+    g = in_features // n_groups
+    device = phi.device
+    interpret = interpreting()
+    fused_g = grad is None
+    cfg = bwd_config(out_features, in_features, rank, g, lora_A.dtype, fused_g=fused_g, interpret=interpret)
+    _, _, chunks, n_tiles_n = column_tiling(in_features, g, cfg.block_n_max)
+    n_tiles_m = triton.cdiv(out_features, cfg.block_m)
+    if out_features == 0 or in_features == 0:
+        return torch.zeros_like(lora_A), torch.zeros_like(lora_B), torch.zeros_like(scale)
+    p_m, p_n, tm, tn = bwd_grid(out_features, in_features, n_tiles_m, n_tiles_n,
+                                target_programs=_target_programs(device), chunks=chunks, gpt=cfg.gpt)
+    a = lora_A.contiguous()
+    b = lora_B.contiguous()
+    s, zp = _qparams(scale, zero_point)
+    # Partials in fp32. dA/dB bands are fully overwritten (empty); ds needs zeros only when a
+    # group can span two column bands (then each band writes only its own part).
+    da_part = torch.empty(p_m, rank, in_features, dtype=torch.float32, device=device)
+    db_part = torch.empty(p_n, out_features, rank, dtype=torch.float32, device=device)
+    ds_in_place = cfg.gpt > 1 or tn % chunks == 0
+    if ds_in_place:
+        ds_part = torch.empty(1, out_features, n_groups, dtype=torch.float32, device=device)
+        ds_band_stride = 0
+    else:
+        ds_part = torch.zeros(p_n, out_features, n_groups, dtype=torch.float32, device=device)
+        ds_band_stride = out_features * n_groups
+    if fused_g:
+        if dy is None or x is None:
+            raise ValueError("fake_quant_backward: give grad, or both dy and x")
+        dy = dy.contiguous()
+        x = x.contiguous()
+        n_tokens = dy.shape[0]
+        g_arg = dy
+        big = (dy.numel(), x.numel())
+    else:
+        grad = grad.contiguous()
+        n_tokens = 0
+        g_arg = grad
+        dy = x = grad
+        big = (grad.numel(),)
+    grid = (p_n, p_m)
+    _fake_quant_bwd_kernel[grid](
+        g_arg, dy, x, phi, a, b, s, s if zp is None else zp,
+        da_part, db_part, ds_part,
+        out_features, in_features, rank, g, n_groups, chunks, phi.shape[1],
+        n_tiles_m, n_tiles_n, tm, tn, n_tokens, ds_band_stride, float(alpha / rank),
+        **phi_constexprs(bits, phi_format, g, cfg.gpt),
+        HAS_ZP=zp is not None, GPT=cfg.gpt, FUSED_G=fused_g,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, BLOCK_T=cfg.block_t,
+        DOT_FP32=_dot_fp32(lora_A.dtype, interpret), G_DOT_FP32=_dot_fp32(g_arg.dtype, interpret),
+        I64=needs_int64(out_features * in_features, phi.numel(), da_part.numel(), db_part.numel(), ds_part.numel(), *big),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    lr = alpha / rank
+    d_a = (da_part.sum(0) if p_m > 1 else da_part[0]) * lr
+    d_b = (db_part.sum(0) if p_n > 1 else db_part[0]) * lr
+    d_s = ds_part.sum(0) if ds_part.shape[0] > 1 else ds_part[0]
+    return d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_s.to(scale.dtype)
