@@ -1,0 +1,509 @@
+"""Model-level LR-QAT API: ``prepare`` -> train -> ``convert``, plus save / load of both stages.
+
+Two-step flow (as torchao's QAT ``prepare`` / ``convert``)::
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    prepare(model, LRQATConfig(bits=4, compute_dtype="bfloat16"))   # nn.Linear -> LRQATLinear, rest frozen
+    ...train lora_A / lora_B / scale...
+    save_pretrained(model, "ckpt-lrqat")                              # stage "lrqat"
+    convert(model)                                                    # LRQATLinear -> QuantizedLinear (INT-b)
+    save_pretrained(model, "ckpt-int4")                               # stage "quantized"
+    model = load_pretrained("ckpt-int4")                              # no training code objects needed
+
+Checkpoint directory layout (``save_pretrained``)::
+
+    config.json          the HF model config (absent for plain nn.Module models)
+    lrqat_config.json    {"format_version", "stage": "lrqat"|"quantized", "lrqat_config": {...},
+                          "modules": {name: layer structure}, "tied": {alias: source}, "dtype", ...}
+    model.safetensors    every tensor of ``model.state_dict()`` (tied duplicates stored once)
+
+Plain ``nn.Module`` models (not HF) save the same way without ``config.json``; load them by
+passing a freshly built FP skeleton: ``load_pretrained(dir, model=build_model())``. The skeleton's
+``nn.Linear`` layers named in the checkpoint are swapped structurally (no range estimation)
+and every tensor is then loaded strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import types
+
+import torch
+import torch.nn as nn
+
+from .config import LRQATConfig, resolve_dtype
+from .modules import LRQATLinear, QuantizedLinear
+
+__all__ = [
+    "prepare",
+    "convert",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "save_pretrained",
+    "load_pretrained",
+    "find_target_linears",
+    "lrqat_layers",
+]
+
+FORMAT_VERSION = 1
+META_FILE = "lrqat_config.json"
+WEIGHTS_FILE = "model.safetensors"
+HF_CONFIG_FILE = "config.json"
+STAGES = ("lrqat", "quantized")
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare / convert
+# ----------------------------------------------------------------------------------------------
+
+
+def find_target_linears(model: nn.Module, config: LRQATConfig) -> list[tuple[str, nn.Linear]]:
+    """``(name, module)`` of every ``nn.Linear`` in ``model`` that ``config`` targets, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and config.matches(n)]
+
+
+def lrqat_layers(model: nn.Module) -> list[tuple[str, LRQATLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LRQATLinear)]
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _stage(model: nn.Module) -> str | None:
+    stage = getattr(model, "lrqat_stage", None)
+    if stage is not None:
+        return stage
+    kinds = {type(m) for m in model.modules()}
+    if LRQATLinear in kinds:
+        return "lrqat"
+    if QuantizedLinear in kinds:
+        return "quantized"
+    return None
+
+
+def _validate_targets(targets, config: LRQATConfig) -> None:
+    """Check every target before touching the model, naming the offending layer."""
+    for name, lin in targets:
+        out_f, in_f = lin.weight.shape
+        if config.group_size is not None and in_f % config.group_size:
+            raise ValueError(f"group_size={config.group_size} does not divide in_features={in_f} of layer {name!r}")
+        if config.phi_format == "packed_int" and in_f % 2:
+            raise ValueError(f"phi_format='packed_int' needs an even in_features; layer {name!r} has {in_f}")
+        if config.init == "svd" and config.rank > min(out_f, in_f):
+            raise ValueError(f"init='svd' needs rank <= min(out, in) = {min(out_f, in_f)} for layer {name!r}, got rank={config.rank}")
+        if not lin.weight.is_floating_point():
+            raise TypeError(f"layer {name!r} has a non-float weight ({lin.weight.dtype}); is the model already quantized?")
+        if lin.weight.is_meta:
+            raise ValueError(f"layer {name!r} is on the meta device; load real weights before prepare()")
+
+
+def _freeze_and_mark(model: nn.Module, config: LRQATConfig, stage: str) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if stage == "lrqat":
+        for _, layer in lrqat_layers(model):
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+            layer.scale.requires_grad_(config.learn_scale)
+    model.lrqat_config = config
+    model.lrqat_stage = stage
+    model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)
+
+
+def prepare(model: nn.Module, config: LRQATConfig | None = None) -> nn.Module:
+    """Swap the target ``nn.Linear`` layers of ``model`` for :class:`LRQATLinear`, in place.
+
+    Each target gets ``s0`` from range estimation, ``Phi0 = phi(W0 / s0 + z)`` and ``lora_A`` /
+    ``lora_B`` per ``config.init``. Every other parameter (embeddings, norms, head, biases) is
+    frozen; only ``lora_A``, ``lora_B`` and ``scale`` (if ``learn_scale``) train. With
+    ``config.compute_dtype`` the model is cast to it afterwards (scales stay fp32).
+    The config is attached as ``model.lrqat_config`` and ``model.lrqat_stage = "lrqat"``.
+
+    Args:
+        model: any ``nn.Module`` (HF ``LlamaForCausalLM``, ``MistralForCausalLM``,
+            ``Qwen2ForCausalLM``, ... or a plain stack of ``nn.Linear``).
+        config: :class:`LRQATConfig`; default ``LRQATConfig()``.
+
+    Returns:
+        ``model`` (modified in place).
+    """
+    config = LRQATConfig() if config is None else config
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LRQATConfig):
+        raise TypeError(f"config must be an LRQATConfig, got {type(config).__name__}")
+    config.validate()
+    stage = _stage(model)
+    if stage is not None:
+        raise ValueError(f"model is already prepared (stage {stage!r}); prepare() applies to a floating-point model once")
+    targets = find_target_linears(model, config)
+    if not targets:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"no target layers: no nn.Linear matches target_modules={config.target_modules} minus exclude={config.exclude} "
+            f"(the model's nn.Linear layers: {linears[:8]}{' ...' if len(linears) > 8 else ''})"
+        )
+    _validate_targets(targets, config)
+    gen = torch.Generator().manual_seed(config.seed)
+    for name, lin in targets:
+        _set_submodule(model, name, LRQATLinear.from_linear(lin, config, generator=gen, name=name))
+    dtype = config.torch_compute_dtype
+    if dtype is not None:
+        model.to(dtype)
+    _freeze_and_mark(model, config, "lrqat")
+    return model
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Fuse every :class:`LRQATLinear` into a :class:`QuantizedLinear`, in place.
+
+    ``W_int`` comes from ``lrqat_kernels.merge_weight`` (the training forward's code path on the
+    layer's device), so it is bit-identical to the integers the training forward used and the
+    converted model's outputs match the prepared model's.
+
+    Returns:
+        ``model`` with ``model.lrqat_stage = "quantized"``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = lrqat_layers(model)
+    if not layers:
+        stage = _stage(model)
+        if stage == "quantized":
+            raise ValueError("model is already converted (stage 'quantized')")
+        raise ValueError("convert() needs a model prepared with lrqat_kernels.prepare(); it has no LRQATLinear layers")
+    for name, layer in layers:
+        q = QuantizedLinear.from_lrqat(layer)
+        q.train(layer.training)
+        _set_submodule(model, name, q)
+    config = getattr(model, "lrqat_config", None)
+    _freeze_and_mark(model, config, "quantized")
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict:
+    """Counts: ``trainable``, ``all`` (parameters), ``base_weights`` (logical weights held in Phi0 /
+    qweight buffers) and ``bytes`` of parameters + buffers."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    base = 0
+    for m in model.modules():
+        if isinstance(m, (LRQATLinear, QuantizedLinear)):
+            base += m.in_features * m.out_features
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"trainable": trainable, "all": total, "base_weights": base, "bytes": nbytes}
+
+
+def print_trainable_parameters(model: nn.Module) -> dict:
+    """Print trainable / total parameter counts (PEFT style) and the frozen base weights held as
+    Phi0 (or packed W_int) buffers; returns the counts (see :func:`trainable_parameters`)."""
+    c = trainable_parameters(model)
+    denom = c["all"] + c["base_weights"]
+    pct = 100.0 * c["trainable"] / denom if denom else 0.0
+    cfg = getattr(model, "lrqat_config", None)
+    fmt = f" as Phi0 ({cfg.phi_format})" if cfg is not None and _stage(model) == "lrqat" else ""
+    print(
+        f"trainable params: {c['trainable']:,} || all params: {c['all']:,} "
+        f"+ {c['base_weights']:,} frozen base weights{fmt} || trainable%: {pct:.4f} "
+        f"|| model bytes: {c['bytes']:,}"
+    )
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+# ----------------------------------------------------------------------------------------------
+
+
+def _module_spec(m: nn.Module) -> dict:
+    if isinstance(m, LRQATLinear):
+        return {
+            "type": "LRQATLinear", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+            "rank": m.rank, "alpha": m.alpha, "phi_format": m.phi_format, "group_size": m.group_size,
+            "symmetric": m.symmetric, "bias": m.bias is not None, "learn_scale": bool(m.scale.requires_grad),
+            "dtype": str(m.lora_A.dtype).replace("torch.", ""),
+        }
+    return {
+        "type": "QuantizedLinear", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+        "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None,
+        "dtype": None if m.bias is None else str(m.bias.dtype).replace("torch.", ""),
+    }
+
+
+def _build_module(spec: dict, name: str) -> nn.Module:
+    dtype = None if spec.get("dtype") is None else getattr(torch, spec["dtype"])
+    if spec["type"] == "LRQATLinear":
+        return LRQATLinear(
+            spec["in_features"], spec["out_features"], bits=spec["bits"], rank=spec["rank"], alpha=spec["alpha"],
+            phi_format=spec["phi_format"], group_size=spec["group_size"], symmetric=spec["symmetric"],
+            bias=spec["bias"], learn_scale=spec.get("learn_scale", True), dtype=dtype,
+        )
+    if spec["type"] == "QuantizedLinear":
+        return QuantizedLinear(
+            spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
+            symmetric=spec["symmetric"], bias=spec["bias"], dtype=dtype,
+        )
+    raise ValueError(f"checkpoint module {name!r} has unknown type {spec.get('type')!r}")
+
+
+def _dedup_tied(state: dict) -> tuple[dict, dict]:
+    """Drop tensors sharing storage with an earlier key (tied weights); return (state, {alias: source})."""
+    seen, out, tied = {}, {}, {}
+    for k, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            tied[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = t.detach().contiguous()
+    return out, tied
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
+    """Move a fully written ``tmp_dir`` to ``final_dir``, replacing an existing directory.
+
+    The old directory is renamed aside first and removed only after the new one is in place,
+    so a crash leaves either the old or the new complete checkpoint (plus a ``.old`` leftover).
+    """
+    final_dir = os.path.abspath(final_dir)
+    backup = None
+    if os.path.lexists(final_dir):
+        if not os.path.isdir(final_dir):
+            raise ValueError(f"{final_dir} exists and is not a directory")
+        backup = final_dir + f".old-{os.getpid()}"
+        if os.path.lexists(backup):
+            shutil.rmtree(backup)
+        os.replace(final_dir, backup)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(os.path.dirname(final_dir))
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _model_dtype(model: nn.Module) -> str | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return None
+
+
+def save_pretrained(model: nn.Module, save_directory: str, *, tokenizer=None) -> str:
+    """Save a prepared (``"lrqat"``) or converted (``"quantized"``) model, atomically.
+
+    Writes ``config.json`` (HF config, when ``model.config`` has ``to_dict``), ``lrqat_config.json``
+    (LR-QAT config, stage, swapped-module structure, tied-weight aliases) and
+    ``model.safetensors`` into a temporary sibling directory, then renames it to
+    ``save_directory``: an interrupted save never leaves a half-written checkpoint.
+
+    Args:
+        model: a model returned by :func:`prepare` or :func:`convert`.
+        save_directory: target directory (replaced if it exists).
+        tokenizer: optional object with ``save_pretrained(dir)``, saved alongside.
+
+    Returns:
+        The absolute path of the checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    stage = _stage(model)
+    if stage not in STAGES:
+        raise ValueError("save_pretrained() saves LR-QAT models; call prepare() (or convert()) first, "
+                         "or use the model's own save method for a floating-point model")
+    modules = {n: _module_spec(m) for n, m in model.named_modules() if isinstance(m, (LRQATLinear, QuantizedLinear))}
+    state, tied = _dedup_tied(model.state_dict())
+    config = getattr(model, "lrqat_config", None)
+    hf_config = getattr(model, "config", None)
+    is_hf = hf_config is not None and hasattr(hf_config, "to_dict") and hasattr(hf_config, "save_pretrained")
+    import lrqat_kernels
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "lrqat_kernels",
+        "library_version": lrqat_kernels.__version__,
+        "stage": stage,
+        "lrqat_config": None if config is None else config.to_dict(),
+        "model_class": type(model).__name__,
+        "hf_model": bool(is_hf),
+        "dtype": _model_dtype(model),
+        "modules": modules,
+        "tied": tied,
+        "frozen": sorted(n for n, p in model.named_parameters() if not p.requires_grad),
+    }
+    save_directory = os.path.abspath(save_directory)
+    parent = os.path.dirname(save_directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(save_directory) + ".tmp-", dir=parent)
+    try:
+        if is_hf:
+            hf_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "stage": stage})
+        with open(os.path.join(tmp, WEIGHTS_FILE), "rb") as f:
+            os.fsync(f.fileno())
+        _write_json(os.path.join(tmp, META_FILE), meta)  # written last: its presence marks a complete dir
+        _fsync_dir(tmp)
+        atomic_replace_dir(tmp, save_directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return save_directory
+
+
+def read_meta(directory: str) -> dict:
+    """Parse and check ``lrqat_config.json`` of a checkpoint directory (ValueError when broken)."""
+    path = os.path.join(directory, META_FILE)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory} is not an LR-QAT checkpoint: {META_FILE} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt checkpoint: {path} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt checkpoint: {path} must hold a JSON object")
+    for key in ("format_version", "stage", "modules"):
+        if key not in meta:
+            raise ValueError(f"corrupt checkpoint: {path} lacks {key!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"unsupported checkpoint format_version {meta['format_version']!r} (this library reads {FORMAT_VERSION})")
+    if meta["stage"] not in STAGES:
+        raise ValueError(f"corrupt checkpoint: stage must be one of {STAGES}, got {meta['stage']!r}")
+    if not isinstance(meta["modules"], dict) or not meta["modules"]:
+        raise ValueError(f"corrupt checkpoint: {path} lists no LR-QAT modules")
+    return meta
+
+
+def _read_tensors(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint is missing its weights file {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"corrupt checkpoint: cannot read {path} ({type(e).__name__}: {e}); the file is truncated or damaged") from e
+
+
+def load_pretrained(directory: str, model: nn.Module | None = None, *, device=None) -> nn.Module:
+    """Load a checkpoint written by :func:`save_pretrained` (either stage).
+
+    HF checkpoints rebuild the model with ``AutoModelForCausalLM.from_config`` from
+    ``config.json``; plain ``nn.Module`` checkpoints need ``model=``: a freshly built
+    floating-point skeleton of the same architecture. The LR-QAT layers are swapped in
+    structurally (no range estimation) and every tensor is loaded strictly: missing or extra
+    keys, shape or dtype-kind mismatches raise ValueError naming them.
+
+    Args:
+        directory: checkpoint directory.
+        model: optional FP skeleton (required for non-HF checkpoints).
+        device: optional device to move the loaded model to.
+
+    Returns:
+        The model, in the saved stage, dtype and trainable/frozen state.
+    """
+    meta = read_meta(directory)
+    stage = meta["stage"]
+    config = None if meta.get("lrqat_config") is None else LRQATConfig.from_dict(meta["lrqat_config"])
+    if model is None:
+        if not os.path.isfile(os.path.join(directory, HF_CONFIG_FILE)):
+            raise ValueError(
+                f"{directory} holds a non-HF model ({meta.get('model_class')}); pass model= a freshly built "
+                "floating-point skeleton of the same architecture: load_pretrained(dir, model=skeleton)"
+            )
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        except Exception as e:  # noqa: BLE001  (transformers raises several types for a bad config)
+            raise ValueError(f"corrupt checkpoint: cannot read {os.path.join(directory, HF_CONFIG_FILE)} ({e})") from e
+        model = AutoModelForCausalLM.from_config(hf_config)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    elif _stage(model) is not None:
+        raise ValueError("model= must be a floating-point skeleton, not an already prepared/converted model")
+
+    dtype = resolve_dtype(meta.get("dtype")) if meta.get("dtype") in ("float32", "bfloat16", "float16") else None
+    if dtype is not None:
+        model.to(dtype)
+    for name, spec in meta["modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"checkpoint/model mismatch: the model has no module {name!r} (checkpoint of {meta.get('model_class')})") from None
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"checkpoint/model mismatch: module {name!r} is {type(old).__name__}, expected nn.Linear")
+        if tuple(old.weight.shape) != (spec["out_features"], spec["in_features"]):
+            raise ValueError(
+                f"checkpoint/model mismatch: layer {name!r} is [{old.weight.shape[0]}, {old.weight.shape[1]}] in the model, "
+                f"[{spec['out_features']}, {spec['in_features']}] in the checkpoint"
+            )
+        new = _build_module(spec, name).to(old.weight.device)
+        _set_submodule(model, name, new)
+
+    tensors = _read_tensors(os.path.join(directory, WEIGHTS_FILE))
+    for alias, src in (meta.get("tied") or {}).items():
+        if src in tensors and alias not in tensors:
+            tensors[alias] = tensors[src]
+    expected = model.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            "checkpoint/model mismatch: "
+            + (f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected keys {extra[:10]}{' ...' if len(extra) > 10 else ''}" if extra else "")
+        )
+    for k, t in expected.items():
+        src = tensors[k]
+        if tuple(src.shape) != tuple(t.shape):
+            raise ValueError(f"checkpoint/model mismatch: {k} has shape {tuple(src.shape)} in the checkpoint, {tuple(t.shape)} in the model")
+        if src.is_floating_point() != t.is_floating_point():
+            raise ValueError(f"checkpoint/model mismatch: {k} is {src.dtype} in the checkpoint, {t.dtype} in the model")
+        if src.dtype != t.dtype:
+            if not t.is_floating_point():
+                raise ValueError(f"checkpoint/model mismatch: {k} is {src.dtype} in the checkpoint, {t.dtype} in the model")
+            t.data = t.data.to(src.dtype)  # keep the saved dtype exactly (shared/tied tensors follow)
+    model.load_state_dict(tensors, strict=True)
+    _freeze_and_mark(model, config, stage)
+    frozen = set(meta.get("frozen") or [])
+    if stage == "lrqat" and frozen:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n not in frozen)
+    if device is not None:
+        model.to(device)
+    return model

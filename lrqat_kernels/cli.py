@@ -1,0 +1,172 @@
+"""The ``lrqat`` command (also ``python -m lrqat_kernels``).
+
+Subcommands:
+  lrqat train   --model DIR --data FILE_OR_DIR --out DIR [...]   LR-QAT training (paper appendix B defaults)
+  lrqat eval    --model DIR --data FILE [--seq-len N]            perplexity on non-overlapping windows
+  lrqat convert --model LRQAT_DIR --out DIR                      fuse to INT-b (QuantizedLinear)
+  lrqat demo    [--out runs/demo] [--quick]                      the end-to-end demo on pydoc topics
+
+``--model`` is a HF model directory (``from_pretrained``, local files only) or a checkpoint
+written by ``lrqat`` (``lrqat_config.json`` present). Text is tokenised with the model
+directory's tokenizer when it has one, else byte-level (ids = UTF-8 bytes; vocab >= 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _optional_int(v: str):
+    return None if v.lower() in ("none", "per-channel", "pc", "0") else int(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrqat", description="Low-Rank Quantization-Aware Training (LR-QAT) of LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="LR-QAT training of a HF causal LM", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--model", required=True, help="HF model directory or an LR-QAT checkpoint")
+    t.add_argument("--data", required=True, help="a text file or a directory of .txt files")
+    t.add_argument("--out", required=True, help="output directory (checkpoint/, lrqat/, quantized/, results.json)")
+    q = t.add_argument_group("quantization")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=_optional_int, default=None, help="None = per-channel")
+    q.add_argument("--asymmetric", action="store_true", help="frozen integer zero point per channel/group")
+    q.add_argument("--rank", type=int, default=32)
+    q.add_argument("--alpha", type=float, default=1.0)
+    q.add_argument("--phi-format", default="fixed_point", choices=["fixed_point", "packed_int", "bf16", "fp16", "fp32"])
+    q.add_argument("--range-method", default="lp:4", help="'minmax' or 'lp:<p>'")
+    q.add_argument("--init", default="lora", choices=["lora", "svd"])
+    q.add_argument("--svd-steps", type=int, default=1)
+    q.add_argument("--compute-dtype", default=None, help="float32 / bfloat16 / float16 (default: the model's)")
+    q.add_argument("--exclude", nargs="*", default=["lm_head"], help="module names never quantized")
+    q.add_argument("--target-modules", nargs="*", default=None, help="default: every nn.Linear")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of lora_A / lora_B")
+    o.add_argument("--lr-scale", type=float, default=1e-5, help="peak learning rate of the scales (0 = frozen s = s0)")
+    o.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--grad-accum", type=int, default=1)
+    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--warmup-ratio", type=float, default=0.1)
+    o.add_argument("--max-grad-norm", type=float, default=1.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--grad-checkpointing", action="store_true", help="layer-level gradient checkpointing")
+    o.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    r = t.add_argument_group("checkpoints and output")
+    r.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = never)")
+    r.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly where it stopped")
+    r.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this invocation (checkpointed; for tests)")
+    r.add_argument("--eval-data", default=None, help="held-out text for a final perplexity")
+    r.add_argument("--eval-seq-len", type=int, default=None)
+    r.add_argument("--convert", action="store_true", help="also write the fused INT-b model to <out>/quantized")
+    r.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity on non-overlapping windows of held-out text")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--seq-len", type=int, default=256, help="window length in tokens")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--out", default=None, help="also write the JSON result to this file")
+
+    c = sub.add_parser("convert", help="fuse an LR-QAT checkpoint into INT-b QuantizedLinear layers")
+    c.add_argument("--model", required=True, help="LR-QAT checkpoint (stage 'lrqat')")
+    c.add_argument("--out", required=True)
+
+    d = sub.add_parser("demo", help="end-to-end demo on a tiny LLaMA trained on pydoc topics (CPU, < 5 min)")
+    d.add_argument("--out", default=os.path.join("runs", "demo"))
+    d.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, few steps)")
+    d.add_argument("--threads", type=int, default=None, help="torch threads (default: auto)")
+    d.add_argument("--no-plot", action="store_true")
+    d.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _cmd_train(a) -> int:
+    from .train import TrainArgs, run_train
+
+    args = TrainArgs(
+        model=a.model, data=a.data, out=a.out, bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
+        rank=a.rank, alpha=a.alpha, phi_format=a.phi_format, range_method=a.range_method, init=a.init,
+        svd_steps=a.svd_steps, compute_dtype=a.compute_dtype, lr=a.lr, lr_scale=a.lr_scale, steps=a.steps,
+        batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.seq_len, warmup_ratio=a.warmup_ratio,
+        max_grad_norm=a.max_grad_norm, seed=a.seed, save_every=a.save_every, resume=a.resume,
+        grad_checkpointing=a.grad_checkpointing, eval_data=a.eval_data, eval_seq_len=a.eval_seq_len,
+        convert=a.convert, stop_after=a.stop_after, device=a.device, progress=not a.no_progress,
+        exclude=list(a.exclude), target_modules=a.target_modules,
+    )
+    res = run_train(args)
+    summary = {k: res.get(k) for k in ("steps_done", "finished", "final_loss", "tokens_per_s", "train_seconds",
+                                       "peak_memory_gb", "resumed_from", "lrqat_dir", "quantized_dir")}
+    for k in ("eval_lrqat", "eval_quantized"):
+        if k in res:
+            summary[k] = res[k]
+    print(json.dumps(summary, indent=2))
+    print(f"results: {os.path.join(a.out, 'results.json')}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    import torch
+
+    from .data import evaluate_perplexity, load_tokenizer, read_text, tokenize
+    from .train import load_causal_lm
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(a.model, device=device)
+    tok = load_tokenizer(a.model)
+    ids = tokenize(read_text(a.data), tok, getattr(getattr(model, "config", None), "vocab_size", None))
+    res = evaluate_perplexity(model, ids, a.seq_len, batch_size=a.batch_size, device=device, max_windows=a.max_windows)
+    res.update(model=a.model, data=a.data, stage=getattr(model, "lrqat_stage", None) or "fp", tokenizer=getattr(tok, "name", type(tok).__name__))
+    print(f"{res['metric']}: {res['perplexity']:.4f}  ({res['windows']} windows, {res['tokens']} predicted tokens, stage {res['stage']})")
+    print(json.dumps(res))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def _cmd_convert(a) -> int:
+    from .api import convert, load_pretrained, save_pretrained
+    from .data import load_tokenizer
+
+    model = load_pretrained(a.model)
+    if getattr(model, "lrqat_stage", None) != "lrqat":
+        raise ValueError(f"{a.model} is not an LR-QAT checkpoint (stage {getattr(model, 'lrqat_stage', None)!r}); nothing to convert")
+    convert(model)
+    path = save_pretrained(model, a.out, tokenizer=load_tokenizer(a.model))
+    print(f"converted {a.model} -> {path}")
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    res = run_demo(a.out, quick=a.quick, progress=not a.no_progress, threads=a.threads, plot=not a.no_plot)
+    if a.no_progress:
+        from .demo import format_table
+
+        print(format_table(res))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``lrqat`` console script. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "demo": _cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"lrqat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

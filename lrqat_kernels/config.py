@@ -1,0 +1,211 @@
+"""``LRQATConfig``: what :func:`lrqat_kernels.prepare` swaps in and how it initialises it.
+
+Defaults follow the paper (section 3, appendix B) and ``../shared/design/NUMERICS.md``:
+W4 per-channel symmetric, rank 32, ``alpha = 1``, ``Phi0`` stored as fixed point (Q4.4),
+``s0`` from the L^4 range estimator, LoRA initialisation, every ``nn.Linear`` except ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from .formats import PHI_FORMATS, check_bits, check_phi_format
+
+__all__ = ["LRQATConfig", "COMPUTE_DTYPES", "resolve_dtype"]
+
+#: Names accepted for ``compute_dtype`` and the torch dtype each stands for.
+COMPUTE_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = _DTYPE_ALIASES.get(name, name)
+    if key not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None or one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[key]
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        for k, v in COMPUTE_DTYPES.items():
+            if v == dtype:
+                return k
+        raise ValueError(f"compute_dtype must be None or one of {sorted(COMPUTE_DTYPES)}, got {dtype}")
+    resolve_dtype(dtype)
+    return _DTYPE_ALIASES.get(dtype, dtype)
+
+
+@dataclass
+class LRQATConfig:
+    """Configuration of the LR-QAT module swap (validated on construction).
+
+    Attributes:
+        bits: weight bit width ``b`` (2..8; 2..4 for ``packed_int``, 2..7 for ``fixed_point``).
+        group_size: None for per-channel scales (one per output row), else the number of
+            contiguous input columns sharing a scale; must divide every target layer's ``in``.
+        symmetric: True for ``z = 0``; False adds a frozen integer zero point per channel/group.
+        rank: rank ``r`` of ``lora_A [r, in]`` / ``lora_B [out, r]`` (paper default 32).
+        alpha: ``C = alpha / r * lora_B @ lora_A`` (paper default 1.0).
+        phi_format: storage of the frozen ``Phi0`` (``formats.PHI_FORMATS``).
+        range_method: range estimator for ``s0``: ``"minmax"`` or ``"lp:<p>"`` (default ``"lp:4"``).
+        init: ``"lora"`` (``lora_B = 0``) or ``"svd"`` (LoftQ-style, ``svd_steps`` alternations;
+            captures part of the fractional information ``packed_int`` drops).
+        svd_steps: alternations ``T`` of the SVD init.
+        target_modules: None for every ``nn.Linear``; else a list of names. A name ``k`` matches
+            module ``n`` when ``n == k``, ``n`` ends with ``"." + k`` or ``re.fullmatch(k, n)``.
+        exclude: names never swapped, same matching rule (default ``["lm_head"]``).
+        learn_scale: train the scale ``s`` (initialised to ``s0``); always fp32.
+        compute_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or None (keep the model's).
+            ``lora_A``/``lora_B`` and the model are cast to it; ``scale`` stays fp32.
+        seed: seed of the ``lora_A`` initialisation (layers draw in module order).
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = True
+    rank: int = 32
+    alpha: float = 1.0
+    phi_format: str = "fixed_point"
+    range_method: str = "lp:4"
+    init: str = "lora"
+    svd_steps: int = 1
+    target_modules: list[str] | None = None
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    learn_scale: bool = True
+    compute_dtype: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        self.compute_dtype = _dtype_name(self.compute_dtype)
+        if isinstance(self.target_modules, (str, tuple)):
+            self.target_modules = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+        if isinstance(self.exclude, (str, tuple)):
+            self.exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude)
+        if self.exclude is None:
+            self.exclude = []
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError/TypeError on a contradictory or malformed configuration."""
+        check_phi_format(self.phi_format)
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"bits must be an int, got {type(self.bits).__name__}")
+        if self.phi_format == "packed_int" and self.bits > 4:
+            raise ValueError(
+                f"phi_format='packed_int' packs two INT-b values per byte and needs bits <= 4, got bits={self.bits}; "
+                "use phi_format='fixed_point' (bits <= 7) or a float format"
+            )
+        if self.phi_format == "fixed_point" and self.bits > 7:
+            raise ValueError(f"phi_format='fixed_point' (Q b.(8-b)) needs bits <= 7, got bits={self.bits}")
+        check_bits(self.bits, self.phi_format)
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(f"group_size must be None (per-channel) or a positive int, got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if self.range_method != "minmax":
+            ok = isinstance(self.range_method, str) and self.range_method.startswith("lp:")
+            if ok:
+                try:
+                    ok = float(self.range_method[3:]) > 0
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise ValueError(f"range_method must be 'minmax' or 'lp:<p>' with p > 0 (e.g. 'lp:4'), got {self.range_method!r}")
+        if self.init not in ("lora", "svd"):
+            raise ValueError(f"init must be 'lora' or 'svd', got {self.init!r}")
+        if isinstance(self.svd_steps, bool) or not isinstance(self.svd_steps, int) or self.svd_steps < 1:
+            raise ValueError(f"svd_steps must be an int >= 1, got {self.svd_steps!r}")
+        for name in ("target_modules", "exclude"):
+            val = getattr(self, name)
+            if val is None and name == "target_modules":
+                continue
+            if not isinstance(val, list) or not all(isinstance(k, str) and k for k in val):
+                raise TypeError(f"{name} must be a list of non-empty module names, got {val!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules must be None (every nn.Linear) or a non-empty list of names")
+        if not isinstance(self.learn_scale, bool):
+            raise TypeError(f"learn_scale must be a bool, got {self.learn_scale!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def torch_compute_dtype(self) -> torch.dtype | None:
+        return resolve_dtype(self.compute_dtype)
+
+    def matches(self, name: str) -> bool:
+        """True when module ``name`` is a target (``target_modules``) and not excluded."""
+        if any(_name_matches(name, k) for k in self.exclude):
+            return False
+        if self.target_modules is None:
+            return True
+        return any(_name_matches(name, k) for k in self.target_modules)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        d["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LRQATConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"LRQATConfig.from_dict needs a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LRQATConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self, path: str | None = None, *, indent: int = 2) -> str:
+        """JSON text of the config; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "LRQATConfig":
+        """Parse JSON text, or read it from a file path."""
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as f:
+                text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"LRQATConfig JSON is malformed: {e}") from e
+        return cls.from_dict(d)
+
+
+def _name_matches(name: str, key: str) -> bool:
+    if name == key or name.endswith("." + key):
+        return True
+    try:
+        return re.fullmatch(key, name) is not None
+    except re.error:
+        return False

@@ -1,0 +1,304 @@
+"""``lrqat demo``: LR-QAT end to end on a small LLaMA trained on the spot, offline, on CPU.
+
+Data: the English text that ships with Python (``pydoc_data.topics``, the help texts of the
+language reference, ~470 KB), byte-level tokens (vocab 256). Topics are sorted by name; every
+tenth topic (index % 10 == 5) is held out for evaluation, the rest is training text.
+
+Steps (fixed seeds, deterministic on a given machine):
+  1. pretrain a tiny ``LlamaForCausalLM`` (FP32) on the training text;
+  2. RTN baselines: W4 and W3 per-channel, symmetric, ``s0`` from the L^4 range estimator;
+  3. LR-QAT W4 and W3 (Phi0 in Q4.4 / Q3.5 fixed point, rank 32, LoRA init, scales learned),
+     a short training on the same text;
+  4. ``convert`` each LR-QAT model to packed INT-b and check that ``W_int`` equals the training
+     forward's bit for bit and that the perplexity is unchanged;
+  5. print a table, write ``results.json`` and ``demo.png`` under ``--out`` (``runs/demo``).
+
+Perplexity: token-level, non-overlapping windows of 128 bytes of the held-out topics.
+"Fraction recovered" = (ppl_RTN - ppl_LRQAT) / (ppl_RTN - ppl_FP).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+__all__ = ["run_demo", "DEMO_SETTINGS", "QUICK_SETTINGS", "demo_texts"]
+
+DEMO_SETTINGS = dict(
+    hidden=128, layers=4, heads=4, intermediate=352, seq_len=128,
+    fp_steps=500, fp_batch=32, fp_lr=3e-3, fp_weight_decay=0.1,
+    qat_steps={4: 120, 3: 200}, qat_batch=32, qat_lr=1e-3, qat_lr_scale=1e-4, rank=32,
+    eval_windows=256, seed=0,
+)
+QUICK_SETTINGS = dict(
+    hidden=64, layers=2, heads=2, intermediate=128, seq_len=64,
+    fp_steps=30, fp_batch=8, fp_lr=3e-3, fp_weight_decay=0.1,
+    qat_steps={4: 6, 3: 6}, qat_batch=8, qat_lr=1e-3, qat_lr_scale=1e-4, rank=8,
+    eval_windows=16, seed=0,
+)
+
+
+def demo_texts() -> tuple[str, str]:
+    """``(train_text, heldout_text)`` from ``pydoc_data.topics`` (every 10th topic held out)."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    train = "\n\n".join(topics[k] for i, k in enumerate(keys) if i % 10 != 5)
+    held = "\n\n".join(topics[k] for i, k in enumerate(keys) if i % 10 == 5)
+    return train, held
+
+
+def _byte_ids(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int64)
+
+
+def build_model(s: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["heads"], max_position_embeddings=s["seq_len"],
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(s["seed"])
+    return LlamaForCausalLM(cfg)
+
+
+def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True) -> list[float]:
+    """Plain FP pretraining: AdamW (0.9, 0.95), weight decay, 5 % warm-up, linear decay to 0."""
+    from .train import linear_warmup_decay
+
+    steps = s["fp_steps"]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s["fp_weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s["fp_lr"], betas=(0.9, 0.95),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(steps, max(1, steps // 20)))
+    losses = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="FP pretraining", dynamic_ncols=True)
+    model.train()
+    for step in range(steps):
+        x = sampler.batch(step * s["fp_batch"], s["fp_batch"])
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def rtn_model(model: nn.Module, bits: int, range_method: str = "lp:4", exclude=("lm_head",)) -> nn.Module:
+    """Copy of ``model`` with every targeted ``nn.Linear`` weight replaced by its RTN quantization."""
+    from .reference import estimate_scale, rtn_quantize
+
+    m = copy.deepcopy(model)
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.Linear) and not any(name == e or name.endswith("." + e) for e in exclude):
+            s0 = estimate_scale(mod.weight, bits, range_method)
+            mod.weight.copy_(rtn_quantize(mod.weight, s0, bits=bits))
+    return m
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    from .modules import LRQATLinear, QuantizedLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (LRQATLinear, QuantizedLinear, nn.Linear)):
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _check_exact(lrqat: nn.Module, quant: nn.Module) -> bool:
+    """W_int of every converted layer equals the one the LR-QAT forward computes (eager reference)."""
+    from .formats import decode_phi
+    from .modules import LRQATLinear
+    from .reference import lowrank_product, quantize_z
+
+    qmods = dict(quant.named_modules())
+    for name, layer in lrqat.named_modules():
+        if isinstance(layer, LRQATLinear):
+            z = decode_phi(layer.phi, layer.bits, layer.phi_format) + lowrank_product(layer.lora_A.detach(), layer.lora_B.detach(), layer.alpha)
+            w_int, _ = quantize_z(z, layer.bits)
+            if not torch.equal(w_int.to(torch.int8), qmods[name].w_int):
+                return False
+    return True
+
+
+def _auto_threads() -> int:
+    """All cores on an idle machine; 1 thread when other processes keep the cores busy
+    (OpenMP's spin-waiting makes multi-threaded tiny ops several times slower under contention)."""
+    n = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return 1 if load > 0.75 * n else n
+
+
+def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool = True, threads: int | None = None,
+             overrides: dict | None = None, plot: bool = True) -> dict:
+    """Run the demo (see module docstring); returns the results dict also written to ``results.json``."""
+    from . import BYTES_PER_WEIGHT, LRQATConfig, convert, prepare, save_pretrained
+    from .data import ByteTokenizer, WindowSampler, evaluate_perplexity
+    from .train import fit
+
+    t_start = time.perf_counter()
+    s = dict(QUICK_SETTINGS if quick else DEMO_SETTINGS)
+    s["qat_steps"] = dict(s["qat_steps"])
+    if overrides:
+        s.update(overrides)
+    threads = threads or _auto_threads()
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        train_text, held_text = demo_texts()
+        train_ids, held_ids = _byte_ids(train_text), _byte_ids(held_text)
+        sampler = WindowSampler(train_ids, s["seq_len"], seed=s["seed"])
+
+        def ppl(m):
+            return evaluate_perplexity(m, held_ids, s["seq_len"], batch_size=32, max_windows=s["eval_windows"])["perplexity"]
+
+        say = print if progress else (lambda *a, **k: None)
+        say(f"[demo] data: pydoc_data.topics, {train_ids.numel():,} training bytes, {held_ids.numel():,} held-out bytes; threads={threads}")
+        fp = build_model(s)
+        n_params = sum(p.numel() for p in fp.parameters())
+        t0 = time.perf_counter()
+        fp_losses = pretrain_fp(fp, sampler, s, progress=progress)
+        timings = {"fp_pretrain_s": time.perf_counter() - t0}
+        rows = [{"method": "FP32", "bits": None, "ppl": ppl(fp)}]
+        for bits in (4, 3):
+            rows.append({"method": f"RTN W{bits} per-channel", "bits": bits, "ppl": ppl(rtn_model(fp, bits))})
+
+        qat = {}
+        for bits in (4, 3):
+            cfg = LRQATConfig(bits=bits, rank=s["rank"], phi_format="fixed_point", range_method="lp:4", seed=s["seed"])
+            m = prepare(copy.deepcopy(fp), cfg)
+            ppl_init = ppl(m)
+            qsampler = WindowSampler(train_ids, s["seq_len"], seed=s["seed"] + 1)
+            t0 = time.perf_counter()
+            res = fit(
+                m, qsampler, steps=s["qat_steps"][bits], batch_size=s["qat_batch"], lr=s["qat_lr"],
+                lr_scale=s["qat_lr_scale"], progress=progress, desc=f"LR-QAT W{bits}",
+            )
+            timings[f"lrqat_w{bits}_s"] = time.perf_counter() - t0
+            m.eval()
+            ppl_qat = ppl(m)
+            q = convert(copy.deepcopy(m))
+            exact = _check_exact(m, q)
+            ppl_q = ppl(q)
+            qat[bits] = dict(model=m, quant=q, ppl_init=ppl_init, ppl=ppl_qat, ppl_converted=ppl_q, exact=exact,
+                             losses=[h["loss"] for h in res["history"]])
+            rows.append({"method": f"LR-QAT W{bits} per-channel (Q{bits}.{8 - bits})", "bits": bits, "ppl": ppl_qat,
+                         "ppl_at_init": ppl_init, "steps": s["qat_steps"][bits]})
+            rows.append({"method": f"LR-QAT W{bits} -> converted INT{bits} (packed)", "bits": bits, "ppl": ppl_q,
+                         "w_int_bit_exact": exact, "weight_bytes": _weight_bytes(q)})
+        fp_ppl = rows[0]["ppl"]
+        rtn = {r["bits"]: r["ppl"] for r in rows if r["method"].startswith("RTN")}
+        for r in rows:
+            r["gap_vs_fp"] = r["ppl"] - fp_ppl
+            if r["method"].startswith("LR-QAT") and "converted" not in r["method"]:
+                gap = rtn[r["bits"]] - fp_ppl
+                r["fraction_recovered"] = (rtn[r["bits"]] - r["ppl"]) / gap if gap > 0 else float("nan")
+        rows[0]["weight_bytes"] = _weight_bytes(fp)
+
+        out_dir = os.path.abspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        save_pretrained(qat[4]["quant"], os.path.join(out_dir, "int4_model"), tokenizer=ByteTokenizer())
+        n_lin = sum(mm.weight.numel() for n, mm in fp.named_modules() if isinstance(mm, nn.Linear) and not n.endswith("lm_head"))
+        phi_table = [{"phi_format": f, "bytes_per_weight": b, "phi0_bytes_this_model": int(b * n_lin)} for f, b in BYTES_PER_WEIGHT.items()]
+        result = {
+            "metric": f"perplexity, token = byte, non-overlapping windows of {s['seq_len']} tokens, "
+                      f"{s['eval_windows']} windows max of the held-out pydoc topics",
+            "model": {"arch": "LlamaForCausalLM", "params": n_params, "hidden": s["hidden"], "layers": s["layers"],
+                      "quantized_linear_weights": n_lin},
+            "settings": {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in s.items()},
+            "quick": quick,
+            "threads": threads,
+            "rows": rows,
+            "phi_formats": phi_table,
+            "fraction_recovered": {f"W{b}": next(r["fraction_recovered"] for r in rows if r.get("bits") == b and "fraction_recovered" in r) for b in (4, 3)},
+            "converted_equals_lrqat": {f"W{b}": qat[b]["ppl_converted"] == qat[b]["ppl"] and qat[b]["exact"] for b in (4, 3)},
+            "timings_s": timings,
+            "losses": {"fp": fp_losses, **{f"lrqat_w{b}": qat[b]["losses"] for b in (4, 3)}},
+        }
+        result["timings_s"]["total_s"] = time.perf_counter() - t_start
+        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        if plot:
+            _plot(result, os.path.join(out_dir, "demo.png"))
+        if progress:
+            print(format_table(result))
+            print(f"[demo] wrote {out_dir}/results.json, demo.png, int4_model/ in {result['timings_s']['total_s']:.0f} s")
+        return result
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"Metric: {result['metric']}", "",
+             f"{'method':<44} {'ppl':>8} {'vs FP':>8} {'recovered':>10}  notes"]
+    for r in result["rows"]:
+        rec = f"{100 * r['fraction_recovered']:.0f}%" if "fraction_recovered" in r and math.isfinite(r["fraction_recovered"]) else ""
+        notes = []
+        if "ppl_at_init" in r:
+            notes.append(f"init {r['ppl_at_init']:.4f}, {r['steps']} steps")
+        if "w_int_bit_exact" in r:
+            notes.append(f"W_int bit-exact: {r['w_int_bit_exact']}, {r['weight_bytes']:,} B")
+        lines.append(f"{r['method']:<44} {r['ppl']:>8.4f} {r['gap_vs_fp']:>+8.4f} {rec:>10}  {'; '.join(notes)}")
+    lines += ["", "Phi0 storage (frozen base during LR-QAT):", f"{'phi_format':<12} {'bytes/weight':>12} {'this model':>12}"]
+    for p in result["phi_formats"]:
+        lines.append(f"{p['phi_format']:<12} {p['bytes_per_weight']:>12} {p['phi0_bytes_this_model']:>12,}")
+    return "\n".join(lines)
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["method"].replace(" per-channel", "").replace(" (packed)", "") for r in result["rows"]]
+    vals = [r["ppl"] for r in result["rows"]]
+    colors = ["tab:gray"] + ["tab:red"] * 2 + ["tab:blue", "tab:cyan"] * 2
+    ax1.barh(range(len(vals)), vals, color=colors[: len(vals)])
+    ax1.set_yticks(range(len(vals)), names, fontsize=8)
+    ax1.invert_yaxis()
+    lo = min(vals)
+    ax1.set_xlim(lo * 0.97, max(vals) * 1.01)
+    for i, v in enumerate(vals):
+        ax1.text(v, i, f" {v:.3f}", va="center", fontsize=8)
+    ax1.set_xlabel("held-out perplexity (lower is better)")
+    ax1.set_title("LR-QAT on a tiny LLaMA (pydoc topics, bytes)")
+    for key, lab in (("lrqat_w4", "LR-QAT W4"), ("lrqat_w3", "LR-QAT W3")):
+        ax2.plot(range(1, len(result["losses"][key]) + 1), result["losses"][key], label=lab)
+    ax2.set_xlabel("LR-QAT step")
+    ax2.set_ylabel("training loss (nats/byte)")
+    ax2.legend()
+    ax2.set_title("LR-QAT training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
