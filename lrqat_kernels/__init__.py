@@ -20,3 +20,9 @@ from .reference import estimate_scale, lora_init, merge_weight, rtn_quantize, sv
 
 # The fused paths (Triton on CUDA / TRITON_INTERPRET, reference on CPU) share the reference's signatures.
 from .reference import fake_quant_weight, lrqat_linear  # noqa: F401  (replaced by the dispatcher in functions.py)
+
+# Model-level API (modules, prepare/convert, save/load). Appended last: modules call the ops above
+# through the package attribute at call time, so the fused dispatchers apply transparently.
+from .config import LRQATConfig  # noqa: E402,F401
+from .modules import LRQATLinear, QuantizedLinear  # noqa: E402,F401
+from .api import convert, load_pretrained, prepare, print_trainable_parameters, save_pretrained  # noqa: E402,F401
