@@ -41,4 +41,18 @@ TORCH_LIBRARY(lrqat, m) {
   m.def("pack_nibbles(Tensor w_int) -> Tensor", {at::Tag::pt2_compliant_tag});
   // packed: uint8 [out, in / 2] -> int8 [out, in] (sign-extended).
   m.def("unpack_nibbles(Tensor packed) -> Tensor", {at::Tag::pt2_compliant_tag});
+
+  // ---- int4_gpu: W4A16 GEMM for GPUs (tensor cores, magic-number dequant); csrc/int4_gpu/ --
+  m.set_python_module("lrqat_kernels.ops.int4_gpu");
+  // qweight: uint8 [N, K / 2] (packed_int nibbles), K % 16 == 0 -> int32 [ceil(N / 128), K / 16, 256]
+  // in the kernel's layout (csrc/int4_gpu/int4_gpu.h). CPU and CUDA.
+  m.def("int4_gpu_prepack(Tensor qweight) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // y = x @ (scale * (W_int - zero_point))^T + bias. x fp16/bf16 [M, K]; qweight from
+  // int4_gpu_prepack; scale fp32 or x.dtype [G, N_pad] (G = 1 per-channel, else K / G a power of
+  // two >= 32); zero_point int8 [G, N_pad]; bias x.dtype [N]. CUDA only.
+  m.def("int4_gpu_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero_point, Tensor? bias, "
+        "int out_features) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // Test hook: the kernel's magic-number dequantisation of int32 words, emulated on CPU ->
+  // dtype [n, 8] in register order. CPU only.
+  m.def("int4_gpu_dequant_words(Tensor words, ScalarType dtype, int zero_point) -> Tensor");
 }

@@ -1,0 +1,369 @@
+"""W4A16 GEMM in Triton: the portable deployment path for INT4 weights, and a cross-check.
+
+``y = x @ (scale * (W_int - zero_point))^T + bias`` with ``W_int`` in the standard packed layout
+of :mod:`lrqat_kernels.formats` (uint8 ``[N, K / 2]``, column ``2j`` in the low nibble of byte
+``j``, two's complement), exactly the numerics of the CUDA kernel in ``csrc/int4_gpu/``:
+
+* ``W_int - z`` is formed in integers and cast to x's dtype (exact: ``|W_int - z| <= 15``), the
+  tensor cores multiply it with x and accumulate in fp32;
+* the scale is applied to that fp32 partial sum once per K-tile (a K-tile never straddles a
+  group, ``BLOCK_K`` divides ``group_size``), or once at the end when per-channel. So no
+  16-bit rounding of ``s * (W_int - z)`` happens at all: the only roundings are x's own, fp32
+  summation and the final cast, which is why the error stays within torch's own (which rounds
+  ``W_hat`` to 16 bits first).
+
+Why two dots per tile instead of unpacking to a ``[BLOCK_N, BLOCK_K]`` tile: a byte holds
+columns ``2j`` and ``2j + 1``, so ``x @ W^T = x[:, 0::2] @ W_lo^T + x[:, 1::2] @ W_hi^T``. The
+low and high nibbles each form a ready ``[BLOCK_N, BLOCK_K / 2]`` operand and x is loaded with a
+stride of 2 (x is tiny at small M and sits in L2), which avoids an interleave (join + reshape)
+that costs register shuffles and is the usual source of spills in Triton int4 kernels.
+
+Small M (decode) is memory bound: split-K (``SPLIT_K`` programs along K writing fp32 partials
+that the launcher sums) fills the GPU when ``N / BLOCK_N`` tiles are too few.
+
+Also here: :func:`int4_dequant_triton`, the one-pass dequantisation used by the ``"dequant"``
+backend (prefill: dequantise once, then cuBLAS).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .int4_gpu import check_int4_linear_args, zero_point_as_int
+
+__all__ = [
+    "Int4TritonConfig",
+    "int4_triton_config",
+    "int4_linear_triton",
+    "int4_dequant_triton",
+]
+
+
+@triton.jit
+def _int4_w4a16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ys,
+    group_size, k_tiles_per_split,
+    HAS_ZP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    OUT_FP32: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Axis 0 (M tiles) varies fastest: the programs sharing a weight tile run together and all
+    # but the first read it from L2.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF_K)  # packed bytes of a K tile = pairs of columns
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # int64 row offsets: N * K / 2 and M * K can pass 2^31 for large layers.
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    q_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
+    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
+    z_rows = z_ptr + offs_n.to(tl.int64) * stride_zn
+
+    n_k_tiles = tl.cdiv(K, BLOCK_K)
+    kt_begin = pid_k * k_tiles_per_split
+    kt_end = tl.minimum(kt_begin + k_tiles_per_split, n_k_tiles)
+
+    zp = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if PER_CHANNEL:
+        if HAS_ZP:
+            zp = tl.load(z_rows, mask=mask_n, other=0).to(tl.int32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kt in range(kt_begin, kt_end):
+        k0 = kt * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        # Contiguous load (pipelined through shared memory by cp.async), then split the even and
+        # odd columns in registers: x is [BLOCK_M, BLOCK_K], small next to the weight tile.
+        x_lo, x_hi = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
+        mask_k = k0 + 2 * offs_h < K  # K is even: a byte is in range iff its low column is
+        packed = tl.load(q_rows + (k0 // 2 + offs_h)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+        # Offset binary: (c ^ 8) = W_int + 8 in 0..15, kept in uint8 (four per register: the
+        # weight tile is the register-heavy operand), then converted and shifted in floating point,
+        # where W_int - z = (c ^ 8) - (8 + z) is exact (|.| <= 15 is exact in fp16 and bf16).
+        u_lo = (packed & 0xF) ^ 8
+        u_hi = (packed >> 4) ^ 8
+        if not PER_CHANNEL:
+            group = k0 // group_size  # one group per tile: BLOCK_K divides group_size
+            if HAS_ZP:
+                zp = tl.load(z_rows + group, mask=mask_n, other=0).to(tl.int32)
+        shift = (zp + 8).to(tl.float32)[:, None]
+        if DOT_F32:
+            # Interpreter only: its bf16 x bf16 dot is wrong (and its int -> bf16 cast reinterprets
+            # bits); fp32 holds every operand exactly.
+            x_lo = x_lo.to(tl.float32)
+            x_hi = x_hi.to(tl.float32)
+            w_lo = u_lo.to(tl.float32) - shift
+            w_hi = u_hi.to(tl.float32) - shift
+        else:
+            w_lo = (u_lo.to(tl.float32) - shift).to(x_ptr.dtype.element_ty)
+            w_hi = (u_hi.to(tl.float32) - shift).to(x_ptr.dtype.element_ty)
+        part = tl.dot(x_lo, tl.trans(w_lo))
+        part = tl.dot(x_hi, tl.trans(w_hi), part)
+        if PER_CHANNEL:
+            acc += part
+        else:
+            s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
+            acc += part * s[None, :]
+    if PER_CHANNEL:
+        s = tl.load(s_rows, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * s[None, :]
+
+    y_ptrs = y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if OUT_FP32:
+        tl.store(y_ptrs, acc, mask=mask_y)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
+def _int4_dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr,
+    N, K,
+    stride_qn, stride_sn, stride_zn, stride_wn,
+    group_size,
+    HAS_ZP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_k * BLOCK_K + 2 * tl.arange(0, HALF_K)
+    mask = (offs_n < N)[:, None] & (cols < K)[None, :]
+    rows64 = offs_n.to(tl.int64)[:, None]
+    packed = tl.load(qw_ptr + rows64 * stride_qn + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    w_lo = ((packed & 0xF) ^ 8) - 8
+    w_hi = (((packed >> 4) & 0xF) ^ 8) - 8
+    group = cols // group_size  # per column: a tile may span groups here
+    s = tl.load(s_ptr + rows64 * stride_sn + group[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        z = tl.load(z_ptr + rows64 * stride_zn + group[None, :], mask=mask, other=0).to(tl.int32)
+        w_lo = w_lo - z
+        w_hi = w_hi - z
+    # NUMERICS.md: W_hat = s * (W_int - z) in fp32, cast to the compute dtype last.
+    out = w_ptr + rows64 * stride_wn + cols[None, :]
+    tl.store(out, (s * w_lo.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + 1, (s * w_hi.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int4TritonConfig:
+    """Tile shape and launch parameters of :func:`int4_linear_triton`."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_k(in_features: int, group_size: int | None, widest: int) -> int:
+    """Largest of ``widest`` / 64 / 32 that divides the group (so a K tile has one scale)."""
+    if group_size is None or group_size >= in_features:
+        return widest
+    for bk in (128, 64, 32):
+        if bk <= widest and group_size % bk == 0:
+            return bk
+    raise ValueError(
+        f"the Triton W4A16 kernel needs group_size to be a multiple of 32, got {group_size}; "
+        "use backend='dequant' for such layers"
+    )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # nominal (H100 SXM): configs for a GPU can be computed (and AOT-compiled) without one
+
+
+def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: torch.device | str = "cuda",
+                       split_k: int | None = None) -> Int4TritonConfig:
+    """The launch configuration :func:`int4_linear_triton` uses (tests compile exactly these).
+
+    * ``BLOCK_M`` = 16 / 32 / 64 by M (the tensor-core minimum is 16; small M wastes rows but is
+      memory bound anyway), ``BLOCK_N`` = 64 for M <= 64 (more N tiles to spread the weight
+      stream over SMs), 128 above.
+    * ``BLOCK_K`` = 128 at M <= 32 (a K tile = 64 packed bytes per weight row: 16-byte vector
+      loads, few loop trips), 64 above (register pressure of the bigger x tile), capped by the
+      largest of 64 / 32 dividing ``group_size``.
+    * ``split_k``: when there are fewer than 4 M x N tiles per SM, split K so that about 4
+      programs (16 warps, ~48 KiB of weight loads in flight) run per SM, at most 16 splits and
+      never more than K tiles. Provisional (unmeasured): tune on a GPU.
+    * ``num_stages`` 4 (cp.async pipelining of the weight loads).
+    """
+    device = torch.device(device)
+    # (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages); ptxas -v on sm_80 / sm_90 with
+    # the JIT's usual 16-divisibility specialisation: <= 255 registers and no spills for every
+    # variant (tests/test_int4_triton.py compiles each).
+    if M <= 16:
+        bm, bn, bk_max, num_warps, num_stages = 16, 64, 128, 4, 4
+    elif M <= 32:
+        bm, bn, bk_max, num_warps, num_stages = 32, 64, 128, 4, 4
+    elif M <= 64:
+        bm, bn, bk_max, num_warps, num_stages = 64, 64, 64, 8, 4
+    else:
+        bm, bn, bk_max, num_warps, num_stages = 64, 128, 64, 8, 4
+    bk = _block_k(K, group_size, bk_max)
+    k_tiles = triton.cdiv(K, bk)
+    if split_k is None:
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        sms = _num_sms(device)
+        split_k = 1
+        if tiles < 4 * sms and not (device.type == "cpu" and _interpreting()):
+            split_k = min(-(-4 * sms // tiles), 16)
+    split_k = max(1, min(int(split_k), k_tiles))
+    return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages)
+
+
+def int4_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
+    config: Int4TritonConfig | None = None,
+) -> torch.Tensor:
+    """``x @ (scale * (W_int - zero_point))^T + bias`` with the Triton W4A16 kernel.
+
+    Args:
+        x: fp16 / bf16 ``[..., K]``.
+        qweight: uint8 ``[N, K / 2]``, standard nibble layout (formats.py).
+        scale: float ``[N, 1]`` per-channel or ``[N, K / group_size]`` (any float dtype; used in fp32).
+        zero_point: None (symmetric) or integer-valued ``[N, G]``, values in [-8, 7].
+        group_size: None (per-channel) or a multiple of 32 dividing K.
+        bias: None or ``[N]`` (added in fp32).
+        split_k: force the number of K splits (default: :func:`int4_triton_config`'s choice).
+        config: force the whole launch configuration.
+
+    Returns:
+        ``[..., N]`` in x's dtype (fp32 accumulation).
+
+    Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+    """
+    N, K, g = check_int4_linear_args(x, qweight, scale, zero_point, group_size, bias)
+    if K % 2:
+        raise ValueError(f"K must be even, got {K}")
+    per_channel = g == K
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty((*lead, N))
+    cfg = config or int4_triton_config(M, N, K, None if per_channel else g, x.device, split_k)
+    if not per_channel and g % cfg.block_k:
+        raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={g}")
+    qw = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    s = scale if scale.stride(-1) == 1 else scale.contiguous()
+    z = zero_point_as_int(zero_point)
+    if z is not None and z.stride(-1) != 1:
+        z = z.contiguous()
+    k_tiles = triton.cdiv(K, cfg.block_k)
+    split = max(1, min(cfg.split_k, k_tiles))
+    k_tiles_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, k_tiles_per_split)  # no empty split
+    # The Triton interpreter casts fp32 -> bf16 by truncation; there (and for split-K partials)
+    # the kernel writes fp32 and torch rounds. On GPUs it writes x's dtype itself.
+    out_fp32 = split > 1 or (x.dtype == torch.bfloat16 and not x.is_cuda)
+    if out_fp32:
+        y = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    has_bias_in_kernel = bias is not None and split == 1
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    _int4_w4a16_kernel[grid](
+        x2, qw, s, z if z is not None else s, bias if has_bias_in_kernel else s, y,
+        M, N, K,
+        x2.stride(0), qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0,
+        N, M * N,
+        g, k_tiles_per_split,
+        HAS_ZP=z is not None,
+        HAS_BIAS=has_bias_in_kernel,
+        PER_CHANNEL=per_channel,
+        OUT_FP32=out_fp32,
+        DOT_F32=not x.is_cuda,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if out_fp32:
+        y = y.sum(0) if split > 1 else y[0]  # fixed order: deterministic
+        if bias is not None and split > 1:
+            y = y + bias.float()
+        y = y.to(x.dtype)
+    return y.reshape(*lead, N)
+
+
+def int4_dequant_triton(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``W_hat = scale * (W_int - zero_point)`` (fp32, cast to ``dtype`` last) in one pass.
+
+    Args:
+        qweight: uint8 ``[N, K / 2]`` (formats.py layout); scale / zero_point ``[N, G]``.
+        group_size: None (per-channel) or a divisor of K.
+        dtype: output dtype (fp16 / bf16 / fp32).
+
+    Returns:
+        ``[N, K]`` in ``dtype``.
+    """
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    g = K if group_size is None else group_size
+    if tuple(scale.shape) != (N, K // g) or K % g:
+        raise ValueError(f"scale must be [N, K // group_size] = [{N}, {K // g}], got {tuple(scale.shape)}")
+    qw = qweight.contiguous()
+    s = scale.contiguous()
+    z = zero_point_as_int(zero_point)
+    z = z.contiguous() if z is not None else None
+    interp_bf16 = dtype == torch.bfloat16 and not qweight.is_cuda
+    w = torch.empty((N, K), dtype=torch.float32 if interp_bf16 else dtype, device=qweight.device)
+    if N and K:
+        bn, bk = 32, 256
+        grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
+        _int4_dequant_kernel[grid](
+            qw, s, z if z is not None else s, w, N, K,
+            qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0, w.stride(0),
+            g, HAS_ZP=z is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        )
+    return w.to(dtype)

@@ -1,0 +1,282 @@
+"""Triton W4A16 kernel (lrqat_kernels/ops/int4_triton.py): outputs, dequantisation, AOT builds.
+
+Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1``), so shapes stay small (K = 256, N = 72). Tolerance rule (STYLE.md): the
+error against ``x @ W_hat^T`` computed in fp32 is at most 2x the error of torch's own fp16/bf16
+matmul on the same W_hat, plus a tiny atol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lrqat_kernels.formats import pack_nibbles
+from lrqat_kernels.ops.int4_triton import (
+    Int4TritonConfig,
+    int4_dequant_triton,
+    int4_linear_triton,
+    int4_triton_config,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.bfloat16]
+GROUPS = [None, 32, 64, 128]
+
+
+def _case(m, n, k, g, zp, dtype, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    w_int = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
+    groups = 1 if g is None else k // g
+    s = torch.rand(n, groups, generator=gen) * 0.02 + 0.005
+    z = torch.randint(-8, 8, (n, groups), dtype=torch.int8, generator=gen) if zp else None
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(x), w_int, to(pack_nibbles(w_int)), to(s), to(z), to(b)
+
+
+def _w_hat(w_int, s, z, g):
+    k = w_int.shape[1]
+    g = k if g is None else g
+    w = w_int.float()
+    if z is not None:
+        w = w - z.float().cpu().repeat_interleave(g, dim=1)
+    return s.float().cpu().repeat_interleave(g, dim=1) * w
+
+
+def _check(y, x, w_int, s, z, g, b):
+    w_hat = _w_hat(w_int, s, z, g).to(x.device)
+    ref = x.float() @ w_hat.t()
+    if b is not None:
+        ref = ref + b.float()
+    torch_y = torch.nn.functional.linear(x, w_hat.to(x.dtype), b)
+    assert y.shape == torch_y.shape and y.dtype == x.dtype
+    err = (y.float() - ref).abs().max().item()
+    err_torch = (torch_y.float() - ref).abs().max().item()
+    assert err <= 2 * err_torch + 1e-5 * ref.abs().max().item() + 1e-6, f"error {err} vs torch's {err_torch}"
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("zp", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("g", GROUPS, ids=lambda g: f"g{g}" if g else "per_channel")
+def test_matches_reference(g, zp, dtype, m):
+    x, w_int, q, s, z, b = _case(m, 72, 256, g, zp, dtype, seed=m)
+    _check(int4_linear_triton(x, q, s, z, g, b), x, w_int, s, z, g, b)
+
+
+def test_large_m_cheap_config():
+    x, w_int, q, s, z, b = _case(1000, 72, 64, None, False, torch.bfloat16)
+    _check(int4_linear_triton(x, q, s, z, None, b), x, w_int, s, z, None, b)
+
+
+@pytest.mark.parametrize(
+    "n,k,g", [(200, 384, 128), (72, 96, 32), (130, 320, 64), (72, 1040, None), (9, 48, None)], ids=lambda v: str(v)
+)
+def test_odd_shapes(n, k, g):
+    """K and N not powers of two; K not a multiple of the K tile (per-channel: masked tail)."""
+    x, w_int, q, s, z, b = _case(5, n, k, g, True, torch.bfloat16, seed=n + k)
+    _check(int4_linear_triton(x, q, s, z, g, b), x, w_int, s, z, g, b)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("g", [None, 64])
+def test_split_k(split_k, g):
+    x, w_int, q, s, z, b = _case(3, 72, 512, g, True, torch.float16, seed=split_k)
+    y = int4_linear_triton(x, q, s, z, g, b, split_k=split_k)
+    _check(y, x, w_int, s, z, g, b)
+    # Partials are summed in a fixed order: deterministic.
+    assert torch.equal(y, int4_linear_triton(x, q, s, z, g, b, split_k=split_k))
+
+
+def test_no_bias_3d_input_and_float_zero_point():
+    x, w_int, q, s, z, _ = _case(6, 72, 256, 64, True, torch.float16)
+    y = int4_linear_triton(x.reshape(2, 3, 256), q, s, z.float(), 64)
+    assert y.shape == (2, 3, 72)
+    _check(y.reshape(6, 72), x, w_int, s, z, 64, None)
+
+
+def test_empty_m():
+    x, _, q, s, _, _ = _case(1, 72, 256, None, False, torch.float16)
+    assert int4_linear_triton(x[:0], q, s).shape == (0, 72)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("g,zp", [(None, False), (32, True), (128, False), (64, True)], ids=lambda v: str(v))
+def test_dequant_is_exact(g, zp, dtype):
+    """W_hat = s * (W_int - z) in fp32, cast last: bitwise equal to the reference rounding."""
+    _, w_int, q, s, z, _ = _case(1, 72, 256, g, zp, torch.float16)
+    w = int4_dequant_triton(q, s, z, g, dtype)
+    assert w.dtype == dtype and torch.equal(w.cpu(), _w_hat(w_int, s, z, g).to(dtype))
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,pattern",
+    [
+        (dict(x=torch.zeros(2, 256)), TypeError, "x must be a float16 or bfloat16"),
+        (dict(qweight=torch.zeros(72, 128, dtype=torch.int8)), TypeError, "qweight must be uint8"),
+        (dict(x=torch.zeros(2, 128, dtype=torch.float16)), ValueError, r"x must be \[..., K\]"),
+        (dict(group_size=48), ValueError, "group_size must be None"),
+        (dict(scale=torch.ones(72, 3)), ValueError, "scale must be a float tensor"),
+        (dict(zero_point=torch.zeros(72, 2)), ValueError, "zero_point must be None or"),
+        (dict(bias=torch.zeros(71)), ValueError, "bias must be None or"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_rejects_bad_input(kwargs, err, pattern):
+    args = dict(x=torch.zeros(2, 256, dtype=torch.float16), qweight=torch.zeros(72, 128, dtype=torch.uint8),
+                scale=torch.ones(72, 1), zero_point=None, group_size=None, bias=None)
+    args.update(kwargs)
+    with pytest.raises(err, match=pattern):
+        int4_linear_triton(**args)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int4_linear_triton(torch.zeros(2, 256, dtype=torch.float16), torch.zeros(72, 128, dtype=torch.uint8),
+                           torch.ones(72, 16), group_size=16)
+
+
+def test_config_choices():
+    small = int4_triton_config(1, 11008, 4096, 128, "cuda")
+    assert (small.block_m, small.block_n, small.block_k) == (16, 64, 128) and small.split_k > 1
+    assert int4_triton_config(1, 4096, 4096, 32, "cuda").block_k == 32
+    big = int4_triton_config(4096, 11008, 4096, None, "cuda")
+    assert big.block_m == 64 and big.split_k == 1
+    assert int4_triton_config(1, 72, 64, None, "cuda").split_k == 1  # never more splits than K tiles
+
+
+# ---- dispatcher (CUDA-side hook; the backend choice is device-independent) ----------------------
+
+
+def test_dispatch_auto_picks_triton_then_dequant(monkeypatch):
+    from lrqat_kernels.ops import int4_gpu, int4_triton
+
+    calls = []
+    real = int4_triton.int4_linear_triton
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(int4_triton, "int4_linear_triton", spy)
+    monkeypatch.delenv(int4_gpu.BACKEND_ENV, raising=False)
+    for m in (1, int4_gpu.AUTO_DEQUANT_MIN_M - 1, int4_gpu.AUTO_DEQUANT_MIN_M):
+        x, w_int, q, s, z, b = _case(m, 72, 64, 32, True, torch.float16)
+        _check(int4_gpu.int4_linear_gpu(x, q, s, z, 32, b), x, w_int, s, z, 32, b)
+    assert calls == [1, int4_gpu.AUTO_DEQUANT_MIN_M - 1]  # the largest M went to dequant + F.linear
+
+
+def test_dispatch_env_and_cuda_backend(monkeypatch):
+    from lrqat_kernels.ops import int4_gpu
+
+    x, w_int, q, s, z, b = _case(2, 72, 64, None, False, torch.float16, device="cpu")
+    monkeypatch.setenv(int4_gpu.BACKEND_ENV, "dequant")
+    _check(int4_gpu.int4_linear_gpu(x, q, s, z, None, b), x, w_int, s, z, None, b)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        int4_gpu.int4_linear_gpu(x, q, s, z, None, b, backend="cuda")
+    monkeypatch.setenv(int4_gpu.BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match="int4 backend must be one of"):
+        int4_gpu.int4_linear_gpu(x, q, s, z, None, b)
+
+
+# ---- ahead-of-time compilation for sm_80 / sm_90: registers and spills --------------------------
+
+# Runs in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled). Integer
+# arguments and pointers get the 16-divisibility attribute the JIT gives them at real shapes
+# (K = 4096 etc.): without it Triton can neither vectorise nor pipeline the loads, and the
+# resource numbers would describe a kernel that never runs.
+_AOT_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lrqat_kernels.ops.aot import _ptxas
+from lrqat_kernels.ops.int4_triton import _int4_w4a16_kernel as fn
+
+DIVISIBLE = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K",
+             "stride_xm", "stride_qn", "stride_ym", "stride_ys"]
+out = []
+for spec in json.loads(sys.stdin.read()):
+    dt = spec["dtype"]
+    sig = dict(x_ptr=f"*{dt}", qw_ptr="*u8", s_ptr="*fp32", z_ptr="*i8", b_ptr=f"*{dt}",
+               y_ptr="*fp32" if spec["out_fp32"] else f"*{dt}",
+               M="i32", N="i32", K="i32", stride_xm="i32", stride_qn="i32", stride_sn="i32",
+               stride_zn="i32", stride_ym="i32", stride_ys="i32", group_size="i32", k_tiles_per_split="i32")
+    consts = dict(HAS_ZP=spec["zp"], HAS_BIAS=not spec["out_fp32"], PER_CHANNEL=spec["per_channel"],
+                  OUT_FP32=spec["out_fp32"], DOT_F32=False, BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
+                  BLOCK_K=spec["bk"])
+    sig.update({k: "constexpr" for k in consts})
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE}
+    k = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", spec["arch"], 32),
+                       options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        open(ptx, "w").write(k.asm["ptx"])
+        arch = spec["arch"]
+        log = subprocess.run([_ptxas(arch), f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", ptx,
+                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    log = log.stdout + log.stderr
+    sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    out.append(dict(spec, regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+                    spill_stores=int(sp.group(1)), spill_loads=int(sp.group(2)), shared=k.metadata.shared))
+print(json.dumps(out))
+"""
+
+
+def _launcher_specs():
+    """Every distinct kernel specialisation the launcher picks over decode/prefill LLaMA shapes."""
+    seen, specs = set(), []
+    for m in (1, 16, 32, 64, 1000):
+        for n, k in ((11008, 4096), (4096, 11008)):
+            for g in GROUPS:
+                cfg = int4_triton_config(m, n, k, g, "cuda")
+                per_channel = g is None
+                for zp in ([False] if per_channel else [True]):  # zp variant is the heavier one
+                    key = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                           cfg.split_k > 1, per_channel, zp)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    for arch in (80, 90):
+                        specs.append(dict(bm=cfg.block_m, bn=cfg.block_n, bk=cfg.block_k, num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages, out_fp32=cfg.split_k > 1,
+                                          per_channel=per_channel, zp=zp, dtype="bf16", arch=arch))
+    return specs
+
+
+def test_aot_compiles_without_spills_for_launcher_configs():
+    specs = _launcher_specs()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(specs), capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(specs)
+    for r in results:
+        where = {k: r[k] for k in ("bm", "bn", "bk", "num_warps", "per_channel", "zp", "out_fp32", "arch")}
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"spills: {r}"
+        assert r["regs"] <= 255 and r["shared"] > 0, where
+        # cp.async pipelining actually happened: more than one stage of weights in shared memory.
+        assert r["shared"] >= 2 * r["bn"] * r["bk"] // 2, f"loads not pipelined: {r}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 300])
+@pytest.mark.parametrize("g", [None, 128])
+def test_gpu_llama_shape(m, g):
+    x, w_int, q, s, z, b = _case(m, 4096, 4096, g, g is not None, torch.bfloat16)
+    _check(int4_linear_triton(x, q, s, z, g, b), x, w_int, s, z, g, b)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_interpreter_semantics_config_override():
+    x, w_int, q, s, z, b = _case(8, 1024, 2048, 64, True, torch.float16)
+    cfg = Int4TritonConfig(16, 64, 64, 4, 4, 3)
+    _check(int4_linear_triton(x, q, s, z, 64, b, config=cfg), x, w_int, s, z, 64, b)
