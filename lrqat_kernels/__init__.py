@@ -16,10 +16,11 @@ from .formats import (  # noqa: F401
     qrange,
     unpack_nibbles,
 )
-from .reference import estimate_scale, lora_init, merge_weight, rtn_quantize, svd_init  # noqa: F401
+from .reference import estimate_scale, lora_init, rtn_quantize, svd_init  # noqa: F401
 
-# The fused paths (Triton on CUDA / TRITON_INTERPRET, reference on CPU) share the reference's signatures.
-from .reference import fake_quant_weight, lrqat_linear  # noqa: F401  (replaced by the dispatcher in functions.py)
+# The fused paths (Triton on CUDA / TRITON_INTERPRET, eager reference math on CPU) share the
+# reference's signatures; functions.py registers the torch.ops.lrqat.* ops they run on.
+from .functions import fake_quant_weight, lrqat_linear, merge_weight  # noqa: F401
 
 # Model-level API (modules, prepare/convert, save/load). Appended last: modules call the ops above
 # through the package attribute at call time, so the fused dispatchers apply transparently.
