@@ -98,6 +98,13 @@ def uses_kernels(phi: torch.Tensor, lora_A: torch.Tensor, scale: torch.Tensor, *
     return True
 
 
+def _fused_gemm_kernels(phi, lora_A, scale, *acts: torch.Tensor) -> bool:
+    """The fused dequant-GEMM kernels take 16-bit activations only: with fp32 ones their GEMMs
+    would be CUDA-core FMA loops (and their tiles spill); those run the unfused kernels instead."""
+    return uses_kernels(phi, lora_A, scale, *(a.dtype for a in acts)) and all(
+        a.dtype in (torch.bfloat16, torch.float16) for a in acts)
+
+
 def fused_gemm_enabled() -> bool:
     """``LRQAT_FUSED_GEMM=1``: :func:`lrqat_linear` uses the fused dequant-GEMM path."""
     return os.environ.get(_FUSED_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
@@ -240,12 +247,12 @@ def _fused_linear_fwd(
     zero_point: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, phi_format: str, alpha: float,
 ) -> torch.Tensor:
     """``y = x2d @ W_hat^T + bias`` ``[T, out]`` in ``x2d.dtype`` (the compute dtype)."""
-    if uses_kernels(phi, lora_A, scale, x2d.dtype):
+    if _fused_gemm_kernels(phi, lora_A, scale, x2d):
         from .ops.fused_linear import fused_linear_forward
 
         return fused_linear_forward(x2d, phi, lora_A, lora_B, scale, zero_point, bias, bits=bits,
                                     phi_format=phi_format, alpha=alpha)
-    w = _eager_fwd(phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha, x2d.dtype)
+    w = _fake_quant_fwd(phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha, x2d.dtype)
     return F.linear(x2d, w, bias)
 
 
@@ -260,12 +267,12 @@ def _fused_linear_dx(
     zero_point: Optional[torch.Tensor], bits: int, phi_format: str, alpha: float,
 ) -> torch.Tensor:
     """``dx = dy2d @ W_hat`` ``[T, in]`` in ``dy2d.dtype``."""
-    if uses_kernels(phi, lora_A, scale, dy2d.dtype):
+    if _fused_gemm_kernels(phi, lora_A, scale, dy2d):
         from .ops.fused_linear import fused_linear_dx
 
         return fused_linear_dx(dy2d, phi, lora_A, lora_B, scale, zero_point, bits=bits, phi_format=phi_format,
                                alpha=alpha)
-    return dy2d @ _eager_fwd(phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha, dy2d.dtype)
+    return dy2d @ _fake_quant_fwd(phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha, dy2d.dtype)
 
 
 @_fused_linear_dx.register_fake
@@ -279,12 +286,12 @@ def _fused_linear_param_grads(
     scale: torch.Tensor, zero_point: Optional[torch.Tensor], bits: int, phi_format: str, alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dA, dB, ds)`` of ``y = x W_hat^T`` from ``dy2d`` ``[T, out]`` and ``x2d`` ``[T, in]``."""
-    if uses_kernels(phi, lora_A, scale, dy2d.dtype, x2d.dtype):
+    if _fused_gemm_kernels(phi, lora_A, scale, dy2d, x2d):
         from .ops.fused_linear import fused_linear_param_grads
 
         return fused_linear_param_grads(dy2d, x2d, phi, lora_A, lora_B, scale, zero_point, bits=bits,
                                         phi_format=phi_format, alpha=alpha)
-    return _eager_bwd(dy2d.T @ x2d, phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha)
+    return _fake_quant_bwd(dy2d.T @ x2d, phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha)
 
 
 @_fused_linear_param_grads.register_fake
@@ -522,7 +529,8 @@ def lrqat_linear_fused(
     No weight-sized tensor exists in the forward or the backward (``W_hat`` tiles are built in the
     GEMMs' K loops; ``G`` tiles inside the backward kernel). Meant for small token counts, where
     the memory traffic saved outweighs rebuilding weight tiles per token tile; its speed has not
-    been measured on a GPU yet. Falls back to eager math where :func:`lrqat_linear` would.
+    been measured on a GPU yet. Needs 16-bit activations (``out_dtype`` bf16/fp16): fp32 ones
+    take the unfused kernels; falls back to eager math where :func:`lrqat_linear` would.
     """
     return _lrqat_linear(x, phi, lora_A, lora_B, scale, bias, bits, phi_format, alpha, zero_point, group_size,
                          out_dtype, True)

@@ -67,6 +67,8 @@ from ..formats import fixed_point_frac_bits, qrange
 __all__ = [
     "FwdConfig",
     "BwdConfig",
+    "KernelSpec",
+    "aot_specs",
     "column_tiling",
     "fwd_config",
     "bwd_config",
@@ -82,8 +84,9 @@ __all__ = [
 #: ``phi_format`` -> the kernels' ``PHI_KIND`` constexpr.
 PHI_KIND = {"packed_int": 0, "fixed_point": 1, "bf16": 2, "fp16": 2, "fp32": 2}
 
-#: Largest LoRA rank the kernels take (``R_PAD <= 256``); larger ranks use the eager path.
-MAX_RANK = 256
+#: Largest LoRA rank the kernels take (``R_PAD <= 128``; the paper uses r = 32); larger ranks
+#: use the eager path (their register tiles would spill).
+MAX_RANK = 128
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -96,6 +99,16 @@ _RNE_LIMIT = 4194304.0  # 2^22; beyond it every fp32 is far outside any grid (|q
 def interpreting() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+#: Tests set this to run the GPU tile tables under the interpreter (the exact constexprs a GPU
+#: gets, on a CPU); by default the interpreter uses small tiles so small shapes span many tiles.
+FORCE_GPU_TILES = False
+
+
+def small_tiles(interpret: bool) -> bool:
+    """Whether the configuration tables pick their interpreter (small-tile) row."""
+    return interpret and not FORCE_GPU_TILES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +381,34 @@ def _g_tile_from_dy_x(dy_ptr, x_ptr, rows, rmask, cols, cmask, n_tokens, out_fea
 
 
 @triton.jit
+def _rank_reduce(dz, a_tile, b_tile, db_acc, SPLIT_BF16: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """``(db_acc + dZ @ A^T, B^T @ dZ)`` for one tile, fp32 results.
+
+    ``dZ`` is fp32 and not representable in 16 bits. ``SPLIT_BF16`` (bf16 factors): write
+    ``dZ = hi + lo`` with ``hi = bf16(dZ)``, ``lo = bf16(dZ - hi)`` (relative error <= 2^-17)
+    and run two bf16 tensor-core dots each; products with the bf16 factors are exact, so the
+    result is fp32-accumulated to ~2^-17 relative, far below the bf16 gradients' own rounding.
+    Otherwise (fp32/fp16 factors) IEEE fp32 dots: exact products, CUDA-core FMAs.
+    """
+    if SPLIT_BF16:
+        hi = _cast(dz, tl.bfloat16, INTERPRET)
+        hi32 = hi.to(tl.float32)
+        # inf/NaN stay in hi (lo = 0), so they propagate as they would through an fp32 dot.
+        lo = _cast(tl.where(tl.abs(hi32) < float("inf"), dz - hi32, 0.0), tl.bfloat16, INTERPRET)
+        a_t = tl.trans(a_tile)
+        b_t = tl.trans(b_tile)
+        db_acc = _dot(hi, a_t, db_acc, DOT_FP32)
+        db_acc = _dot(lo, a_t, db_acc, DOT_FP32)
+        da = tl.zeros((b_t.shape[0], dz.shape[1]), dtype=tl.float32)
+        da = _dot(b_t, hi, da, DOT_FP32)
+        da = _dot(b_t, lo, da, DOT_FP32)
+    else:
+        db_acc = tl.dot(dz, tl.trans(a_tile.to(tl.float32)), db_acc, input_precision="ieee")
+        da = tl.dot(tl.trans(b_tile.to(tl.float32)), dz, input_precision="ieee")
+    return db_acc, da
+
+
+@triton.jit
 def _fake_quant_bwd_kernel(
     g_ptr, dy_ptr, x_ptr, phi_ptr, a_ptr, b_ptr, scale_ptr, zp_ptr,
     da_part_ptr, db_part_ptr, ds_ptr,
@@ -376,7 +417,8 @@ def _fake_quant_bwd_kernel(
     PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     HAS_ZP: tl.constexpr, GPT: tl.constexpr, FUSED_G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    DOT_FP32: tl.constexpr, G_DOT_FP32: tl.constexpr, I64: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, DOT_FP32: tl.constexpr, G_DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr,
+    I64: tl.constexpr,
 ):
     """Recompute ``Z, W_int, M`` per tile and reduce ``G`` into dA, dB, ds partials in one pass.
 
@@ -430,10 +472,9 @@ def _fake_quant_bwd_kernel(
             dz = tl.where(inside & mask, s * g, 0.0)
             gw = tl.where(mask, g * _center(w_int, zp, HAS_ZP), 0.0)
 
-            # dB rows: reduced along in, stays in registers for the whole column band.
-            db_acc = tl.dot(dz, tl.trans(a_tile.to(tl.float32)), db_acc, input_precision="ieee")
-            # dA columns: this row tile's share, added to the band's partial.
-            da = tl.dot(tl.trans(b_tile.to(tl.float32)), dz, input_precision="ieee")
+            # dB rows (reduced along in) stay in registers for the whole column band; dA columns
+            # (this row tile's share) go to the band's partial.
+            db_acc, da = _rank_reduce(dz, a_tile, b_tile, db_acc, SPLIT_BF16, DOT_FP32, INTERPRET)
             da_ptrs = da_band + rr[:, None] * in_features + cols[None, :]
             da_mask = rank_mask[:, None] & cmask[None, :]
             if tm > 0:
@@ -529,77 +570,142 @@ def fwd_config(out_features: int, in_features: int, rank: int, group_size: int, 
                *, interpret: bool | None = None) -> FwdConfig:
     """The forward kernel's configuration for a problem (a fixed table, no autotuning).
 
-    GPU table (``R_PAD`` = rank padded to a power of two >= 16):
+    GPU table (``R_PAD`` = rank padded to a power of two >= 16, at most 128):
 
-    ====== ============== ======= =======================================================
-    R_PAD  BLOCK_M x N    warps   why
-    ====== ============== ======= =======================================================
-    <= 64  64 x 128       8       32 fp32 lanes a thread; 128 columns = 256 B bf16 stores
-    128    64 x 64        8       keeps the lora slices (2 x 16 KiB bf16) and acc in budget
-    256    32 x 64        8       same, for the widest rank
-    ====== ============== ======= =======================================================
+    ======================== ============== ======= ==========================================
+    R_PAD                    BLOCK_M x N    warps   why
+    ======================== ============== ======= ==========================================
+    <= 64 (<= 32 fp32 lora)  64 x 128       8       32 fp32 lanes a thread; 256 B bf16 rows
+    above                    64 x 64        8       wider lora slices (and fp32 FMA-dot
+                                                    operands) would spill at 64 x 128
+    ======================== ============== ======= ==========================================
 
-    Under the interpreter the tiles are 16 x 32 so small test shapes still span many tiles.
+    Under the interpreter the tiles are 32 x 64: its cost is per program and per op, not per element.
     """
     interpret = interpreting() if interpret is None else interpret
     r_pad = rank_pad(rank)
-    if interpret:
-        bm, bn_max, warps = 16, 32, 4
-    elif r_pad <= 64:
+    fma = lora_dtype == torch.float32  # IEEE FMA dot: its operands take more registers
+    if small_tiles(interpret):
+        bm, bn_max, warps = 32, 64, 4
+    elif r_pad <= (32 if fma else 64):
         bm, bn_max, warps = 64, 128, 8
-    elif r_pad <= 128:
-        bm, bn_max, warps = 64, 64, 8
     else:
-        bm, bn_max, warps = 32, 64, 8
+        bm, bn_max, warps = 64, 64, 8
     bn, gpt, _, _ = column_tiling(in_features, group_size, bn_max)
     return FwdConfig(block_m=bm, block_n=bn, r_pad=r_pad, gpt=gpt, num_warps=warps, block_n_max=bn_max)
 
 
+#: GPU backward table ``(split_bf16, R_PAD, fused_g) -> (BLOCK_M, BLOCK_N, num_warps)``, chosen
+#: from ptxas sweeps (sm_80 and sm_90) of 8 tile shapes per key for no register spills: the
+#: kernel holds a ``[BM, R_PAD]`` dB accumulator, the lora slices and ~6 live ``[BM, BN]`` fp32
+#: tiles. bf16 factors use the split-bf16 tensor-core dots (``_rank_reduce``), fp32/fp16 factors
+#: IEEE FMA dots, whose operands take more registers. R_PAD = 128 spills a little on sm_80
+#: whatever the tile (tests/test_aot_compile.py prints the numbers).
+_BWD_TABLE = {
+    (True, 16, False): (32, 32, 4), (True, 16, True): (32, 32, 4),
+    (True, 32, False): (32, 64, 8), (True, 32, True): (32, 64, 8),
+    (True, 64, False): (32, 32, 8), (True, 64, True): (32, 32, 8),
+    (True, 128, False): (16, 32, 4), (True, 128, True): (16, 32, 4),
+    (False, 16, False): (32, 32, 4), (False, 16, True): (32, 32, 4),
+    (False, 32, False): (32, 64, 8), (False, 32, True): (32, 64, 8),
+    (False, 64, False): (16, 32, 4), (False, 64, True): (32, 64, 8),
+    (False, 128, False): (32, 32, 8), (False, 128, True): (32, 32, 8),
+}
+
+
 def bwd_config(out_features: int, in_features: int, rank: int, group_size: int, lora_dtype: torch.dtype,
                *, fused_g: bool = False, interpret: bool | None = None) -> BwdConfig:
-    """The backward kernel's configuration (a fixed table, no autotuning).
+    """The backward kernel's configuration: :data:`_BWD_TABLE` (no autotuning).
 
-    GPU table: ``64 x 64`` tiles with 4 warps up to ``R_PAD = 32``; 8 warps at 64 (the dB
-    accumulator ``[64, R_PAD]`` and the dA share ``[R_PAD, 64]`` grow with the rank); ``32 x 64``
-    with 8 warps beyond. ``BLOCK_T`` (token chunk of the G-free variant) is 32.
+    Keyed on the dot mode (split-bf16 tensor cores for bf16 factors, IEEE FMA otherwise),
+    ``R_PAD`` and whether ``G`` tiles are built in the kernel. ``BLOCK_T`` (token chunk of the
+    G-free variant) is 32. Under the interpreter: 32 x 64 tiles, ``BLOCK_T`` 16.
     """
     interpret = interpreting() if interpret is None else interpret
     r_pad = rank_pad(rank)
-    if interpret:
-        bm, bn_max, warps = 16, 32, 4
-    elif r_pad <= 32:
-        bm, bn_max, warps = 64, 64, 4
-    elif r_pad <= 64:
-        bm, bn_max, warps = 64, 64, 8
+    if small_tiles(interpret):
+        bm, bn_max, warps, block_t = 32, 64, 4, 16
     else:
-        bm, bn_max, warps = 32, 64, 8
+        bm, bn_max, warps = _BWD_TABLE[(lora_dtype == torch.bfloat16, r_pad, fused_g)]
+        block_t = 32
     bn, gpt, _, _ = column_tiling(in_features, group_size, bn_max)
-    block_t = 16 if interpret else 32
     return BwdConfig(block_m=bm, block_n=bn, r_pad=r_pad, gpt=gpt, block_t=block_t, num_warps=warps, block_n_max=bn_max)
 
 
-def all_gpu_configs() -> list[tuple[str, object, dict]]:
-    """Every (kernel, config, key) the GPU launchers can pick: what ``tests/test_aot_compile.py`` compiles.
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compilation the GPU launchers can ask for: what ``tests/test_aot_compile.py`` builds."""
 
-    The tables above depend only on ``R_PAD`` and on the column mode (one group a tile, or
-    ``gpt`` groups a tile); ``key`` holds a representative problem for each entry.
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    divisible: tuple  # integer/pointer args the JIT specialises as multiples of 16 for LLaMA shapes
+    default: bool  # a default configuration (bf16, rank 32): must not spill
+
+
+_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_PHI_TT = {"packed_int": "u8", "fixed_point": "i8", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+_DIVISIBLE_INTS = ("out_features", "in_features", "group_size", "stride_phi")
+
+
+def _spec(kernel, name, ptr_types: dict, scalar_types: dict, constexprs: dict, num_warps, num_stages, default):
+    sig = {}
+    for arg in kernel.arg_names:
+        if arg in ptr_types:
+            sig[arg] = "*" + ptr_types[arg]
+        elif arg in constexprs:
+            sig[arg] = "constexpr"
+        else:
+            sig[arg] = scalar_types.get(arg, "i32")
+    divisible = tuple(a for a in kernel.arg_names if a in ptr_types or a in _DIVISIBLE_INTS)
+    return KernelSpec(name, kernel, sig, dict(constexprs), num_warps, num_stages, divisible, default)
+
+
+def aot_specs() -> list[KernelSpec]:
+    """Every configuration the GPU launchers of this module can pick, as compilable specs.
+
+    The tables key on ``R_PAD`` (16..256), the column mode (one group a tile, ``gpt`` groups a
+    tile), the factors' dtype (bf16 / fp16 / fp32) and, for the backward, ``fused_g``; every key
+    is listed, with a representative Phi0 format and a zero point (the most registers). ``gpt > 1``
+    variants and fp16 factors (whose table rows are fp32's) are listed at the default rank (32),
+    the int8 ``W_int`` mode at every rank.
     """
-    out = []
-    for rank in (16, 32, 64, 128, 256):
-        for g in (4096, 32):  # per-channel / large groups (gpt 1) and 32-wide groups (gpt > 1)
-            key = dict(out_features=4096, in_features=4096, rank=rank, group_size=g)
-            cfg = fwd_config(4096, 4096, rank, g, torch.bfloat16, interpret=False)
-            out.append(("fwd", cfg, key))
-            for fused_g in (False, True):
-                bcfg = bwd_config(4096, 4096, rank, g, torch.bfloat16, fused_g=fused_g, interpret=False)
-                out.append(("bwd_fused_g" if fused_g else "bwd", bcfg, key))
-    # configurations are keyed on R_PAD and gpt only: drop duplicates (rank 16 and 32 share some)
-    seen, uniq = set(), []
-    for kind, cfg, key in out:
-        if (kind, cfg) not in seen:
-            seen.add((kind, cfg))
-            uniq.append((kind, cfg, key))
-    return uniq
+    specs = []
+    in_f = 4096
+    for r_pad in (16, 32, 64, 128):
+        for dt, fmt in ((torch.bfloat16, "packed_int"), (torch.float16, "fixed_point"), (torch.float32, "fp32")):
+            for g, write_int in ((in_f, False), (32, False), (in_f, True)):
+                if (g == 32 or write_int or dt == torch.float16) and r_pad != 32 or (write_int and dt != torch.bfloat16):
+                    continue
+                cfg = fwd_config(4096, in_f, r_pad, g, dt, interpret=False)
+                ce = dict(phi_constexprs(4, fmt, g, cfg.gpt), HAS_ZP=True, GPT=cfg.gpt, WRITE_INT=write_int,
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+                          DOT_FP32=dt == torch.float32, INTERPRET=False, I64=False)
+                ptrs = dict(phi_ptr=_PHI_TT[fmt], a_ptr=_TT[dt], b_ptr=_TT[dt], scale_ptr="fp32", zp_ptr="fp32",
+                            out_ptr="i8" if write_int else _TT[dt], nan_ptr="i32")
+                name = f"fwd-{_TT[dt]}-R{r_pad}-gpt{cfg.gpt}{'-int8' if write_int else ''}"
+                specs.append(_spec(_fake_quant_fwd_kernel, name, ptrs, {"lr_scale": "fp32"}, ce, cfg.num_warps,
+                                   cfg.num_stages, default=dt == torch.bfloat16 and r_pad == 32))
+            for fused in (False, True):
+                for g in (in_f, 32):
+                    if (g == 32 or dt == torch.float16) and r_pad != 32:
+                        continue
+                    cfg = bwd_config(4096, in_f, r_pad, g, dt, fused_g=fused, interpret=False)
+                    ce = dict(phi_constexprs(4, fmt, g, cfg.gpt), HAS_ZP=True, GPT=cfg.gpt, FUSED_G=fused,
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, BLOCK_T=cfg.block_t,
+                              SPLIT_BF16=dt == torch.bfloat16, DOT_FP32=dt == torch.float32,
+                              G_DOT_FP32=dt == torch.float32 and not fused, INTERPRET=False, I64=False)
+                    # G-free backward: 16-bit activations only (functions.py keeps fp32 unfused)
+                    act = "bf16" if fused and dt == torch.float32 else _TT[dt]
+                    ptrs = dict(g_ptr=act, dy_ptr=act, x_ptr=act, phi_ptr=_PHI_TT[fmt], a_ptr=_TT[dt], b_ptr=_TT[dt],
+                                scale_ptr="fp32", zp_ptr="fp32", da_part_ptr="fp32", db_part_ptr="fp32", ds_ptr="fp32")
+                    name = f"bwd{'_fused_g' if fused else ''}-{_TT[dt]}-R{r_pad}-gpt{cfg.gpt}"
+                    specs.append(_spec(_fake_quant_bwd_kernel, name, ptrs, {"lr_scale": "fp32"}, ce, cfg.num_warps,
+                                       cfg.num_stages, default=dt == torch.bfloat16 and r_pad == 32))
+    return specs
 
 
 def needs_int64(*numels: int) -> bool:
@@ -807,7 +913,8 @@ def fake_quant_backward(
         **phi_constexprs(bits, phi_format, g, cfg.gpt),
         HAS_ZP=zp is not None, GPT=cfg.gpt, FUSED_G=fused_g,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, BLOCK_T=cfg.block_t,
-        DOT_FP32=_dot_fp32(lora_A.dtype, interpret), G_DOT_FP32=_dot_fp32(g_arg.dtype, interpret),
+        SPLIT_BF16=lora_A.dtype == torch.bfloat16, DOT_FP32=_dot_fp32(lora_A.dtype, interpret),
+        G_DOT_FP32=_dot_fp32(g_arg.dtype, interpret), INTERPRET=interpret,
         I64=needs_int64(out_features * in_features, phi.numel(), da_part.numel(), db_part.numel(), ds_part.numel(), *big),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )

@@ -23,6 +23,9 @@ At 4096 tokens cuBLAS on a materialised ``W_hat`` is the better choice. Hence op
 ``LRQAT_FUSED_GEMM=1`` or :func:`lrqat_kernels.functions.lrqat_linear_fused`; the dispatch rule
 is not automatic until a benchmark on a GPU says where the crossover is.
 
+Activations must be bf16/fp16 (``functions.py`` sends fp32 ones to the unfused kernels: an fp32
+GEMM here would be a CUDA-core FMA loop whose operand tiles spill).
+
 Numerics: ``W_hat`` tiles are bit-identical to the fake-quant kernel's (same helpers); the
 GEMMs accumulate in fp32 like cuBLAS. The G-free backward keeps ``G`` in fp32 (the unfused path
 rounds it to the compute dtype first), so its gradients are at least as accurate.
@@ -37,6 +40,8 @@ import triton
 import triton.language as tl
 
 from .fake_quant import (
+    _PHI_TT,
+    _TT,
     _cast,
     _col_tile,
     _dequant,
@@ -46,6 +51,7 @@ from .fake_quant import (
     _lora_rows,
     _round_clip,
     _row_tile,
+    _spec,
     _z_tile,
     column_tiling,
     fake_quant_backward,
@@ -53,9 +59,11 @@ from .fake_quant import (
     needs_int64,
     phi_constexprs,
     rank_pad,
+    small_tiles,
 )
 
 __all__ = [
+    "aot_specs",
     "FusedGemmConfig",
     "fused_gemm_config",
     "fused_linear_forward",
@@ -165,17 +173,49 @@ def fused_gemm_config(out_features: int, in_features: int, rank: int, group_size
                       *, interpret: bool | None = None) -> FusedGemmConfig:
     """Fixed table: 64 x 64 weight tiles, 4 warps (8 from ``R_PAD = 128``), ``BLOCK_T = 16``
     (the minimum ``tl.dot`` M; this path targets small token counts) or 64 from 64 tokens.
-    Under the interpreter: 16 x 32 weight tiles."""
+    Under the interpreter: 32 x 64 weight tiles."""
     interpret = interpreting() if interpret is None else interpret
     r_pad = rank_pad(rank)
-    if interpret:
-        bt, bm, bn_max, warps = 16, 16, 32, 4
+    if small_tiles(interpret):
+        bt, bm, bn_max, warps = 16, 32, 64, 4
     else:
         bt = 16 if n_tokens <= 32 else 64
         bm, bn_max = 64, 64
         warps = 4 if r_pad <= 64 else 8
     bn, gpt, _, _ = column_tiling(in_features, group_size, bn_max)
     return FusedGemmConfig(block_t=bt, block_m=bm, block_n=bn, r_pad=r_pad, gpt=gpt, num_warps=warps, block_n_max=bn_max)
+
+
+def aot_specs():
+    """Every configuration the fused dequant-GEMM launchers can pick (``tests/test_aot_compile.py``).
+
+    Keys: ``R_PAD`` (16..128) x ``BLOCK_T`` (16 below 33 tokens, else 64) for bf16; fp16 and
+    ``gpt > 1`` at the default rank 32. (fp32 activations never take the fused GEMMs.)
+    """
+    specs = []
+    in_f = 4096
+    for r_pad in (16, 32, 64, 128):
+        for dt, fmt, n_tokens, g in ((torch.bfloat16, "packed_int", 16, in_f), (torch.bfloat16, "packed_int", 64, in_f),
+                                     (torch.float16, "bf16", 16, in_f), (torch.bfloat16, "packed_int", 16, 32)):
+            if (dt == torch.float16 or g == 32) and r_pad != 32:
+                continue
+            cfg = fused_gemm_config(4096, in_f, r_pad, g, n_tokens, interpret=False)
+            base = dict(phi_constexprs(4, fmt, g, cfg.gpt), HAS_ZP=True, GPT=cfg.gpt, R_PAD=cfg.r_pad,
+                        DOT_FP32=dt == torch.float32, X_DOT_FP32=dt == torch.float32, INTERPRET=False, I64=False)
+            act = _TT[dt]
+            common = dict(phi_ptr=_PHI_TT[fmt], a_ptr=act, b_ptr=act, scale_ptr="fp32", zp_ptr="fp32")
+            tag = f"{act}-R{r_pad}-T{cfg.block_t}-gpt{cfg.gpt}"
+            default = dt == torch.bfloat16 and r_pad == 32
+            specs.append(_spec(
+                _fused_linear_fwd_kernel, f"fused_fwd-{tag}", dict(common, x_ptr=act, bias_ptr=act, y_ptr=act),
+                {"lr_scale": "fp32"},
+                dict(base, HAS_BIAS=True, BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_m, BLOCK_K=cfg.block_n),
+                cfg.num_warps, cfg.num_stages, default))
+            specs.append(_spec(
+                _fused_linear_dx_kernel, f"fused_dx-{tag}", dict(common, dy_ptr=act, dx_ptr=act), {"lr_scale": "fp32"},
+                dict(base, BLOCK_T=cfg.block_t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+                cfg.num_warps, cfg.num_stages, default))
+    return specs
 
 
 def _common(phi, lora_A, scale):

@@ -1,0 +1,171 @@
+"""Shared helpers of the benchmarks: timing, memory, environment, CSV.
+
+* :func:`time_fn`: median / p20 / p80 in milliseconds, with CUDA events on a GPU (after a
+  synchronise per repetition) and ``time.perf_counter`` on the CPU.
+* :func:`peak_memory`: peak bytes a callable allocates beyond what was live before it (CUDA
+  caching-allocator statistics; on a Linux CPU the peak resident set size, reset per call).
+* :func:`saved_for_backward`: bytes autograd keeps between forward and backward, storages
+  counted once (``torch.autograd.graph.saved_tensors_hooks``).
+* :func:`environment` / :func:`write_csv`: every CSV row carries device, torch, triton, date.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+
+#: H100 SXM HBM3 bandwidth, the roofline the GPU numbers are compared with.
+H100_BYTES_PER_S = 3.35e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable, device: torch.device, *, setup: Callable | None = None, warmup: int = 3,
+            reps: int = 20, max_seconds: float = 5.0) -> dict:
+    """Time ``fn()`` (or ``fn(setup())``, with ``setup`` untimed): ``warmup`` runs, then up to
+    ``reps`` timed ones (stopping early after ``max_seconds`` once 3 are in).
+
+    Returns:
+        ``{"median_ms", "p20_ms", "p80_ms", "reps"}``.
+    """
+    def call():
+        return fn(setup()) if setup is not None else fn()
+
+    for _ in range(warmup):
+        call()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    for _ in range(reps):
+        arg = setup() if setup is not None else None
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(arg) if setup is not None else fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(arg) if setup is not None else fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        del arg
+        if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
+            break
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "reps": len(times)}
+
+
+def peak_memory(fn: Callable, device: torch.device, *, setup: Callable | None = None) -> int | None:
+    """Peak bytes allocated while ``fn()`` (or ``fn(setup())``) runs, above what was live before
+    it (``setup`` runs first, outside the measurement); None where unknown."""
+    arg = setup() if setup is not None else None
+
+    def call():
+        return fn(arg) if setup is not None else fn()
+
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        call()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if device.type != "cpu":
+        return None
+    # CPU: Linux's peak resident set size, reset just before the call (clear_refs "5" resets
+    # VmHWM). Large tensors are mmap'd and unmapped on free, so this tracks tensor memory well.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status("VmRSS")
+        call()
+        return max(0, _proc_status("VmHWM") - before)
+    except OSError:
+        return None
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def saved_for_backward(fn: Callable[[], object]) -> tuple[object, int]:
+    """``(fn(), bytes saved for backward)`` counting each storage once."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            nbytes = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            key, nbytes = (id(t), t.device), t.numel() * t.element_size()
+        seen[key] = max(seen.get(key, 0), nbytes)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton is optional for the eager providers
+        triton_version = "none"
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+    }
+
+
+def write_csv(path: str, rows: Iterable[dict], columns: list[str]) -> None:
+    """Write ``rows`` (dicts) with ``columns`` in that order; creates the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A plain text table: ``columns`` are ``(key, header, format)`` triples."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            line.append("-" if v is None or v == "" else (format(v, fmt) if fmt else str(v)))
+        cells.append(line)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    out = []
+    for j, row in enumerate(cells):
+        out.append("  ".join(c.rjust(w) if j else c.ljust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,177 @@
+"""Ahead-of-time compilation of every Triton kernel configuration the launchers can pick.
+
+No GPU needed: ``triton.compile`` builds PTX for ``GPUTarget("cuda", 80 | 90, 32)`` and Triton's
+bundled ``ptxas -v`` reports registers and spills (``CompiledKernel.n_regs`` is only filled on a
+device). The configurations come from the launchers' own tables
+(``ops.fake_quant.aot_specs()``, ``ops.fused_linear.aot_specs()``), compiled with the launch
+options the launchers use (``enable_fp_fusion=False``) and the divisibility-by-16 the JIT would
+see for LLaMA shapes. Default configurations (bf16 factors, rank 32) must not spill.
+
+Run with ``-s`` to see the table of registers / spills / shared memory.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lrqat_kernels.ops import fake_quant as fq  # noqa: E402
+from lrqat_kernels.ops import fused_linear as fl  # noqa: E402
+
+ARCHS = (80, 90)
+
+
+def all_specs():
+    return fq.aot_specs() + fl.aot_specs()
+
+
+def _ptxas_flags(arch: int) -> tuple[str, list[str]]:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    # the flags Triton's own ptxas step uses with enable_fp_fusion=False
+    return get_ptxas(arch).path, ["-lineinfo", "--fmad=false", "-v", "--regAllocOptLevel=2",
+                                  f"--gpu-name={sm_arch_from_capability(arch)}"]
+
+
+def compile_spec(spec: fq.KernelSpec, arch: int, constexprs: dict | None = None) -> dict:
+    """Compile ``spec`` for ``sm_<arch>``; return registers, spills, shared bytes and the PTX."""
+    names = spec.kernel.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible}
+    consts = dict(spec.constexprs, **(constexprs or {}))
+    kernel = triton.compile(
+        ASTSource(spec.kernel, spec.signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": False},
+    )
+    ptx = kernel.asm["ptx"]
+    ptxas, flags = _ptxas_flags(arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, *flags, path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {spec.name} sm_{arch}:\n{log}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(name=spec.name, arch=arch, regs=int(regs.group(1)), spill_stores=int(spills.group(1)),
+                spill_loads=int(spills.group(2)), shared=int(kernel.metadata.shared), warps=spec.num_warps,
+                default=spec.default, ptx=ptx)
+
+
+def ptx_facts(ptx: str) -> dict:
+    return dict(
+        rne_const="0f4B400000" in ptx and "0fCB400000" in ptx,  # (z + c) - c kept, c = 1.5 * 2^23
+        contractible=bool(re.search(r"\b(add|sub|mul)\.f32\b", ptx)),  # fp32 op without .rn
+        mul_s64="mul.lo.s64" in ptx,
+    )
+
+
+def _compile_job(job) -> dict:
+    i, arch, extra = job
+    r = compile_spec(all_specs()[i], arch, extra)
+    r.update(ptx_facts(r.pop("ptx")))
+    return r
+
+
+def _compile_all() -> list[dict]:
+    """Runs in a child process with TRITON_INTERPRET=0 (the parent's kernels are interpreted)."""
+    specs = all_specs()
+    jobs = [(i, arch, None) for i in range(len(specs)) for arch in ARCHS]
+    i64 = next(i for i, s in enumerate(specs) if s.default and s.name.startswith("fwd") and "int8" not in s.name)
+    jobs.append((i64, 90, {"I64": True}))
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        results = list(pool.map(_compile_job, jobs))
+    results[-1]["name"] += "+I64"
+    return results
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """Compile every spec for every arch (in a child process: kernels must not be interpreted)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "aot.json")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        with open(out) as f:
+            results = json.load(f)
+    print(f"\n{'config':36} {'arch':>5} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'shared B':>9}")
+    for r in results:
+        flag = " (default)" if r["default"] else ""
+        print(f"{r['name']:36} sm_{r['arch']} {r['warps']:5} {r['regs']:5} {r['spill_stores']:5}/{r['spill_loads']:<6} "
+              f"{r['shared']:9}{flag}")
+    return {(r["name"], r["arch"]): r for r in results}
+
+
+def test_every_config_compiles_for_sm80_and_sm90(reports):
+    names = {s.name for s in all_specs()}
+    assert len(names) == len(all_specs()), "spec names must be unique"
+    assert {(n, a) for n in names for a in ARCHS} <= set(reports)
+    for r in reports.values():
+        assert 0 < r["regs"] <= 255
+        assert r["shared"] <= (163 if r["arch"] == 80 else 227) * 1024
+
+
+def test_default_configs_do_not_spill(reports):
+    defaults = [r for r in reports.values() if r["default"]]
+    assert defaults
+    spilled = [f"{r['name']} sm_{r['arch']}: {r['spill_stores']} B" for r in defaults if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, "register spills in default configurations: " + ", ".join(spilled)
+
+
+def test_launcher_configs_are_the_enumerated_ones():
+    """The configs the launchers compute for real LLaMA-2-7B problems are among the compiled ones."""
+    compiled_fwd = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["R_PAD"], s.constexprs["GPT"], s.num_warps)
+                    for s in all_specs() if s.name.startswith("fwd")}
+    compiled_bwd = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["R_PAD"], s.constexprs["GPT"],
+                     s.constexprs["FUSED_G"], s.constexprs["SPLIT_BF16"], s.num_warps)
+                    for s in all_specs() if s.name.startswith("bwd")}
+    import torch
+
+    for out, inn in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        for rank in (8, 16, 32, 64, 128):
+            for g in (inn, 128) + ((32,) if rank == 32 else ()):
+                for dt in (torch.bfloat16, torch.float32):
+                    c = fq.fwd_config(out, inn, rank, g, dt, interpret=False)
+                    assert (c.block_m, c.block_n, c.r_pad, c.gpt, c.num_warps) in compiled_fwd, (out, inn, rank, g)
+                    for fused in (False, True):
+                        b = fq.bwd_config(out, inn, rank, g, dt, fused_g=fused, interpret=False)
+                        key = (b.block_m, b.block_n, b.r_pad, b.gpt, fused, dt == torch.bfloat16, b.num_warps)
+                        assert key in compiled_bwd, (out, inn, rank, g, dt, fused)
+
+
+def test_ptx_keeps_the_rounding_and_no_contraction(reports):
+    """The 1.5 * 2^23 round-half-even constants survive (no algebraic folding of (z + c) - c),
+    and with enable_fp_fusion=False every fp32 add/mul carries .rn (ptxas may not fuse it)."""
+    for (name, arch), r in reports.items():
+        if name.startswith("fwd") and "int8" not in name:
+            assert r["rne_const"], f"{name} sm_{arch}: round-half-even constants missing"
+        assert not r["contractible"], f"{name} sm_{arch}: contractible fp32 op in PTX"
+
+
+def test_int64_offsets_variant(reports):
+    """With I64 the row offsets are 64-bit products; without, the address math stays 32-bit."""
+    spec = next(s for s in fq.aot_specs() if s.default and s.name.startswith("fwd") and "int8" not in s.name)
+    assert not reports[(spec.name, 90)]["mul_s64"]
+    assert reports[(spec.name + "+I64", 90)]["mul_s64"]
+
+
+if __name__ == "__main__":  # child process of the ``reports`` fixture
+    with open(sys.argv[1], "w") as f:
+        json.dump(_compile_all(), f)

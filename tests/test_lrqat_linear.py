@@ -1,0 +1,254 @@
+"""``lrqat_kernels.lrqat_linear`` (LRQATLinearFunction, default and fused dequant-GEMM paths)
+against the eager reference: output and every gradient (x, lora_A, lora_B, scale, bias), the
+bytes autograd saves, ``torch.compile(fullgraph=True)``.
+
+Gradient rule (as in test_fake_quant.py): the kernel's error against an fp64 reference is at
+most twice the eager reference's error in the same dtype, plus a tiny atol.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrqat_kernels as lk
+from lrqat_kernels import functions, reference
+from lrqat_kernels.formats import encode_phi, qrange
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = torch.cuda.is_available() or functions._interpreting()
+needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+ALPHA = 1.5
+
+
+def make_layer(out, inn, rank, bits, phi_format, group_size, dtype, *, zero_point=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qmin, qmax = qrange(bits)
+    phi = encode_phi(torch.rand(out, inn, generator=gen) * (qmax - qmin + 3) + (qmin - 1.5), bits, phi_format)
+    A = torch.randn(rank, inn, generator=gen).to(dtype)
+    B = torch.randn(out, rank, generator=gen).to(dtype)
+    n_groups = 1 if group_size is None else inn // group_size
+    s = torch.rand(out, n_groups, generator=gen) * 0.02 + 0.01
+    zp = torch.randint(qmin // 2, qmax // 2 + 1, (out, n_groups), generator=gen).float() if zero_point else None
+    bias = torch.randn(out, generator=gen).to(dtype)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(phi), to(A), to(B), to(s), to(zp), to(bias)
+
+
+def run(fn, x, phi, A, B, s, bias, kw, out_dtype=None, cast=None):
+    """``(y, grads of x, A, B, s, bias)`` of ``sum(y * w)`` with fixed random weights ``w``;
+    ``cast`` converts every float leaf first (fp64 for the truth)."""
+
+    def leaf(t):
+        if t is None:
+            return None
+        t = t.detach().clone()
+        return (t if cast is None else t.to(cast)).requires_grad_(True)
+
+    leaves = [leaf(t) for t in (x, A, B, s, bias)]
+    y = fn(leaves[0], phi, leaves[1], leaves[2], leaves[3], leaves[4], out_dtype=out_dtype, **kw)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    (y.double() * w.double()).sum().backward()
+    return y, [None if t is None else t.grad for t in leaves]
+
+
+def assert_close_2x(name, kern, eager, truth, atol_rel=2.0**-20):
+    t = truth.double().cpu()
+    e_k = (kern.double().cpu() - t).abs().max().item()
+    e_e = (eager.double().cpu() - t).abs().max().item()
+    atol = atol_rel * t.abs().max().item()
+    assert e_k <= 2 * e_e + atol, f"{name}: kernel error {e_k:.3g} > 2 x eager error {e_e:.3g} + {atol:.3g}"
+
+
+CASES = [
+    # (phi_format, bits, group_size, dtype, x shape, bias, zero point)
+    ("packed_int", 4, 32, torch.bfloat16, (2, 3), True, False),
+    ("packed_int", 2, None, torch.float32, (5,), False, True),
+    ("fixed_point", 4, 128, torch.float16, (17,), True, True),
+    ("fixed_point", 7, None, torch.bfloat16, (1,), True, False),
+    ("bf16", 8, 32, torch.float32, (3, 2), True, True),
+    ("fp16", 3, 128, torch.bfloat16, (18,), False, False),
+    ("fp32", 4, None, torch.float16, (4,), True, True),
+]
+
+
+def _id(c):
+    f, b, g, d, shape, bias, zp = c
+    return f"{f}-b{b}-{'ch' if g is None else f'g{g}'}-{str(d)[6:]}-x{'x'.join(map(str, shape))}{'-bias' if bias else ''}{'-zp' if zp else ''}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_gemm"])
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_lrqat_linear_matches_fp64_reference(case, fused):
+    phi_format, bits, group_size, dtype, lead, has_bias, zp_on = case
+    i = CASES.index(case)
+    out, inn, rank = 37, 256, (1, 5, 17, 33)[i % 4]
+    phi, A, B, s, zp, bias = make_layer(out, inn, rank, bits, phi_format, group_size, dtype, zero_point=zp_on, seed=i)
+    bias = bias if has_bias else None
+    x = torch.randn(*lead, inn, generator=torch.Generator().manual_seed(10 + i)).to(dtype).to(DEVICE)
+    kw = dict(bits=bits, phi_format=phi_format, alpha=ALPHA, group_size=group_size, zero_point=zp)
+    fn = lk.lrqat_linear if not fused else functions.lrqat_linear_fused
+    y, grads = run(fn, x, phi, A, B, s, bias, kw)
+    y_e, grads_e = run(reference.lrqat_linear, x, phi, A, B, s, bias, kw)
+    y_t, grads_t = run(reference.lrqat_linear, x, phi, A, B, s, bias, kw, out_dtype=torch.float64, cast=torch.float64)
+    assert y.dtype == dtype and y.shape == (*lead, out)
+    assert_close_2x("y", y, y_e, y_t)
+    for name, k, e, t in zip(("x", "lora_A", "lora_B", "scale", "bias"), grads, grads_e, grads_t):
+        if t is None:
+            assert k is None
+            continue
+        assert k.dtype == e.dtype and k.shape == e.shape, name
+        assert_close_2x(name, k, e, t)
+
+
+@needs_kernels
+def test_env_var_selects_the_fused_path(monkeypatch):
+    phi, A, B, s, zp, bias = make_layer(20, 64, 3, 4, "packed_int", 32, torch.float32, seed=3)
+    x = torch.randn(4, 64, device=DEVICE)
+    kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA, group_size=32)
+    seen = []
+    real = functions.LRQATLinearFunction.apply
+
+    def spy(*args):
+        seen.append(args[-1])  # the fused_gemm flag
+        return real(*args)
+
+    monkeypatch.setattr(functions.LRQATLinearFunction, "apply", spy)
+    lk.lrqat_linear(x, phi, A, B, s, bias, **kw)
+    monkeypatch.setenv("LRQAT_FUSED_GEMM", "1")
+    y = lk.lrqat_linear(x, phi, A, B, s, bias, **kw)
+    assert seen == [False, True]
+    torch.testing.assert_close(y, reference.lrqat_linear(x, phi, A, B, s, bias, **kw), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_out_dtype_differs_from_x_dtype():
+    """x fp32, W_hat/y bf16 (reference semantics): dx comes back in x's dtype."""
+    phi, A, B, s, zp, bias = make_layer(24, 64, 4, 4, "fixed_point", None, torch.float32, seed=5)
+    x = torch.randn(6, 64, device=DEVICE)
+    kw = dict(bits=4, phi_format="fixed_point", alpha=ALPHA)
+    y, grads = run(lk.lrqat_linear, x, phi, A, B, s, bias, kw, out_dtype=torch.bfloat16)
+    y_e, grads_e = run(reference.lrqat_linear, x, phi, A, B, s, bias, kw, out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and grads[0].dtype == torch.float32 and grads[4].dtype == torch.float32
+    torch.testing.assert_close(y, y_e, rtol=2e-2, atol=2e-2)
+    for k, e in zip(grads, grads_e):
+        torch.testing.assert_close(k, e, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+def test_only_lora_requires_grad():
+    """Frozen x and no bias: backward computes only what is needed (no dx)."""
+    phi, A, B, s, zp, _ = make_layer(20, 64, 3, 4, "packed_int", 32, torch.float32, seed=6)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    x = torch.randn(3, 64, device=DEVICE)
+    lk.lrqat_linear(x, phi, A, B, s, bits=4, phi_format="packed_int", alpha=ALPHA, group_size=32).sum().backward()
+    assert A.grad is not None and B.grad is not None and s.grad is None and x.grad is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: autograd saves exactly the inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def saved_by_autograd(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def nbytes(ts):
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_gemm"])
+@pytest.mark.parametrize("zp_on", [False, True])
+def test_lrqat_linear_saves_only_its_inputs(fused, zp_on):
+    phi, A, B, s, zp, bias = make_layer(48, 128, 8, 4, "packed_int", 32, torch.bfloat16, zero_point=zp_on, seed=7)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    s.requires_grad_(True)
+    bias.requires_grad_(True)
+    x = torch.randn(2, 5, 128, device=DEVICE).bfloat16().requires_grad_(True)
+    fn = functions.lrqat_linear_fused if fused else lk.lrqat_linear
+    kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA, group_size=32, zero_point=zp)
+    y, saved = saved_by_autograd(lambda: fn(x, phi, A, B, s, bias, **kw))
+    inputs = [x, phi, A, B, s] + ([zp] if zp_on else [])
+    assert len(saved) == len(inputs)
+    for t in saved:
+        assert any(t is i or (t.data_ptr() == i.data_ptr() and t.shape == i.shape and t.dtype == i.dtype) for i in inputs)
+    assert nbytes(saved) == nbytes(inputs)
+    # the eager reference keeps several weight-sized tensors alive
+    _, saved_ref = saved_by_autograd(lambda: reference.lrqat_linear(x, phi, A, B, s, bias, **kw))
+    assert nbytes(saved_ref) > nbytes(inputs) + 2 * 48 * 128
+    y.sum().backward()
+
+
+def test_fake_quant_weight_saves_only_its_inputs():
+    phi, A, B, s, zp, _ = make_layer(48, 128, 8, 3, "fixed_point", None, torch.float16, zero_point=True, seed=8)
+    for t in (A, B, s):
+        t.requires_grad_(True)
+    w, saved = saved_by_autograd(lambda: lk.fake_quant_weight(phi, A, B, s, bits=3, phi_format="fixed_point",
+                                                              alpha=ALPHA, zero_point=zp))
+    assert nbytes(saved) == nbytes([phi, A, B, s, zp])
+    w.float().sum().backward()
+    assert A.grad is not None and s.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+class TinyLRQAT(torch.nn.Module):
+    def __init__(self, phi, A, B, s, bias, kw):
+        super().__init__()
+        self.register_buffer("phi", phi)
+        self.lora_A = torch.nn.Parameter(A.clone())
+        self.lora_B = torch.nn.Parameter(B.clone())
+        self.scale = torch.nn.Parameter(s.clone())
+        self.bias = torch.nn.Parameter(bias.clone())
+        self.kw = kw
+
+    def forward(self, x):
+        h = lk.lrqat_linear(x, self.phi, self.lora_A, self.lora_B, self.scale, self.bias, **self.kw)
+        return torch.nn.functional.gelu(h).pow(2).mean()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    phi, A, B, s, zp, bias = make_layer(24, 64, 4, 4, "packed_int", 32, torch.float32, zero_point=True, seed=9)
+    kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA, group_size=32, zero_point=zp)
+    eager_m = TinyLRQAT(phi, A, B, s, bias, kw)
+    comp_m = TinyLRQAT(phi, A, B, s, bias, kw)
+    x = torch.randn(2, 5, 64, device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(comp_m, backend=backend, fullgraph=True)
+    loss_c = compiled(x)
+    loss_c.backward()
+    loss_e = eager_m(x)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, p_c), p_e in zip(comp_m.named_parameters(), eager_m.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eager_fp64_path_matches_reference():
+    """fp64 (gradcheck territory) always takes the eager path; it must match the reference."""
+    phi, A, B, s, zp, bias = make_layer(16, 64, 3, 4, "fp32", 32, torch.float64, zero_point=True, seed=12)
+    s = s.double()
+    x = torch.randn(3, 64, dtype=torch.float64, device=DEVICE)
+    kw = dict(bits=4, phi_format="fp32", alpha=ALPHA, group_size=32, zero_point=zp)
+    assert not functions.uses_kernels(phi, A, s)
+    y, grads = run(lk.lrqat_linear, x, phi, A, B, s, bias, kw)
+    y_r, grads_r = run(reference.lrqat_linear, x, phi, A, B, s, bias, kw)
+    torch.testing.assert_close(y, y_r, rtol=1e-12, atol=1e-12)
+    for k, r in zip(grads, grads_r):
+        torch.testing.assert_close(k, r, rtol=1e-12, atol=1e-12)
