@@ -12,6 +12,16 @@ from lrqat_kernels.formats import decode_phi, encode_phi, qrange, unpack_nibbles
 from lrqat_kernels.reference import estimate_scale, expand_groups, lowrank_product, quantize_z
 
 
+@pytest.fixture(autouse=True)
+def _eager_cpu_path(monkeypatch):
+    """Model-level tests run the eager CPU path, fast. tests/conftest.py turns the Triton
+    interpreter on for the kernel tests; the environment is left alone (Triton reads it when
+    kernels are defined), only the dispatcher's choice is switched off here."""
+    functions = getattr(lrqat_kernels, "functions", None)
+    if functions is not None and hasattr(functions, "_interpreting"):
+        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+
+
 def _linear(out_f=24, in_f=32, bias=True, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     lin = nn.Linear(in_f, out_f, bias=bias)
@@ -284,3 +294,25 @@ def test_lrqat_linear_saves_only_its_inputs():
     assert torch.equal(y, y_ref)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_matches_the_kernel_forward_under_triton_interpreter(monkeypatch):
+    """With the Triton path active (CUDA, or TRITON_INTERPRET=1 on CPU), merge_weight's W_int is the
+    one the forward kernel used: recover it from the forward's fp32 W_hat and compare bit for bit."""
+    import os
+
+    pytest.importorskip("triton")
+    functions = pytest.importorskip("lrqat_kernels.functions")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 from the start of the session (tests/conftest.py sets it without CUDA)")
+    monkeypatch.setattr(functions, "_interpreting", lambda: True)
+    layer = LRQATLinear.from_linear(_linear(out_f=16, in_f=32), LRQATConfig(rank=4, bits=3, group_size=16, symmetric=False))
+    _perturb(layer)
+    if not functions.uses_kernels(layer.phi, layer.lora_A, layer.scale):
+        pytest.skip("the Triton kernels do not run here")
+    with torch.no_grad():
+        w_hat = layer.fake_quant_weight()
+    s = expand_groups(layer.scale.detach(), 16)
+    w_from_forward = torch.round(w_hat / s + expand_groups(layer.zero_point.float(), 16)).to(torch.int8)
+    q = QuantizedLinear.from_lrqat(layer)
+    assert torch.equal(q.w_int, w_from_forward)

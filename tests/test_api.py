@@ -1,0 +1,393 @@
+"""prepare / convert / save / load on tiny HF models (LLaMA, Mistral, Qwen2) and plain nn.Modules."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lrqat_kernels
+from lrqat_kernels import (
+    LRQATConfig,
+    LRQATLinear,
+    QuantizedLinear,
+    convert,
+    load_pretrained,
+    prepare,
+    print_trainable_parameters,
+    save_pretrained,
+)
+from lrqat_kernels.formats import decode_phi
+from lrqat_kernels.reference import lowrank_product, quantize_z
+
+ARCHS = ["llama", "mistral", "qwen2"]
+
+
+@pytest.fixture(autouse=True)
+def _eager_cpu_path(monkeypatch):
+    """Model-level tests run the eager CPU path, fast. tests/conftest.py turns the Triton
+    interpreter on for the kernel tests; the environment is left alone (Triton reads it when
+    kernels are defined), only the dispatcher's choice is switched off here."""
+    functions = getattr(lrqat_kernels, "functions", None)
+    if functions is not None and hasattr(functions, "_interpreting"):
+        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+
+
+def tiny_hf(arch: str = "llama", seed: int = 0, tie: bool = False, hidden: int = 64):
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg = cls[0](vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return cls[1](cfg).eval()
+
+
+def plain_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16, bias=False), nn.ReLU(), nn.Linear(16, 8))
+
+
+def ids(n=2, t=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, t), generator=g)
+
+
+def train_a_bit(model, steps=3, lr=5e-2):
+    """A few optimizer steps so C != 0 and rounding decisions flip."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    for i in range(steps):
+        if hasattr(model, "config"):
+            loss = model(input_ids=ids(seed=i), labels=ids(seed=i)).loss
+        else:
+            loss = model(torch.randn(4, 32)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def w_int_recomputed(layer: LRQATLinear) -> torch.Tensor:
+    z = decode_phi(layer.phi, layer.bits, layer.phi_format) + lowrank_product(layer.lora_A.detach(), layer.lora_B.detach(), layer.alpha)
+    return quantize_z(z, layer.bits)[0].to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = LRQATConfig(bits=3, group_size=64, symmetric=False, rank=8, alpha=2.0, phi_format="packed_int", range_method="lp:2.4",
+                      init="svd", svd_steps=3, target_modules=["q_proj", "v_proj"], exclude=["lm_head", "layers.0.mlp"],
+                      learn_scale=False, compute_dtype="bf16", seed=7)
+    assert cfg.compute_dtype == "bfloat16" and cfg.torch_compute_dtype == torch.bfloat16
+    assert LRQATConfig.from_json(cfg.to_json()) == cfg
+    assert LRQATConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "c.json"
+    cfg.to_json(str(path))
+    assert LRQATConfig.from_json(str(path)) == cfg
+    d = LRQATConfig()
+    assert (d.bits, d.rank, d.alpha, d.phi_format, d.range_method, d.exclude, d.group_size) == (4, 32, 1.0, "fixed_point", "lp:4", ["lm_head"], None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(phi_format="packed_int", bits=5), ValueError, "packed_int.*bits <= 4"),
+        (dict(phi_format="fixed_point", bits=8), ValueError, "bits <= 7"),
+        (dict(phi_format="int3"), ValueError, "phi_format"),
+        (dict(bits=4.0), TypeError, "bits"),
+        (dict(group_size=0), ValueError, "group_size"),
+        (dict(rank=0), ValueError, "rank"),
+        (dict(alpha=float("nan")), ValueError, "alpha"),
+        (dict(range_method="lp:x"), ValueError, "range_method"),
+        (dict(range_method="mse"), ValueError, "range_method"),
+        (dict(init="gaussian"), ValueError, "init"),
+        (dict(svd_steps=0), ValueError, "svd_steps"),
+        (dict(compute_dtype="int8"), ValueError, "compute_dtype"),
+        (dict(target_modules=[]), ValueError, "target_modules"),
+        (dict(exclude=[3]), TypeError, "exclude"),
+    ],
+    ids=["packed-bits5", "fixed-bits8", "format", "bits-float", "group0", "rank0", "alpha-nan", "lp-bad", "method",
+         "init", "svd-steps", "dtype", "empty-targets", "exclude-int"],
+)
+def test_config_contradictions(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        LRQATConfig(**kwargs)
+
+
+def test_config_bad_json():
+    with pytest.raises(ValueError, match="malformed"):
+        LRQATConfig.from_json("{not json")
+    with pytest.raises(ValueError, match="unknown LRQATConfig field"):
+        LRQATConfig.from_dict({"bits": 4, "bogus": 1})
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prepare_hf_models(arch, capsys):
+    model = tiny_hf(arch)
+    x = ids()
+    ref = model(x).logits
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    out = prepare(model, LRQATConfig(bits=4, rank=8))
+    assert out is model and model.lrqat_stage == "lrqat" and model.lrqat_config.rank == 8
+    lr = [n for n, m in model.named_modules() if isinstance(m, LRQATLinear)]
+    assert len(lr) == n_linear - 1 and isinstance(model.lm_head, nn.Linear)  # everything but the head
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "scale"}
+    assert not model.model.embed_tokens.weight.requires_grad and not model.model.norm.weight.requires_grad
+    y = model(x).logits
+    assert y.shape == ref.shape and torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.98  # W4 close to FP
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    counts = model.print_trainable_parameters()
+    printed = capsys.readouterr().out
+    assert "trainable params" in printed and counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert print_trainable_parameters(model) == counts
+
+
+def test_prepare_target_and_exclude_and_bf16():
+    model = tiny_hf("llama")
+    prepare(model, LRQATConfig(rank=4, target_modules=["q_proj", "down_proj"], exclude=["lm_head", r"model\.layers\.1\..*"],
+                               compute_dtype="bfloat16"))
+    swapped = sorted(n for n, m in model.named_modules() if isinstance(m, LRQATLinear))
+    assert swapped == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.scale.dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert layer.scale.dtype == torch.float32
+    model(ids())
+
+
+def test_prepare_plain_module_and_errors():
+    model = plain_model()
+    prepare(model, LRQATConfig(rank=4, group_size=16))
+    assert all(isinstance(model[i], LRQATLinear) for i in (0, 2, 4))
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare(model, LRQATConfig())
+    # A group size that does not divide a layer's in: the error names the layer, nothing is swapped.
+    fresh = plain_model()
+    with pytest.raises(ValueError, match=r"group_size=32 does not divide in_features=48 of layer '2'"):
+        prepare(fresh, LRQATConfig(group_size=32))
+    assert isinstance(fresh[0], nn.Linear)
+    with pytest.raises(ValueError, match="no target layers"):
+        prepare(plain_model(), LRQATConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="no target layers"):
+        prepare(nn.Sequential(nn.ReLU()), LRQATConfig())
+    with pytest.raises(ValueError, match="packed_int.*even"):
+        prepare(nn.Sequential(nn.Linear(7, 4)), LRQATConfig(phi_format="packed_int"))
+    with pytest.raises(TypeError, match="LRQATConfig"):
+        prepare(plain_model(), {"bits": 4})
+    with pytest.raises(ValueError, match="prepare"):
+        convert(plain_model())
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(bits=4, phi_format="fixed_point"),
+        dict(bits=3, phi_format="packed_int", group_size=16, symmetric=False, range_method="minmax"),
+        dict(bits=4, phi_format="fixed_point", compute_dtype="bfloat16"),
+    ],
+    ids=["w4-q4.4", "w3-int3-g16-asym", "w4-bf16"],
+)
+def test_convert_is_bit_exact(arch, cfg):
+    model = train_a_bit(prepare(tiny_hf(arch), LRQATConfig(rank=8, **cfg)))
+    x = ids(seed=5)
+    with torch.no_grad():
+        y_train = model(x).logits
+    expected = {n: w_int_recomputed(m) for n, m in model.named_modules() if isinstance(m, LRQATLinear)}
+    assert any(m.lora_B.abs().sum() > 0 for m in model.modules() if isinstance(m, LRQATLinear))
+    out = convert(model)
+    assert out is model and model.lrqat_stage == "quantized"
+    got = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert set(got) == set(expected)
+    for n, q in got.items():
+        assert torch.equal(q.w_int, expected[n]), n  # bit for bit
+        assert q.qweight.dtype == torch.uint8  # bits <= 4: packed nibbles
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        try:
+            QuantizedLinear.use_int4_kernel = False
+            assert torch.equal(model(x).logits, y_train)  # exact dequantise path == training forward
+        finally:
+            QuantizedLinear.use_int4_kernel = True
+        y_kernel = model(x).logits  # deployment GEMM when available
+    if "compute_dtype" not in cfg:
+        torch.testing.assert_close(y_kernel, y_train, rtol=1e-4, atol=1e-4)
+    else:  # bf16: the kernel sums W_int exactly in fp32, the training forward rounds W_hat to bf16
+        assert (y_kernel.float() - y_train.float()).abs().mean() < 1e-2
+    with pytest.raises(ValueError, match="already converted"):
+        convert(model)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("arch, tie", [("llama", False), ("mistral", False), ("qwen2", True)], ids=["llama", "mistral", "qwen2-tied"])
+def test_save_load_round_trip_both_stages(tmp_path, arch, tie):
+    model = train_a_bit(prepare(tiny_hf(arch, tie=tie), LRQATConfig(rank=8, bits=4, compute_dtype="bfloat16", group_size=32)))
+    x = ids(seed=3)
+    path = save_pretrained(model, str(tmp_path / "lrqat"))
+    assert sorted(os.listdir(path)) == ["config.json", "lrqat_config.json", "model.safetensors"]
+    loaded = load_pretrained(path)
+    assert type(loaded) is type(model) and loaded.lrqat_stage == "lrqat" and loaded.lrqat_config == model.lrqat_config
+    _assert_same_state(model, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [n for n, p in model.named_parameters() if p.requires_grad]
+    if tie:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    # quantized stage
+    convert(model)
+    qpath = save_pretrained(model, str(tmp_path / "int4"))
+    qloaded = load_pretrained(qpath)
+    assert qloaded.lrqat_stage == "quantized"
+    _assert_same_state(model, qloaded)
+    with torch.no_grad():
+        assert torch.equal(qloaded(x).logits, model(x).logits)
+
+
+def test_plain_module_save_load_needs_skeleton(tmp_path):
+    model = train_a_bit(prepare(plain_model(), LRQATConfig(rank=4)))
+    path = save_pretrained(model, str(tmp_path / "p"))
+    assert "config.json" not in os.listdir(path)
+    with pytest.raises(ValueError, match="model= a freshly built"):
+        load_pretrained(path)
+    loaded = load_pretrained(path, model=plain_model(seed=123))
+    _assert_same_state(model, loaded)
+    x = torch.randn(3, 32)
+    assert torch.equal(loaded(x), model(x))
+    convert(model)
+    qpath = save_pretrained(model, str(tmp_path / "q"))
+    qloaded = load_pretrained(qpath, model=plain_model(seed=5))
+    assert torch.equal(qloaded(x), model(x))
+
+
+def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
+    model = prepare(plain_model(), LRQATConfig(rank=4))
+    target = tmp_path / "ck"
+    save_pretrained(model, str(target))
+    first = (target / "model.safetensors").read_bytes()
+    train_a_bit(model)
+    save_pretrained(model, str(target))  # replaces an existing checkpoint
+    assert (target / "model.safetensors").read_bytes() != first
+    second = (target / "model.safetensors").read_bytes()
+
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("simulated crash while writing tensors")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, str(target))
+    assert (target / "model.safetensors").read_bytes() == second  # old checkpoint intact
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary leftovers
+    with pytest.raises(ValueError, match="prepare"):
+        save_pretrained(plain_model(), str(tmp_path / "fp"))
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = prepare(tiny_hf("llama"), LRQATConfig(rank=4))
+    good = save_pretrained(model, str(tmp_path / "good"))
+
+    def variant(name, edit):
+        import shutil
+
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        edit(d)
+        return str(d)
+
+    def truncate(d):
+        p = d / "model.safetensors"
+        p.write_bytes(p.read_bytes()[: 1000])
+
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_pretrained(variant("trunc", truncate))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_pretrained(variant("badjson", lambda d: (d / "lrqat_config.json").write_text("{oops")))
+    with pytest.raises(ValueError, match="missing"):
+        load_pretrained(variant("nometa", lambda d: (d / "lrqat_config.json").unlink()))
+    with pytest.raises(ValueError, match="weights file"):
+        load_pretrained(variant("noweights", lambda d: (d / "model.safetensors").unlink()))
+
+    def drop_key(d):
+        t = load_file(str(d / "model.safetensors"))
+        del t["model.layers.0.self_attn.q_proj.lora_A"]
+        t["extra.tensor"] = torch.zeros(2)
+        save_file(t, str(d / "model.safetensors"))
+
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.0.self_attn.q_proj.lora_A'\].*unexpected keys \['extra.tensor'\]"):
+        load_pretrained(variant("keys", drop_key))
+
+    def reshape(d):
+        t = load_file(str(d / "model.safetensors"))
+        t["model.layers.0.self_attn.q_proj.scale"] = torch.ones(3, 1)
+        save_file(t, str(d / "model.safetensors"))
+
+    with pytest.raises(ValueError, match="q_proj.scale has shape"):
+        load_pretrained(variant("shape", reshape))
+
+    def bad_stage(d):
+        meta = json.loads((d / "lrqat_config.json").read_text())
+        meta["stage"] = "trained"
+        (d / "lrqat_config.json").write_text(json.dumps(meta))
+
+    with pytest.raises(ValueError, match="stage"):
+        load_pretrained(variant("stage", bad_stage))
+    # loading into a mismatched skeleton
+    with pytest.raises(ValueError, match=r"mismatch: layer .* is \[32, 64\] in the model"):
+        load_pretrained(good, model=tiny_hf("llama", hidden=32))
+    with pytest.raises(ValueError, match="no module"):
+        load_pretrained(good, model=plain_model())
+    with pytest.raises(ValueError, match="skeleton"):
+        load_pretrained(good, model=model)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_pretrained(str(tmp_path / "nope"))
+
+
+def test_package_exports():
+    for name in ("prepare", "convert", "LRQATConfig", "LRQATLinear", "QuantizedLinear", "save_pretrained",
+                 "load_pretrained", "print_trainable_parameters"):
+        assert hasattr(lrqat_kernels, name), name
+
+
+def test_deepcopy_of_prepared_model():
+    model = prepare(tiny_hf("llama"), LRQATConfig(rank=4))
+    clone = copy.deepcopy(model)
+    x = ids()
+    assert torch.equal(clone(x).logits, model(x).logits)
+    clone.print_trainable_parameters()
