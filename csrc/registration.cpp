@@ -55,4 +55,20 @@ TORCH_LIBRARY(lrqat, m) {
   // Test hook: the kernel's magic-number dequantisation of int32 words, emulated on CPU ->
   // dtype [n, 8] in register order. CPU only.
   m.def("int4_gpu_dequant_words(Tensor words, ScalarType dtype, int zero_point) -> Tensor");
+
+  // ---- int4_cpu: deployment INT4 GEMM, y = x @ (scale * (W_int - zero_point))^T + bias; csrc/int4_cpu/ --
+  m.set_python_module("lrqat_kernels.ops.int4_linear_fakes");
+  // Device-generic: x fp32/bf16/fp16 [M, K] (output in x.dtype); qweight uint8 [N, K / 2]
+  // (pack_nibbles layout); scale fp32/bf16/fp16 [N, G] (G = 1: per channel, group_size -1 or K;
+  // else G = K / group_size); zero_point integer [N, G] in [-8, 7]; bias [N]. CPU impl here.
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero_point, int group_size, "
+        "Tensor? bias=None) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // CPU prepack -> (packed_weight uint8 [ceil(N/64), ceil(K/8), 256], packed_scale fp32
+  // [ceil(N/64), G, 64], packed_zero int32 [ceil(N/64), G, 64] or [0]); csrc/int4_cpu/int4_cpu.h.
+  m.def("int4_prepack_cpu(Tensor qweight, Tensor scale, Tensor? zero_point, int group_size) "
+        "-> (Tensor, Tensor, Tensor)", {at::Tag::pt2_compliant_tag});
+  // GEMM on int4_prepack_cpu's output; isa: auto|scalar|avx2|avx512 (auto: LRQAT_CPU_ISA, else best).
+  m.def("int4_linear_prepacked_cpu(Tensor x, Tensor packed_weight, Tensor packed_scale, "
+        "Tensor? packed_zero, int out_features, int group_size, Tensor? bias=None, str isa=\"auto\") "
+        "-> Tensor", {at::Tag::pt2_compliant_tag});
 }

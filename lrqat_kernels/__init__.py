@@ -27,3 +27,4 @@ from .functions import fake_quant_weight, lrqat_linear, merge_weight  # noqa: F4
 from .config import LRQATConfig  # noqa: E402,F401
 from .modules import LRQATLinear, QuantizedLinear  # noqa: E402,F401
 from .api import convert, load_pretrained, prepare, print_trainable_parameters, save_pretrained  # noqa: E402,F401
+from .ops.int4_linear import int4_linear  # noqa: E402,F401  (deployment INT4 GEMM: C++ on CPU, GPU hook on CUDA)
