@@ -6,7 +6,12 @@ never breaks ``import lrqat_kernels`` (see ``_ext.py``).
 
 __version__ = "0.1.0"
 
-from . import formats, reference  # noqa: F401
+from . import _ext
+
+# Registers torch.ops.lrqat.* (native schemas + their fakes) when _C is built; never raises.
+_ext.load_extension()
+
+from . import formats, reference  # noqa: F401,E402
 from .formats import (  # noqa: F401
     BYTES_PER_WEIGHT,
     PHI_FORMATS,
@@ -28,3 +33,4 @@ from .config import LRQATConfig  # noqa: E402,F401
 from .modules import LRQATLinear, QuantizedLinear  # noqa: E402,F401
 from .api import convert, load_pretrained, prepare, print_trainable_parameters, save_pretrained  # noqa: E402,F401
 from .ops.int4_linear import int4_linear  # noqa: E402,F401  (deployment INT4 GEMM: C++ on CPU, GPU hook on CUDA)
+from .ops.act_quant import fake_quant_activation  # noqa: E402,F401

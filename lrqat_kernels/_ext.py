@@ -46,6 +46,8 @@ def load_extension() -> bool:
         _loaded, _error = False, f"disabled by {_DISABLE_ENV}=1"
         return False
     try:
+        import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
         importlib.import_module(_EXT_MODULE)
     except Exception as exc:  # ImportError, or OSError for an ABI/undefined-symbol mismatch
         _loaded, _error = False, f"{type(exc).__name__}: {exc}"
