@@ -85,7 +85,9 @@ def peak_memory(fn: Callable, device: torch.device, *, setup: Callable | None = 
     if device.type != "cpu":
         return None
     # CPU: Linux's peak resident set size, reset just before the call (clear_refs "5" resets
-    # VmHWM). Large tensors are mmap'd and unmapped on free, so this tracks tensor memory well.
+    # VmHWM). With glibc's mmap threshold pinned at 64 KiB, every tensor above it is mmap'd and
+    # unmapped on free, so the RSS follows tensor memory instead of the heap's high-water mark.
+    _pin_mmap_threshold()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -94,6 +96,23 @@ def peak_memory(fn: Callable, device: torch.device, *, setup: Callable | None = 
         return max(0, _proc_status("VmHWM") - before)
     except OSError:
         return None
+
+
+_MMAP_PINNED = False
+
+
+def _pin_mmap_threshold(nbytes: int = 1 << 16) -> None:
+    """``mallopt(M_MMAP_THRESHOLD, nbytes)`` once (glibc; a no-op elsewhere)."""
+    global _MMAP_PINNED
+    if _MMAP_PINNED:
+        return
+    _MMAP_PINNED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _proc_status(key: str) -> int:

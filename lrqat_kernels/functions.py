@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_fake_quant_args, check_linear_args
-from .formats import decode_phi, qrange
+from .formats import decode_phi
 
 __all__ = [
     "FakeQuantWeightFunction",
@@ -125,10 +125,7 @@ def _eager_w_int(phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha
     """``(Z, W_int, M, compute dtype)`` as ``reference._w_int_and_dequant`` computes them."""
     cdt = reference._compute_dtype(lora_A, scale)
     z = decode_phi(phi, bits, phi_format).to(cdt) + reference.lowrank_product(lora_A, lora_B, alpha, cdt)
-    qmin, qmax = qrange(bits)
-    q = torch.round(z)
-    mask = (q >= qmin) & (q <= qmax)
-    w_int = torch.where(q < qmin, qmin, torch.where(q > qmax, qmax, q)).to(cdt)  # NaN stays NaN
+    w_int, mask = reference.quantize_z(z, bits)  # the reference's rounding rule (no graph here)
     return z, w_int, mask, cdt
 
 

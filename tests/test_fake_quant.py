@@ -32,7 +32,7 @@ needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton kernels need CUDA
 
 FORMAT_BITS = (
     [("packed_int", b) for b in (2, 3, 4)]
-    + [("fixed_point", b) for b in (2, 3, 4, 7)]
+    + [("fixed_point", b) for b in (2, 3, 4, 5, 6, 7)]
     + [(f, b) for f in ("bf16", "fp16", "fp32") for b in (2, 3, 4, 8)]
 )
 GRANULARITIES = (None, 32, 128)

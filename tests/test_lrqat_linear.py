@@ -252,3 +252,19 @@ def test_eager_fp64_path_matches_reference():
     torch.testing.assert_close(y, y_r, rtol=1e-12, atol=1e-12)
     for k, r in zip(grads, grads_r):
         torch.testing.assert_close(k, r, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,group_size", [(torch.bfloat16, None), (torch.float16, 32)])
+def test_fused_gemm_builds_the_same_w_hat(dtype, group_size):
+    """One-hot activations read the weight tiles the fused GEMMs build: they must equal the
+    fake-quant kernel's W_hat bit for bit (so merge's W_int is the fused training forward's too)."""
+    from lrqat_kernels.ops import fake_quant as fq
+    from lrqat_kernels.ops import fused_linear as fl
+
+    phi, A, B, s, zp, _ = make_layer(40, 128, 17, 4, "packed_int", group_size, dtype, zero_point=True, seed=21)
+    kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA)
+    w = fq.fake_quant_forward(phi, A, B, s, zp, out_dtype=dtype, **kw)
+    y = fl.fused_linear_forward(torch.eye(128, dtype=dtype, device=DEVICE), phi, A, B, s, zp, None, **kw)
+    dx = fl.fused_linear_dx(torch.eye(40, dtype=dtype, device=DEVICE), phi, A, B, s, zp, **kw)
+    assert torch.equal(y.T, w) and torch.equal(dx, w)

@@ -41,7 +41,11 @@ Numerics shared with the eager reference (``reference.py``): ``C`` is the fp32 s
 products (16-bit factors go to tensor cores with fp32 accumulation; fp32 factors use an IEEE
 fp32 dot, never TF32, so ``W_int`` matches the reference except where ``Z`` is within a few ulps
 of a ``.5`` tie and the summation order decides); round half to even by the ``1.5 * 2^23`` trick;
-NaN stays NaN, +-inf clip to the grid's ends, as ``torch.round`` + ``torch.clamp``.
+NaN stays NaN, +-inf clip to the grid's ends, as ``torch.round`` + ``torch.clamp``. Kernels are
+launched with ``enable_fp_fusion=False`` so ``Phi0 + C`` and ``s * (W_int - z)`` round as the
+reference does (no FMA contraction). The backward's rank reductions multiply the fp32 ``dZ``
+by the factors: bf16 factors as two bf16 tensor-core dots of ``dZ = hi + lo`` (~2^-17
+relative, far below the bf16 gradients' rounding), fp32/fp16 factors as IEEE FMA dots.
 
 Quantiser math lives in small ``@triton.jit`` helpers (``_decode_phi``, ``_round_clip``,
 ``_dequant``) apart from the tile plumbing, so a new mode (L4Q's scale inside the rounding,
@@ -705,6 +709,22 @@ def aot_specs() -> list[KernelSpec]:
                     name = f"bwd{'_fused_g' if fused else ''}-{_TT[dt]}-R{r_pad}-gpt{cfg.gpt}"
                     specs.append(_spec(_fake_quant_bwd_kernel, name, ptrs, {"lr_scale": "fp32"}, ce, cfg.num_warps,
                                        cfg.num_stages, default=dt == torch.bfloat16 and r_pad == 32))
+    # odd group sizes: a narrower tile (96 -> 32 columns) and nibble-by-nibble packed loads (9 -> 16)
+    for g, fmt in ((96, "packed_int"), (9, "packed_int")):
+        cfg = fwd_config(4096, 4032, 32, g, torch.bfloat16, interpret=False)
+        ce = dict(phi_constexprs(4, fmt, g, cfg.gpt), HAS_ZP=True, GPT=cfg.gpt, WRITE_INT=False, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, DOT_FP32=False, INTERPRET=False, I64=False)
+        ptrs = dict(phi_ptr="u8", a_ptr="bf16", b_ptr="bf16", scale_ptr="fp32", zp_ptr="fp32", out_ptr="bf16", nan_ptr="i32")
+        specs.append(_spec(_fake_quant_fwd_kernel, f"fwd-bf16-R32-g{g}-bn{cfg.block_n}", ptrs, {"lr_scale": "fp32"}, ce,
+                           cfg.num_warps, cfg.num_stages, default=False))
+        b = bwd_config(4096, 4032, 32, g, torch.bfloat16, interpret=False)
+        ce = dict(phi_constexprs(4, fmt, g, b.gpt), HAS_ZP=True, GPT=b.gpt, FUSED_G=False, BLOCK_M=b.block_m,
+                  BLOCK_N=b.block_n, R_PAD=b.r_pad, BLOCK_T=b.block_t, SPLIT_BF16=True, DOT_FP32=False,
+                  G_DOT_FP32=False, INTERPRET=False, I64=False)
+        ptrs = dict(g_ptr="bf16", dy_ptr="bf16", x_ptr="bf16", phi_ptr="u8", a_ptr="bf16", b_ptr="bf16", scale_ptr="fp32",
+                    zp_ptr="fp32", da_part_ptr="fp32", db_part_ptr="fp32", ds_ptr="fp32")
+        specs.append(_spec(_fake_quant_bwd_kernel, f"bwd-bf16-R32-g{g}-bn{b.block_n}", ptrs, {"lr_scale": "fp32"}, ce,
+                           b.num_warps, b.num_stages, default=False))
     return specs
 
 

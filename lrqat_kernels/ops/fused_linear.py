@@ -26,7 +26,8 @@ is not automatic until a benchmark on a GPU says where the crossover is.
 Activations must be bf16/fp16 (``functions.py`` sends fp32 ones to the unfused kernels: an fp32
 GEMM here would be a CUDA-core FMA loop whose operand tiles spill).
 
-Numerics: ``W_hat`` tiles are bit-identical to the fake-quant kernel's (same helpers); the
+Numerics: ``W_hat`` tiles come from the fake-quant kernel's helpers (a test reads them back with
+one-hot activations and finds them bit-identical to its ``W_hat``); the
 GEMMs accumulate in fp32 like cuBLAS. The G-free backward keeps ``G`` in fp32 (the unfused path
 rounds it to the compute dtype first), so its gradients are at least as accurate.
 """
