@@ -42,7 +42,6 @@ namespace lrqat {
 namespace int4_cpu {
 namespace {
 
-constexpr int64_t kSmallMaxRows = 4;  // must match int4_cpu_avx512.cpp: rows streamed in registers
 constexpr int kMR = 6;                // rows of the large-M micro-kernels
 
 enum class Isa { kScalar, kAvx2, kAvx512 };

@@ -52,6 +52,7 @@ constexpr int64_t kKBlock = 8;         // k per 32-bit word
 constexpr int64_t kBlockBytes = 256;   // bytes of one (panel, k block)
 constexpr int64_t kKChunk = 256;       // k per dequantised chunk of the large-M path
 constexpr int64_t kMaxRowsPerTask = 480;  // rows per task of the large-M path (C scratch)
+constexpr int64_t kSmallMaxRows = 2;      // tasks of <= this many rows: the streaming (decode) kernel
 
 enum : int { kXF32 = 0, kXBF16 = 1 };
 enum : int { kYF32 = 0, kYBF16 = 1, kYF16 = 2 };
