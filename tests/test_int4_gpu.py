@@ -503,3 +503,34 @@ def test_prepack_cache_follows_in_place_updates(lrqat_ext):
     q[0, 0] ^= 0x11
     w3 = _cached_prepack(q, s, z, 64, torch.float32)
     assert w3 is not w2 and not torch.equal(w3.qweight, w2.qweight)
+
+
+# ---- the generic dispatcher lrqat_kernels.ops.int4_linear.int4_linear routes CUDA tensors here ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [None, "auto", "cuda", "triton", "dequant"])
+def test_int4_linear_backend_argument(lrqat_ext, backend, monkeypatch):
+    from lrqat_kernels.ops import int4_gpu
+    from lrqat_kernels.ops.int4_linear import int4_linear
+
+    monkeypatch.delenv(int4_gpu.BACKEND_ENV, raising=False)
+    x, w_int, q, s, z, b = _case(5, 300, 512, 64, True, torch.float16, "cuda")
+    _assert_close_to_torch(int4_linear(x, q, s, z, 64, b, backend=backend), x, w_int, s, z, 64, b)
+
+
+@pytest.mark.gpu
+def test_int4_linear_env_selects_cuda_kernel(lrqat_ext, monkeypatch):
+    from lrqat_kernels.ops import int4_gpu
+    from lrqat_kernels.ops.int4_linear import int4_linear
+
+    calls = []
+    real = int4_gpu.int4_gpu_linear
+    monkeypatch.setattr(int4_gpu, "int4_gpu_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv(int4_gpu.BACKEND_ENV, "cuda")
+    x, w_int, q, s, z, b = _case(2, 300, 512, 128, False, torch.bfloat16, "cuda")
+    _assert_close_to_torch(int4_linear(x, q, s, z, 128, b), x, w_int, s, z, 128, b)
+    assert calls == [1]
+    monkeypatch.delenv(int4_gpu.BACKEND_ENV)
+    int4_linear(x, q, s, z, 128, b)  # default "auto": never the CUDA kernel
+    assert calls == [1]

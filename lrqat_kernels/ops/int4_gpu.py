@@ -13,9 +13,10 @@ Native ops (schemas in ``csrc/registration.cpp``, kernels in ``csrc/int4_gpu/``)
 
 Use :func:`prepack_int4_gpu` once at load time and :func:`int4_gpu_linear` per call.
 
-The CUDA kernel is OPT-IN until it has passed its tests on a real GPU: ``backend="cuda"`` or
+The CUDA kernel is OPT-IN until it has passed its tests on a real GPU: ``backend="cuda"`` (an
+argument of :func:`int4_linear_gpu` and of ``lrqat_kernels.ops.int4_linear.int4_linear``) or
 ``LRQAT_INT4_BACKEND=cuda``. :func:`int4_linear_gpu` is the hook the generic ``int4_linear``
-dispatcher calls for CUDA tensors:
+dispatcher calls for fp16 / bf16 CUDA tensors:
 
 ============== =================================================================================
 backend         what runs for CUDA tensors

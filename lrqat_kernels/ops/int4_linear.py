@@ -230,11 +230,18 @@ def _native_has_kernel(key: str) -> bool:
         return False
 
 
-def _cuda_int4_linear(x, qweight, scale, zero_point, g, bias):
+def _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend=None):
     K = qweight.shape[1] * 2
-    if _native_has_kernel("CUDA"):
+    if backend is None and _native_has_kernel("CUDA"):
         y = torch.ops.lrqat.int4_linear(x.reshape(-1, K), qweight, scale, zero_point, g, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+    # -- int4_gpu hook: an explicit backend ("auto" | "cuda" | "triton" | "dequant") goes to the GPU
+    # module's dispatcher (which also reads $LRQAT_INT4_BACKEND when backend is None).
+    if backend is not None:
+        from .int4_gpu import int4_linear_gpu
+
+        return int4_linear_gpu(x, qweight, scale, zero_point, None if g == -1 else g, bias, backend=backend)
+    # -- end int4_gpu hook
     fn = _cuda_impl
     if fn is None and x.dtype in (torch.float16, torch.bfloat16):  # the GPU module's W4A16 kernels
         try:
@@ -260,6 +267,7 @@ def int4_linear(
     *,
     isa: str | None = None,
     bits: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``x @ (scale * (W_int - zero_point))^T + bias`` from the stored INT4 weight.
 
@@ -274,6 +282,9 @@ def int4_linear(
         isa: CPU instruction set ("auto", "scalar", "avx2", "avx512"); None reads
             ``$LRQAT_CPU_ISA`` (default auto). Ignored for CUDA tensors.
         bits: accepted for ``QuantizedLinear`` (must be <= 4); the kernel reads any INT-b, b <= 4.
+        backend: CUDA tensors only: "auto", "cuda" (the opt-in CUDA kernel), "triton" or
+            "dequant", see :mod:`lrqat_kernels.ops.int4_gpu`; None reads ``$LRQAT_INT4_BACKEND``
+            (default "auto"). Ignored for CPU tensors.
 
     Returns:
         ``[..., N]`` in x's dtype, on x's device.
@@ -287,7 +298,7 @@ def int4_linear(
     g = _group_size(K, scale, group_size)
     zero_point = _zero_point_int(zero_point)
     if x.device.type == "cuda":
-        return _cuda_int4_linear(x, qweight, scale, zero_point, g, bias)
+        return _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend)
     if x.device.type != "cpu":
         y = _dequant_linear(x2, qweight, scale, zero_point, g, bias)
     else:
