@@ -16,6 +16,9 @@ Counted, per category:
   gradients    one per trainable parameter, in its dtype
   optimizer    AdamW: 2 fp32 states per trainable parameter (exp_avg, exp_avg_sq)
   activations  tensors saved for backward (see above)
+  transient    the largest temporary of the backward: max(one W_hat + one dL/dW_hat of the
+               largest linear in bf16 (what the recomputing Function materialises, one layer at
+               a time), dL/dlogits + softmax in fp32 at the head)
 
 Two LR-QAT linear implementations are measured:
   "current"    ``lrqat_kernels.lrqat_linear`` as installed: the fused dispatcher
@@ -228,13 +231,15 @@ def main(argv=None) -> list[dict]:
                     acts = L * m["input_bytes"] + m["saved_bytes"] + head["saved_bytes"]
                 else:
                     acts = L * m["saved_bytes"] + head["saved_bytes"]
-                total = weights + trainable + grads + optim + acts
+                largest = max(m_.in_features * m_.out_features for m_ in layer.modules() if isinstance(m_, LRQATLinear))
+                transient = max(2 * largest * 2, 2 * seq * cfg.vocab_size * 4)
+                total = weights + trainable + grads + optim + acts + transient
                 rows.append({
                     "model": "LLaMA-2-7B" if not args.quick else "LLaMA-7B-layout(quick, hidden 256)",
                     "phi_format": phi_format, "lrqat_linear": path, "layer_checkpointing": ckpt,
                     "layers": L, "batch": 1, "seq": seq, "rank": 32, "compute_dtype": "bfloat16",
                     "weights_bytes": weights, "trainable_bytes": trainable, "gradients_bytes": grads,
-                    "optimizer_bytes": optim, "activations_bytes": acts, "total_bytes": total,
+                    "optimizer_bytes": optim, "activations_bytes": acts, "transient_bytes": transient, "total_bytes": total,
                     "total_gb": round(total / GB, 3),
                     "per_layer_saved_bytes": m["saved_bytes"], "per_layer_input_bytes": m["input_bytes"],
                     "head_saved_bytes": head["saved_bytes"],
@@ -254,7 +259,8 @@ def main(argv=None) -> list[dict]:
 
 
 def print_table(rows) -> None:
-    hdr = f"{'Phi0':<12} {'lrqat_linear':<13} {'ckpt':<5} {'weights':>8} {'train':>7} {'grads':>7} {'AdamW':>7} {'activ.':>8} {'TOTAL':>8}"
+    hdr = (f"{'Phi0':<12} {'lrqat_linear':<13} {'ckpt':<5} {'weights':>8} {'train':>7} {'grads':>7} {'AdamW':>7} "
+           f"{'activ.':>8} {'transient':>9} {'TOTAL':>8}")
     print(f"LR-QAT training memory, {rows[0]['model']}, batch 1, seq {rows[0]['seq']}, r=32, bf16 (GB = 1e9 B)")
     print(f"paper (Q4.4, fig. 1): {PAPER_Q44_GB} GB; targets: <= 13 GB fixed_point, <= 10 GB packed_int\n")
     print(hdr)
@@ -263,7 +269,8 @@ def print_table(rows) -> None:
         print(
             f"{r['phi_format']:<12} {r['lrqat_linear']:<13} {'yes' if r['layer_checkpointing'] else 'no':<5} "
             f"{r['weights_bytes'] / GB:>8.2f} {r['trainable_bytes'] / GB:>7.2f} {r['gradients_bytes'] / GB:>7.2f} "
-            f"{r['optimizer_bytes'] / GB:>7.2f} {r['activations_bytes'] / GB:>8.2f} {r['total_bytes'] / GB:>8.2f}"
+            f"{r['optimizer_bytes'] / GB:>7.2f} {r['activations_bytes'] / GB:>8.2f} {r['transient_bytes'] / GB:>9.2f} "
+            f"{r['total_bytes'] / GB:>8.2f}"
         )
     r0 = rows[0]
     print(f"\nsaved for backward per decoder layer: current lrqat_linear ({r0['lrqat_linear_impl']}) "

@@ -357,7 +357,7 @@ def save_pretrained(model: nn.Module, save_directory: str, *, tokenizer=None) ->
         "dtype": _model_dtype(model),
         "modules": modules,
         "tied": tied,
-        "frozen": sorted(n for n, p in model.named_parameters() if not p.requires_grad),
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
     }
     save_directory = os.path.abspath(save_directory)
     parent = os.path.dirname(save_directory)
@@ -418,6 +418,32 @@ def _read_tensors(path: str) -> dict:
         raise ValueError(f"corrupt checkpoint: cannot read {path} ({type(e).__name__}: {e}); the file is truncated or damaged") from e
 
 
+def _model_from_config(auto_cls, hf_config, dtype_name):
+    """``auto_cls.from_config`` in the saved dtype, skipping the random init every tensor is loaded over."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    dtype = resolve_dtype(dtype_name) if dtype_name in ("float32", "bfloat16", "float16") else None
+    with no_init_weights():
+        model = None
+        if dtype is not None:
+            try:
+                model = auto_cls.from_config(hf_config, dtype=dtype)
+            except TypeError:
+                model = None
+        if model is None:
+            model = auto_cls.from_config(hf_config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied embeddings / head as the config says (skipped init may not tie)
+    return model
+
+
 def load_pretrained(directory: str, model: nn.Module | None = None, *, device=None) -> nn.Module:
     """Load a checkpoint written by :func:`save_pretrained` (either stage).
 
@@ -450,7 +476,7 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
             hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
         except Exception as e:  # noqa: BLE001  (transformers raises several types for a bad config)
             raise ValueError(f"corrupt checkpoint: cannot read {os.path.join(directory, HF_CONFIG_FILE)} ({e})") from e
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = _model_from_config(AutoModelForCausalLM, hf_config, meta.get("dtype"))
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     elif _stage(model) is not None:
@@ -500,10 +526,10 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
             t.data = t.data.to(src.dtype)  # keep the saved dtype exactly (shared/tied tensors follow)
     model.load_state_dict(tensors, strict=True)
     _freeze_and_mark(model, config, stage)
-    frozen = set(meta.get("frozen") or [])
-    if stage == "lrqat" and frozen:
+    if stage == "lrqat" and isinstance(meta.get("trainable"), list):
+        trainable = set(meta["trainable"])
         for n, p in model.named_parameters():
-            p.requires_grad_(n not in frozen)
+            p.requires_grad_(n in trainable)
     if device is not None:
         model.to(device)
     return model

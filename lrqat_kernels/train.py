@@ -37,6 +37,7 @@ __all__ = [
     "run_train",
     "load_causal_lm",
     "phi_fingerprint",
+    "enable_layer_checkpointing",
 ]
 
 STATE_FILE = "trainer_state.pt"
@@ -357,6 +358,27 @@ def fit(
     }
 
 
+def enable_layer_checkpointing(model: nn.Module) -> None:
+    """Layer-level activation checkpointing of a HF model (non-reentrant: works with frozen embeddings).
+
+    Each decoder layer keeps only its input; its activations are recomputed in the backward.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError("--grad-checkpointing needs a HF model (activation_checkpointing_enable / gradient_checkpointing_enable)")
+
+
+def disable_layer_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+
+
 def load_causal_lm(model_dir: str, *, device=None):
     """A HF causal LM directory (``from_pretrained``, local files only, saved dtype) or an LR-QAT
     checkpoint (``lrqat_config.json`` present, via :func:`~lrqat_kernels.load_pretrained`)."""
@@ -397,9 +419,7 @@ def run_train(args: TrainArgs) -> dict:
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     if args.grad_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError("--grad-checkpointing needs a HF model (gradient_checkpointing_enable)")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_layer_checkpointing(model)
     tokenizer = load_tokenizer(args.model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = tokenize(read_text(args.data), tokenizer, vocab)
@@ -428,7 +448,7 @@ def run_train(args: TrainArgs) -> dict:
             out["eval_lrqat"] = evaluate_perplexity(model, eval_ids, args.eval_seq_len or args.seq_len, batch_size=args.batch_size)
         if args.convert:
             if args.grad_checkpointing:
-                model.gradient_checkpointing_disable()
+                disable_layer_checkpointing(model)
             convert(model)
             out["quantized_dir"] = save_pretrained(model, os.path.join(args.out, "quantized"), tokenizer=tokenizer)
             if args.eval_data:

@@ -316,3 +316,25 @@ def test_merge_matches_the_kernel_forward_under_triton_interpreter(monkeypatch):
     w_from_forward = torch.round(w_hat / s + expand_groups(layer.zero_point.float(), 16)).to(torch.int8)
     q = QuantizedLinear.from_lrqat(layer)
     assert torch.equal(q.w_int, w_from_forward)
+
+
+def test_memory_bench_quick(tmp_path, capsys):
+    """bench/bench_memory.py runs (scaled-down shapes) and accounts what it should."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    csv_path = tmp_path / "mem.csv"
+    rows = bm.main(["--quick", "--seq", "128", "--csv", str(csv_path)])
+    assert csv_path.exists() and len(rows) == 8
+    key = {(r["phi_format"], r["lrqat_linear"], r["layer_checkpointing"]): r for r in rows}
+    cur, ref = key[("fixed_point", "current", False)], key[("fixed_point", "reference", False)]
+    assert cur["per_layer_saved_bytes"] < ref["per_layer_saved_bytes"]
+    assert key[("packed_int", "current", False)]["weights_bytes"] < cur["weights_bytes"]
+    assert key[("fixed_point", "current", True)]["activations_bytes"] < cur["activations_bytes"]
+    for r in rows:
+        assert 2 * r["trainable_bytes"] <= r["optimizer_bytes"] <= 4 * r["trainable_bytes"]  # 8 B per bf16 (2 B) or fp32 (4 B) param
+    assert "TOTAL" in capsys.readouterr().out

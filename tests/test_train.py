@@ -1,0 +1,240 @@
+"""Training loop, CLI (train / eval / convert / demo), exact resume, data helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lrqat_kernels
+from lrqat_kernels import LRQATConfig, load_pretrained, prepare
+from lrqat_kernels.cli import main
+from lrqat_kernels.data import ByteTokenizer, WindowSampler, evaluate_perplexity, load_tokenizer, read_text, tokenize
+from lrqat_kernels.train import build_optimizer, enable_layer_checkpointing, fit, linear_warmup_decay
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+@pytest.fixture(autouse=True)
+def _eager_cpu_path(monkeypatch):
+    """Run the eager CPU path (tests/conftest.py enables the Triton interpreter for kernel tests)."""
+    functions = getattr(lrqat_kernels, "functions", None)
+    if functions is not None and hasattr(functions, "_interpreting"):
+        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A local HF model dir (no tokenizer: byte-level fallback) and train / held-out text files."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("train")
+    _tiny_llama().save_pretrained(str(d / "model"))
+    keys = sorted(topics)
+    (d / "train.txt").write_text("\n\n".join(topics[k] for k in keys[:6])[:12000])
+    texts = d / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(topics[keys[10]][:3000])
+    (texts / "b.txt").write_text(topics[keys[11]][:3000])
+    (texts / "skip.md").write_text("SKIPPED-FILE-MARKER")
+    (d / "heldout.txt").write_text(topics[keys[20]][:4000])
+    return d
+
+
+TRAIN = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--rank", "4", "--lr", "1e-2", "--lr-scale", "1e-3",
+         "--range-method", "minmax", "--no-progress"]
+
+
+def _train(workdir, out, *extra):
+    return main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "train.txt"), "--out", str(out), *TRAIN, *extra])
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def test_schedule_warmup_then_linear_decay():
+    f = linear_warmup_decay(100, 10)
+    assert [f(i) for i in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10) == 1.0 and f(55) == pytest.approx(0.5) and f(100) == 0.0
+    g = linear_warmup_decay(10, 0)
+    assert g(0) == 1.0 and g(5) == 0.5
+
+
+def test_optimizer_groups_follow_appendix_b():
+    model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax"))
+    opt = build_optimizer(model, 1e-3, 1e-5)
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["lora", "scale"] and [g["lr"] for g in opt.param_groups] == [1e-3, 1e-5]
+    assert all(g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.0 for g in opt.param_groups)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B")))
+    assert sum(p.numel() for p in opt.param_groups[0]["params"]) == n_lora
+    opt0 = build_optimizer(model, 1e-3, 0.0)  # the paper's 0*: s = s0 frozen
+    assert [g["name"] for g in opt0.param_groups] == ["lora"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("scale"))
+
+
+def test_data_helpers(workdir):
+    assert isinstance(load_tokenizer(str(workdir / "model")), ByteTokenizer)
+    text = read_text(str(workdir / "texts"))
+    assert "SKIPPED-FILE-MARKER" not in text and len(text) > 1000
+    ids = tokenize("héllo", ByteTokenizer())
+    assert ids.tolist() == list("héllo".encode()) and ByteTokenizer().decode(ids.tolist()) == "héllo"
+    with pytest.raises(ValueError, match="vocab_size"):
+        tokenize("hello", ByteTokenizer(), vocab_size=100)
+    with pytest.raises(ValueError, match="neither"):
+        read_text(str(workdir / "missing.txt"))
+    s1, s2 = WindowSampler(tokenize(text, ByteTokenizer()), 16, seed=3), WindowSampler(tokenize(text, ByteTokenizer()), 16, seed=3)
+    big = s1.batch(0, s1.n_windows + 5)  # crosses an epoch
+    assert torch.equal(big[7:12], s2.batch(7, 5))
+    assert sorted(big[: s1.n_windows, 0].tolist()) == sorted(s1.windows[:, 0].tolist())  # a permutation per epoch
+
+
+def test_perplexity_metric_is_named_and_windowed():
+    model = _tiny_llama()
+    ids = torch.randint(0, 256, (100,))
+    r = evaluate_perplexity(model, ids, 32)
+    assert r["windows"] == 3 and r["tokens"] == 3 * 31 and r["window"] == 32
+    assert "non-overlapping windows of 32 tokens" in r["metric"]
+    assert 100 < r["perplexity"] < 1000  # ~ vocab size for a random model
+
+
+def test_bf16_training_keeps_scales_fp32_and_checkpointing_matches(workdir):
+    ids = tokenize(read_text(str(workdir / "train.txt")), ByteTokenizer())
+    results = []
+    for ckpt in (False, True):
+        model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", compute_dtype="bfloat16"))
+        if ckpt:
+            enable_layer_checkpointing(model)
+        s0 = model.model.layers[0].self_attn.q_proj.scale.detach().clone()
+        r = fit(model, WindowSampler(ids, 32, seed=0), steps=3, batch_size=2, lr=1e-2, lr_scale=1e-4, progress=False)
+        layer = model.model.layers[0].self_attn.q_proj
+        assert layer.scale.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
+        assert not torch.equal(layer.scale.detach(), s0)  # 1e-4 steps survive in fp32
+        results.append([h["loss"] for h in r["history"]])
+    assert results[0] == pytest.approx(results[1], rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_eval_convert(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = _train(workdir, out, "--eval-data", str(workdir / "heldout.txt"), "--convert", "--grad-accum", "2", "--grad-checkpointing")
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["finished"] and len(res["history"]) == 6 and res["lrqat_config"]["rank"] == 4
+    assert res["history"][0]["lr"] == pytest.approx(1e-2 * 1 / 1) or res["history"][0]["lr"] > 0
+    assert {"loss", "lr", "lr_scale", "grad_norm", "tokens_per_s"} <= set(res["history"][0])
+    e_l, e_q = res["eval_lrqat"], res["eval_quantized"]
+    assert e_q["perplexity"] == pytest.approx(e_l["perplexity"], rel=1e-5)
+    assert os.path.isfile(out / "lrqat" / "lrqat_tokenizer.json")
+    capsys.readouterr()
+
+    assert main(["eval", "--model", str(out / "lrqat"), "--data", str(workdir / "heldout.txt"), "--seq-len", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity (non-overlapping windows of 32 tokens)" in printed and "stage lrqat" in printed
+    line = json.loads(printed.strip().splitlines()[-1])
+    assert line["perplexity"] == pytest.approx(e_l["perplexity"], rel=1e-6)
+
+    assert main(["convert", "--model", str(out / "lrqat"), "--out", str(tmp_path / "int4")]) == 0
+    q = load_pretrained(str(tmp_path / "int4"))
+    ref = load_pretrained(str(out / "quantized"))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(q.state_dict()[k], v), k
+    # eval of the FP model directory works too
+    assert main(["eval", "--model", str(workdir / "model"), "--data", str(workdir / "heldout.txt"), "--seq-len", "32"]) == 0
+    assert "stage fp" in capsys.readouterr().out
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(workdir, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _train(workdir, full, "--save-every", "2") == 0
+    assert _train(workdir, cut, "--save-every", "2", "--stop-after", "3") == 0
+    partial = json.loads((cut / "results.json").read_text())
+    assert not partial["finished"] and partial["steps_done"] == 3 and not (cut / "lrqat").exists()
+    assert os.path.isfile(cut / "checkpoint" / "trainer_state.pt")
+    assert _train(workdir, cut, "--save-every", "2", "--resume") == 0
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((cut / "results.json").read_text())
+    assert b["resumed_from"] == 3 and b["finished"]
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert (ha["step"], ha["loss"], ha["lr"], ha["lr_scale"], ha["grad_norm"]) == (hb["step"], hb["loss"], hb["lr"], hb["lr_scale"], hb["grad_norm"])
+    ma, mb = load_pretrained(str(full / "lrqat")), load_pretrained(str(cut / "lrqat"))
+    for k, v in ma.state_dict().items():
+        assert torch.equal(mb.state_dict()[k], v), k
+
+
+def test_resume_refuses_changed_arguments(workdir, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _train(workdir, out, "--stop-after", "2") == 0
+    capsys.readouterr()
+    rc = main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "train.txt"), "--out", str(out),
+               *TRAIN[:-3], "--lr", "5e-3", "--no-progress", "--resume"])
+    assert rc == 2 and "cannot resume" in capsys.readouterr().err
+
+
+def test_cli_bad_input(workdir, tmp_path, capsys):
+    rc = main(["train", "--model", str(tmp_path / "nope"), "--data", str(workdir / "train.txt"), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "not a directory" in capsys.readouterr().err
+    rc = _train(workdir, tmp_path / "o2", "--phi-format", "packed_int", "--bits", "5")
+    assert rc == 2 and "packed_int" in capsys.readouterr().err
+    rc = _train(workdir, tmp_path / "o3", "--group-size", "48")
+    assert rc == 2 and "does not divide" in capsys.readouterr().err
+    rc = main(["convert", "--model", str(workdir / "model"), "--out", str(tmp_path / "c")])
+    assert rc == 2 and "lrqat_config.json" in capsys.readouterr().err
+
+
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    methods = [r["method"] for r in res["rows"]]
+    assert methods[0] == "FP32" and any(m.startswith("RTN W3") for m in methods) and any("converted INT4" in m for m in methods)
+    assert res["converted_equals_lrqat"] == {"W4": True, "W3": True}
+    assert set(res["fraction_recovered"]) == {"W4", "W3"}
+    assert {p["phi_format"] for p in res["phi_formats"]} == set(lrqat_kernels.BYTES_PER_WEIGHT)
+    assert os.path.getsize(out / "demo.png") > 1000
+    assert load_pretrained(str(out / "int4_model")).lrqat_stage == "quantized"
+
+
+def test_python_dash_m_entry_point():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "lrqat_kernels", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "train" in r.stdout and "demo" in r.stdout
+
+
+def test_model_dir_tokenizer_is_used(workdir, tmp_path):
+    """A model directory with a HF tokenizer: it tokenises the data (the byte fallback is only a fallback)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "the", "a", "of", "is", "to", "and", "in", "for", "be"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    d = tmp_path / "model"
+    shutil.copytree(workdir / "model", d)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(d))
+    hf = load_tokenizer(str(d))
+    assert not isinstance(hf, ByteTokenizer)
+    ids = tokenize("the cat is in a hat", hf, vocab_size=256)
+    assert ids.tolist() == [1, 0, 4, 7, 2, 0]
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(d), "--data", str(workdir / "train.txt"), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--range-method", "minmax", "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["tokenizer"] != "byte"
+    assert not isinstance(load_tokenizer(str(out / "lrqat")), ByteTokenizer)  # saved alongside the checkpoint
