@@ -83,11 +83,7 @@ def uses_kernels(phi: torch.Tensor, lora_A: torch.Tensor, scale: torch.Tensor, *
     ``MAX_RANK`` and the weight is not empty.
     """
     device = phi.device
-    if device.type == "cuda":
-        pass
-    elif device.type == "cpu" and _interpreting():
-        pass
-    else:
+    if not (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
         return False
     if lora_A.dtype not in _KERNEL_DTYPES or scale.dtype != torch.float32:
         return False

@@ -33,9 +33,10 @@ Column tiling and groups (:func:`column_tiling`): a tile never straddles a quant
 the "one group per tile" mode (``GPT == 1``): tiles walk each group in ``chunks = cdiv(g, BLOCK_N)``
 pieces (a partial last piece is masked), so scale/zero point are one ``[BLOCK_M]`` vector load a
 tile and ``dL/ds`` accumulates in a register. Groups smaller than the tile that divide it
-(g = 16, 32, 64 with ``BLOCK_N = 128``) use ``GPT = BLOCK_N // g`` groups a tile with a per-element
-group index (``col // g`` is a shift) and a reshape-sum for ``dL/ds``. Per-channel is one group of
-``g = in``. Any divisor ``g`` of ``in`` works.
+(g = 16, 32, 64 with ``BLOCK_N = 128``) use ``GPT = BLOCK_N // g`` groups a tile: their
+``[BLOCK_M, GPT]`` scales are loaded once and expanded in registers, and ``dL/ds`` is a
+reshape-sum. Per-channel is one group of ``g = in``. Any divisor ``g`` of ``in`` works (odd ones
+with a masked last chunk; packed nibbles are then read byte by byte instead of in pairs).
 
 Numerics shared with the eager reference (``reference.py``): ``C`` is the fp32 sum of exact
 products (16-bit factors go to tensor cores with fp32 accumulation; fp32 factors use an IEEE
@@ -818,6 +819,7 @@ def fake_quant_forward(
         ``W_hat`` ``[out, in]`` in ``out_dtype``; with ``write_int``, ``(W_int int8 [out, in],
         number of NaN entries of W_int)`` (NaNs are written as 0).
     """
+    phi = phi.contiguous()  # the kernels address it as dense rows (a no-op when it is)
     out_features = phi.shape[0]
     in_features = lora_A.shape[1]
     rank = lora_A.shape[0]
@@ -881,6 +883,7 @@ def fake_quant_backward(
         ``dA`` ``[r, in]`` in lora_A's dtype, ``dB`` ``[out, r]`` in lora_B's dtype, ``ds`` like
         ``scale`` (fp32).
     """
+    phi = phi.contiguous()  # the kernels address it as dense rows (a no-op when it is)
     out_features = phi.shape[0]
     in_features = lora_A.shape[1]
     rank = lora_A.shape[0]

@@ -256,6 +256,7 @@ def fused_linear_forward(
     Returns:
         ``y`` ``[T, out]`` in ``x2d.dtype``.
     """
+    phi = phi.contiguous()  # the kernels address it as dense rows (a no-op when it is)
     out_features, in_features, rank, n_groups, g = _common(phi, lora_A, scale)
     n_tokens = x2d.shape[0]
     interpret = interpreting()
@@ -302,6 +303,7 @@ def fused_linear_dx(
     Returns:
         ``dx`` ``[T, in]`` in ``dy2d.dtype``.
     """
+    phi = phi.contiguous()  # the kernels address it as dense rows (a no-op when it is)
     out_features, in_features, rank, n_groups, g = _common(phi, lora_A, scale)
     n_tokens = dy2d.shape[0]
     interpret = interpreting()
