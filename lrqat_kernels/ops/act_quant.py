@@ -19,29 +19,11 @@ import triton
 import triton.language as tl
 
 from ..formats import qrange
+from .fake_quant import _round_clip, _round_half_even
 from ..reference import check_act_args
 from ..reference import fake_quant_activation as _reference_fake_quant_activation
 
 _EPS = 1e-8
-
-
-@triton.jit
-def round_half_even(x):
-    """Round half to even (``torch.round``) from floor only: portable to the interpreter.
-
-    NaN stays NaN, +-inf stay +-inf (``d`` is NaN there and the odd test is true).
-    """
-    f = tl.floor(x)
-    d = x - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    up = (d > 0.5) | ((d == 0.5) & odd) | (d != d)
-    return tl.where(up, f + 1.0, f)
-
-
-@triton.jit
-def clamp_keep_nan(x, lo, hi):
-    """``clip`` that, like ``torch.clamp``, leaves NaN as NaN."""
-    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
 
 @triton.jit
@@ -80,13 +62,13 @@ def _act_fake_quant_kernel(
     else:
         s = (hi_r - lo_r) / (QMAX - QMIN)
         s = tl.maximum(s, 1e-8)
-        z = round_half_even(QMIN - lo_r / s)
+        z = _round_half_even(QMIN - lo_r / s)
     s = tl.where(has_nan, float("nan"), s)
 
     for start in range(0, n_cols, BLOCK):
         m = start + cols < n_cols
         v = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
-        q = clamp_keep_nan(round_half_even(v / s + z), QMIN, QMAX)
+        q, _ = _round_clip(v / s + z, QMIN, QMAX)  # NaN stays NaN, as torch.clamp
         tl.store(y_row + start + cols, (s * (q - z)).to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -122,6 +104,7 @@ def act_fake_quant_forward(x: torch.Tensor, bits: int, symmetric: bool) -> torch
         _act_fake_quant_kernel[(n_rows,)](
             x2, y, n_cols, x2.stride(0), y.stride(0),
             QMIN=qmin, QMAX=qmax, SYMMETRIC=symmetric, BLOCK=block, num_warps=num_warps,
+            enable_fp_fusion=False,  # keep each fp32 op rounded as in the reference
         )
     return y.to(x.dtype).reshape(x.shape)
 
