@@ -70,7 +70,7 @@ def build_model(s: dict):
     return LlamaForCausalLM(cfg)
 
 
-def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True) -> list[float]:
+def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True, step_hook=None) -> list[float]:
     """Plain FP pretraining: AdamW (0.9, 0.95), weight decay, 5 % warm-up, linear decay to 0."""
     from .train import linear_warmup_decay
 
@@ -90,6 +90,7 @@ def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True) -> li
         bar = tqdm(total=steps, desc="FP pretraining", dynamic_ncols=True)
     model.train()
     for step in range(steps):
+        t0 = time.perf_counter()
         x = sampler.batch(step * s["fp_batch"], s["fp_batch"])
         loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
@@ -98,6 +99,8 @@ def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True) -> li
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if step_hook is not None:
+            step_hook(time.perf_counter() - t0)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -175,6 +178,43 @@ def _auto_threads(model: nn.Module, batch: torch.Tensor) -> int:
     return best
 
 
+class ThreadTuner:
+    """Keep the faster of all cores / one thread while training, as other processes come and go.
+
+    Every ``every`` steps the other setting runs for ``trial`` steps; the faster median wins.
+    CPU results do not depend on the thread count here (checked: bitwise equal losses), so
+    switching changes only the speed.
+    """
+
+    def __init__(self, every: int = 40, trial: int = 3):
+        self.n = os.cpu_count() or 1
+        self.every, self.trial = every, trial
+        self.current = torch.get_num_threads()
+        self.recent: list[float] = []
+        self.trial_times: list[float] = []
+        self.in_trial: int | None = None
+        self.count = 0
+
+    def __call__(self, seconds: float) -> None:
+        self.count += 1
+        if self.n == 1:
+            return
+        if self.in_trial is not None:
+            self.trial_times.append(seconds)
+            if len(self.trial_times) >= self.trial:
+                base = sorted(self.recent[-self.trial:])[len(self.recent[-self.trial:]) // 2] if self.recent else float("inf")
+                alt = sorted(self.trial_times)[self.trial // 2]
+                if alt < base:
+                    self.current, self.recent = self.in_trial, list(self.trial_times)
+                torch.set_num_threads(self.current)
+                self.in_trial, self.trial_times = None, []
+            return
+        self.recent = (self.recent + [seconds])[-10:]
+        if self.count % self.every == 0:
+            self.in_trial = 1 if self.current != 1 else self.n
+            torch.set_num_threads(self.in_trial)
+
+
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool = True, threads: int | None = None,
              overrides: dict | None = None, plot: bool = True) -> dict:
     """Run the demo (see module docstring); returns the results dict also written to ``results.json``."""
@@ -193,6 +233,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
         train_ids, held_ids = _byte_ids(train_text), _byte_ids(held_text)
         sampler = WindowSampler(train_ids, s["seq_len"], seed=s["seed"])
         fp = build_model(s)
+        auto_threads = threads is None
         threads = threads or _auto_threads(fp, sampler.batch(0, s["fp_batch"]))
         torch.set_num_threads(threads)
 
@@ -203,7 +244,8 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
         say(f"[demo] data: pydoc_data.topics, {train_ids.numel():,} training bytes, {held_ids.numel():,} held-out bytes; threads={threads}")
         n_params = sum(p.numel() for p in fp.parameters())
         t0 = time.perf_counter()
-        fp_losses = pretrain_fp(fp, sampler, s, progress=progress)
+        tuner = ThreadTuner() if auto_threads else None
+        fp_losses = pretrain_fp(fp, sampler, s, progress=progress, step_hook=tuner)
         timings = {"fp_pretrain_s": time.perf_counter() - t0}
         rows = [{"method": "FP32", "bits": None, "ppl": ppl(fp)}]
         for bits in (4, 3):
@@ -218,7 +260,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
             t0 = time.perf_counter()
             res = fit(
                 m, qsampler, steps=s["qat_steps"][bits], batch_size=s["qat_batch"], lr=s["qat_lr"],
-                lr_scale=s["qat_lr_scale"], progress=progress, desc=f"LR-QAT W{bits}",
+                lr_scale=s["qat_lr_scale"], progress=progress, desc=f"LR-QAT W{bits}", step_hook=tuner,
             )
             timings[f"lrqat_w{bits}_s"] = time.perf_counter() - t0
             m.eval()
@@ -258,7 +300,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
                       "quantized_linear_weights": n_lin},
             "settings": {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in s.items()},
             "quick": quick,
-            "threads": threads,
+            "threads": threads if tuner is None else {"start": threads, "end": tuner.current},
             "rows": rows,
             "phi_formats": phi_table,
             "fraction_recovered": {f"W{b}": next(r["fraction_recovered"] for r in rows if r.get("bits") == b and "fraction_recovered" in r) for b in (4, 3)},

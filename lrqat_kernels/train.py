@@ -221,6 +221,7 @@ def fit(
     device=None,
     run_info: dict | None = None,
     log_every: int = 1,
+    step_hook=None,
 ) -> dict:
     """Train the prepared ``model`` (a HF causal LM) on ``sampler``'s windows.
 
@@ -233,6 +234,7 @@ def fit(
             ``stop_after`` interrupts), and read from when ``resume``.
         stop_after: stop after this many optimizer steps in this call (simulates an interruption).
         run_info: JSON-able dict stored in the checkpoint and compared on resume.
+        step_hook: optional callable ``(seconds_of_the_step) -> None`` run after every step.
 
     Returns:
         ``{"history": [{"step", "loss", "lr", "lr_scale", "grad_norm", "tokens_per_s"}], "steps_done",
@@ -328,6 +330,8 @@ def fit(
             }
             history.append(rec)
             steps_run += 1
+            if step_hook is not None:
+                step_hook(dt)
             if bar is not None:
                 bar.update(1)
                 if (step + 1) % log_every == 0 or step + 1 == steps:
