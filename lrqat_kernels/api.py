@@ -101,6 +101,8 @@ def _validate_targets(targets, config: LRQATConfig) -> None:
             raise TypeError(f"layer {name!r} has a non-float weight ({lin.weight.dtype}); is the model already quantized?")
         if lin.weight.is_meta:
             raise ValueError(f"layer {name!r} is on the meta device; load real weights before prepare()")
+        if not bool(torch.isfinite(lin.weight).all()):
+            raise ValueError(f"layer {name!r}: weight holds non-finite values; cannot estimate a quantization range")
 
 
 def _freeze_and_mark(model: nn.Module, config: LRQATConfig, stage: str) -> None:

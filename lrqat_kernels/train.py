@@ -411,15 +411,14 @@ def run_train(args: TrainArgs) -> dict:
     args.validate()
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(args.model)
+    config = args.lrqat_config()  # validates the quantization arguments before any loading
+    model = load_causal_lm(args.model, device=device)  # range estimation then runs on the device
     if os.path.isfile(os.path.join(args.model, META_FILE)):
         if getattr(model, "lrqat_stage", None) != "lrqat":
             raise ValueError(f"--model {args.model} is a converted (quantized) checkpoint; train from an FP or LR-QAT model")
-        config = model.lrqat_config
+        config = model.lrqat_config  # continue training an LR-QAT checkpoint with its own config
     else:
-        config = args.lrqat_config()
         prepare(model, config)
-    model.to(device)
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     if args.grad_checkpointing:
