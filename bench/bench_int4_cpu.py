@@ -14,8 +14,8 @@ Methods, all ``y = x @ W^T`` with x ``[M, K]``, W ``[N, K]``:
   our output before timing, so both compute the same product.
 * ``linear_bf16`` / ``linear_fp32``: ``F.linear`` with a dense bf16 / fp32 weight (oneDNN).
 
-Timing: median (and p20 / p80) wall time over interleaved repetitions, all methods in the same
-process and run. ``--weights rotated``: each method cycles through enough copies of its weight to exceed the
+Timing: median (and p20 / p80) over repetitions, all methods in the same process and run:
+interleaved call by call for rotated weights, in consecutive runs (3 rounds) for hot ones. ``--weights rotated``: each method cycles through enough copies of its weight to exceed the
 last-level cache, as in a model whose layers do not stay in cache between calls;
 ``--weights hot``: one copy, reused (cache-resident for the INT4 weights); ``both`` (default).
 GB/s is weight bytes (incl. scales) / time; the machine's copy bandwidth (``dst.copy_(src)`` of
@@ -167,18 +167,31 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=0, help="repetitions per case (default: adaptive, >= 15)")
     ap.add_argument("--ms", type=str, default=",".join(map(str, MS)))
     ap.add_argument("--isa", default="auto", help="CPU path of lrqat_int4 (auto, scalar, avx2, avx512)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="wall: perf_counter; thread: CPU time of the calling thread (use with --threads 1: "
+                         "robust to time slicing by other processes on a shared machine)")
     ap.add_argument("--csv", default=RESULTS, help="output CSV ('' for none)")
+    ap.add_argument("--append", action="store_true", help="append to the CSV instead of replacing it")
     args = ap.parse_args()
     if not _ext.load_extension():
         sys.exit(f"lrqat_kernels._C is not available: {_ext.extension_error()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        sys.exit("--clock thread measures the calling thread only: use it with --threads 1")
+    global _clock
+    _clock = time.thread_time if args.clock == "thread" else time.perf_counter
     x_dtype = torch.bfloat16 if args.x_dtype == "bf16" else torch.float32
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = [int(m) for m in args.ms.split(",")]
     device = cpu_name()
     date = datetime.datetime.now().isoformat(timespec="seconds")
     threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     bw = copy_bandwidth()
-    print(f"# {device} | {threads} threads | torch {torch.__version__} | {date}")
+    print(f"# {device} | {threads} threads | clock {args.clock} | torch {torch.__version__} | {date}"
+          f" | load average at start {load:.2f}")
     print(f"# lrqat_int4 isa={args.isa} (cpu supports {', '.join(cpu_isas())}) | x {args.x_dtype} | group {args.group}"
           f" | copy bandwidth {bw:.1f} GB/s (read+write)")
     rows = []
@@ -204,20 +217,28 @@ def main() -> None:
             est = min(statistics.median(_time(f, 3)) for f in fns.values())
             reps = args.reps or (5 if args.quick else max(15, min(60, int(1.5 / max(est, 1e-6)))))
             ts = {m: [] for m in METHODS}
-            for _ in range(reps):  # interleaved, so load from other processes hits every method alike
-                for m, f in fns.items():
-                    ts[m].extend(_time(f, 1))
+            if mode == "rotated":
+                for _ in range(reps):  # interleaved, so load from other processes hits every method alike
+                    for m, f in fns.items():
+                        ts[m].extend(_time(f, 1))
+            else:  # hot: consecutive calls keep the weight cached; 3 rounds spread the noise
+                for r in range(3):
+                    for m, f in fns.items():
+                        f()
+                        f()
+                        ts[m].extend(_time(f, max(5, reps // 3)))
             stats = {m: quantiles(ts[m]) for m in METHODS}
             flops = 2 * M * N * K
             for m in METHODS:
                 p20, med, p80 = stats[m]
                 rows.append({
                     "device": device, "date": date, "torch": torch.__version__, "threads": threads,
+                    "clock": args.clock,
                     "isa": args.isa if m == "lrqat_int4" else "", "weights": mode,
                     "x_dtype": args.x_dtype, "group": args.group, "N": N, "K": K, "M": M, "method": m,
                     "median_ms": round(med * 1e3, 4), "p20_ms": round(p20 * 1e3, 4), "p80_ms": round(p80 * 1e3, 4),
                     "gflops": round(flops / med / 1e9, 1), "weight_gbs": round(weights[m][1] / med / 1e9, 1),
-                    "copy_gbs": round(bw, 1), "reps": reps,
+                    "copy_gbs": round(bw, 1), "reps": reps, "load_avg_start": round(load, 2),
                     "speedup_vs_int4pack": round(stats["torch_int4pack"][1] / med, 2),
                     "speedup_vs_linear_bf16": round(stats["linear_bf16"][1] / med, 2),
                     "speedup_vs_linear_fp32": round(stats["linear_fp32"][1] / med, 2),
@@ -226,19 +247,29 @@ def main() -> None:
         del weights, w_hat
     if args.csv and not args.quick:
         os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
+        append = args.append and os.path.exists(args.csv)
+        if append:
+            with open(args.csv, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header != list(rows[0]):
+                sys.exit(f"{args.csv} has another header; not appending")
+        with open(args.csv, "a" if append else "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
+            if not append:
+                w.writeheader()
             w.writerows(rows)
-        print(f"# wrote {args.csv}")
+        print(f"# {'appended to' if append else 'wrote'} {args.csv}")
+
+
+_clock = time.perf_counter
 
 
 def _time(f, n: int) -> list[float]:
     out = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = _clock()
         f()
-        out.append(time.perf_counter() - t0)
+        out.append(_clock() - t0)
     return out
 
 
