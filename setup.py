@@ -245,6 +245,12 @@ def _extensions_and_cmdclass():
     ]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-Wall", "-Wno-unused-function"]
+    # -- OpenMP (added with csrc/int4_cpu): at::parallel_for is header-only, and its
+    # `#pragma omp parallel` only forks when _C itself is compiled and linked with -fopenmp;
+    # without it every at::parallel_for in _C silently runs on one thread. At run time the
+    # libgomp.so.1 torch ships is already loaded and is reused (same soname).
+    omp_flags = ["-fopenmp"] if platform.system() == "Linux" and "OpenMP" in torch.__config__.parallel_info() else []
+    cxx_flags += omp_flags
     if with_cuda:
         nvcc_flags = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")]
         ext = CUDAExtension(
@@ -253,6 +259,7 @@ def _extensions_and_cmdclass():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=omp_flags,
         )
         ext.include_dirs += _pip_cuda_include_dirs(CUDA_HOME)  # after CUDA_HOME/include
         _log(
@@ -267,6 +274,7 @@ def _extensions_and_cmdclass():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=omp_flags,
         )
         _log(f"building {EXT_NAME}: {len(cpp_sources)} C++ sources, CPU only ({why_no_cuda})")
     return [ext], {"build_ext": BuildExtensionWithISA.with_options(use_ninja=True)}
