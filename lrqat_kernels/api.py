@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .config import LRQATConfig, resolve_dtype
 from .modules import LRQATLinear, QuantizedLinear
+from .wa_quant import install_activation_quantizers
 
 __all__ = [
     "prepare",
@@ -155,6 +156,7 @@ def prepare(model: nn.Module, config: LRQATConfig | None = None) -> nn.Module:
     gen = torch.Generator().manual_seed(config.seed)
     for name, lin in targets:
         _set_submodule(model, name, LRQATLinear.from_linear(lin, config, generator=gen, name=name))
+    install_activation_quantizers(model, config)
     dtype = config.torch_compute_dtype
     if dtype is not None:
         model.to(dtype)
@@ -231,27 +233,32 @@ def _module_spec(m: nn.Module) -> dict:
             "type": "LRQATLinear", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
             "rank": m.rank, "alpha": m.alpha, "phi_format": m.phi_format, "group_size": m.group_size,
             "symmetric": m.symmetric, "bias": m.bias is not None, "learn_scale": bool(m.scale.requires_grad),
-            "dtype": str(m.lora_A.dtype).replace("torch.", ""),
+            "dtype": str(m.lora_A.dtype).replace("torch.", ""), **_act_spec(m),
         }
     return {
         "type": "QuantizedLinear", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
         "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None,
-        "dtype": None if m.bias is None else str(m.bias.dtype).replace("torch.", ""),
+        "dtype": None if m.bias is None else str(m.bias.dtype).replace("torch.", ""), **_act_spec(m),
     }
+
+
+def _act_spec(m: nn.Module) -> dict:
+    return {"input_bits": m.input_bits, "output_bits": m.output_bits, "act_symmetric": m.act_symmetric}
 
 
 def _build_module(spec: dict, name: str) -> nn.Module:
     dtype = None if spec.get("dtype") is None else getattr(torch, spec["dtype"])
+    act = {k: spec.get(k, d) for k, d in (("input_bits", None), ("output_bits", None), ("act_symmetric", False))}
     if spec["type"] == "LRQATLinear":
         return LRQATLinear(
             spec["in_features"], spec["out_features"], bits=spec["bits"], rank=spec["rank"], alpha=spec["alpha"],
             phi_format=spec["phi_format"], group_size=spec["group_size"], symmetric=spec["symmetric"],
-            bias=spec["bias"], learn_scale=spec.get("learn_scale", True), dtype=dtype,
+            bias=spec["bias"], learn_scale=spec.get("learn_scale", True), dtype=dtype, **act,
         )
     if spec["type"] == "QuantizedLinear":
         return QuantizedLinear(
             spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
-            symmetric=spec["symmetric"], bias=spec["bias"], dtype=dtype,
+            symmetric=spec["symmetric"], bias=spec["bias"], dtype=dtype, **act,
         )
     raise ValueError(f"checkpoint module {name!r} has unknown type {spec.get('type')!r}")
 
@@ -527,6 +534,7 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
                 raise ValueError(f"checkpoint/model mismatch: {k} is {src.dtype} in the checkpoint, {t.dtype} in the model")
             t.data = t.data.to(src.dtype)  # keep the saved dtype exactly (shared/tied tensors follow)
     model.load_state_dict(tensors, strict=True)
+    install_activation_quantizers(model, config)
     _freeze_and_mark(model, config, stage)
     if stage == "lrqat" and isinstance(meta.get("trainable"), list):
         trainable = set(meta["trainable"])

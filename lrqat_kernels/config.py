@@ -15,8 +15,16 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .formats import PHI_FORMATS, check_bits, check_phi_format
+from .reference import ACT_BITS
 
-__all__ = ["LRQATConfig", "COMPUTE_DTYPES", "resolve_dtype"]
+__all__ = ["LRQATConfig", "COMPUTE_DTYPES", "PRESETS", "resolve_dtype"]
+
+#: Weight-activation presets (paper Table 5: W-A-KV bits, INT4 per-channel weights).
+PRESETS = {
+    "W4A8KV8": dict(bits=4, act_bits=8, kv_bits=8),
+    "W4A8KV4": dict(bits=4, act_bits=8, kv_bits=4),
+    "W4A4KV4": dict(bits=4, act_bits=4, kv_bits=4),
+}
 
 #: Names accepted for ``compute_dtype`` and the torch dtype each stands for.
 COMPUTE_DTYPES = {
@@ -72,6 +80,14 @@ class LRQATConfig:
         compute_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or None (keep the model's).
             ``lora_A``/``lora_B`` and the model are cast to it; ``scale`` stays fp32.
         seed: seed of the ``lora_A`` initialisation (layers draw in module order).
+        act_bits: None (weight-only) or 4 / 8: dynamic per-token fake quantisation of every input
+            to a matmul (the inputs of all swapped linears, and queries and keys after RoPE);
+            the softmax output is not quantised (paper Table 5, OmniQuant placement).
+        kv_bits: None or 4 / 8: the KV cache, i.e. the key and value projection outputs
+            (``k_proj`` / ``v_proj``), per token. Needs ``act_bits``.
+        act_symmetric: symmetric (z = 0) activation / KV grids; default asymmetric, as the paper.
+
+    Presets: ``LRQATConfig.preset("W4A8KV8" | "W4A8KV4" | "W4A4KV4", **overrides)``.
     """
 
     bits: int = 4
@@ -88,6 +104,18 @@ class LRQATConfig:
     learn_scale: bool = True
     compute_dtype: str | None = None
     seed: int = 0
+    act_bits: int | None = None
+    kv_bits: int | None = None
+    act_symmetric: bool = False
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LRQATConfig":
+        """A weight-activation preset of the paper's Table 5: ``"W4A8KV8"``, ``"W4A8KV4"``,
+        ``"W4A4KV4"`` (per-channel INT4 weights, per-token activations and KV cache);
+        ``overrides`` replace any field."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**dict(PRESETS[name], **overrides))
 
     def __post_init__(self):
         self.compute_dtype = _dtype_name(self.compute_dtype)
@@ -149,6 +177,17 @@ class LRQATConfig:
             raise TypeError(f"learn_scale must be a bool, got {self.learn_scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        for name in ("act_bits", "kv_bits"):
+            val = getattr(self, name)
+            if val is not None and (isinstance(val, bool) or val not in ACT_BITS):
+                raise ValueError(f"{name} must be None or one of {ACT_BITS}, got {val!r}")
+        if self.kv_bits is not None and self.act_bits is None:
+            raise ValueError(
+                f"kv_bits={self.kv_bits} needs act_bits: KV-cache quantisation is part of weight-activation "
+                "quantisation (set act_bits=8 or 4, or use a preset such as 'W4A8KV4')"
+            )
+        if not isinstance(self.act_symmetric, bool):
+            raise TypeError(f"act_symmetric must be a bool, got {self.act_symmetric!r}")
 
     # ------------------------------------------------------------------ helpers
     @property

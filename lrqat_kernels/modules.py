@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ._checks import check_group_size
 from .formats import PHI_DTYPES, check_bits, check_phi_format, encode_phi, pack_nibbles, qrange, unpack_nibbles
-from .reference import estimate_scale, expand_groups, lora_init, svd_init
+from .reference import ACT_BITS, estimate_scale, expand_groups, lora_init, svd_init
 
 __all__ = ["LRQATLinear", "QuantizedLinear"]
 
@@ -63,6 +63,32 @@ def _check_layer_args(in_features, out_features, bits, phi_format, group_size, r
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"{where}rank must be an int >= 1, got {rank!r}")
     return g
+
+
+def _set_act_quant(mod: nn.Module, input_bits, output_bits, act_symmetric) -> None:
+    """Weight-activation settings of a layer: per-token fake quantisation of its input
+    (``input_bits``) and of its output (``output_bits``: the KV cache on k/v projections)."""
+    for name, val in (("input_bits", input_bits), ("output_bits", output_bits)):
+        if val is not None and (isinstance(val, bool) or val not in ACT_BITS):
+            raise ValueError(f"{name} must be None or one of {ACT_BITS}, got {val!r}")
+    if not isinstance(act_symmetric, bool):
+        raise TypeError(f"act_symmetric must be a bool, got {act_symmetric!r}")
+    mod.input_bits, mod.output_bits, mod.act_symmetric = input_bits, output_bits, act_symmetric
+
+
+def _quant_act(x: torch.Tensor, bits, symmetric: bool) -> torch.Tensor:
+    return x if bits is None else _op("fake_quant_activation")(x, bits, symmetric)
+
+
+def _act_repr(mod) -> str:
+    parts = []
+    if mod.input_bits is not None:
+        parts.append(f"input_bits={mod.input_bits}")
+    if mod.output_bits is not None:
+        parts.append(f"output_bits={mod.output_bits}")
+    if parts and mod.act_symmetric:
+        parts.append("act_symmetric=True")
+    return "".join(", " + p for p in parts)
 
 
 class _KeepDtypes:
@@ -125,9 +151,13 @@ class LRQATLinear(_KeepDtypes, nn.Module):
         learn_scale: bool = True,
         dtype: torch.dtype | None = None,
         device=None,
+        input_bits: int | None = None,
+        output_bits: int | None = None,
+        act_symmetric: bool = False,
     ):
         super().__init__()
         g = _check_layer_args(in_features, out_features, bits, phi_format, group_size, rank, "")
+        _set_act_quant(self, input_bits, output_bits, act_symmetric)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         dtype = dtype or torch.get_default_dtype()
@@ -218,8 +248,14 @@ class LRQATLinear(_KeepDtypes, nn.Module):
         return dict(bits=self.bits, phi_format=self.phi_format, alpha=self.alpha, zero_point=self.zero_point, group_size=self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = x @ W_hat^T + bias``. x: ``[..., in]`` (compute dtype) -> ``[..., out]`` in x's dtype."""
-        return _op("lrqat_linear")(x, self.phi, self.lora_A, self.lora_B, self.scale, self.bias, **self._qargs())
+        """``y = x @ W_hat^T + bias``. x: ``[..., in]`` (compute dtype) -> ``[..., out]`` in x's dtype.
+
+        With ``input_bits`` / ``output_bits`` set (weight-activation LR-QAT), ``x`` and ``y`` pass
+        through dynamic per-token fake quantisation (``lrqat_kernels.fake_quant_activation``).
+        """
+        x = _quant_act(x, self.input_bits, self.act_symmetric)
+        y = _op("lrqat_linear")(x, self.phi, self.lora_A, self.lora_B, self.scale, self.bias, **self._qargs())
+        return _quant_act(y, self.output_bits, self.act_symmetric)
 
     def fake_quant_weight(self) -> torch.Tensor:
         """``W_hat [out, in]`` in the compute dtype (differentiable)."""
@@ -239,7 +275,7 @@ class LRQATLinear(_KeepDtypes, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"rank={self.rank}, alpha={self.alpha}, phi_format={self.phi_format}, {gran}, "
-            f"symmetric={self.symmetric}, bias={self.bias is not None}"
+            f"symmetric={self.symmetric}, bias={self.bias is not None}{_act_repr(self)}"
         )
 
 
@@ -279,9 +315,13 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         bias: bool = True,
         dtype: torch.dtype | None = None,
         device=None,
+        input_bits: int | None = None,
+        output_bits: int | None = None,
+        act_symmetric: bool = False,
     ):
         super().__init__()
         g = _check_layer_args(in_features, out_features, bits, None, group_size, None, "")
+        _set_act_quant(self, input_bits, output_bits, act_symmetric)
         dtype = dtype or torch.get_default_dtype()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -390,7 +430,10 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
             raise TypeError(f"from_lrqat needs an LRQATLinear, got {type(layer).__name__}")
         w_int, scale, zp = layer.merge()
         bias = None if layer.bias is None else layer.bias.detach().clone()
-        return cls.from_int(w_int, scale, zp, group_size=layer.group_size, bias=bias, bits=layer.bits)
+        q = cls.from_int(w_int, scale, zp, group_size=layer.group_size, bias=bias, bits=layer.bits)
+        # Deployed numerics equal trained numerics: the activation / KV quantisers come along.
+        _set_act_quant(q, layer.input_bits, layer.output_bits, layer.act_symmetric)
+        return q
 
     @property
     def w_int(self) -> torch.Tensor:
@@ -421,15 +464,18 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         return fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[..., in]`` float -> ``[..., out]`` in x's dtype."""
+        """x: ``[..., in]`` float -> ``[..., out]`` in x's dtype (activation quantisers as in LRQATLinear)."""
+        x = _quant_act(x, self.input_bits, self.act_symmetric)
         kernel = self._kernel(x)
         if kernel is not None:
-            return kernel(x, self.qweight, self.scale, zero_point=self.zero_point, group_size=self.group_size,
-                          bias=self.bias, bits=self.bits)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be [..., in] = [..., {self.in_features}], got {tuple(x.shape)}")
-        w = self.dequantize(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            y = kernel(x, self.qweight, self.scale, zero_point=self.zero_point, group_size=self.group_size,
+                       bias=self.bias, bits=self.bits)
+        else:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"x must be [..., in] = [..., {self.in_features}], got {tuple(x.shape)}")
+            w = self.dequantize(x.dtype)
+            y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return _quant_act(y, self.output_bits, self.act_symmetric)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An ``nn.Linear`` holding the dequantised weight (for inspection / export)."""
@@ -446,5 +492,5 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         store = "packed nibbles (uint8)" if self.packed else "int8"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {gran}, "
-            f"symmetric={self.symmetric}, bias={self.bias is not None}, storage={store}"
+            f"symmetric={self.symmetric}, bias={self.bias is not None}, storage={store}{_act_repr(self)}"
         )

@@ -12,8 +12,6 @@ The backward is the identity (STE), so autograd saves nothing.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -110,7 +108,10 @@ def act_fake_quant_forward(x: torch.Tensor, bits: int, symmetric: bool) -> torch
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the same rule as functions.py)."""
+    from ..functions import _interpreting
+
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (x.is_cuda or _interpreting())
 
 
 @torch.library.custom_op("lrqat::fake_quant_activation", mutates_args=())

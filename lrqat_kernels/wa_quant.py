@@ -1,0 +1,108 @@
+"""Weight-activation LR-QAT: where the activation and KV-cache quantisers go in a model.
+
+Placement (paper section 4.4 / appendix B, following OmniQuant and LLM-QAT), for
+``LRQATConfig(act_bits=..., kv_bits=...)``:
+
+* the input of every swapped linear (q/k/v, o, gate/up, down projections) at ``act_bits``:
+  ``LRQATLinear.input_bits`` / ``QuantizedLinear.input_bits``;
+* queries and keys after RoPE, the inputs of ``Q K^T``, at ``act_bits``: an attention function
+  registered with transformers' ``AttentionInterface`` as ``"lrqat"`` wraps the model's own
+  (sdpa / eager) and quantises them per token and head (over ``head_dim``);
+* the KV cache, i.e. the outputs of ``k_proj`` and ``v_proj``, at ``kv_bits``: ``output_bits``
+  of those layers. The value states enter ``softmax(.) V`` already quantised this way;
+* not the softmax output (the paper keeps it in high precision), not the head (``lm_head``).
+
+Every quantiser is dynamic per-token fake quantisation (``lrqat_kernels.fake_quant_activation``).
+The settings live on the modules, so ``convert`` keeps them (deployed numerics = trained
+numerics) and a saved checkpoint restores them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.nn as nn
+
+from .modules import LRQATLinear, QuantizedLinear
+
+ATTN_IMPL = "lrqat"
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, p, None), nn.Module) for p in _PROJ)
+
+
+def _lrqat_attention(module, query, key, value, attention_mask, **kwargs):
+    """``AttentionInterface`` entry: quantise queries and keys (after RoPE), then run the
+    model's original attention implementation (``module.lrqat_inner_attn``)."""
+    import lrqat_kernels
+
+    bits = getattr(module, "lrqat_qk_bits", None)
+    if bits is not None:
+        sym = module.lrqat_act_symmetric
+        query = lrqat_kernels.fake_quant_activation(query, bits, sym)
+        key = lrqat_kernels.fake_quant_activation(key, bits, sym)
+    inner = getattr(module, "lrqat_inner_attn", "sdpa")
+    if inner == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn = ALL_ATTENTION_FUNCTIONS[inner]
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPL, _lrqat_attention)
+
+
+def install_activation_quantizers(model: nn.Module, config) -> None:
+    """Install (or, with ``config.act_bits is None``, leave off) the weight-activation quantisers.
+
+    Called by ``prepare`` after the module swap and by ``load_pretrained``; idempotent.
+
+    Raises:
+        ValueError: ``kv_bits`` on a model without ``q/k/v/o_proj`` attention modules; an
+            ``*Attention`` module of an HF model without those projections (naming it); a
+            k/v projection that was not swapped (excluded), since its output is the KV cache.
+    """
+    if config is None or config.act_bits is None:
+        return
+    attn = [(n, m) for n, m in model.named_modules() if _is_attention(m)]
+    hf_config = getattr(model, "config", None)
+    is_hf = hf_config is not None and hasattr(hf_config, "_attn_implementation")
+    if is_hf:
+        for n, m in model.named_modules():
+            if type(m).__name__.endswith("Attention") and not _is_attention(m):
+                raise ValueError(
+                    f"module {n!r} ({type(m).__name__}) has no {'/'.join(_PROJ)} projections: weight-activation "
+                    "quantisation supports LLaMA / Mistral / Qwen2-style attention"
+                )
+        if not attn:
+            raise ValueError(f"{type(model).__name__} has no attention modules with {'/'.join(_PROJ)}; "
+                             "act_bits needs LLaMA / Mistral / Qwen2-style attention")
+    if config.kv_bits is not None and not attn:
+        raise ValueError(f"kv_bits={config.kv_bits} needs attention modules with k_proj / v_proj; "
+                         f"{type(model).__name__} has none")
+    for _, m in model.named_modules():
+        if isinstance(m, (LRQATLinear, QuantizedLinear)):
+            m.input_bits, m.act_symmetric = config.act_bits, config.act_symmetric
+    for name, m in attn:
+        for p in ("k_proj", "v_proj"):
+            proj = getattr(m, p)
+            if config.kv_bits is not None:
+                if not isinstance(proj, (LRQATLinear, QuantizedLinear)):
+                    raise ValueError(f"{name}.{p} is a {type(proj).__name__}, not an LR-QAT layer (excluded?); "
+                                     "KV-cache quantisation quantises its output")
+                proj.output_bits = config.kv_bits
+        m.lrqat_qk_bits, m.lrqat_act_symmetric = config.act_bits, config.act_symmetric
+    if is_hf and attn:
+        _register_attention()
+        current = hf_config._attn_implementation
+        for _, m in attn:
+            if current != ATTN_IMPL:
+                m.lrqat_inner_attn = current or "sdpa"
+        hf_config._attn_implementation = ATTN_IMPL

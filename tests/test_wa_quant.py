@@ -1,0 +1,170 @@
+"""Weight-activation LR-QAT: presets, quantiser placement on LLaMA / Mistral / Qwen2, convert and
+save/load keep the quantisers, bad input."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lrqat_kernels
+from lrqat_kernels import LRQATConfig, LRQATLinear, QuantizedLinear, convert, load_pretrained, prepare, save_pretrained
+from lrqat_kernels import reference as R
+from lrqat_kernels.wa_quant import ATTN_IMPL
+
+
+@pytest.fixture(autouse=True)
+def _eager_cpu_path(monkeypatch):
+    """Model-level tests run the eager CPU path (the kernels have their own tests)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def tiny(arch="llama", seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg = cls[0](vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return cls[1](cfg).eval()
+
+
+def ids(seed=0):
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+class _Counter:
+    """Wraps lrqat_kernels.fake_quant_activation and records (ndim, last dim, bits) per call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        inner = lrqat_kernels.fake_quant_activation
+
+        def wrapped(x, bits=8, symmetric=False):
+            self.calls.append((x.dim(), x.shape[-1], bits))
+            return inner(x, bits, symmetric)
+
+        monkeypatch.setattr(lrqat_kernels, "fake_quant_activation", wrapped)
+
+
+def test_presets_and_config_validation():
+    for name, (a, kv) in {"W4A8KV8": (8, 8), "W4A8KV4": (8, 4), "W4A4KV4": (4, 4)}.items():
+        c = LRQATConfig.preset(name)
+        assert (c.bits, c.act_bits, c.kv_bits) == (4, a, kv)
+        assert LRQATConfig.from_json(c.to_json()) == c
+    assert LRQATConfig.preset("W4A8KV4", group_size=32).group_size == 32
+    with pytest.raises(ValueError, match="unknown preset"):
+        LRQATConfig.preset("W4A16")
+    with pytest.raises(ValueError, match="kv_bits=4 needs act_bits"):
+        LRQATConfig(kv_bits=4)
+    with pytest.raises(ValueError, match=r"act_bits must be None or one of \(4, 8\)"):
+        LRQATConfig(act_bits=6)
+    with pytest.raises(ValueError, match="kv_bits must be None or one of"):
+        LRQATConfig(act_bits=8, kv_bits=2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_placement(arch, monkeypatch):
+    model = prepare(tiny(arch), LRQATConfig.preset("W4A8KV4", rank=4))
+    assert model.config._attn_implementation == ATTN_IMPL
+    for name, m in model.named_modules():
+        if isinstance(m, LRQATLinear):
+            assert m.input_bits == 8, name
+            assert m.output_bits == (4 if name.endswith(("k_proj", "v_proj")) else None), name
+    counter = _Counter(monkeypatch)
+    with torch.no_grad():
+        model(ids())
+    layers, head_dim, hidden = 2, 16, 64
+    # per layer: 7 linear inputs + k/v outputs (KV cache) + queries and keys after RoPE
+    assert len(counter.calls) == layers * (7 + 2 + 2)
+    qk = [c for c in counter.calls if c[0] == 4]
+    assert len(qk) == 2 * layers and all(c == (4, head_dim, 8) for c in qk)
+    kv = [c for c in counter.calls if c[2] == 4]
+    assert len(kv) == 2 * layers and all(c[1] == 32 for c in kv)  # 2 kv heads x 16
+    assert sum(1 for c in counter.calls if c[2] == 8 and c[0] == 3 and c[1] in (hidden, 96)) == 7 * layers
+
+
+def test_numerics_differ_from_weight_only_and_match_manual():
+    base = tiny(seed=1)
+    x = ids(1)
+    w_only = prepare(tiny(seed=1), LRQATConfig(rank=4, bits=4))
+    wa = prepare(tiny(seed=1), LRQATConfig.preset("W4A8KV8", rank=4))
+    with torch.no_grad():
+        y_fp, y_w, y_wa = base(x).logits, w_only(x).logits, wa(x).logits
+    assert not torch.equal(y_w, y_wa)
+    # 8-bit activations stay close to weight-only, much closer than weight-only is to FP
+    assert (y_wa - y_w).abs().mean() < (y_w - y_fp).abs().mean()
+    # A layer's forward is the reference math around its linear
+    layer = wa.model.layers[0].self_attn.k_proj
+    h = torch.randn(3, 64)
+    with torch.no_grad():
+        want = R.fake_quant_activation(
+            R.lrqat_linear(R.fake_quant_activation(h, 8), layer.phi, layer.lora_A, layer.lora_B, layer.scale, layer.bias,
+                           bits=4, phi_format=layer.phi_format, alpha=layer.alpha), 8)
+        assert torch.equal(layer(h), want)
+
+
+def test_w4a4kv4_training_step_and_gradients_flow():
+    model = prepare(tiny(), LRQATConfig.preset("W4A4KV4", rank=4))
+    out = model(input_ids=ids(), labels=ids())
+    out.loss.backward()
+    grads = [m.lora_B.grad for m in model.modules() if isinstance(m, LRQATLinear)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_convert_and_save_load_keep_quantizers(tmp_path, monkeypatch):
+    monkeypatch.setattr(QuantizedLinear, "use_int4_kernel", False)
+    model = prepare(tiny(), LRQATConfig.preset("W4A8KV4", rank=4))
+    x = ids(2)
+    with torch.no_grad():
+        y_prep = model(x).logits
+    save_pretrained(model, str(tmp_path / "lrqat"))
+    back = load_pretrained(str(tmp_path / "lrqat"))
+    assert back.config._attn_implementation == ATTN_IMPL
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, y_prep)
+    convert(model)
+    qs = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    assert qs and all(m.input_bits == 8 for _, m in qs)
+    assert all(m.output_bits == 4 for n, m in qs if n.endswith(("k_proj", "v_proj")))
+    with torch.no_grad():
+        y_conv = model(x).logits
+    torch.testing.assert_close(y_conv, y_prep, rtol=1e-5, atol=1e-5)
+    save_pretrained(model, str(tmp_path / "int4"))
+    back = load_pretrained(str(tmp_path / "int4"))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, y_conv)
+    assert "input_bits=8" in repr(back.model.layers[0].self_attn.q_proj)
+
+
+def test_plain_linear_model_act_only():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    prepare(model, LRQATConfig(rank=2, act_bits=8, exclude=[]))
+    assert all(m.input_bits == 8 for m in model.modules() if isinstance(m, LRQATLinear))
+    assert model(torch.randn(4, 16)).shape == (4, 8)
+
+
+def test_bad_placement():
+    with pytest.raises(ValueError, match="kv_bits=8 needs attention modules"):
+        prepare(nn.Sequential(nn.Linear(16, 8)), LRQATConfig(rank=2, act_bits=8, kv_bits=8, exclude=[]))
+    with pytest.raises(ValueError, match=r"self_attn.k_proj is a Linear, not an LR-QAT layer"):
+        prepare(tiny(), LRQATConfig.preset("W4A8KV4", rank=4, exclude=["lm_head", "k_proj"]))
+
+    class FakeConfig:
+        _attn_implementation = "sdpa"
+
+    class OddAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = FakeConfig()
+            self.attn = OddAttention()
+
+    with pytest.raises(ValueError, match=r"module 'attn' \(OddAttention\) has no q_proj/k_proj/v_proj/o_proj"):
+        prepare(Odd(), LRQATConfig(rank=2, act_bits=8, exclude=[]))
+    with pytest.raises(ValueError, match="input_bits must be None or one of"):
+        LRQATLinear(16, 8, rank=2, input_bits=3)
