@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: auto)")
     d.add_argument("--no-plot", action="store_true")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--wa-presets", default="W4A8KV4",
+                   help="comma-separated weight-activation presets to train too (W4A8KV8, W4A8KV4, W4A4KV4; '' for none)")
     return p
 
 
@@ -149,7 +151,9 @@ def _cmd_convert(a) -> int:
 def _cmd_demo(a) -> int:
     from .demo import run_demo
 
-    res = run_demo(a.out, quick=a.quick, progress=not a.no_progress, threads=a.threads, plot=not a.no_plot)
+    presets = tuple(p for p in a.wa_presets.split(",") if p)
+    res = run_demo(a.out, quick=a.quick, progress=not a.no_progress, threads=a.threads, plot=not a.no_plot,
+                   overrides={"wa_presets": presets})
     if a.no_progress:
         from .demo import format_table
 

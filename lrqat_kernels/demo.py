@@ -45,13 +45,13 @@ DEMO_SETTINGS = dict(
     hidden=128, layers=4, heads=4, intermediate=352, seq_len=128,
     fp_steps=500, fp_batch=32, fp_lr=3e-3, fp_weight_decay=0.1,
     qat_steps={4: 80, 3: 120}, qat_batch=32, qat_lr=1e-3, qat_lr_scale=1e-3, rank=32,
-    eval_windows=256, seed=0,
+    eval_windows=256, seed=0, wa_presets=("W4A8KV4",),
 )
 QUICK_SETTINGS = dict(
     hidden=64, layers=2, heads=2, intermediate=128, seq_len=64,
     fp_steps=30, fp_batch=8, fp_lr=3e-3, fp_weight_decay=0.1,
     qat_steps={4: 6, 3: 6}, qat_batch=8, qat_lr=1e-3, qat_lr_scale=1e-4, rank=8,
-    eval_windows=16, seed=0,
+    eval_windows=16, seed=0, wa_presets=("W4A8KV4",),
 )
 
 
@@ -263,17 +263,22 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
             rows.append({"method": f"RTN W{bits} per-channel", "bits": bits, "ppl": ppl(rtn_model(fp, bits))})
 
         qat = {}
-        for bits in (4, 3):
-            cfg = LRQATConfig(bits=bits, rank=s["rank"], phi_format="fixed_point", range_method="lp:4", seed=s["seed"])
+        for key in (4, 3, *s["wa_presets"]):
+            if isinstance(key, str):  # weight-activation preset, e.g. "W4A8KV4": INT4 weights, 80 steps
+                cfg = LRQATConfig.preset(key, rank=s["rank"], phi_format="fixed_point", range_method="lp:4", seed=s["seed"])
+                bits, tag = cfg.bits, key
+            else:
+                cfg = LRQATConfig(bits=key, rank=s["rank"], phi_format="fixed_point", range_method="lp:4", seed=s["seed"])
+                bits, tag = key, f"W{key}"
             m = prepare(copy.deepcopy(fp), cfg)
             ppl_init = ppl(m)
             qsampler = WindowSampler(train_ids, s["seq_len"], seed=s["seed"] + 1)
             t0 = time.perf_counter()
             res = fit(
                 m, qsampler, steps=s["qat_steps"][bits], batch_size=s["qat_batch"], lr=s["qat_lr"],
-                lr_scale=s["qat_lr_scale"], progress=progress, desc=f"LR-QAT W{bits}", step_hook=tuner,
+                lr_scale=s["qat_lr_scale"], progress=progress, desc=f"LR-QAT {tag}", step_hook=tuner,
             )
-            timings[f"lrqat_w{bits}_s"] = time.perf_counter() - t0
+            timings[f"lrqat_{tag.lower()}_s"] = time.perf_counter() - t0
             m.eval()
             ppl_qat = ppl(m)
             q = convert(copy.deepcopy(m))
@@ -284,17 +289,19 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
                 ppl_q_exact = ppl(q)  # exact dequantise path: the same ops as the LR-QAT forward
             finally:
                 QuantizedLinear.use_int4_kernel = True
-            qat[bits] = dict(model=m, quant=q, ppl_init=ppl_init, ppl=ppl_qat, ppl_converted=ppl_q, exact=exact,
-                             ppl_converted_exact=ppl_q_exact, losses=[h["loss"] for h in res["history"]])
-            rows.append({"method": f"LR-QAT W{bits} per-channel (Q{bits}.{8 - bits})", "bits": bits, "ppl": ppl_qat,
-                         "ppl_at_init": ppl_init, "steps": s["qat_steps"][bits]})
-            rows.append({"method": f"LR-QAT W{bits} -> converted INT{bits} (packed)", "bits": bits, "ppl": ppl_q,
-                         "ppl_exact_dequant": ppl_q_exact, "w_int_bit_exact": exact, "weight_bytes": _weight_bytes(q)})
+            qat[key] = dict(model=m, quant=q, ppl_init=ppl_init, ppl=ppl_qat, ppl_converted=ppl_q, exact=exact,
+                            ppl_converted_exact=ppl_q_exact, losses=[h["loss"] for h in res["history"]])
+            wa = isinstance(key, str)
+            rows.append({"method": f"LR-QAT {tag} per-channel (Q{bits}.{8 - bits})", "bits": bits, "ppl": ppl_qat,
+                         "ppl_at_init": ppl_init, "steps": s["qat_steps"][bits], "weight_activation": wa})
+            rows.append({"method": f"LR-QAT {tag} -> converted INT{bits} (packed)", "bits": bits, "ppl": ppl_q,
+                         "ppl_exact_dequant": ppl_q_exact, "w_int_bit_exact": exact, "weight_bytes": _weight_bytes(q),
+                         "weight_activation": wa})
         fp_ppl = rows[0]["ppl"]
         rtn = {r["bits"]: r["ppl"] for r in rows if r["method"].startswith("RTN")}
         for r in rows:
             r["gap_vs_fp"] = r["ppl"] - fp_ppl
-            if r["method"].startswith("LR-QAT") and "converted" not in r["method"]:
+            if r["method"].startswith("LR-QAT") and "converted" not in r["method"] and not r["weight_activation"]:
                 gap = rtn[r["bits"]] - fp_ppl
                 r["fraction_recovered"] = (rtn[r["bits"]] - r["ppl"]) / gap if gap > 0 else float("nan")
         rows[0]["weight_bytes"] = _weight_bytes(fp)
@@ -316,10 +323,12 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
             "phi_formats": phi_table,
             "fraction_recovered": {f"W{b}": next(r["fraction_recovered"] for r in rows if r.get("bits") == b and "fraction_recovered" in r) for b in (4, 3)},
             # W_int bit-identical and, on the exact dequantise path, the very same perplexity.
-            "converted_equals_lrqat": {f"W{b}": qat[b]["exact"] and qat[b]["ppl_converted_exact"] == qat[b]["ppl"] for b in (4, 3)},
-            "converted_kernel_ppl_rel_diff": {f"W{b}": abs(qat[b]["ppl_converted"] - qat[b]["ppl"]) / qat[b]["ppl"] for b in (4, 3)},
+            "converted_equals_lrqat": {_tag(b): qat[b]["exact"] and qat[b]["ppl_converted_exact"] == qat[b]["ppl"] for b in qat},
+            "converted_kernel_ppl_rel_diff": {_tag(b): abs(qat[b]["ppl_converted"] - qat[b]["ppl"]) / qat[b]["ppl"] for b in qat},
+            # weight-activation LR-QAT vs weight-only W4 LR-QAT (same steps): perplexity difference
+            "weight_activation_vs_w4": {k: qat[k]["ppl"] - qat[4]["ppl"] for k in qat if isinstance(k, str)},
             "timings_s": timings,
-            "losses": {"fp": fp_losses, **{f"lrqat_w{b}": qat[b]["losses"] for b in (4, 3)}},
+            "losses": {"fp": fp_losses, **{f"lrqat_{_tag(b).lower()}": qat[b]["losses"] for b in qat}},
         }
         result["timings_s"]["total_s"] = time.perf_counter() - t_start
         with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
@@ -332,6 +341,10 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
         return result
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def _tag(key) -> str:
+    return key if isinstance(key, str) else f"W{key}"
 
 
 def format_table(result: dict) -> str:
