@@ -203,8 +203,9 @@ def test_demo_quick(tmp_path):
     res = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in res["rows"]]
     assert methods[0] == "FP32" and any(m.startswith("RTN W3") for m in methods) and any("converted INT4" in m for m in methods)
-    assert res["converted_equals_lrqat"] == {"W4": True, "W3": True}
+    assert res["converted_equals_lrqat"] == {"W4": True, "W3": True, "W4A8KV4": True}
     assert set(res["fraction_recovered"]) == {"W4", "W3"}
+    assert any(m.startswith("LR-QAT W4A8KV4") for m in methods) and set(res["weight_activation_vs_w4"]) == {"W4A8KV4"}
     assert {p["phi_format"] for p in res["phi_formats"]} == set(lrqat_kernels.BYTES_PER_WEIGHT)
     assert os.path.getsize(out / "demo.png") > 1000
     assert load_pretrained(str(out / "int4_model")).lrqat_stage == "quantized"
