@@ -109,9 +109,12 @@ def make_weights(N: int, K: int, group: int, x_dtype: torch.dtype, copies: dict[
         return [t] + [t.clone() for _ in range(n - 1)]
 
     pw, ps = packed.packed_weight, packed.packed_scale
+    # Each copy from its own prepack (as each layer of a model), not a clone: the prepack asks
+    # for huge pages on the packed weight, a clone would not.
+    more = [int4_prepack_cpu(qweight, scale, None, group) for _ in range(copies["lrqat_int4"] - 1)]
     out = {
         "lrqat_int4": (
-            list(zip(clones(pw, copies["lrqat_int4"]), clones(ps, copies["lrqat_int4"]))),
+            [(pw, ps)] + [(p.packed_weight, p.packed_scale) for p in more],
             pw.numel() + ps.numel() * 4,
         ),
         "torch_int4pack": (

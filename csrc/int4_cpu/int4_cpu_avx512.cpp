@@ -300,13 +300,7 @@ void micro_bf16(const uint16_t* x, int64_t ldx, const uint32_t* wk, int64_t k0, 
   const uint16_t* xr[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) xr[r] = x + r * ldx;
-  // The next chunk of these rows is read only after every other row block has used this
-  // chunk: pull it into L2 now (x of a large M does not fit L2, and 6 short strided runs
-  // per block are invisible to the hardware prefetcher).
-  const int64_t kn = 2 * (k1 - k0);  // bytes of one row of the chunk
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    for (int64_t b = 0; b < kn; b += 64) _mm_prefetch(reinterpret_cast<const char*>(xr[r]) + kn + b, _MM_HINT_T1);
+  // (No software prefetch of x: measured 2 % slower than the hardware prefetcher alone.)
   for (int64_t s = k0; s < k1;) {
     const int64_t g = s / group_k;
     const int64_t ge = (g + 1) * group_k;
@@ -321,14 +315,18 @@ void micro_bf16(const uint16_t* x, int64_t ldx, const uint32_t* wk, int64_t k0, 
     for (int64_t kb = (s - k0) / kKBlock; kb < (e - k0) / kKBlock; ++kb) {
       const uint32_t* wb = wk + kb * kPanel;
       const int64_t q = kb * 4;  // first pair of the block, relative to k0
+// The 4 dequantised B vectors first, then row by row (one broadcast, 4 dot products): 2 %
+// faster than interleaving per column vector (measured), as each broadcast is used at once.
 #define LRQAT_MICRO_STEP(J)                                                                  \
   {                                                                                          \
-    __m512bh a[MR];                                                                          \
-    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) a[r] = bcast_pair(xr[r] + 2 * (q + (J))); \
+    __m512bh bb[4];                                                                          \
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) {                                    \
       const __m512i zz = ZP ? _mm512_loadu_si512(zg + v * 16) : _mm512_setzero_si512();      \
-      const __m512bh b = as_bh(deq_pair<J, ZP>(_mm512_loadu_si512(wb + v * 16), l, zz));     \
-      _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a[r], b); \
+      bb[v] = as_bh(deq_pair<J, ZP>(_mm512_loadu_si512(wb + v * 16), l, zz));                \
+    }                                                                                        \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {                                   \
+      const __m512bh a = bcast_pair(xr[r] + 2 * (q + (J)));                                  \
+      _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, bb[v]); \
     }                                                                                        \
   }
       LRQAT_MICRO_STEP(0)
@@ -366,10 +364,6 @@ void micro_bf16_rf(const uint16_t* x, int64_t ldx, const uint32_t* wk, int64_t k
   const uint16_t* xr[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) xr[r] = x + r * ldx;
-  const int64_t kn = 2 * (k1 - k0);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    for (int64_t b = 0; b < kn; b += 64) _mm_prefetch(reinterpret_cast<const char*>(xr[r]) + kn + b, _MM_HINT_T1);
   __m512 fin[MR][4];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -392,11 +386,12 @@ void micro_bf16_rf(const uint16_t* x, int64_t ldx, const uint32_t* wk, int64_t k
       const int64_t q = kb * 4;
 #define LRQAT_MICRO_STEP(J)                                                                  \
   {                                                                                          \
-    __m512bh a[MR];                                                                          \
-    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) a[r] = bcast_pair(xr[r] + 2 * (q + (J))); \
-    _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) {                                    \
-      const __m512bh b = as_bh(deq_pair<J, false>(_mm512_loadu_si512(wb + v * 16), l, zz));  \
-      _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a[r], b); \
+    __m512bh bb[4];                                                                          \
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v)                                      \
+      bb[v] = as_bh(deq_pair<J, false>(_mm512_loadu_si512(wb + v * 16), l, zz));             \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {                                   \
+      const __m512bh a = bcast_pair(xr[r] + 2 * (q + (J)));                                  \
+      _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, bb[v]); \
     }                                                                                        \
   }
       LRQAT_MICRO_STEP(0)
@@ -458,6 +453,8 @@ void large_bf16(const GemmParams& p, const Luts& l, int64_t p0, int64_t p1, int6
       // registers too); 3 with register fold for groups <= 64 k (no zero point).
       const bool reg_fold = !ZP && p.G > 1 && p.group_k <= 64;
       const int mr_max = reg_fold ? 3 : (ZP ? kMR - 1 : kMR);
+      // (Software prefetch of the next chunk's words: no gain measured, even at M = 16 with
+      // DRAM-resident weights; huge pages for the packed weight did help, see the prepack.)
       for (int64_t mb = m0; mb < m1; mb += mr_max) {
         const int mr = static_cast<int>(m1 - mb < mr_max ? m1 - mb : mr_max);
         const auto fn = reg_fold ? kMicroBF16RF[mr] : MicroBF16Table<ZP>::fn[mr];
