@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compute-dtype", default=None, help="float32 / bfloat16 / float16 (default: the model's)")
     q.add_argument("--exclude", nargs="*", default=["lm_head"], help="module names never quantized")
     q.add_argument("--target-modules", nargs="*", default=None, help="default: every nn.Linear")
+    q.add_argument("--act-bits", type=int, default=None, choices=[4, 8],
+                   help="weight-activation LR-QAT: per-token activation bits (linear inputs, Q/K after RoPE)")
+    q.add_argument("--kv-bits", type=int, default=None, choices=[4, 8], help="KV-cache bits (k/v projection outputs)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of lora_A / lora_B")
     o.add_argument("--lr-scale", type=float, default=1e-5, help="peak learning rate of the scales (0 = frozen s = s0)")
@@ -102,7 +105,7 @@ def _cmd_train(a) -> int:
         max_grad_norm=a.max_grad_norm, seed=a.seed, save_every=a.save_every, resume=a.resume,
         grad_checkpointing=a.grad_checkpointing, eval_data=a.eval_data, eval_seq_len=a.eval_seq_len,
         convert=a.convert, stop_after=a.stop_after, device=a.device, progress=not a.no_progress,
-        exclude=list(a.exclude), target_modules=a.target_modules,
+        exclude=list(a.exclude), target_modules=a.target_modules, act_bits=a.act_bits, kv_bits=a.kv_bits,
     )
     res = run_train(args)
     summary = {k: res.get(k) for k in ("steps_done", "finished", "final_loss", "tokens_per_s", "train_seconds",

@@ -83,13 +83,15 @@ class TrainArgs:
     progress: bool = True
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     target_modules: list[str] | None = None
+    act_bits: int | None = None
+    kv_bits: int | None = None
 
     def lrqat_config(self) -> LRQATConfig:
         return LRQATConfig(
             bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, rank=self.rank, alpha=self.alpha,
             phi_format=self.phi_format, range_method=self.range_method, init=self.init, svd_steps=self.svd_steps,
             target_modules=self.target_modules, exclude=list(self.exclude), learn_scale=self.learn_scale,
-            compute_dtype=self.compute_dtype, seed=self.seed,
+            compute_dtype=self.compute_dtype, seed=self.seed, act_bits=self.act_bits, kv_bits=self.kv_bits,
         )
 
     def validate(self) -> None:
@@ -111,7 +113,7 @@ class TrainArgs:
 _RESUME_KEYS = (
     "model", "data", "bits", "group_size", "symmetric", "rank", "alpha", "phi_format", "range_method", "init",
     "svd_steps", "compute_dtype", "learn_scale", "lr", "lr_scale", "steps", "batch_size", "grad_accum", "seq_len",
-    "warmup_ratio", "max_grad_norm", "betas", "weight_decay", "seed", "exclude", "target_modules",
+    "warmup_ratio", "max_grad_norm", "betas", "weight_decay", "seed", "exclude", "target_modules", "act_bits", "kv_bits",
 )
 
 

@@ -239,3 +239,14 @@ def test_model_dir_tokenizer_is_used(workdir, tmp_path):
                  "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--range-method", "minmax", "--no-progress"]) == 0
     assert json.loads((out / "results.json").read_text())["tokenizer"] != "byte"
     assert not isinstance(load_tokenizer(str(out / "lrqat")), ByteTokenizer)  # saved alongside the checkpoint
+
+
+def test_train_weight_activation_flags(workdir, tmp_path):
+    """`lrqat train --act-bits 8 --kv-bits 4`: the quantisers are in the trained and the converted model."""
+    out = tmp_path / "wa"
+    assert _train(workdir, out, "--act-bits", "8", "--kv-bits", "4", "--steps", "2", "--convert") == 0
+    for stage in ("lrqat", "quantized"):
+        m = load_pretrained(str(out / stage))
+        assert m.lrqat_config.act_bits == 8 and m.lrqat_config.kv_bits == 4
+        attn = m.model.layers[0].self_attn
+        assert attn.q_proj.input_bits == 8 and attn.k_proj.output_bits == 4 and attn.q_proj.output_bits is None
