@@ -22,11 +22,24 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
   echo "[setup] installing ${LRQAT_TORCH:-torch==2.14.1}"
   "$PY" -m pip install -q "${LRQAT_TORCH:-torch==2.14.1}"
 fi
-"$PY" -m pip install -q triton ninja pybind11 setuptools wheel
+"$PY" -c 'import triton, ninja, setuptools' 2>/dev/null || "$PY" -m pip install -q triton ninja pybind11 setuptools wheel
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0}"
-echo "[setup] building lrqat_kernels (CUDA_HOME=${CUDA_HOME:-<none>}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-(cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation -e ".[test,bench,hf]")
+# Skip the (minutes-long) build when this venv already has an editable install of this tree whose
+# _C is newer than every native source and the build files, and the extras import.
+so="$(ls "$ROOT"/lrqat_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
+fresh=0
+if [[ -n "$so" && "${LRQAT_SKIP_EXT:-0}" != "1" && -z "$(find "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" -newer "$so" -type f 2>/dev/null)" ]] \
+   && (cd /tmp && "$PY" -c "import os, sys, lrqat_kernels, pytest, hypothesis, transformers, matplotlib, tqdm, safetensors
+sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(lrqat_kernels.__file__))) != os.path.abspath('$ROOT'))") 2>/dev/null; then
+  fresh=1
+fi
+if [[ "$fresh" == "1" ]]; then
+  echo "[setup] lrqat_kernels is installed (editable) and _C is up to date: no rebuild"
+else
+  echo "[setup] building lrqat_kernels (CUDA_HOME=${CUDA_HOME:-<none>}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation -e ".[test,bench,hf]")
+fi
 "$PY" -c 'import torch, lrqat_kernels; from lrqat_kernels import _ext; print("[setup] torch", torch.__version__, "| lrqat_kernels", lrqat_kernels.__version__, "| native ops:", _ext.load_extension())'
