@@ -25,9 +25,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from lrqat_kernels.ops import aot  # noqa: E402
 from lrqat_kernels.ops import fake_quant as fq  # noqa: E402
 from lrqat_kernels.ops import fused_linear as fl  # noqa: E402
 
@@ -38,38 +37,14 @@ def all_specs():
     return fq.aot_specs() + fl.aot_specs()
 
 
-def _ptxas_flags(arch: int) -> tuple[str, list[str]]:
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    # the flags Triton's own ptxas step uses with enable_fp_fusion=False
-    return get_ptxas(arch).path, ["-lineinfo", "--fmad=false", "-v", "--regAllocOptLevel=2",
-                                  f"--gpu-name={sm_arch_from_capability(arch)}"]
-
-
 def compile_spec(spec: fq.KernelSpec, arch: int, constexprs: dict | None = None) -> dict:
-    """Compile ``spec`` for ``sm_<arch>``; return registers, spills, shared bytes and the PTX."""
-    names = spec.kernel.arg_names
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible}
-    consts = dict(spec.constexprs, **(constexprs or {}))
-    kernel = triton.compile(
-        ASTSource(spec.kernel, spec.signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": False},
-    )
-    ptx = kernel.asm["ptx"]
-    ptxas, flags = _ptxas_flags(arch)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas, *flags, path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {spec.name} sm_{arch}:\n{log}")
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return dict(name=spec.name, arch=arch, regs=int(regs.group(1)), spill_stores=int(spills.group(1)),
-                spill_loads=int(spills.group(2)), shared=int(kernel.metadata.shared), warps=spec.num_warps,
-                default=spec.default, ptx=ptx)
+    """Compile ``spec`` for ``sm_<arch>`` (``ops.aot``, launch options as the launchers: no FP fusion);
+    return registers, spills, shared bytes and the PTX."""
+    res, ptx = aot._compile(spec.kernel, spec.signature, dict(spec.constexprs, **(constexprs or {})), arch,
+                            spec.num_warps, spec.num_stages, divisible=spec.divisible, enable_fp_fusion=False,
+                            return_ptx=True)
+    return dict(name=spec.name, arch=arch, regs=res.registers, spill_stores=res.spill_stores,
+                spill_loads=res.spill_loads, shared=res.shared_bytes, warps=spec.num_warps, default=spec.default, ptx=ptx)
 
 
 def ptx_facts(ptx: str) -> dict:

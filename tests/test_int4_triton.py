@@ -191,11 +191,8 @@ def test_dispatch_env_and_cuda_backend(monkeypatch):
 # (K = 4096 etc.): without it Triton can neither vectorise nor pipeline the loads, and the
 # resource numbers would describe a kernel that never runs.
 _AOT_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lrqat_kernels.ops.aot import _ptxas
+import json, sys
+from lrqat_kernels.ops import aot
 from lrqat_kernels.ops.int4_triton import _int4_w4a16_kernel as fn
 
 DIVISIBLE = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K",
@@ -211,21 +208,9 @@ for spec in json.loads(sys.stdin.read()):
                   OUT_FP32=spec["out_fp32"], DOT_F32=False, BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
                   BLOCK_K=spec["bk"])
     sig.update({k: "constexpr" for k in consts})
-    names = list(sig)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE}
-    k = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", spec["arch"], 32),
-                       options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        open(ptx, "w").write(k.asm["ptx"])
-        arch = spec["arch"]
-        log = subprocess.run([_ptxas(arch), f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", ptx,
-                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
-    log = log.stdout + log.stderr
-    sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    out.append(dict(spec, regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                    spill_stores=int(sp.group(1)), spill_loads=int(sp.group(2)), shared=k.metadata.shared))
+    r = aot._compile(fn, sig, consts, spec["arch"], spec["num_warps"], spec["num_stages"], divisible=DIVISIBLE)
+    out.append(dict(spec, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+                    shared=r.shared_bytes))
 print(json.dumps(out))
 """
 

@@ -82,29 +82,50 @@ def aot_compile_many(fn, specs: list[dict]) -> list[AOTResult]:
     return [_compile(fn, **s) for s in specs]
 
 
-def _compile(fn, signature, constexprs, arch, num_warps, num_stages) -> AOTResult:
+def _ptxas_command(arch: int, enable_fp_fusion: bool) -> list[str]:
+    """Triton's bundled ptxas with the flags Triton's own compile step passes it."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+        exe, gpu = get_ptxas(arch).path, sm_arch_from_capability(arch)
+    except (ImportError, AttributeError, TypeError):  # other Triton releases
+        exe, gpu = _ptxas(arch), f"sm_{arch}{'a' if arch >= 90 else ''}"
+    flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}"]
+    return [exe, *flags] + ([] if enable_fp_fusion else ["--fmad=false"])
+
+
+def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(), enable_fp_fusion=True,
+             return_ptx=False):
+    """Compile one spec; ``divisible`` names the pointer / integer arguments the JIT would see as
+    multiples of 16 at real shapes (without the hint Triton neither vectorises nor pipelines those
+    loads, and the numbers would describe a kernel that never runs). Returns an :class:`AOTResult`,
+    or ``(AOTResult, ptx)`` with ``return_ptx``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn, signature=signature, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": enable_fp_fusion})
+    ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "k.ptx")
         with open(ptx_path, "w") as f:
-            f.write(kernel.asm["ptx"])
-        suffix = "a" if arch >= 90 else ""
-        proc = subprocess.run(
-            [_ptxas(arch), f"-arch=sm_{arch}{suffix}", "-v", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        )
+            f.write(ptx)
+        proc = subprocess.run([*_ptxas_command(arch, enable_fp_fusion), ptx_path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
     log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {kernel.metadata.name} sm_{arch}:\n{log}")
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or spills is None:
         raise RuntimeError(f"could not parse ptxas output:\n{log}")
-    return AOTResult(
+    res = AOTResult(
         name=kernel.metadata.name, arch=arch, num_warps=num_warps, num_stages=num_stages,
         registers=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
         shared_bytes=int(kernel.metadata.shared),
     )
+    return (res, ptx) if return_ptx else res
