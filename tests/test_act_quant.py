@@ -153,3 +153,4 @@ def test_aot_compiles_without_spills(arch):
     for res in aot_compile_many(AQ._act_fake_quant_kernel, specs):
         print(res)
         assert res.spill_stores == 0 and res.spill_loads == 0, str(res)
+        assert res.approx_ops == "", f"approximate fp32 math would not match the reference: {res}"

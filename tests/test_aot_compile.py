@@ -44,7 +44,8 @@ def compile_spec(spec: fq.KernelSpec, arch: int, constexprs: dict | None = None)
                             spec.num_warps, spec.num_stages, divisible=spec.divisible, enable_fp_fusion=False,
                             return_ptx=True)
     return dict(name=spec.name, arch=arch, regs=res.registers, spill_stores=res.spill_stores,
-                spill_loads=res.spill_loads, shared=res.shared_bytes, warps=spec.num_warps, default=spec.default, ptx=ptx)
+                spill_loads=res.spill_loads, shared=res.shared_bytes, warps=spec.num_warps, default=spec.default,
+                approx=res.approx_ops, ptx=ptx)
 
 
 def ptx_facts(ptx: str) -> dict:
@@ -133,11 +134,13 @@ def test_launcher_configs_are_the_enumerated_ones():
 
 def test_ptx_keeps_the_rounding_and_no_contraction(reports):
     """The 1.5 * 2^23 round-half-even constants survive (no algebraic folding of (z + c) - c),
-    and with enable_fp_fusion=False every fp32 add/mul carries .rn (ptxas may not fuse it)."""
+    with enable_fp_fusion=False every fp32 add/mul carries .rn (ptxas may not fuse it), and no
+    approximate division / square root (Triton's fp32 ``/`` is ``div.full.f32``) is emitted."""
     for (name, arch), r in reports.items():
         if name.startswith("fwd") and "int8" not in name:
             assert r["rne_const"], f"{name} sm_{arch}: round-half-even constants missing"
         assert not r["contractible"], f"{name} sm_{arch}: contractible fp32 op in PTX"
+        assert not r["approx"], f"{name} sm_{arch}: approximate fp32 math in PTX ({r['approx']}): use tl.div_rn / tl.sqrt_rn"
 
 
 def test_int64_offsets_variant(reports):

@@ -25,6 +25,27 @@ _EPS = 1e-8
 
 
 @triton.jit
+def act_qparams(lo, hi, has_nan, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Per-token ``(s, z)`` (fp32 scalars) from the row's range ``lo <= 0 <= hi`` and NaN flag,
+    as :func:`lrqat_kernels.reference.act_quant_params`. Divisions are IEEE (``div_rn``): Triton's
+    ``/`` on fp32 is ``div.full.f32`` (2 ulp) on NVIDIA GPUs and would move rounding boundaries."""
+    if SYMMETRIC:
+        s = tl.maximum(tl.div_rn(tl.maximum(hi, -lo), QMAX * 1.0), 1e-8)
+        z = 0.0
+    else:
+        s = tl.maximum(tl.div_rn(hi - lo, (QMAX - QMIN) * 1.0), 1e-8)
+        z = _round_half_even(QMIN - tl.div_rn(lo, s))
+    return tl.where(has_nan, float("nan"), s), z
+
+
+@triton.jit
+def act_fake_quant(v, s, z, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """``s * (clip(round(v / s + z), qmin, qmax) - z)`` in fp32; NaN stays NaN, as torch.clamp."""
+    q, _ = _round_clip(tl.div_rn(v, s) + z, QMIN, QMAX)
+    return s * (q - z)
+
+
+@triton.jit
 def _act_fake_quant_kernel(
     x_ptr,
     y_ptr,
@@ -50,24 +71,11 @@ def _act_fake_quant_kernel(
         lo = tl.minimum(lo, v)
         hi = tl.maximum(hi, v)
         nan = nan | (v != v).to(tl.int32)
-    lo_r = tl.min(lo, axis=0)
-    hi_r = tl.max(hi, axis=0)
-    has_nan = tl.max(nan, axis=0) > 0
-    if SYMMETRIC:
-        s = tl.maximum(hi_r, -lo_r) / QMAX
-        s = tl.maximum(s, 1e-8)
-        z = 0.0
-    else:
-        s = (hi_r - lo_r) / (QMAX - QMIN)
-        s = tl.maximum(s, 1e-8)
-        z = _round_half_even(QMIN - lo_r / s)
-    s = tl.where(has_nan, float("nan"), s)
-
+    s, z = act_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), tl.max(nan, axis=0) > 0, QMIN, QMAX, SYMMETRIC)
     for start in range(0, n_cols, BLOCK):
         m = start + cols < n_cols
         v = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
-        q, _ = _round_clip(v / s + z, QMIN, QMAX)  # NaN stays NaN, as torch.clamp
-        tl.store(y_row + start + cols, (s * (q - z)).to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_row + start + cols, act_fake_quant(v, s, z, QMIN, QMAX).to(y_ptr.dtype.element_ty), mask=m)
 
 
 ACT_BLOCKS = (128, 256, 512, 1024, 2048, 4096, 8192)

@@ -27,12 +27,15 @@ class AOTResult:
     spill_stores: int
     spill_loads: int
     shared_bytes: int
+    #: approximate fp32 instructions in the PTX (``div.full`` / ``*.approx``), comma-separated; "" when none.
+    #: Triton's ``/`` on fp32 is ``div.full.f32``: kernels that must match torch use ``tl.div_rn``.
+    approx_ops: str = ""
 
     def __str__(self) -> str:
         return (
             f"{self.name} sm_{self.arch} warps={self.num_warps} stages={self.num_stages}: "
             f"{self.registers} regs, spills {self.spill_stores}B st / {self.spill_loads}B ld, "
-            f"{self.shared_bytes} B shared"
+            f"{self.shared_bytes} B shared" + (f", approx: {self.approx_ops}" if self.approx_ops else "")
         )
 
 
@@ -127,5 +130,6 @@ def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(
         name=kernel.metadata.name, arch=arch, num_warps=num_warps, num_stages=num_stages,
         registers=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
         shared_bytes=int(kernel.metadata.shared),
+        approx_ops=",".join(sorted(set(re.findall(r"\b((?:div|sqrt|rsqrt|rcp)\.(?:full|approx)[a-z0-9.]*)", ptx)))),
     )
     return (res, ptx) if return_ptx else res
