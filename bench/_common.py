@@ -163,13 +163,21 @@ def environment(device: torch.device) -> dict:
 
 
 def write_csv(path: str, rows: Iterable[dict], columns: list[str]) -> None:
-    """Write ``rows`` (dicts) with ``columns`` in that order; creates the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    """Write ``rows`` (dicts) with ``columns`` in that order; creates the folder. Atomic: a
+    temporary file renamed over ``path``, so an interrupted run leaves the old CSV whole."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -34,3 +34,5 @@ from .modules import LRQATLinear, QuantizedLinear  # noqa: E402,F401
 from .api import convert, load_pretrained, prepare, print_trainable_parameters, save_pretrained  # noqa: E402,F401
 from .ops.int4_linear import int4_linear  # noqa: E402,F401  (deployment INT4 GEMM: C++ on CPU, GPU hook on CUDA)
 from .ops.act_quant import fake_quant_activation  # noqa: E402,F401
+from .ops.norm_act_quant import rms_norm_fake_quant  # noqa: E402,F401
+from .modules import ActQuantRMSNorm  # noqa: E402,F401

@@ -28,7 +28,7 @@ from ._checks import check_group_size
 from .formats import PHI_DTYPES, check_bits, check_phi_format, encode_phi, pack_nibbles, qrange, unpack_nibbles
 from .reference import ACT_BITS, estimate_scale, expand_groups, lora_init, svd_init
 
-__all__ = ["LRQATLinear", "QuantizedLinear"]
+__all__ = ["ActQuantRMSNorm", "LRQATLinear", "QuantizedLinear"]
 
 
 def _op(name: str):
@@ -494,3 +494,44 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {gran}, "
             f"symmetric={self.symmetric}, bias={self.bias is not None}, storage={store}{_act_repr(self)}"
         )
+
+
+class ActQuantRMSNorm(nn.Module):
+    """LLaMA's RMSNorm whose output is fake-quantised per token (weight-activation LR-QAT).
+
+    Installed by ``prepare`` in place of a decoder layer's ``input_layernorm`` (output: the input
+    of q/k/v) and ``post_attention_layernorm`` (output: the input of gate/up) when
+    ``LRQATConfig.act_bits`` is set, so the shared input of those linears is quantised once, in the
+    norm's kernel (``lrqat_kernels.rms_norm_fake_quant``: Triton on CUDA / TRITON_INTERPRET=1;
+    on CPU the reference, op for op, bit-identical to the norm followed by the quantiser).
+    The linears it feeds then have ``input_bits=None``.
+
+    It keeps the original module's ``weight`` Parameter (same object, same state-dict key) and
+    ``variance_epsilon``; ``output_bits=None`` makes it a plain RMSNorm.
+
+    Shapes: ``x`` ``[..., hidden]`` -> ``[..., hidden]`` in ``promote_types(x.dtype, weight.dtype)``.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float, output_bits: int | None = 8, act_symmetric: bool = False):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = float(eps)
+        _set_act_quant(self, None, output_bits, act_symmetric)
+
+    @classmethod
+    def from_norm(cls, norm: nn.Module, output_bits: int | None, act_symmetric: bool = False) -> "ActQuantRMSNorm":
+        """Wrap a transformers ``*RMSNorm`` (``weight`` ``[hidden]`` and ``variance_epsilon``)."""
+        weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
+            raise TypeError(f"{type(norm).__name__} is not an RMSNorm with weight [hidden] and variance_epsilon")
+        return cls(weight, eps, output_bits, act_symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .reference import rms_norm
+
+        if self.output_bits is None:
+            return rms_norm(x, self.weight, self.variance_epsilon)
+        return _op("rms_norm_fake_quant")(x, self.weight, self.variance_epsilon, self.output_bits, self.act_symmetric)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}" + _act_repr(self)

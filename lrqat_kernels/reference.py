@@ -449,3 +449,73 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm with its output quantised (the shared input of q/k/v and of gate/up, quantised once)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_rms_norm_args(x, weight, eps) -> None:
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    if not x.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"x and weight must be floating-point, got {x.dtype} and {weight.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [hidden] = [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}: they must share a device")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm, op for op as transformers' ``LlamaRMSNorm`` (also Mistral's and Qwen2's):
+    ``weight * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype)``.
+
+    Args:
+        x: ``[..., hidden]``; weight: ``[hidden]``.
+
+    Returns:
+        ``[..., hidden]`` in ``promote_types(x.dtype, weight.dtype)``.
+    """
+    xf = x.float()
+    h = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rms_norm_fake_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, bits: int = 8,
+                        symmetric: bool = False) -> torch.Tensor:
+    """``fake_quant_activation(rms_norm(x, weight, eps), bits, symmetric)``: per-token fake
+    quantisation of the norm's output; straight-through, so the gradient is RMSNorm's."""
+    check_rms_norm_args(x, weight, eps)
+    return fake_quant_activation(rms_norm(x, weight, eps), bits, symmetric)
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor,
+                      need_weight_grad: bool = True):
+    """Gradients of :func:`rms_norm` (and, by the straight-through rule, of
+    :func:`rms_norm_fake_quant`) for an upstream ``grad`` ``[..., hidden]``, by recomputation.
+
+    With ``h = x * r``, ``r = rsqrt(mean(x^2) + eps)``, ``y = weight * h``:
+    ``dL/dweight = sum_tokens(grad * h)`` and ``dL/dx = r * (g - h * mean(g * h))`` with
+    ``g = grad * weight``; the casts of the forward are mirrored (``h`` rounded to ``x.dtype``
+    where the forward multiplies it by ``weight``; ``g`` rounded to ``x.dtype`` as autograd's
+    gradient of that cast).
+
+    Returns:
+        ``(dx like x, dweight like weight or None)``.
+    """
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    h = xf * r
+    grad = grad.to(out_dtype)
+    dw = None
+    if need_weight_grad:
+        dw = (grad * h.to(x.dtype).to(out_dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    g = (grad * weight.to(out_dtype)).to(x.dtype).float()
+    dx = r * (g - h * (g * h).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw

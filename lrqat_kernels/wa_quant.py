@@ -4,7 +4,11 @@ Placement (paper section 4.4 / appendix B, following OmniQuant and LLM-QAT), for
 ``LRQATConfig(act_bits=..., kv_bits=...)``:
 
 * the input of every swapped linear (q/k/v, o, gate/up, down projections) at ``act_bits``:
-  ``LRQATLinear.input_bits`` / ``QuantizedLinear.input_bits``;
+  ``LRQATLinear.input_bits`` / ``QuantizedLinear.input_bits``. On LLaMA / Mistral / Qwen2 decoder
+  layers (``config.fuse_norm_quant``, default) the shared input of q/k/v is quantised once, by
+  ``input_layernorm`` (an :class:`~lrqat_kernels.modules.ActQuantRMSNorm`, norm and quantiser in
+  one kernel), and that of gate/up by ``post_attention_layernorm``; those five linears then have
+  ``input_bits=None``. Same numerics: the quantiser is a function of the tensor alone;
 * queries and keys after RoPE, the inputs of ``Q K^T``, at ``act_bits``: an attention function
   registered with transformers' ``AttentionInterface`` as ``"lrqat"`` wraps the model's own
   (sdpa / eager) and quantises them per token and head (over ``head_dim``);
@@ -23,10 +27,14 @@ import sys
 
 import torch.nn as nn
 
-from .modules import LRQATLinear, QuantizedLinear
+from .modules import ActQuantRMSNorm, LRQATLinear, QuantizedLinear
 
 ATTN_IMPL = "lrqat"
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: Decoder layers whose forward is ``self_attn(input_layernorm(h))`` and ``mlp(post_attention_layernorm(h))``
+#: with ``mlp = down_proj(act(gate_proj(x)) * up_proj(x))`` (checked against transformers in tests).
+_NORM_FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_LR = (LRQATLinear, QuantizedLinear)
 
 
 def _is_attention(m: nn.Module) -> bool:
@@ -99,6 +107,12 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
                                      "KV-cache quantisation quantises its output")
                 proj.output_bits = config.kv_bits
         m.lrqat_qk_bits, m.lrqat_act_symmetric = config.act_bits, config.act_symmetric
+    if config.fuse_norm_quant:
+        _fuse_norm_quantizers(model, config)
+    else:  # a re-install without fusion: norms swapped earlier stop quantising
+        for m in model.modules():
+            if isinstance(m, ActQuantRMSNorm):
+                m.output_bits = None
     if is_hf and attn:
         _register_attention()
         current = hf_config._attn_implementation
@@ -106,3 +120,34 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
             if current != ATTN_IMPL:
                 m.lrqat_inner_attn = current or "sdpa"
         hf_config._attn_implementation = ATTN_IMPL
+
+
+def _norm_sites(layer: nn.Module):
+    """``(norm attribute, parent of the linears, linear names)`` of a norm-fusable decoder layer."""
+    return (("input_layernorm", getattr(layer, "self_attn", None), ("q_proj", "k_proj", "v_proj")),
+            ("post_attention_layernorm", getattr(layer, "mlp", None), ("gate_proj", "up_proj")))
+
+
+def _fuse_norm_quantizers(model: nn.Module, config) -> None:
+    """Move the input quantiser of q/k/v and gate/up into the RMSNorm feeding them (see module doc).
+
+    A norm is swapped only when every linear it feeds is an LR-QAT layer (an excluded linear
+    gets full-precision inputs, as with the per-linear placement) and it is an RMSNorm with
+    ``weight`` and ``variance_epsilon``; other layers keep per-linear quantisers.
+    """
+    for layer in model.modules():
+        if type(layer).__name__ not in _NORM_FUSABLE_LAYERS:
+            continue
+        for norm_name, parent, linears in _norm_sites(layer):
+            norm = getattr(layer, norm_name, None)
+            mods = [getattr(parent, n, None) for n in linears] if parent is not None else [None]
+            if not all(isinstance(m, _LR) for m in mods):
+                continue
+            if not isinstance(norm, ActQuantRMSNorm):
+                if not (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")):
+                    continue
+                norm = ActQuantRMSNorm.from_norm(norm, config.act_bits, config.act_symmetric)
+                setattr(layer, norm_name, norm)
+            norm.output_bits, norm.act_symmetric = config.act_bits, config.act_symmetric
+            for m in mods:
+                m.input_bits = None

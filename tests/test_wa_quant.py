@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import lrqat_kernels
-from lrqat_kernels import LRQATConfig, LRQATLinear, QuantizedLinear, convert, load_pretrained, prepare, save_pretrained
+from lrqat_kernels import ActQuantRMSNorm, LRQATConfig, LRQATLinear, QuantizedLinear, convert, load_pretrained, prepare, save_pretrained
 from lrqat_kernels import reference as R
 from lrqat_kernels.wa_quant import ATTN_IMPL
 
@@ -62,25 +62,80 @@ def test_presets_and_config_validation():
         LRQATConfig(act_bits=8, kv_bits=2)
 
 
+class _NormCounter:
+    """Wraps lrqat_kernels.rms_norm_fake_quant and records (last dim, bits) per call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        inner = lrqat_kernels.rms_norm_fake_quant
+
+        def wrapped(x, weight, eps=1e-6, bits=8, symmetric=False):
+            self.calls.append((x.shape[-1], bits))
+            return inner(x, weight, eps, bits, symmetric)
+
+        monkeypatch.setattr(lrqat_kernels, "rms_norm_fake_quant", wrapped)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["norm-fused", "per-linear"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_placement(arch, monkeypatch):
-    model = prepare(tiny(arch), LRQATConfig.preset("W4A8KV4", rank=4))
+def test_placement(arch, fuse, monkeypatch):
+    model = prepare(tiny(arch), LRQATConfig.preset("W4A8KV4", rank=4, fuse_norm_quant=fuse))
     assert model.config._attn_implementation == ATTN_IMPL
+    shared = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     for name, m in model.named_modules():
         if isinstance(m, LRQATLinear):
-            assert m.input_bits == 8, name
+            assert m.input_bits == (None if fuse and name.endswith(shared) else 8), name
             assert m.output_bits == (4 if name.endswith(("k_proj", "v_proj")) else None), name
-    counter = _Counter(monkeypatch)
+    norms = [n for n, m in model.named_modules() if isinstance(m, ActQuantRMSNorm)]
+    assert len(norms) == (4 if fuse else 0)
+    assert all(model.get_submodule(n).output_bits == 8 for n in norms)
+    counter, norm_counter = _Counter(monkeypatch), _NormCounter(monkeypatch)
     with torch.no_grad():
         model(ids())
     layers, head_dim, hidden = 2, 16, 64
-    # per layer: 7 linear inputs + k/v outputs (KV cache) + queries and keys after RoPE
-    assert len(counter.calls) == layers * (7 + 2 + 2)
+    # per layer: linear inputs (7, or o + down with the norms doing q/k/v and gate/up),
+    # k/v outputs (KV cache), queries and keys after RoPE
+    n_inputs = 2 if fuse else 7
+    assert len(counter.calls) == layers * (n_inputs + 2 + 2)
+    assert norm_counter.calls == ([(hidden, 8)] * 2 * layers if fuse else [])
     qk = [c for c in counter.calls if c[0] == 4]
     assert len(qk) == 2 * layers and all(c == (4, head_dim, 8) for c in qk)
     kv = [c for c in counter.calls if c[2] == 4]
     assert len(kv) == 2 * layers and all(c[1] == 32 for c in kv)  # 2 kv heads x 16
-    assert sum(1 for c in counter.calls if c[2] == 8 and c[0] == 3 and c[1] in (hidden, 96)) == 7 * layers
+    assert sum(1 for c in counter.calls if c[2] == 8 and c[0] == 3 and c[1] in (hidden, 96)) == n_inputs * layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_norm_fusion_is_the_same_model(arch):
+    """Quantising the norm's output once equals quantising it in each linear: logits and every
+    gradient bit for bit on the eager path (this also checks that transformers' decoder layers
+    still feed q/k/v from input_layernorm and gate/up from post_attention_layernorm)."""
+    x = ids(3)
+    out = {}
+    for fuse in (True, False):
+        model = prepare(tiny(arch, seed=4), LRQATConfig.preset("W4A8KV8", rank=4, fuse_norm_quant=fuse))
+        for m in model.modules():  # non-zero lora_B: the low-rank path matters
+            if isinstance(m, LRQATLinear):
+                torch.nn.init.normal_(m.lora_B, std=0.02, generator=torch.Generator().manual_seed(5))
+        res = model(input_ids=x, labels=x)
+        res.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[fuse] = (res.logits.detach(), grads)
+    assert torch.equal(out[True][0], out[False][0])
+    assert out[True][1].keys() == out[False][1].keys() and len(out[True][1]) > 0
+    for n in out[True][1]:
+        assert torch.equal(out[True][1][n], out[False][1][n]), n
+
+
+def test_norm_fusion_under_the_kernel_matches(monkeypatch):
+    """With the Triton kernel (interpreter here) the fused model matches the per-linear one up to
+    the norm's last bits (the kernel's sum of squares is not torch's)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = ids(4)
+    with torch.no_grad():
+        y = {f: prepare(tiny(seed=6), LRQATConfig.preset("W4A8KV8", rank=4, fuse_norm_quant=f))(x).logits for f in (True, False)}
+    torch.testing.assert_close(y[True], y[False], rtol=0.05, atol=0.05)
+    assert (y[True] - y[False]).abs().mean() < 2e-3
 
 
 def test_numerics_differ_from_weight_only_and_match_manual():
@@ -93,14 +148,22 @@ def test_numerics_differ_from_weight_only_and_match_manual():
     assert not torch.equal(y_w, y_wa)
     # 8-bit activations stay close to weight-only, much closer than weight-only is to FP
     assert (y_wa - y_w).abs().mean() < (y_w - y_fp).abs().mean()
-    # A layer's forward is the reference math around its linear
-    layer = wa.model.layers[0].self_attn.k_proj
+    # A layer's forward is the reference math around its linear (per-linear placement: the k
+    # projection quantises its input and its output; norm-fused: its input arrives quantised)
+    per_linear = prepare(tiny(seed=1), LRQATConfig.preset("W4A8KV8", rank=4, fuse_norm_quant=False))
     h = torch.randn(3, 64)
+    for model, in_bits in ((per_linear, 8), (wa, None)):
+        layer = model.model.layers[0].self_attn.k_proj
+        assert layer.input_bits == in_bits
+        with torch.no_grad():
+            xin = R.fake_quant_activation(h, 8) if in_bits else h
+            want = R.fake_quant_activation(
+                R.lrqat_linear(xin, layer.phi, layer.lora_A, layer.lora_B, layer.scale, layer.bias,
+                               bits=4, phi_format=layer.phi_format, alpha=layer.alpha), 8)
+            assert torch.equal(layer(h), want)
+    norm = wa.model.layers[0].input_layernorm
     with torch.no_grad():
-        want = R.fake_quant_activation(
-            R.lrqat_linear(R.fake_quant_activation(h, 8), layer.phi, layer.lora_A, layer.lora_B, layer.scale, layer.bias,
-                           bits=4, phi_format=layer.phi_format, alpha=layer.alpha), 8)
-        assert torch.equal(layer(h), want)
+        assert torch.equal(norm(h), R.fake_quant_activation(R.rms_norm(h, norm.weight, norm.variance_epsilon), 8))
 
 
 def test_w4a4kv4_training_step_and_gradients_flow():
@@ -125,7 +188,7 @@ def test_convert_and_save_load_keep_quantizers(tmp_path, monkeypatch):
         assert torch.equal(back(x).logits, y_prep)
     convert(model)
     qs = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    assert qs and all(m.input_bits == 8 for _, m in qs)
+    assert qs and all(m.input_bits == 8 for n, m in qs if n.endswith(("o_proj", "down_proj")))
     assert all(m.output_bits == 4 for n, m in qs if n.endswith(("k_proj", "v_proj")))
     with torch.no_grad():
         y_conv = model(x).logits
@@ -134,7 +197,9 @@ def test_convert_and_save_load_keep_quantizers(tmp_path, monkeypatch):
     back = load_pretrained(str(tmp_path / "int4"))
     with torch.no_grad():
         assert torch.equal(back(x).logits, y_conv)
-    assert "input_bits=8" in repr(back.model.layers[0].self_attn.q_proj)
+    assert "input_bits=8" in repr(back.model.layers[0].self_attn.o_proj)
+    assert "output_bits=8" in repr(back.model.layers[0].input_layernorm)
+    assert isinstance(back.model.layers[1].post_attention_layernorm, ActQuantRMSNorm)
 
 
 def test_plain_linear_model_act_only():
