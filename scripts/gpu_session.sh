@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# What to run on a lent GPU machine (the `device` tool), in stages that each fit one 10-minute call:
+#
+#     bash scripts/gpu_session.sh build      # the extension for this GPU's arch (about 1-3 min)
+#     bash scripts/gpu_session.sh test       # the whole suite on CUDA, @pytest.mark.gpu included
+#     bash scripts/gpu_session.sh bench      # every GPU benchmark -> bench/results/*_cuda.csv
+#     bash scripts/gpu_session.sh all        # the three in one call (if time allows)
+#
+# Uses the machine's own python3 (it has torch, triton, transformers, pytest; no registry there):
+# nothing is installed beyond the in-place build (`pip install --no-deps --no-build-isolation -e .`).
+# Logs, CSVs, plots and a versions file go to $OUT (the device tool brings them back; at most 8
+# files, so everything is packed into gpu_session.tar.gz plus the last log) or to
+# bench/results/gpu_session/ when OUT is unset. A failing stage does not stop the later ones; the
+# exit status is that of the first failure.
+#
+# Knobs: LRQAT_PY (default python3), PYTEST_ARGS (extra pytest arguments, e.g. "-x -k int4"),
+# LRQAT_BENCH_QUICK=1 (short benchmark runs), TORCH_CUDA_ARCH_LIST (default: this GPU's).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${LRQAT_PY:-python3}"
+DEST="${OUT:-$ROOT/bench/results/gpu_session}"
+STAGE="${1:-all}"
+mkdir -p "$DEST"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
+unset TRITON_INTERPRET
+status=0
+
+log() { echo "=== [gpu_session $(date -u +%H:%M:%S)] $*"; }
+run_logged() {  # name, command...
+  local name="$1"; shift
+  log "$name: $*"
+  "$@" 2>&1 | tee "$DEST/$name.log"
+  local rc=${PIPESTATUS[0]}
+  log "$name: exit $rc"
+  [[ $rc -eq 0 || $status -ne 0 ]] || status=$rc
+  return 0
+}
+
+versions() {
+  {
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null || echo "nvidia-smi: n/a"
+    command -v nvcc >/dev/null && nvcc --version | tail -2
+    "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError as e:
+    print("triton: missing", e)
+try:
+    import transformers; print("transformers", transformers.__version__)
+except ImportError as e:
+    print("transformers: missing", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu {p.name} sm_{p.major}{p.minor} {p.multi_processor_count} SMs {p.total_memory / 2**30:.1f} GiB")
+else:
+    print("NO CUDA DEVICE VISIBLE")
+EOF
+    git -C "$ROOT" log -1 --format='commit %H %s' 2>/dev/null || true
+  } | tee "$DEST/versions.txt"
+}
+
+build() {
+  if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
+    CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; export CUDA_HOME
+  fi
+  if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null || echo 9.0)"
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  run_logged build "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  run_logged ext_check "$PY" -c '
+import torch, lrqat_kernels
+from lrqat_kernels import _ext
+from lrqat_kernels.ops.int4_gpu import cuda_kernel_available
+print("extension:", _ext.has_extension(), _ext.extension_error() or "")
+print("CUDA W4A16 kernel available:", cuda_kernel_available())
+assert _ext.has_extension()'
+}
+
+tests() {
+  # -p no:cacheprovider: the tree may be read-only in places; --durations: where the time went.
+  # shellcheck disable=SC2086
+  run_logged tests "$PY" -m pytest -q -p no:cacheprovider --durations=15 -rs tests ${PYTEST_ARGS:-}
+}
+
+bench() {
+  local quick=()
+  [[ "${LRQAT_BENCH_QUICK:-0}" == "1" ]] && quick=(--quick)
+  run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py "${quick[@]}"
+  run_logged bench_act_quant "$PY" bench/bench_act_quant.py
+  run_logged bench_lrqat_linear "$PY" bench/bench_lrqat_linear.py
+}
+
+pack() {
+  cp -f bench/results/*_cuda.csv bench/results/int4_gemm*.csv bench/results/*.png "$DEST/" 2>/dev/null || true
+  if [[ -n "${OUT:-}" ]]; then  # the device tool brings back at most 8 files: one archive + the summary
+    local tgz; tgz="$(mktemp -d)/gpu_session.tar.gz"
+    (cd "$DEST" && tar czf "$tgz" . && rm -rf ./* && mv "$tgz" .)
+    versions > /dev/null
+  fi
+  log "results in $DEST"
+}
+
+versions
+case "$STAGE" in
+  build) build ;;
+  test) tests ;;
+  bench) bench ;;
+  all) build; tests; bench ;;
+  *) echo "usage: $0 build|test|bench|all" >&2; exit 2 ;;
+esac
+pack
+exit $status
