@@ -11,21 +11,23 @@ Shapes: LLaMA-2-7B activations, 4096 tokens x 4096 (inputs of q/k/v/o/gate/up) a
 of down), bf16, 8- and 4-bit asymmetric. Reported: median / p20 / p80 time, GB/s over the minimum
 traffic (read x once, write x_hat once) and its share of the H100 HBM roofline (3.35 TB/s).
 
-Norm site (``--sections norm``): the output of a decoder layer's ``input_layernorm`` feeds q, k
-and v. Providers for "RMSNorm, then the q/k/v inputs quantised":
+Producer sites (``--sections sites``): the output of ``input_layernorm`` feeds q, k and v (norm
+site, 4096 wide); ``silu(gate) * up`` feeds down_proj (SwiGLU site, 11008 wide). Providers for
+"make the tensor, then quantise the inputs of its consumers":
 
-    per_linear_eager    torch RMSNorm (transformers' ops) + 3 x reference quantiser (eager)
-    norm_once_eager     torch RMSNorm + 1 x reference quantiser: the norm-fused placement on CPU
-    per_linear_triton   torch RMSNorm + 3 x the Triton quantiser (GPU)
-    norm_fused_triton   ``lrqat_kernels.rms_norm_fake_quant``: one kernel (GPU)
-    norm_only_eager     torch RMSNorm alone (what a weight-only model pays at this site)
+    producer_only_eager  the producer alone in torch (what a weight-only model pays there)
+    per_linear_eager     torch producer + one reference quantiser per consumer (eager)
+    once_eager           torch producer + 1 reference quantiser: the fused placement on CPU
+    per_linear_triton    torch producer + one Triton quantiser per consumer (GPU)
+    fused_triton         ``rms_norm_fake_quant`` / ``swiglu_fake_quant``: one kernel (GPU)
 
-GB/s there is over the fused kernel's minimum traffic (read x, write x_hat), so it reads as the
-effective bandwidth of the whole site. Written to ``bench/results/norm_act_quant_<device>.csv``.
+GB/s there is over the fused kernel's minimum traffic (norm: read x, write x_hat; SwiGLU: read
+gate and up, write x_hat), so it reads as the effective bandwidth of the whole site. Written to
+``bench/results/act_quant_sites_<device>.csv``.
 
 Training step (``--sections step``): forward + backward of a LLaMA (random weights; 2 layers of
 LLaMA-2-7B width on a GPU, a 4-layer 512-wide one on a CPU) prepared with ``W4A8KV8``, with the
-norm-fused placement and with per-linear quantisers (``fuse_norm_quant``). Written to
+fused placement (norms and SwiGLU quantise their outputs) and with per-linear quantisers (``fuse_act_quant``). Written to
 ``bench/results/wa_step_<device>.csv``.
 
 On a CPU it runs the eager and compile providers at ``--tokens 512`` by default and says loudly
@@ -66,13 +68,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--csv", default=None, help="output CSV (default bench/results/act_quant_<device>.csv)")
-    ap.add_argument("--sections", default="quant,norm,step",
-                    help="quant (the quantiser alone), norm (the norm site), step (a LLaMA training step)")
+    ap.add_argument("--sections", default="quant,sites,step",
+                    help="quant (the quantiser alone), sites (norm / SwiGLU + quantisers), step (a LLaMA training step)")
     args = ap.parse_args(argv)
     sections = [x for x in args.sections.split(",") if x]
     for sec in sections:
-        if sec not in ("quant", "norm", "step"):
-            ap.error(f"--sections: unknown section {sec!r}; known: quant, norm, step")
+        if sec not in ("quant", "sites", "step"):
+            ap.error(f"--sections: unknown section {sec!r}; known: quant, sites, step")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -88,8 +90,8 @@ def main(argv=None) -> int:
         "triton": lk.fake_quant_activation,
     }
     rows = []
-    if "norm" in sections:
-        norm_site(device, tokens, [int(b) for b in args.bits.split(",")], env, args.csv)
+    if "sites" in sections:
+        sites(device, tokens, [int(b) for b in args.bits.split(",")], env, args.csv)
     if "step" in sections:
         train_step(device, env, args.csv)
     if "quant" not in sections:
@@ -127,63 +129,79 @@ def main(argv=None) -> int:
     return 0
 
 
-NORM_PROVIDERS = ["norm_only_eager", "per_linear_eager", "norm_once_eager", "per_linear_triton", "norm_fused_triton"]
-NORM_COLUMNS = ["date", "device", "torch", "triton", "provider", "tokens", "hidden", "bits", "dtype", "consumers",
+SITE_PROVIDERS = ["producer_only_eager", "per_linear_eager", "once_eager", "per_linear_triton", "fused_triton"]
+SITE_COLUMNS = ["date", "device", "torch", "triton", "site", "provider", "tokens", "width", "bits", "dtype", "consumers",
                 "median_ms", "p20_ms", "p80_ms", "gb_per_s", "pct_roofline", "speedup_vs_per_linear", "note"]
 
 
-def norm_site(device, tokens, bits_list, env, csv_arg, hidden=4096, consumers=3) -> list[dict]:
-    """Time the input_layernorm site (norm, then the inputs of ``consumers`` linears quantised)."""
+def _site_fns(site: str, device, tokens: int):
+    """``(width, consumers, min_bytes, producer, fused, reference_fused)`` of one producer site, bf16."""
+    if site == "norm":  # input_layernorm -> q, k, v
+        hidden = 4096
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        w = (torch.rand(hidden, device=device) + 0.5).to(torch.bfloat16)
+        return (hidden, 3, 2 * x.numel() * 2, lambda: reference.rms_norm(x, w, 1e-5),
+                lambda bits: lk.rms_norm_fake_quant(x, w, 1e-5, bits, False),
+                lambda bits: reference.rms_norm_fake_quant(x, w, 1e-5, bits, False))
+    inter = 11008  # silu(gate) * up -> down_proj
+    g = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16)
+    u = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16)
+    return (inter, 1, 3 * g.numel() * 2, lambda: reference.swiglu(g, u),
+            lambda bits: lk.swiglu_fake_quant(g, u, bits, False),
+            lambda bits: reference.swiglu_fake_quant(g, u, bits, False))
+
+
+def sites(device, tokens, bits_list, env, csv_arg) -> list[dict]:
+    """Time each producer site: the norm feeding q/k/v, and the SwiGLU feeding down_proj."""
     on_gpu = device.type == "cuda"
-    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
-    w = (torch.rand(hidden, device=device) + 0.5).to(torch.bfloat16)
-    eps = 1e-5
-    nbytes = 2 * x.numel() * x.element_size()
-
-    def per_linear(quant):
-        def f(bits):
-            h = reference.rms_norm(x, w, eps)
-            return [quant(h, bits, False) for _ in range(consumers)]
-        return f
-
-    fns = {
-        "norm_only_eager": lambda bits: reference.rms_norm(x, w, eps),
-        "per_linear_eager": per_linear(reference.fake_quant_activation),
-        "norm_once_eager": lambda bits: reference.fake_quant_activation(reference.rms_norm(x, w, eps), bits, False),
-        "per_linear_triton": per_linear(lk.fake_quant_activation),
-        "norm_fused_triton": lambda bits: lk.rms_norm_fake_quant(x, w, eps, bits, False),
-    }
     rows = []
-    for bits in bits_list:
-        base = None
-        for p in NORM_PROVIDERS:
-            if p.endswith("triton") and not on_gpu:
-                continue
-            with torch.no_grad():
-                t = time_fn(lambda: fns[p](bits), device)
-                note = "" if on_gpu else "CPU time"
-                if p == "norm_fused_triton":
-                    got = fns[p](bits)
-                    want = reference.rms_norm_fake_quant(x, w, eps, bits, False)
-                    if not torch.equal(got, want):
-                        frac = (got != want).float().mean().item()
-                        note += f"differs from reference in {100 * frac:.3f}% of elements (norm's last bit)"
-            base = t["median_ms"] if p == "per_linear_eager" and not on_gpu else base
-            base = t["median_ms"] if p == "per_linear_triton" else base
-            gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
-            rows.append(dict(env, provider=p, tokens=tokens, hidden=hidden, bits=bits, dtype="bf16", consumers=consumers,
-                             **t, gb_per_s=gbps, pct_roofline=100 * gbps * 1e9 / H100_BYTES_PER_S if on_gpu else None,
-                             speedup_vs_per_linear=(base / t["median_ms"]) if base else None, note=note))
-    print(f"norm site (RMSNorm -> {consumers} quantised linear inputs) | device: {env['device']} | torch {env['torch']} "
-          f"| triton {env['triton']} | {env['date']}")
-    print(format_table(rows, [("provider", "provider", ""), ("tokens", "tokens", ""), ("hidden", "hidden", ""),
-                              ("bits", "bits", ""), ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"),
-                              ("p80_ms", "p80", ".3f"), ("gb_per_s", "GB/s", ".1f"),
+    for site in ("norm", "swiglu"):
+        width, consumers, nbytes, producer, fused, ref_fused = _site_fns(site, device, tokens)
+
+        def per_linear(quant, producer=producer, consumers=consumers):
+            def f(bits):
+                h = producer()
+                return [quant(h, bits, False) for _ in range(consumers)]
+            return f
+
+        fns = {
+            "producer_only_eager": lambda bits, producer=producer: producer(),
+            "per_linear_eager": per_linear(reference.fake_quant_activation),
+            "once_eager": lambda bits, producer=producer: reference.fake_quant_activation(producer(), bits, False),
+            "per_linear_triton": per_linear(lk.fake_quant_activation),
+            "fused_triton": fused,
+        }
+        for bits in bits_list:
+            base = None
+            for p in SITE_PROVIDERS:
+                if p.endswith("triton") and not on_gpu:
+                    continue
+                if p == "once_eager" and consumers == 1:
+                    continue  # the same ops as per_linear_eager
+                with torch.no_grad():
+                    t = time_fn(lambda: fns[p](bits), device)
+                    note = "" if on_gpu else "CPU time"
+                    if p == "fused_triton":
+                        got, want = fused(bits), ref_fused(bits)
+                        if not torch.equal(got, want):
+                            frac = (got != want).float().mean().item()
+                            note += f"differs from reference in {100 * frac:.3f}% of elements (last bits before rounding)"
+                base = t["median_ms"] if p == ("per_linear_triton" if on_gpu else "per_linear_eager") else base
+                gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
+                rows.append(dict(env, site=site, provider=p, tokens=tokens, width=width, bits=bits, dtype="bf16",
+                                 consumers=consumers, **t, gb_per_s=gbps,
+                                 pct_roofline=100 * gbps * 1e9 / H100_BYTES_PER_S if on_gpu else None,
+                                 speedup_vs_per_linear=(base / t["median_ms"]) if base else None, note=note))
+    print(f"producer sites (norm -> q/k/v inputs; SwiGLU -> down_proj input) | device: {env['device']} | "
+          f"torch {env['torch']} | triton {env['triton']} | {env['date']}")
+    print(format_table(rows, [("site", "site", ""), ("provider", "provider", ""), ("tokens", "tokens", ""),
+                              ("width", "width", ""), ("bits", "bits", ""), ("median_ms", "median ms", ".3f"),
+                              ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"), ("gb_per_s", "GB/s", ".1f"),
                               ("pct_roofline", "% H100 HBM", ".1f"), ("speedup_vs_per_linear", "x per-linear", ".2f"),
                               ("note", "note", "")]))
     if csv_arg != "":
-        path = os.path.join(os.path.dirname(__file__), "results", f"norm_act_quant_{device.type}.csv")
-        write_csv(path, rows, NORM_COLUMNS)
+        path = os.path.join(os.path.dirname(__file__), "results", f"act_quant_sites_{device.type}.csv")
+        write_csv(path, rows, SITE_COLUMNS)
         print(f"wrote {path}")
     return rows
 
@@ -206,10 +224,10 @@ def train_step(device, env, csv_arg, preset="W4A8KV8") -> list[dict]:
     cfg = LlamaConfig(vocab_size=1024, max_position_embeddings=seq, **shape)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     rows, base = [], None
-    for placement in ("per_linear", "norm_fused"):
+    for placement in ("per_linear", "fused"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
-        lk.prepare(model, lk.LRQATConfig.preset(preset, rank=16, fuse_norm_quant=placement == "norm_fused"))
+        lk.prepare(model, lk.LRQATConfig.preset(preset, rank=16, fuse_act_quant=placement == "fused"))
 
         def step():
             model(input_ids=ids, labels=ids).loss.backward()

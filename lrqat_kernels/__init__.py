@@ -36,3 +36,5 @@ from .ops.int4_linear import int4_linear  # noqa: E402,F401  (deployment INT4 GE
 from .ops.act_quant import fake_quant_activation  # noqa: E402,F401
 from .ops.norm_act_quant import rms_norm_fake_quant  # noqa: E402,F401
 from .modules import ActQuantRMSNorm  # noqa: E402,F401
+from .ops.swiglu_act_quant import swiglu_fake_quant  # noqa: E402,F401
+from .modules import ActQuantMLP  # noqa: E402,F401

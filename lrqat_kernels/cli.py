@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bits", type=int, default=None, choices=[4, 8],
                    help="weight-activation LR-QAT: per-token activation bits (linear inputs, Q/K after RoPE)")
     q.add_argument("--kv-bits", type=int, default=None, choices=[4, 8], help="KV-cache bits (k/v projection outputs)")
-    q.add_argument("--no-fuse-norm-quant", action="store_true",
+    q.add_argument("--no-fuse-act-quant", action="store_true",
                    help="with --act-bits: quantise q/k/v and gate/up inputs in each linear, not once in the RMSNorm")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of lora_A / lora_B")
@@ -108,7 +108,7 @@ def _cmd_train(a) -> int:
         grad_checkpointing=a.grad_checkpointing, eval_data=a.eval_data, eval_seq_len=a.eval_seq_len,
         convert=a.convert, stop_after=a.stop_after, device=a.device, progress=not a.no_progress,
         exclude=list(a.exclude), target_modules=a.target_modules, act_bits=a.act_bits, kv_bits=a.kv_bits,
-        fuse_norm_quant=not a.no_fuse_norm_quant,
+        fuse_act_quant=not a.no_fuse_act_quant,
     )
     res = run_train(args)
     summary = {k: res.get(k) for k in ("steps_done", "finished", "final_loss", "tokens_per_s", "train_seconds",

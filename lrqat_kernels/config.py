@@ -86,7 +86,7 @@ class LRQATConfig:
         kv_bits: None or 4 / 8: the KV cache, i.e. the key and value projection outputs
             (``k_proj`` / ``v_proj``), per token. Needs ``act_bits``.
         act_symmetric: symmetric (z = 0) activation / KV grids; default asymmetric, as the paper.
-        fuse_norm_quant: on LLaMA / Mistral / Qwen2 decoder layers, quantise the shared input of
+        fuse_act_quant: on LLaMA / Mistral / Qwen2 decoder layers, quantise the shared input of
             q/k/v (and of gate/up) once, inside the RMSNorm that makes it
             (``ActQuantRMSNorm``, one fused kernel), instead of in each of those linears. The same
             model: the quantiser is a function of the tensor alone. Off: every linear quantises
@@ -112,7 +112,7 @@ class LRQATConfig:
     act_bits: int | None = None
     kv_bits: int | None = None
     act_symmetric: bool = False
-    fuse_norm_quant: bool = True
+    fuse_act_quant: bool = True
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LRQATConfig":
@@ -192,7 +192,7 @@ class LRQATConfig:
                 f"kv_bits={self.kv_bits} needs act_bits: KV-cache quantisation is part of weight-activation "
                 "quantisation (set act_bits=8 or 4, or use a preset such as 'W4A8KV4')"
             )
-        for name in ("act_symmetric", "fuse_norm_quant"):
+        for name in ("act_symmetric", "fuse_act_quant"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -28,7 +28,7 @@ from ._checks import check_group_size
 from .formats import PHI_DTYPES, check_bits, check_phi_format, encode_phi, pack_nibbles, qrange, unpack_nibbles
 from .reference import ACT_BITS, estimate_scale, expand_groups, lora_init, svd_init
 
-__all__ = ["ActQuantRMSNorm", "LRQATLinear", "QuantizedLinear"]
+__all__ = ["ActQuantMLP", "ActQuantRMSNorm", "LRQATLinear", "QuantizedLinear"]
 
 
 def _op(name: str):
@@ -535,3 +535,48 @@ class ActQuantRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}" + _act_repr(self)
+
+
+class ActQuantMLP(nn.Module):
+    """LLaMA's MLP, ``down_proj(silu(gate_proj(x)) * up_proj(x))``, with the product (the input
+    of ``down_proj``) fake-quantised per token where it is made (weight-activation LR-QAT).
+
+    Installed by ``prepare`` in place of a LLaMA / Mistral / Qwen2 decoder layer's ``mlp`` when
+    ``LRQATConfig.act_bits`` is set (and ``fuse_act_quant``): one kernel
+    (``lrqat_kernels.swiglu_fake_quant``: Triton on CUDA / TRITON_INTERPRET=1; on CPU the
+    reference, op for op) replaces silu, the product and ``down_proj``'s input quantiser;
+    ``down_proj`` then has ``input_bits=None``. It keeps the original ``gate_proj``, ``up_proj``,
+    ``down_proj`` and ``act_fn`` modules (same state-dict keys); ``output_bits=None`` makes it the
+    plain MLP.
+
+    Shapes: ``x`` ``[..., hidden]`` -> ``[..., hidden]``.
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, act_fn: nn.Module | None = None,
+                 output_bits: int | None = 8, act_symmetric: bool = False):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.act_fn = act_fn if act_fn is not None else nn.SiLU()
+        _set_act_quant(self, None, output_bits, act_symmetric)
+
+    @staticmethod
+    def is_swiglu(mlp: nn.Module) -> bool:
+        """True for a transformers gated-SiLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, SiLU ``act_fn``)."""
+        act = getattr(mlp, "act_fn", None)
+        return (all(isinstance(getattr(mlp, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+                and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"))
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, output_bits: int | None, act_symmetric: bool = False) -> "ActQuantMLP":
+        if not cls.is_swiglu(mlp):
+            raise TypeError(f"{type(mlp).__name__} is not a gate/up/down MLP with a SiLU act_fn")
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, output_bits, act_symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.output_bits is None:
+            return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(_op("swiglu_fake_quant")(gate, up, self.output_bits, self.act_symmetric))
+
+    def extra_repr(self) -> str:
+        return _act_repr(self).lstrip(", ")

@@ -519,3 +519,49 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: t
     g = (grad * weight.to(out_dtype)).to(x.dtype).float()
     dx = r * (g - h * (g * h).mean(-1, keepdim=True))
     return dx.to(x.dtype), dw
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU with its output quantised (the input of down_proj, quantised where it is made)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_swiglu_args(gate, up) -> None:
+    check_tensor("gate", gate)
+    check_tensor("up", up)
+    if not gate.is_floating_point() or gate.dtype != up.dtype:
+        raise TypeError(f"gate and up must be floating-point tensors of one dtype, got {gate.dtype} and {up.dtype}")
+    if gate.shape != up.shape or gate.dim() < 1 or gate.shape[-1] < 1:
+        raise ValueError(f"gate and up must have one non-empty shape [..., intermediate], got {tuple(gate.shape)} "
+                         f"and {tuple(up.shape)}")
+    if gate.device != up.device:
+        raise ValueError(f"gate is on {gate.device}, up on {up.device}: they must share a device")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """LLaMA's MLP product ``silu(gate) * up``, op for op as transformers' ``LlamaMLP``."""
+    return F.silu(gate) * up
+
+
+def swiglu_fake_quant(gate: torch.Tensor, up: torch.Tensor, bits: int = 8, symmetric: bool = False) -> torch.Tensor:
+    """``fake_quant_activation(silu(gate) * up, bits, symmetric)``: the input of ``down_proj``,
+    quantised per token; straight-through, so the gradients are SwiGLU's."""
+    check_swiglu_args(gate, up)
+    return fake_quant_activation(swiglu(gate, up), bits, symmetric)
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
+    """Gradients of :func:`swiglu` (and of :func:`swiglu_fake_quant`) by recomputation:
+    ``d_up = grad * silu(gate)``, ``d_gate = (grad * up) * sigma(gate) * (1 + gate * (1 - sigma(gate)))``
+    (fp32 inside, each result rounded to its input's dtype as autograd rounds it).
+
+    Returns:
+        ``(d_gate, d_up)`` like ``gate`` and ``up``.
+    """
+    gf = gate.float()
+    sig = torch.sigmoid(gf)
+    grad = grad.to(gate.dtype)
+    d_up = grad * (gf * sig).to(gate.dtype)
+    d_a = (grad * up).float()
+    d_gate = d_a * (sig * (1 + gf * (1 - sig)))
+    return d_gate.to(gate.dtype), d_up

@@ -85,7 +85,7 @@ class TrainArgs:
     target_modules: list[str] | None = None
     act_bits: int | None = None
     kv_bits: int | None = None
-    fuse_norm_quant: bool = True
+    fuse_act_quant: bool = True
 
     def lrqat_config(self) -> LRQATConfig:
         return LRQATConfig(
@@ -93,7 +93,7 @@ class TrainArgs:
             phi_format=self.phi_format, range_method=self.range_method, init=self.init, svd_steps=self.svd_steps,
             target_modules=self.target_modules, exclude=list(self.exclude), learn_scale=self.learn_scale,
             compute_dtype=self.compute_dtype, seed=self.seed, act_bits=self.act_bits, kv_bits=self.kv_bits,
-            fuse_norm_quant=self.fuse_norm_quant,
+            fuse_act_quant=self.fuse_act_quant,
         )
 
     def validate(self) -> None:

@@ -5,10 +5,13 @@ Placement (paper section 4.4 / appendix B, following OmniQuant and LLM-QAT), for
 
 * the input of every swapped linear (q/k/v, o, gate/up, down projections) at ``act_bits``:
   ``LRQATLinear.input_bits`` / ``QuantizedLinear.input_bits``. On LLaMA / Mistral / Qwen2 decoder
-  layers (``config.fuse_norm_quant``, default) the shared input of q/k/v is quantised once, by
+  layers (``config.fuse_act_quant``, default) the shared input of q/k/v is quantised once, by
   ``input_layernorm`` (an :class:`~lrqat_kernels.modules.ActQuantRMSNorm`, norm and quantiser in
   one kernel), and that of gate/up by ``post_attention_layernorm``; those five linears then have
-  ``input_bits=None``. Same numerics: the quantiser is a function of the tensor alone;
+  ``input_bits=None``; likewise the input of ``down_proj`` is quantised by the MLP that makes it
+  (an :class:`~lrqat_kernels.modules.ActQuantMLP`: silu, product and quantiser in one kernel), so
+  only ``o_proj`` quantises its own input. Same numerics: the quantiser is a function of the
+  tensor alone;
 * queries and keys after RoPE, the inputs of ``Q K^T``, at ``act_bits``: an attention function
   registered with transformers' ``AttentionInterface`` as ``"lrqat"`` wraps the model's own
   (sdpa / eager) and quantises them per token and head (over ``head_dim``);
@@ -27,13 +30,13 @@ import sys
 
 import torch.nn as nn
 
-from .modules import ActQuantRMSNorm, LRQATLinear, QuantizedLinear
+from .modules import ActQuantMLP, ActQuantRMSNorm, LRQATLinear, QuantizedLinear
 
 ATTN_IMPL = "lrqat"
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Decoder layers whose forward is ``self_attn(input_layernorm(h))`` and ``mlp(post_attention_layernorm(h))``
 #: with ``mlp = down_proj(act(gate_proj(x)) * up_proj(x))`` (checked against transformers in tests).
-_NORM_FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 _LR = (LRQATLinear, QuantizedLinear)
 
 
@@ -107,11 +110,11 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
                                      "KV-cache quantisation quantises its output")
                 proj.output_bits = config.kv_bits
         m.lrqat_qk_bits, m.lrqat_act_symmetric = config.act_bits, config.act_symmetric
-    if config.fuse_norm_quant:
-        _fuse_norm_quantizers(model, config)
-    else:  # a re-install without fusion: norms swapped earlier stop quantising
+    if config.fuse_act_quant:
+        _fuse_act_quantizers(model, config)
+    else:  # a re-install without fusion: producers swapped earlier stop quantising
         for m in model.modules():
-            if isinstance(m, ActQuantRMSNorm):
+            if isinstance(m, (ActQuantRMSNorm, ActQuantMLP)):
                 m.output_bits = None
     if is_hf and attn:
         _register_attention()
@@ -128,15 +131,17 @@ def _norm_sites(layer: nn.Module):
             ("post_attention_layernorm", getattr(layer, "mlp", None), ("gate_proj", "up_proj")))
 
 
-def _fuse_norm_quantizers(model: nn.Module, config) -> None:
-    """Move the input quantiser of q/k/v and gate/up into the RMSNorm feeding them (see module doc).
+def _fuse_act_quantizers(model: nn.Module, config) -> None:
+    """Move the input quantisers of q/k/v and gate/up into the RMSNorms feeding them, and that of
+    down_proj into the MLP's SwiGLU (see module doc).
 
-    A norm is swapped only when every linear it feeds is an LR-QAT layer (an excluded linear
-    gets full-precision inputs, as with the per-linear placement) and it is an RMSNorm with
-    ``weight`` and ``variance_epsilon``; other layers keep per-linear quantisers.
+    A producer is swapped only when every linear it feeds is an LR-QAT layer (an excluded linear
+    gets full-precision inputs, as with the per-linear placement) and it has the expected form
+    (an RMSNorm with ``weight`` and ``variance_epsilon``; a gate/up/down MLP with SiLU); other
+    layers keep per-linear quantisers.
     """
     for layer in model.modules():
-        if type(layer).__name__ not in _NORM_FUSABLE_LAYERS:
+        if type(layer).__name__ not in _FUSABLE_LAYERS:
             continue
         for norm_name, parent, linears in _norm_sites(layer):
             norm = getattr(layer, norm_name, None)
@@ -151,3 +156,13 @@ def _fuse_norm_quantizers(model: nn.Module, config) -> None:
             norm.output_bits, norm.act_symmetric = config.act_bits, config.act_symmetric
             for m in mods:
                 m.input_bits = None
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(getattr(mlp, "down_proj", None), _LR):
+            continue
+        if not isinstance(mlp, ActQuantMLP):
+            if not ActQuantMLP.is_swiglu(mlp):
+                continue
+            mlp = ActQuantMLP.from_mlp(mlp, config.act_bits, config.act_symmetric)
+            layer.mlp = mlp
+        mlp.output_bits, mlp.act_symmetric = config.act_bits, config.act_symmetric
+        mlp.down_proj.input_bits = None

@@ -250,5 +250,5 @@ def test_train_weight_activation_flags(workdir, tmp_path):
         assert m.lrqat_config.act_bits == 8 and m.lrqat_config.kv_bits == 4
         attn = m.model.layers[0].self_attn
         assert attn.o_proj.input_bits == 8 and attn.k_proj.output_bits == 4 and attn.q_proj.output_bits is None
-        # q/k/v inputs are quantised once, by the norm feeding them (fuse_norm_quant, the default)
+        # q/k/v inputs are quantised once, by the norm feeding them (fuse_act_quant, the default)
         assert attn.q_proj.input_bits is None and m.model.layers[0].input_layernorm.output_bits == 8

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import lrqat_kernels
-from lrqat_kernels import ActQuantRMSNorm, LRQATConfig, LRQATLinear, QuantizedLinear, convert, load_pretrained, prepare, save_pretrained
+from lrqat_kernels import ActQuantMLP, ActQuantRMSNorm, LRQATConfig, LRQATLinear, QuantizedLinear, convert, load_pretrained, prepare, save_pretrained
 from lrqat_kernels import reference as R
 from lrqat_kernels.wa_quant import ATTN_IMPL
 
@@ -76,44 +76,61 @@ class _NormCounter:
         monkeypatch.setattr(lrqat_kernels, "rms_norm_fake_quant", wrapped)
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["norm-fused", "per-linear"])
+class _SwigluCounter:
+    """Wraps lrqat_kernels.swiglu_fake_quant and records (last dim, bits) per call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        inner = lrqat_kernels.swiglu_fake_quant
+
+        def wrapped(gate, up, bits=8, symmetric=False):
+            self.calls.append((gate.shape[-1], bits))
+            return inner(gate, up, bits, symmetric)
+
+        monkeypatch.setattr(lrqat_kernels, "swiglu_fake_quant", wrapped)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-linear"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_placement(arch, fuse, monkeypatch):
-    model = prepare(tiny(arch), LRQATConfig.preset("W4A8KV4", rank=4, fuse_norm_quant=fuse))
+    model = prepare(tiny(arch), LRQATConfig.preset("W4A8KV4", rank=4, fuse_act_quant=fuse))
     assert model.config._attn_implementation == ATTN_IMPL
-    shared = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    produced = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
     for name, m in model.named_modules():
         if isinstance(m, LRQATLinear):
-            assert m.input_bits == (None if fuse and name.endswith(shared) else 8), name
+            assert m.input_bits == (None if fuse and name.endswith(produced) else 8), name
             assert m.output_bits == (4 if name.endswith(("k_proj", "v_proj")) else None), name
     norms = [n for n, m in model.named_modules() if isinstance(m, ActQuantRMSNorm)]
-    assert len(norms) == (4 if fuse else 0)
-    assert all(model.get_submodule(n).output_bits == 8 for n in norms)
-    counter, norm_counter = _Counter(monkeypatch), _NormCounter(monkeypatch)
+    mlps = [n for n, m in model.named_modules() if isinstance(m, ActQuantMLP)]
+    assert (len(norms), len(mlps)) == ((4, 2) if fuse else (0, 0))
+    assert all(model.get_submodule(n).output_bits == 8 for n in norms + mlps)
+    counter, norm_counter, swiglu_counter = _Counter(monkeypatch), _NormCounter(monkeypatch), _SwigluCounter(monkeypatch)
     with torch.no_grad():
         model(ids())
-    layers, head_dim, hidden = 2, 16, 64
-    # per layer: linear inputs (7, or o + down with the norms doing q/k/v and gate/up),
-    # k/v outputs (KV cache), queries and keys after RoPE
-    n_inputs = 2 if fuse else 7
+    layers, head_dim, hidden, inter = 2, 16, 64, 96
+    # per layer: linear inputs (7, or o_proj's alone with the norms doing q/k/v and gate/up and
+    # the SwiGLU doing down_proj's), k/v outputs (KV cache), queries and keys after RoPE
+    n_inputs = 1 if fuse else 7
     assert len(counter.calls) == layers * (n_inputs + 2 + 2)
     assert norm_counter.calls == ([(hidden, 8)] * 2 * layers if fuse else [])
+    assert swiglu_counter.calls == ([(inter, 8)] * layers if fuse else [])
     qk = [c for c in counter.calls if c[0] == 4]
     assert len(qk) == 2 * layers and all(c == (4, head_dim, 8) for c in qk)
     kv = [c for c in counter.calls if c[2] == 4]
     assert len(kv) == 2 * layers and all(c[1] == 32 for c in kv)  # 2 kv heads x 16
-    assert sum(1 for c in counter.calls if c[2] == 8 and c[0] == 3 and c[1] in (hidden, 96)) == n_inputs * layers
+    assert sum(1 for c in counter.calls if c[2] == 8 and c[0] == 3 and c[1] in (hidden, inter)) == n_inputs * layers
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_norm_fusion_is_the_same_model(arch):
-    """Quantising the norm's output once equals quantising it in each linear: logits and every
-    gradient bit for bit on the eager path (this also checks that transformers' decoder layers
-    still feed q/k/v from input_layernorm and gate/up from post_attention_layernorm)."""
+def test_fusion_is_the_same_model(arch):
+    """Quantising a norm's or the SwiGLU's output once, where it is made, equals quantising it in
+    each linear: logits and every gradient bit for bit on the eager path (this also checks that
+    transformers' decoder layers still feed q/k/v from input_layernorm, gate/up from
+    post_attention_layernorm and down_proj from silu(gate) * up)."""
     x = ids(3)
     out = {}
     for fuse in (True, False):
-        model = prepare(tiny(arch, seed=4), LRQATConfig.preset("W4A8KV8", rank=4, fuse_norm_quant=fuse))
+        model = prepare(tiny(arch, seed=4), LRQATConfig.preset("W4A8KV8", rank=4, fuse_act_quant=fuse))
         for m in model.modules():  # non-zero lora_B: the low-rank path matters
             if isinstance(m, LRQATLinear):
                 torch.nn.init.normal_(m.lora_B, std=0.02, generator=torch.Generator().manual_seed(5))
@@ -127,13 +144,13 @@ def test_norm_fusion_is_the_same_model(arch):
         assert torch.equal(out[True][1][n], out[False][1][n]), n
 
 
-def test_norm_fusion_under_the_kernel_matches(monkeypatch):
-    """With the Triton kernel (interpreter here) the fused model matches the per-linear one up to
-    the norm's last bits (the kernel's sum of squares is not torch's)."""
+def test_fusion_under_the_kernels_matches(monkeypatch):
+    """With the Triton kernels (interpreter here) the fused model matches the per-linear one up to
+    the last bits of the norm (the kernel's sum of squares is not torch's) and of silu."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = ids(4)
     with torch.no_grad():
-        y = {f: prepare(tiny(seed=6), LRQATConfig.preset("W4A8KV8", rank=4, fuse_norm_quant=f))(x).logits for f in (True, False)}
+        y = {f: prepare(tiny(seed=6), LRQATConfig.preset("W4A8KV8", rank=4, fuse_act_quant=f))(x).logits for f in (True, False)}
     torch.testing.assert_close(y[True], y[False], rtol=0.05, atol=0.05)
     assert (y[True] - y[False]).abs().mean() < 2e-3
 
@@ -150,7 +167,7 @@ def test_numerics_differ_from_weight_only_and_match_manual():
     assert (y_wa - y_w).abs().mean() < (y_w - y_fp).abs().mean()
     # A layer's forward is the reference math around its linear (per-linear placement: the k
     # projection quantises its input and its output; norm-fused: its input arrives quantised)
-    per_linear = prepare(tiny(seed=1), LRQATConfig.preset("W4A8KV8", rank=4, fuse_norm_quant=False))
+    per_linear = prepare(tiny(seed=1), LRQATConfig.preset("W4A8KV8", rank=4, fuse_act_quant=False))
     h = torch.randn(3, 64)
     for model, in_bits in ((per_linear, 8), (wa, None)):
         layer = model.model.layers[0].self_attn.k_proj
@@ -188,7 +205,7 @@ def test_convert_and_save_load_keep_quantizers(tmp_path, monkeypatch):
         assert torch.equal(back(x).logits, y_prep)
     convert(model)
     qs = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    assert qs and all(m.input_bits == 8 for n, m in qs if n.endswith(("o_proj", "down_proj")))
+    assert qs and all(m.input_bits == (8 if n.endswith("o_proj") else None) for n, m in qs)
     assert all(m.output_bits == 4 for n, m in qs if n.endswith(("k_proj", "v_proj")))
     with torch.no_grad():
         y_conv = model(x).logits
@@ -200,6 +217,8 @@ def test_convert_and_save_load_keep_quantizers(tmp_path, monkeypatch):
     assert "input_bits=8" in repr(back.model.layers[0].self_attn.o_proj)
     assert "output_bits=8" in repr(back.model.layers[0].input_layernorm)
     assert isinstance(back.model.layers[1].post_attention_layernorm, ActQuantRMSNorm)
+    assert isinstance(back.model.layers[1].mlp, ActQuantMLP) and back.model.layers[1].mlp.output_bits == 8
+    assert isinstance(back.model.layers[1].mlp.down_proj, QuantizedLinear)
 
 
 def test_plain_linear_model_act_only():

@@ -10,11 +10,11 @@ function of the tensor alone, so quantising it once, where it is made, gives the
 doing it inside the norm's kernel removes the norm's own write and read as well. Per layer and
 ``T x hidden`` activations, in passes over the tensor (a read or a write each):
 
-    per-linear placement  norm (r+w) + 5 quantisers (5 r + 5 w)     = 12 for the two norms' outputs
-    this kernel           2 x (r + w)                                = 4
+    per-linear placement  2 norms (2 r + 2 w) + 5 quantisers (5 r + 5 w)  = 14
+    this kernel, twice    2 x (r + w)                                     = 4
 
-(The other two linear inputs, o_proj's and down_proj's, are not norm outputs and keep their
-quantisers.) Fusing instead into the prologue of the LR-QAT linear does not pay: the default path
+(down_proj's input is made by the SwiGLU and quantised there: ``ops/swiglu_act_quant.py``;
+o_proj's comes out of attention and keeps its own quantiser.) Fusing instead into the prologue of the LR-QAT linear does not pay: the default path
 hands the input to cuBLAS, which has no prologue, and the fused dequant-GEMM path
 (``ops/fused_linear.py``) is for a few tokens, where activations are a rounding error of the
 layer's traffic next to the weights.
