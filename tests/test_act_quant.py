@@ -131,26 +131,43 @@ def test_bad_input_tensor():
 
 
 def test_launcher_config():
-    assert AQ.act_quant_config(4096) == (4096, 16)
-    assert AQ.act_quant_config(11008) == (8192, 16)
-    assert AQ.act_quant_config(7) == (128, 4)
+    assert AQ.act_quant_config(4096) == (4096, 16, True)
+    assert AQ.act_quant_config(11008) == (16384, 16, True)
+    assert AQ.act_quant_config(14336) == (16384, 16, True)
+    assert AQ.act_quant_config(28672) == (8192, 16, False)
+    assert AQ.act_quant_config(7) == (128, 4, True)
+
+
+@pytest.mark.parametrize("n", [20000], ids=lambda n: f"hidden{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_rows_match_reference_exactly(n, dtype):
+    """Rows wider than one chunk take the two-pass loop."""
+    x = _rows(n, dtype)
+    assert not AQ.act_quant_config(n)[2]
+    assert torch.equal(AQ.act_fake_quant_forward(x, 8, False), R.fake_quant_activation(x, 8, False))
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_aot_compiles_without_spills(arch):
+def test_aot_compiles_without_spills_or_approximate_division(arch):
+    """Every (KIND, block) the launchers can pick, bf16, plus fp16 / fp32 / mixed variants."""
     from lrqat_kernels.ops.aot import aot_compile_many
 
-    sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "stride_x": "i64", "stride_y": "i64",
-           "QMIN": "constexpr", "QMAX": "constexpr", "SYMMETRIC": "constexpr", "BLOCK": "constexpr"}
-    cases = [("bf16", b, False, 8) for b in AQ.ACT_BLOCKS]
-    cases += [("fp16", 4096, True, 4), ("fp32", 4096, False, 8)]
+    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "stride_a": "i64",
+           "stride_b": "i64", "stride_y": "i64", "eps": "fp32", "KIND": "constexpr", "QMIN": "constexpr",
+           "QMAX": "constexpr", "QUANT": "constexpr", "SYMMETRIC": "constexpr", "BLOCK": "constexpr",
+           "ONE_CHUNK": "constexpr", "INTERPRET": "constexpr"}
+    cases = [(k, "bf16", "bf16", "bf16", b, True, 8, False) for k in (0, 1, 2) for b in AQ.ONE_CHUNK_BLOCKS]
+    cases += [(k, "bf16", "bf16", "bf16", AQ.CHUNK_BLOCK, False, 8, False) for k in (0, 1, 2)]
+    cases += [(k, dt, dt, dt, 16384, True, 4, True) for k in (0, 1, 2) for dt in ("fp16", "fp32")]
+    cases += [(1, "bf16", "fp32", "fp32", 16384, True, 8, False)]  # bf16 x, fp32 norm weight
     specs = []
-    for dt, block, sym, bits in cases:
+    for kind, ad, bd, yd, block, one, bits, sym in cases:
         qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
-        specs.append(dict(signature=dict(sig, x_ptr=f"*{dt}", y_ptr=f"*{dt}"),
-                          constexprs=dict(QMIN=qmin, QMAX=qmax, SYMMETRIC=sym, BLOCK=block),
-                          arch=arch, num_warps=AQ.act_quant_config(block)[1], num_stages=3))
-    for res in aot_compile_many(AQ._act_fake_quant_kernel, specs):
-        print(res)
-        assert res.spill_stores == 0 and res.spill_loads == 0, str(res)
-        assert res.approx_ops == "", f"approximate fp32 math would not match the reference: {res}"
+        specs.append(dict(signature=dict(sig, a_ptr=f"*{ad}", b_ptr=f"*{bd}", y_ptr=f"*{yd}"),
+                          constexprs=dict(KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=True, SYMMETRIC=sym, BLOCK=block,
+                                          ONE_CHUNK=one, INTERPRET=False),
+                          arch=arch, num_warps=16 if block >= 4096 else AQ.act_quant_config(block)[1], num_stages=3))
+    for (kind, *_), res in zip(cases, aot_compile_many(AQ._act_quant_kernel, specs)):
+        print(f"KIND={kind}", res)
+        assert res.spill_stores == 0 and res.spill_loads == 0, f"KIND={kind} {res}"
+        assert res.approx_ops == "", f"approximate fp32 math would not match the reference: KIND={kind} {res}"

@@ -1,5 +1,5 @@
 """RMSNorm + per-token activation fake quantisation in one kernel (``ops/norm_act_quant.py``):
-kernel vs reference, gradients, torch.library, AOT compile for sm_80 / sm_90."""
+kernel vs reference, gradients, torch.library (the kernel's AOT compile: tests/test_act_quant.py)."""
 
 import pytest
 import torch
@@ -121,34 +121,3 @@ def test_bad_input():
         N.rms_norm_fake_quant(x.int(), w)
     with pytest.raises(TypeError, match="symmetric must be a bool"):
         N.rms_norm_fake_quant(x, w, symmetric=1)
-
-
-def test_launcher_config():
-    assert N.norm_quant_config(4096) == (4096, 16, True)
-    assert N.norm_quant_config(11008) == (8192, 16, False)
-    assert N.norm_quant_config(7) == (128, 4, True)
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-def test_aot_compiles_without_spills_or_approximate_math(arch):
-    from lrqat_kernels.ops.aot import aot_compile_many
-
-    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "stride_x": "i64", "stride_y": "i64",
-           "eps": "fp32", "QMIN": "constexpr", "QMAX": "constexpr", "QUANT": "constexpr", "SYMMETRIC": "constexpr",
-           "BLOCK": "constexpr", "ONE_CHUNK": "constexpr",
-           "INTERPRET": "constexpr"}
-    cases = [("bf16", "bf16", b, True, 8, False) for b in N.NORM_BLOCKS]
-    cases += [("bf16", "bf16", 8192, False, 8, False), ("fp16", "fp16", 4096, True, 4, True),
-              ("fp32", "fp32", 4096, True, 8, False), ("bf16", "fp32", 4096, True, 8, False)]
-    specs = []
-    for xd, wd, block, one, bits, sym in cases:
-        od = "fp32" if "fp32" in (xd, wd) else xd
-        qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
-        specs.append(dict(signature=dict(sig, x_ptr=f"*{xd}", w_ptr=f"*{wd}", y_ptr=f"*{od}"),
-                          constexprs=dict(QMIN=qmin, QMAX=qmax, QUANT=True, SYMMETRIC=sym,
-                                          BLOCK=block, ONE_CHUNK=one, INTERPRET=False),
-                          arch=arch, num_warps=N.norm_quant_config(block)[1], num_stages=3))
-    for res in aot_compile_many(N._rms_norm_act_quant_kernel, specs):
-        print(res)
-        assert res.spill_stores == 0 and res.spill_loads == 0, str(res)
-        assert res.approx_ops == "", str(res)

@@ -1,5 +1,5 @@
 """SwiGLU + per-token activation fake quantisation in one kernel (``ops/swiglu_act_quant.py``):
-kernel vs reference, gradients, torch.library, AOT compile for sm_80 / sm_90."""
+kernel vs reference, gradients, torch.library (the kernel's AOT compile: tests/test_act_quant.py)."""
 
 import pytest
 import torch
@@ -109,32 +109,3 @@ def test_bad_input():
         S.swiglu_fake_quant(gate, up, bits=2)
     with pytest.raises(TypeError, match="up must be a torch.Tensor"):
         S.swiglu_fake_quant(gate, [1.0])
-
-
-def test_launcher_config():
-    assert S.swiglu_quant_config(11008) == (16384, 16, True)
-    assert S.swiglu_quant_config(14336) == (16384, 16, True)
-    assert S.swiglu_quant_config(28672) == (8192, 16, False)
-    assert S.swiglu_quant_config(5) == (128, 4, True)
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-def test_aot_compiles_without_spills_or_approximate_division(arch):
-    from lrqat_kernels.ops.aot import aot_compile_many
-
-    sig = {"gate_ptr": "*bf16", "up_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "stride_g": "i64",
-           "stride_u": "i64", "stride_y": "i64", "QMIN": "constexpr", "QMAX": "constexpr", "QUANT": "constexpr",
-           "SYMMETRIC": "constexpr", "BLOCK": "constexpr", "ONE_CHUNK": "constexpr", "INTERPRET": "constexpr"}
-    cases = [("bf16", b, True, 8, False) for b in S.SWIGLU_BLOCKS]
-    cases += [("bf16", 8192, False, 8, False), ("fp16", 16384, True, 4, True), ("fp32", 16384, True, 8, False)]
-    specs = []
-    for dt, block, one, bits, sym in cases:
-        qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
-        specs.append(dict(signature=dict(sig, gate_ptr=f"*{dt}", up_ptr=f"*{dt}", y_ptr=f"*{dt}"),
-                          constexprs=dict(QMIN=qmin, QMAX=qmax, QUANT=True, SYMMETRIC=sym, BLOCK=block, ONE_CHUNK=one,
-                                          INTERPRET=False),
-                          arch=arch, num_warps=S.swiglu_quant_config(block)[1], num_stages=3))
-    for res in aot_compile_many(S._swiglu_act_quant_kernel, specs):
-        print(res)
-        assert res.spill_stores == 0 and res.spill_loads == 0, str(res)
-        assert res.approx_ops == "", str(res)

@@ -5,9 +5,13 @@ row's min/max with 0 included, detached; straight-through backward).
 
 Why a kernel: eager PyTorch does min, max, divide, round, clamp, multiply as separate passes over
 the activations, each a full read and write of ``[tokens, hidden]``. Here one program owns one
-row: the first loop reduces min/max (and a NaN flag) over the row, the second re-reads the row
-(from L1/L2: a 4096-wide bf16 row is 8 KiB) and writes ``x_hat``. HBM sees one read and one write.
-The backward is the identity (STE), so autograd saves nothing.
+row, held in registers up to 16384 wide: it reduces min/max (and a NaN flag) and writes
+``x_hat``. HBM sees one read and one write. The backward is the identity (STE), so autograd
+saves nothing.
+
+The same kernel (:func:`_act_quant_kernel`, ``KIND``) also makes the values it quantises: RMSNorm
+(``ops/norm_act_quant.py``) or SwiGLU (``ops/swiglu_act_quant.py``), so the producers of linear
+inputs quantise their outputs in the pass that writes them.
 """
 
 from __future__ import annotations
@@ -17,11 +21,10 @@ import triton
 import triton.language as tl
 
 from ..formats import qrange
-from .fake_quant import _round_clip, _round_half_even
+from .fake_quant import _cast, _round_clip, _round_half_even
 from ..reference import check_act_args
 from ..reference import fake_quant_activation as _reference_fake_quant_activation
 
-_EPS = 1e-8
 
 
 @triton.jit
@@ -45,74 +48,184 @@ def act_fake_quant(v, s, z, QMIN: tl.constexpr, QMAX: tl.constexpr):
     return s * (q - z)
 
 
+#: What a row's values are, before the quantiser (the ``KIND`` of :func:`_act_quant_kernel`).
+KIND_IDENTITY, KIND_RMS_NORM, KIND_SWIGLU = 0, 1, 2
+
+
 @triton.jit
-def _act_fake_quant_kernel(
-    x_ptr,
-    y_ptr,
-    n_cols,
-    stride_x,
-    stride_y,
-    QMIN: tl.constexpr,
-    QMAX: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _norm_out(v, w, rstd, H_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """RMSNorm's output in fp32, rounded as torch rounds it: ``(w * (v * rstd).to(H)).to(O)``."""
+    h = _cast(v * rstd, H_DTYPE, INTERPRET).to(tl.float32)
+    return _cast(w * h, O_DTYPE, INTERPRET).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_out(g, u, DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``(silu(g).to(DT) * u).to(DT)`` in fp32, rounded as torch rounds it for 16-bit tensors.
+    ``exp`` is Triton's (within a couple of ulp of torch's); the division is IEEE."""
+    a = _cast(tl.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERPRET).to(tl.float32)
+    return _cast(a * u, DT, INTERPRET).to(tl.float32)
+
+
+@triton.jit
+def _produce(a, b, rstd, KIND: tl.constexpr, H_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """The values to quantise, fp32, from the loaded operands (``b`` unused for the identity)."""
+    if KIND == 1:
+        return _norm_out(a, b, rstd, H_DTYPE, O_DTYPE, INTERPRET)
+    elif KIND == 2:
+        return _swiglu_out(a, b, O_DTYPE, INTERPRET)
+    else:
+        return a
+
+
+@triton.jit
+def _load_produce(a_row, b_row, offs, m, rstd, KIND: tl.constexpr, H_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    a = tl.load(a_row + offs, mask=m, other=0.0).to(tl.float32)
+    b = a
+    if KIND != 0:
+        b = tl.load(b_row + offs, mask=m, other=0.0).to(tl.float32)
+    return _produce(a, b, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+
+
+@triton.jit
+def _rstd(sum_sq, n_cols, eps):
+    """``rsqrt(mean(x^2) + eps)`` with IEEE division and square root."""
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_sq, n_cols * 1.0) + eps))
+
+
+@triton.jit
+def _act_quant_kernel(
+    a_ptr, b_ptr, y_ptr,
+    n_cols, stride_a, stride_b, stride_y, eps,
+    KIND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QUANT: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """``y[row] = fake_quant(produce(a[row], b[row]))`` (``QUANT``) or ``produce(...)``; grid ``(rows,)``.
+
+    ``KIND`` 0: ``a`` itself (``b`` unused); 1: RMSNorm of ``a`` with weight ``b`` (``stride_b = 0``:
+    every row reads the same weight) and ``eps``; 2: ``silu(a) * b``. Intermediate roundings
+    follow ``a``'s dtype and the output's (``y``'s) as torch does. ``ONE_CHUNK``: the row fits one
+    ``BLOCK`` and is loaded once, into registers; else each pass (sum of squares, range, write)
+    loops over ``BLOCK``-wide chunks, re-reading them from L1/L2.
+    """
+    H_DTYPE: tl.constexpr = a_ptr.dtype.element_ty
+    O_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31
-    x_row = x_ptr + row * stride_x
+    a_row = a_ptr + row * stride_a
+    b_row = b_ptr + row * stride_b
     y_row = y_ptr + row * stride_y
     cols = tl.arange(0, BLOCK)
+    if ONE_CHUNK:
+        m = cols < n_cols
+        a = tl.load(a_row + cols, mask=m, other=0.0).to(tl.float32)
+        b = a
+        if KIND != 0:
+            b = tl.load(b_row + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0
+        if KIND == 1:
+            rstd = _rstd(tl.sum(a * a, axis=0), n_cols, eps)
+        v = _produce(a, b, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+        if QUANT:
+            lo = tl.min(tl.where(m, tl.minimum(v, 0.0), 0.0), axis=0)  # 0 is always in the range
+            hi = tl.max(tl.where(m, tl.maximum(v, 0.0), 0.0), axis=0)
+            has_nan = tl.max((m & (v != v)).to(tl.int32), axis=0) > 0
+            s, z = act_qparams(lo, hi, has_nan, QMIN, QMAX, SYMMETRIC)
+            v = act_fake_quant(v, s, z, QMIN, QMAX)
+        tl.store(y_row + cols, _cast(v, O_DTYPE, INTERPRET), mask=m)
+    else:
+        rstd = 1.0
+        if KIND == 1:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                a = tl.load(a_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+                acc += a * a
+            rstd = _rstd(tl.sum(acc, axis=0), n_cols, eps)
+        s = 1.0
+        z = 0.0
+        if QUANT:
+            lo = tl.zeros([BLOCK], dtype=tl.float32)
+            hi = tl.zeros([BLOCK], dtype=tl.float32)
+            nan = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(0, n_cols, BLOCK):
+                m = start + cols < n_cols
+                v = _load_produce(a_row, b_row, start + cols, m, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+                lo = tl.minimum(lo, tl.where(m, v, 0.0))
+                hi = tl.maximum(hi, tl.where(m, v, 0.0))
+                nan = nan | (m & (v != v)).to(tl.int32)
+            s, z = act_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), tl.max(nan, axis=0) > 0, QMIN, QMAX, SYMMETRIC)
+        for start in range(0, n_cols, BLOCK):
+            m = start + cols < n_cols
+            v = _load_produce(a_row, b_row, start + cols, m, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+            if QUANT:
+                v = act_fake_quant(v, s, z, QMIN, QMAX)
+            tl.store(y_row + start + cols, _cast(v, O_DTYPE, INTERPRET), mask=m)
 
-    lo = tl.zeros([BLOCK], dtype=tl.float32)  # 0 is always in the range
-    hi = tl.zeros([BLOCK], dtype=tl.float32)
-    nan = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, n_cols, BLOCK):
-        m = start + cols < n_cols
-        v = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
-        lo = tl.minimum(lo, v)
-        hi = tl.maximum(hi, v)
-        nan = nan | (v != v).to(tl.int32)
-    s, z = act_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), tl.max(nan, axis=0) > 0, QMIN, QMAX, SYMMETRIC)
-    for start in range(0, n_cols, BLOCK):
-        m = start + cols < n_cols
-        v = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(y_row + start + cols, act_fake_quant(v, s, z, QMIN, QMAX).to(y_ptr.dtype.element_ty), mask=m)
+
+#: Row widths held in registers as one chunk (longer rows loop over :data:`CHUNK_BLOCK`-wide chunks).
+ONE_CHUNK_BLOCKS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+CHUNK_BLOCK = 8192
 
 
-ACT_BLOCKS = (128, 256, 512, 1024, 2048, 4096, 8192)
+def act_quant_config(n_cols: int) -> tuple[int, int, bool]:
+    """``(BLOCK, num_warps, ONE_CHUNK)`` for rows of ``n_cols`` (any ``KIND``).
 
-
-def act_quant_config(n_cols: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` the launcher uses for rows of ``n_cols``; BLOCK is one of :data:`ACT_BLOCKS`.
-
-    One chunk covers a typical hidden size (4096 / 5120 / 8192), so the second pass re-reads
-    the row from L1/L2 rather than HBM; wider rows loop over 8192-wide chunks. Warps grow with
-    the block so a thread holds at most 16 values: ptxas (sm_80/90) then needs <= 84 registers
-    and never spills, and a memory-bound kernel wants the occupancy (BLOCK 8192 with 4 warps
-    needs 255 registers and spills).
+    A row up to 16384 wide (LLaMA hidden sizes 4096 / 5120 / 8192, intermediate 11008 / 14336) is
+    one chunk in registers: HBM sees one read of each operand and one write. Warps grow with the
+    block so a thread holds at most 32 values of each operand: ptxas (sm_80/90) then needs <= 128
+    registers and never spills (AOT tests); the two-pass loop over wider rows uses 8192-wide
+    chunks (16384 there spills).
     """
-    block = min(max(triton.next_power_of_2(n_cols), ACT_BLOCKS[0]), ACT_BLOCKS[-1])
-    return block, (4 if block <= 512 else 8 if block <= 2048 else 16)
+    block = max(triton.next_power_of_2(n_cols), ONE_CHUNK_BLOCKS[0])
+    if block > ONE_CHUNK_BLOCKS[-1]:
+        return CHUNK_BLOCK, 16, False
+    return block, (4 if block <= 512 else 8 if block <= 2048 else 16), True
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, last]`` with a contiguous last dimension (a copy only when needed)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def launch_act_quant(kind: int, a: torch.Tensor, b: torch.Tensor | None, out_dtype: torch.dtype, bits: int | None,
+                     symmetric: bool = False, eps: float = 0.0) -> torch.Tensor:
+    """Run :func:`_act_quant_kernel` over the rows of ``a`` ``[..., n]``.
+
+    Args:
+        kind: :data:`KIND_IDENTITY` (``b`` None), :data:`KIND_RMS_NORM` (``b`` the ``[n]`` weight),
+            :data:`KIND_SWIGLU` (``b`` = up, shaped like ``a``).
+        out_dtype: the result's dtype (fp32 / bf16 / fp16).
+        bits: 4 / 8, or None for the producer alone (no quantiser).
+
+    Returns:
+        ``[..., n]`` in ``out_dtype``.
+    """
+    qmin, qmax = qrange(bits) if bits is not None else (0, 0)
+    a2 = _rows(a)
+    if kind == KIND_RMS_NORM:
+        b2, stride_b = b.contiguous(), 0
+    elif kind == KIND_SWIGLU:
+        b2 = _rows(b)
+        stride_b = b2.stride(0)
+    else:
+        b2, stride_b = a2, 0
+    y = torch.empty(a2.shape, dtype=out_dtype, device=a.device)
+    n_rows, n_cols = a2.shape
+    if n_rows:
+        block, num_warps, one = act_quant_config(n_cols)
+        _act_quant_kernel[(n_rows,)](
+            a2, b2, y, n_cols, a2.stride(0), stride_b, y.stride(0), float(eps),
+            KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=bits is not None, SYMMETRIC=symmetric, BLOCK=block,
+            ONE_CHUNK=one, INTERPRET=not a.is_cuda, num_warps=num_warps,
+            enable_fp_fusion=False,  # each fp32 op rounded as torch rounds it
+        )
+    return y.reshape(a.shape)
 
 
 def act_fake_quant_forward(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Launch the kernel on ``x`` ``[..., hidden]`` (last dim contiguous); returns ``x_hat`` like ``x``."""
-    qmin, qmax = qrange(bits)
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    # The Triton interpreter rounds fp32 -> bf16 wrongly (truncation); there the kernel writes
-    # fp32 and torch casts. On GPUs the kernel writes bf16 itself (round to nearest even).
-    interp_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda
-    y = torch.empty(x2.shape, dtype=torch.float32 if interp_bf16 else x.dtype, device=x.device)
-    n_rows, n_cols = x2.shape
-    if n_rows:
-        block, num_warps = act_quant_config(n_cols)
-        _act_fake_quant_kernel[(n_rows,)](
-            x2, y, n_cols, x2.stride(0), y.stride(0),
-            QMIN=qmin, QMAX=qmax, SYMMETRIC=symmetric, BLOCK=block, num_warps=num_warps,
-            enable_fp_fusion=False,  # keep each fp32 op rounded as in the reference
-        )
-    return y.to(x.dtype).reshape(x.shape)
+    """Launch the kernel on ``x`` ``[..., hidden]``; returns ``x_hat`` like ``x``."""
+    return launch_act_quant(KIND_IDENTITY, x, None, x.dtype, bits, symmetric)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
