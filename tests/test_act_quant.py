@@ -90,6 +90,17 @@ def test_saves_nothing_for_backward():
     assert saved == []
 
 
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["kernel", "eager"])
+def test_noncontiguous_input_gives_the_fakes_layout(interpret, monkeypatch):
+    """The op returns a contiguous tensor on every path, as its fake says: a transposed input
+    (queries [B, T, H, D] -> [B, H, T, D]) once made a compiled graph's later .view() fail."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    torch.library.opcheck(AQ._fake_quant_activation_op, (x, 8, False))
+    y = AQ.fake_quant_activation(x, 8)
+    assert y.is_contiguous() and torch.equal(y, R.fake_quant_activation(x.contiguous(), 8))
+
+
 def test_opcheck_and_compile():
     x = torch.randn(4, 48, requires_grad=True)
     torch.library.opcheck(AQ._fake_quant_activation_op, (x, 8, False))

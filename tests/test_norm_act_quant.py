@@ -105,6 +105,8 @@ def test_eager_cpu_path_is_norm_then_quantiser_bit_for_bit(monkeypatch):
 def test_opcheck_and_compile():
     x, w = _case(40, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.lrqat.rms_norm_fake_quant.default, (x, w, 1e-6, 8, False))
+    xt = torch.randn(3, 40, 5, device=DEVICE).transpose(1, 2)  # non-contiguous: the result is contiguous
+    torch.library.opcheck(torch.ops.lrqat.rms_norm_fake_quant.default, (xt, w, 1e-6, 4, True))
     fn = torch.compile(lambda a, b: N.rms_norm_fake_quant(a, b, 1e-6, 8) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(x, w), N.rms_norm_fake_quant(x, w, 1e-6, 8) * 2)
 

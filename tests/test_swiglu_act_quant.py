@@ -95,6 +95,8 @@ def test_eager_cpu_path_is_product_then_quantiser_bit_for_bit(monkeypatch):
 def test_opcheck_and_compile():
     gate, up = _case(40, torch.float32)
     torch.library.opcheck(torch.ops.lrqat.swiglu_fake_quant.default, (gate, up, 8, False))
+    gt, ut = (torch.randn(3, 40, 5, device=DEVICE).transpose(1, 2) for _ in range(2))  # non-contiguous
+    torch.library.opcheck(torch.ops.lrqat.swiglu_fake_quant.default, (gt, ut, 4, True))
     fn = torch.compile(lambda a, b: S.swiglu_fake_quant(a, b, 8) + 1, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(gate, up), S.swiglu_fake_quant(gate, up, 8) + 1)
 

@@ -240,12 +240,12 @@ def _fake_quant_activation_op(x: torch.Tensor, bits: int, symmetric: bool) -> to
     if _use_triton(x):
         return act_fake_quant_forward(x, bits, symmetric)
     with torch.no_grad():
-        return _reference_fake_quant_activation(x, bits, symmetric)
+        return _reference_fake_quant_activation(x, bits, symmetric).contiguous()
 
 
 @_fake_quant_activation_op.register_fake
 def _(x, bits, symmetric):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernel's and the eager branch's results
 
 
 def _setup_context(ctx, inputs, output):

@@ -68,7 +68,7 @@ def _rms_norm_fake_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float, b
     if _use_triton(x, weight):
         return rms_norm_act_quant_forward(x, weight, eps, bits, symmetric)
     with torch.no_grad():  # eager: the reference, op for op (bit-identical to norm + quantiser)
-        return R.fake_quant_activation(R.rms_norm(x, weight, eps), bits, symmetric)
+        return R.fake_quant_activation(R.rms_norm(x, weight, eps), bits, symmetric).contiguous()
 
 
 @_rms_norm_fake_quant_op.register_fake
@@ -111,5 +111,5 @@ def rms_norm_fake_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
     if not _use_triton(x, weight):
         # Eager: the reference ops themselves, so values and gradients are bit-identical to the
         # transformers norm followed by the quantiser (what per-linear placement computes).
-        return R.fake_quant_activation(R.rms_norm(x, weight, eps), bits, symmetric)
+        return R.fake_quant_activation(R.rms_norm(x, weight, eps), bits, symmetric).contiguous()
     return _rms_norm_fake_quant_op(x, weight, float(eps), bits, symmetric)

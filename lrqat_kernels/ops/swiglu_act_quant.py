@@ -51,12 +51,12 @@ def _swiglu_fake_quant_op(gate: torch.Tensor, up: torch.Tensor, bits: int, symme
     if _use_triton(gate):
         return swiglu_act_quant_forward(gate, up, bits, symmetric)
     with torch.no_grad():
-        return R.fake_quant_activation(R.swiglu(gate, up), bits, symmetric)
+        return R.fake_quant_activation(R.swiglu(gate, up), bits, symmetric).contiguous()
 
 
 @_swiglu_fake_quant_op.register_fake
 def _(gate, up, bits, symmetric):
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)  # contiguous, as the kernel's and the eager branch's results
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,5 +89,5 @@ def swiglu_fake_quant(gate: torch.Tensor, up: torch.Tensor, bits: int = 8, symme
     R.check_swiglu_args(gate, up)
     R.check_act_args(gate, bits, symmetric)
     if not _use_triton(gate):
-        return R.fake_quant_activation(R.swiglu(gate, up), bits, symmetric)
+        return R.fake_quant_activation(R.swiglu(gate, up), bits, symmetric).contiguous()
     return _swiglu_fake_quant_op(gate, up, bits, symmetric)
