@@ -67,7 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", default=",".join(map(str, HIDDEN)))
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--csv", default=None, help="output CSV (default bench/results/act_quant_<device>.csv)")
+    ap.add_argument("--csv", default=None,
+                    help="output CSV of the quant section (default bench/results/act_quant_<device>.csv; the sites "
+                         "and step sections write act_quant_sites_<device>.csv / wa_step_<device>.csv beside it); "
+                         "'' writes no files")
     ap.add_argument("--sections", default="quant,sites,step",
                     help="quant (the quantiser alone), sites (norm / SwiGLU + quantisers), step (a LLaMA training step)")
     args = ap.parse_args(argv)
@@ -123,10 +126,17 @@ def main(argv=None) -> int:
                               ("p80_ms", "p80", ".3f"), ("gb_per_s", "GB/s", ".1f"),
                               ("pct_roofline", "% H100 HBM", ".1f"), ("speedup_vs_eager", "x eager", ".2f"),
                               ("note", "note", "")]))
+    if args.csv == "":
+        return 0
     path = args.csv or os.path.join(os.path.dirname(__file__), "results", f"act_quant_{device.type}.csv")
     write_csv(path, rows, COLUMNS)
     print(f"wrote {path}")
     return 0
+
+
+def _results_dir(csv_arg: str | None) -> str:
+    """Where the sites / step CSVs go: beside ``--csv`` when given, else bench/results/."""
+    return os.path.dirname(os.path.abspath(csv_arg)) if csv_arg else os.path.join(os.path.dirname(__file__), "results")
 
 
 SITE_PROVIDERS = ["producer_only_eager", "per_linear_eager", "once_eager", "per_linear_triton", "fused_triton"]
@@ -200,7 +210,7 @@ def sites(device, tokens, bits_list, env, csv_arg) -> list[dict]:
                               ("pct_roofline", "% H100 HBM", ".1f"), ("speedup_vs_per_linear", "x per-linear", ".2f"),
                               ("note", "note", "")]))
     if csv_arg != "":
-        path = os.path.join(os.path.dirname(__file__), "results", f"act_quant_sites_{device.type}.csv")
+        path = os.path.join(_results_dir(csv_arg), f"act_quant_sites_{device.type}.csv")
         write_csv(path, rows, SITE_COLUMNS)
         print(f"wrote {path}")
     return rows
@@ -244,7 +254,7 @@ def train_step(device, env, csv_arg, preset="W4A8KV8") -> list[dict]:
                               ("median_ms", "median ms", ".1f"), ("p20_ms", "p20", ".1f"), ("p80_ms", "p80", ".1f"),
                               ("speedup_vs_per_linear", "x per-linear", ".3f"), ("note", "note", "")]))
     if csv_arg != "":
-        path = os.path.join(os.path.dirname(__file__), "results", f"wa_step_{device.type}.csv")
+        path = os.path.join(_results_dir(csv_arg), f"wa_step_{device.type}.csv")
         write_csv(path, rows, STEP_COLUMNS)
         print(f"wrote {path}")
     return rows

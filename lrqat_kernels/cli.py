@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-activation LR-QAT: per-token activation bits (linear inputs, Q/K after RoPE)")
     q.add_argument("--kv-bits", type=int, default=None, choices=[4, 8], help="KV-cache bits (k/v projection outputs)")
     q.add_argument("--no-fuse-act-quant", action="store_true",
-                   help="with --act-bits: quantise q/k/v and gate/up inputs in each linear, not once in the RMSNorm")
+                   help="with --act-bits: every linear quantises its own input (default: q/k/v and gate/up "
+                        "inputs once in the RMSNorm making them, down_proj's in the SwiGLU)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of lora_A / lora_B")
     o.add_argument("--lr-scale", type=float, default=1e-5, help="peak learning rate of the scales (0 = frozen s = s0)")

@@ -501,7 +501,7 @@ class ActQuantRMSNorm(nn.Module):
 
     Installed by ``prepare`` in place of a decoder layer's ``input_layernorm`` (output: the input
     of q/k/v) and ``post_attention_layernorm`` (output: the input of gate/up) when
-    ``LRQATConfig.act_bits`` is set, so the shared input of those linears is quantised once, in the
+    ``LRQATConfig.act_bits`` is set and ``fuse_act_quant`` is on (the default), so the shared input of those linears is quantised once, in the
     norm's kernel (``lrqat_kernels.rms_norm_fake_quant``: Triton on CUDA / TRITON_INTERPRET=1;
     on CPU the reference, op for op, bit-identical to the norm followed by the quantiser).
     The linears it feeds then have ``input_bits=None``.

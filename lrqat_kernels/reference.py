@@ -563,5 +563,5 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
     grad = grad.to(gate.dtype)
     d_up = grad * (gf * sig).to(gate.dtype)
     d_a = (grad * up).float()
-    d_gate = d_a * (sig * (1 + gf * (1 - sig)))
+    d_gate = d_a * sig * (1 + gf * (1 - sig))  # autograd's order of silu_backward
     return d_gate.to(gate.dtype), d_up

@@ -114,8 +114,7 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
         _fuse_act_quantizers(model, config)
     else:  # a re-install without fusion: producers swapped earlier stop quantising
         for m in model.modules():
-            if isinstance(m, (ActQuantRMSNorm, ActQuantMLP)):
-                m.output_bits = None
+            _unfuse(m)
     if is_hf and attn:
         _register_attention()
         current = hf_config._attn_implementation
@@ -147,6 +146,7 @@ def _fuse_act_quantizers(model: nn.Module, config) -> None:
             norm = getattr(layer, norm_name, None)
             mods = [getattr(parent, n, None) for n in linears] if parent is not None else [None]
             if not all(isinstance(m, _LR) for m in mods):
+                _unfuse(norm)  # swapped by an earlier install whose linears qualified
                 continue
             if not isinstance(norm, ActQuantRMSNorm):
                 if not (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")):
@@ -158,6 +158,7 @@ def _fuse_act_quantizers(model: nn.Module, config) -> None:
                 m.input_bits = None
         mlp = getattr(layer, "mlp", None)
         if not isinstance(getattr(mlp, "down_proj", None), _LR):
+            _unfuse(mlp)
             continue
         if not isinstance(mlp, ActQuantMLP):
             if not ActQuantMLP.is_swiglu(mlp):
@@ -166,3 +167,9 @@ def _fuse_act_quantizers(model: nn.Module, config) -> None:
             layer.mlp = mlp
         mlp.output_bits, mlp.act_symmetric = config.act_bits, config.act_symmetric
         mlp.down_proj.input_bits = None
+
+
+def _unfuse(module) -> None:
+    """A producer swapped earlier stops quantising (its consumers quantise their own inputs again)."""
+    if isinstance(module, (ActQuantRMSNorm, ActQuantMLP)):
+        module.output_bits = None

@@ -159,7 +159,7 @@ def test_chunked_rows_match_reference_exactly(n, dtype):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_aot_compiles_without_spills_or_approximate_division(arch):
+def test_aot_compiles_without_spills_or_approximate_math(arch):
     """Every (KIND, block) the launchers can pick, bf16, plus fp16 / fp32 / mixed variants."""
     from lrqat_kernels.ops.aot import aot_compile_many
 
@@ -177,8 +177,13 @@ def test_aot_compiles_without_spills_or_approximate_division(arch):
         specs.append(dict(signature=dict(sig, a_ptr=f"*{ad}", b_ptr=f"*{bd}", y_ptr=f"*{yd}"),
                           constexprs=dict(KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=True, SYMMETRIC=sym, BLOCK=block,
                                           ONE_CHUNK=one, INTERPRET=False),
-                          arch=arch, num_warps=16 if block >= 4096 else AQ.act_quant_config(block)[1], num_stages=3))
+                          arch=arch, num_warps=16 if block >= 4096 else AQ.act_quant_config(block)[1], num_stages=3,
+                          enable_fp_fusion=False))  # as the launcher
     for (kind, *_), res in zip(cases, aot_compile_many(AQ._act_quant_kernel, specs)):
         print(f"KIND={kind}", res)
         assert res.spill_stores == 0 and res.spill_loads == 0, f"KIND={kind} {res}"
-        assert res.approx_ops == "", f"approximate fp32 math would not match the reference: KIND={kind} {res}"
+        # SwiGLU's exp is libdevice's expf (what torch's CUDA silu calls): its ex2.approx.ftz follows
+        # an exact range reduction. Anything else approximate (tl.exp's bare ex2.approx.f32, '/')
+        # would not match torch.
+        allowed = "ex2.approx.ftz.f32" if kind == 2 else ""
+        assert res.approx_ops == allowed, f"approximate fp32 math would not match torch: KIND={kind} {res}"

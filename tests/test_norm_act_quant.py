@@ -27,7 +27,7 @@ def _case(n, dtype, wdtype, rows=6, seed=0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("n", [1, 7, 130, 4096, 8193], ids=lambda n: f"hidden{n}")
+@pytest.mark.parametrize("n", [1, 7, 130, 4096, 8193, 20000], ids=lambda n: f"hidden{n}")  # 20000: two-pass
 @pytest.mark.parametrize("dtype,wdtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("bits,symmetric", [(8, False), (8, True), (4, False), (4, True)])
 def test_kernel_quantises_its_norm_exactly_and_norm_matches_torch(n, dtype, wdtype, bits, symmetric):
@@ -40,7 +40,8 @@ def test_kernel_quantises_its_norm_exactly_and_norm_matches_torch(n, dtype, wdty
     # 1. the quantiser is exactly the reference's, applied to the kernel's own norm output
     assert torch.equal(y, R.fake_quant_activation(norm, bits, symmetric))
     # 2. the norm is torch's up to the order of the sum of squares (last bits of rstd)
-    torch.testing.assert_close(norm, ref_norm, rtol=2e-6 if dtype == torch.float32 else 0, atol=0)
+    # (16-bit: at most one ulp where h's rounding flips; a bf16 ulp is 2^-7 relative at most)
+    torch.testing.assert_close(norm, ref_norm, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=0)
     if dtype != torch.float32:
         # after rounding h to 16 bits an ulp of rstd rarely shows
         assert (norm != ref_norm).float().mean() < 0.01

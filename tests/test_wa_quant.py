@@ -145,12 +145,23 @@ def test_fusion_is_the_same_model(arch):
 
 
 def test_fusion_under_the_kernels_matches(monkeypatch):
-    """With the Triton kernels (interpreter here) the fused model matches the per-linear one up to
-    the last bits of the norm (the kernel's sum of squares is not torch's) and of silu."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x = ids(4)
+    """With the Triton kernels (on CUDA, else the interpreter) the fused model matches the
+    per-linear one up to the last bits of the norm (the kernel's sum of squares is not torch's)
+    and of silu."""
+    from lrqat_kernels.functions import _interpreting
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if device == "cuda" else "1")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if device == "cpu" and not isinstance(lrqat_kernels.ops.act_quant._act_quant_kernel, InterpretedFunction):
+        # kernels jitted without the interpreter (imported before TRITON_INTERPRET=1) cannot run on CPU
+        pytest.skip("Triton kernels were compiled for a GPU backend and no GPU is present")
+    assert device == "cuda" or _interpreting()
+    x = ids(4).to(device)
     with torch.no_grad():
-        y = {f: prepare(tiny(seed=6), LRQATConfig.preset("W4A8KV8", rank=4, fuse_act_quant=f))(x).logits for f in (True, False)}
+        y = {f: prepare(tiny(seed=6), LRQATConfig.preset("W4A8KV8", rank=4, fuse_act_quant=f)).to(device)(x).logits.cpu()
+             for f in (True, False)}
     torch.testing.assert_close(y[True], y[False], rtol=0.05, atol=0.05)
     assert (y[True] - y[False]).abs().mean() < 2e-3
 
@@ -247,6 +258,26 @@ def test_plain_linear_model_act_only():
     prepare(model, LRQATConfig(rank=2, act_bits=8, exclude=[]))
     assert all(m.input_bits == 8 for m in model.modules() if isinstance(m, LRQATLinear))
     assert model(torch.randn(4, 16)).shape == (4, 8)
+
+
+def test_reinstall_unfuses_producers_whose_consumers_left():
+    """A re-install (load, a new config) after a consumer stopped being an LR-QAT layer: its
+    producer stops quantising, so the plain linear gets full-precision inputs (as per-linear)."""
+    from lrqat_kernels.wa_quant import install_activation_quantizers
+
+    cfg = LRQATConfig(rank=4, act_bits=8)
+    model = prepare(tiny(), cfg)
+    layer = model.model.layers[0]
+    assert layer.input_layernorm.output_bits == 8 and layer.mlp.output_bits == 8
+    layer.self_attn.q_proj = nn.Linear(64, 64, bias=False)
+    layer.mlp.down_proj = nn.Linear(96, 64, bias=False)
+    install_activation_quantizers(model, cfg)
+    assert layer.input_layernorm.output_bits is None and layer.mlp.output_bits is None
+    assert layer.self_attn.k_proj.input_bits == 8  # quantises its own input again
+    assert layer.post_attention_layernorm.output_bits == 8 and layer.mlp.gate_proj.input_bits is None
+    assert model.model.layers[1].mlp.output_bits == 8
+    install_activation_quantizers(model, LRQATConfig(rank=4, act_bits=8, fuse_act_quant=False))
+    assert all(getattr(m, "output_bits", None) is None for m in model.modules() if isinstance(m, (ActQuantRMSNorm, ActQuantMLP)))
 
 
 def test_bad_placement():

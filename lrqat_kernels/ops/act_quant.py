@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..formats import qrange
 from .fake_quant import _cast, _round_clip, _round_half_even
@@ -60,10 +61,21 @@ def _norm_out(v, w, rstd, H_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, INTERPRE
 
 
 @triton.jit
+def _exp(x, INTERPRET: tl.constexpr):
+    """``exp`` as torch's CUDA kernels compute it: libdevice's ``expf`` (exact range reduction, then
+    ``ex2.approx``; <= 2 ulp). Triton's ``tl.exp`` is ``ex2.approx(x * log2(e))`` with the product
+    rounded first: ~10 ulp at |x| = 30. The interpreter (numpy) has no libdevice: ``tl.exp`` there."""
+    if INTERPRET:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
 def _swiglu_out(g, u, DT: tl.constexpr, INTERPRET: tl.constexpr):
-    """``(silu(g).to(DT) * u).to(DT)`` in fp32, rounded as torch rounds it for 16-bit tensors.
-    ``exp`` is Triton's (within a couple of ulp of torch's); the division is IEEE."""
-    a = _cast(tl.div_rn(g, 1.0 + tl.exp(-g)), DT, INTERPRET).to(tl.float32)
+    """``(silu(g).to(DT) * u).to(DT)`` in fp32, rounded as torch rounds it for 16-bit tensors:
+    ``silu(g) = g / (1 + exp(-g))`` as torch's CUDA kernel (IEEE division, libdevice ``expf``)."""
+    a = _cast(tl.div_rn(g, 1.0 + _exp(-g, INTERPRET)), DT, INTERPRET).to(tl.float32)
     return _cast(a * u, DT, INTERPRET).to(tl.float32)
 
 

@@ -29,6 +29,8 @@ class AOTResult:
     shared_bytes: int
     #: approximate fp32 instructions in the PTX (``div.full`` / ``*.approx``), comma-separated; "" when none.
     #: Triton's ``/`` on fp32 is ``div.full.f32``: kernels that must match torch use ``tl.div_rn``.
+    #: libdevice's ``expf`` (torch's exp) shows as ``ex2.approx.ftz.f32`` after an exact range
+    #: reduction; Triton's own ``tl.exp`` as ``ex2.approx.f32``.
     approx_ops: str = ""
 
     def __str__(self) -> str:
@@ -130,6 +132,7 @@ def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(
         name=kernel.metadata.name, arch=arch, num_warps=num_warps, num_stages=num_stages,
         registers=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
         shared_bytes=int(kernel.metadata.shared),
-        approx_ops=",".join(sorted(set(re.findall(r"\b((?:div|sqrt|rsqrt|rcp)\.(?:full|approx)[a-z0-9.]*)", ptx)))),
+        approx_ops=",".join(sorted(set(re.findall(
+            r"\b((?:div|sqrt|rsqrt|rcp)\.(?:full|approx)[a-z0-9.]*|(?:ex2|lg2|sin|cos|tanh)\.approx[a-z0-9.]*)", ptx)))),
     )
     return (res, ptx) if return_ptx else res
