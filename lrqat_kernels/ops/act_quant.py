@@ -183,15 +183,18 @@ def act_quant_config(n_cols: int) -> tuple[int, int, bool]:
     """``(BLOCK, num_warps, ONE_CHUNK)`` for rows of ``n_cols`` (any ``KIND``).
 
     A row up to 16384 wide (LLaMA hidden sizes 4096 / 5120 / 8192, intermediate 11008 / 14336) is
-    one chunk in registers: HBM sees one read of each operand and one write. Warps grow with the
-    block so a thread holds at most 32 values of each operand: ptxas (sm_80/90) then needs <= 128
-    registers and never spills (AOT tests); the two-pass loop over wider rows uses 8192-wide
-    chunks (16384 there spills).
+    one chunk in registers: HBM sees one read of each operand and one write. Wider rows loop
+    over 8192-wide chunks. The warp counts are the ones that compile without spills for every
+    ``KIND`` and dtype on sm_80 and sm_90 with the ptxas of Triton 3.8 (AOT tests) and of Triton
+    3.6 (the GPU image's; checked once by hand). ptxas' register targets are not monotonic in the
+    warp count: a one-chunk 8192 RMSNorm spilled at 16 warps (3.6), a one-chunk 16384 fp16
+    quantiser at 32 warps (3.8), the two-pass SwiGLU at 32 warps (3.6).
     """
     block = max(triton.next_power_of_2(n_cols), ONE_CHUNK_BLOCKS[0])
     if block > ONE_CHUNK_BLOCKS[-1]:
         return CHUNK_BLOCK, 16, False
-    return block, (4 if block <= 512 else 8 if block <= 2048 else 16), True
+    warps = {2048: 8, 4096: 16, 8192: 32, 16384: 16}.get(block, 4)
+    return block, warps, True
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
