@@ -20,6 +20,32 @@ if not CUDA_AVAILABLE:
 import pytest  # noqa: E402
 
 
+def _interpreter_numpy24_shim() -> None:
+    """Triton < 3.7's interpreter does ``int(tensor.handle.data)`` on a shape-(1,) array for
+    ``__index__`` (``range(0, n_cols, BLOCK)`` in a kernel), a TypeError since NumPy 2.4
+    (triton-lang/triton#9171, fixed upstream with ``.squeeze()``). Same fix, applied only there:
+    the GPU image runs Triton 3.6, and its interpreter tests must not fail for this."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except Exception:  # no triton, or a layout without the interpreter module
+        return
+    major_minor = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if major_minor >= (3, 7) or original is None or getattr(original, "_lrqat_shim", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._lrqat_shim = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+_interpreter_numpy24_shim()
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
