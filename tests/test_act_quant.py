@@ -32,6 +32,18 @@ def test_kernel_matches_reference_exactly(n, dtype, bits, symmetric):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_head_rows_share_programs_exactly(dtype):
+    """Queries [B, H, T, head_dim] quantised per (token, head): 72 rows of 64, 16 rows a program,
+    the last program half empty; each row keeps its own scale."""
+    g = torch.Generator().manual_seed(5)
+    q = (torch.randn(2, 4, 9, 64, generator=g) * torch.rand(2, 4, 9, 1, generator=g) * 10).to(dtype)
+    q[0, 1, 3] = 0.0
+    for bits, sym in ((8, False), (4, True)):
+        got = AQ.act_fake_quant_forward(q, bits, sym)
+        assert torch.equal(got, R.fake_quant_activation(q, bits, sym))
+
+
 def test_reference_semantics_by_hand():
     x = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.5]])
     # 4-bit asymmetric: lo = -1.5, hi = 3, s = 4.5 / 15 = 0.3, z = round(-8 + 5) = -3
@@ -142,12 +154,13 @@ def test_bad_input_tensor():
 
 
 def test_launcher_config():
-    assert AQ.act_quant_config(4096) == (4096, 16, True)
-    assert AQ.act_quant_config(8192) == (8192, 32, True)
-    assert AQ.act_quant_config(11008) == (16384, 16, True)
-    assert AQ.act_quant_config(14336) == (16384, 16, True)
-    assert AQ.act_quant_config(28672) == (8192, 16, False)
-    assert AQ.act_quant_config(7) == (128, 4, True)
+    assert AQ.act_quant_config(4096) == (4096, 1, 16, True)
+    assert AQ.act_quant_config(8192) == (8192, 1, 32, True)
+    assert AQ.act_quant_config(11008) == (16384, 1, 16, True)
+    assert AQ.act_quant_config(14336) == (16384, 1, 16, True)
+    assert AQ.act_quant_config(28672) == (8192, 1, 16, False)
+    assert AQ.act_quant_config(128) == (128, 16, 8, True)  # a head's queries: 16 rows a program
+    assert AQ.act_quant_config(7) == (128, 16, 8, True)
 
 
 @pytest.mark.parametrize("n", [20000], ids=lambda n: f"hidden{n}")
@@ -155,7 +168,7 @@ def test_launcher_config():
 def test_chunked_rows_match_reference_exactly(n, dtype):
     """Rows wider than one chunk take the two-pass loop."""
     x = _rows(n, dtype)
-    assert not AQ.act_quant_config(n)[2]
+    assert not AQ.act_quant_config(n)[3]
     assert torch.equal(AQ.act_fake_quant_forward(x, 8, False), R.fake_quant_activation(x, 8, False))
 
 
@@ -164,10 +177,10 @@ def test_aot_compiles_without_spills_or_approximate_math(arch):
     """Every (KIND, block) the launchers can pick, bf16, plus fp16 / fp32 / mixed variants."""
     from lrqat_kernels.ops.aot import aot_compile_many
 
-    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "stride_a": "i64",
+    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "n_cols": "i32", "stride_a": "i64",
            "stride_b": "i64", "stride_y": "i64", "eps": "fp32", "KIND": "constexpr", "QMIN": "constexpr",
            "QMAX": "constexpr", "QUANT": "constexpr", "SYMMETRIC": "constexpr", "BLOCK": "constexpr",
-           "ONE_CHUNK": "constexpr", "INTERPRET": "constexpr"}
+           "ROWS": "constexpr", "ONE_CHUNK": "constexpr", "INTERPRET": "constexpr"}
     ONE_MAX = AQ.ONE_CHUNK_BLOCKS[-1]
     cases = [(k, "bf16", "bf16", "bf16", b, True, 8, False) for k in (0, 1, 2) for b in AQ.ONE_CHUNK_BLOCKS]
     cases += [(k, "bf16", "bf16", "bf16", AQ.CHUNK_BLOCK, False, 8, False) for k in (0, 1, 2)]
@@ -177,10 +190,11 @@ def test_aot_compiles_without_spills_or_approximate_math(arch):
     specs = []
     for kind, ad, bd, yd, block, one, bits, sym in cases:
         qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
+        _, rows, warps, _ = AQ.act_quant_config(block if one else 2 * ONE_MAX)
         specs.append(dict(signature=dict(sig, a_ptr=f"*{ad}", b_ptr=f"*{bd}", y_ptr=f"*{yd}"),
                           constexprs=dict(KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=True, SYMMETRIC=sym, BLOCK=block,
-                                          ONE_CHUNK=one, INTERPRET=False),
-                          arch=arch, num_warps=AQ.act_quant_config(block if one else 2 * ONE_MAX)[1], num_stages=3,
+                                          ROWS=rows, ONE_CHUNK=one, INTERPRET=False),
+                          arch=arch, num_warps=warps, num_stages=3,
                           enable_fp_fusion=False))  # as the launcher
     bad = []
     for (kind, *_), res in zip(cases, aot_compile_many(AQ._act_quant_kernel, specs)):

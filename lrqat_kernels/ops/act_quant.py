@@ -5,8 +5,8 @@ row's min/max with 0 included, detached; straight-through backward).
 
 Why a kernel: eager PyTorch does min, max, divide, round, clamp, multiply as separate passes over
 the activations, each a full read and write of ``[tokens, hidden]``. Here one program owns one
-row, held in registers up to 16384 wide: it reduces min/max (and a NaN flag) and writes
-``x_hat``. HBM sees one read and one write. The backward is the identity (STE), so autograd
+row (a tile of several narrow rows), held in registers up to 16384 wide: it reduces min/max
+(and a NaN flag) and writes ``x_hat``. HBM sees one read and one write. The backward is the identity (STE), so autograd
 saves nothing.
 
 The same kernel (:func:`_act_quant_kernel`, ``KIND``) also makes the values it quantises: RMSNorm
@@ -30,12 +30,12 @@ from ..reference import fake_quant_activation as _reference_fake_quant_activatio
 
 @triton.jit
 def act_qparams(lo, hi, has_nan, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Per-token ``(s, z)`` (fp32 scalars) from the row's range ``lo <= 0 <= hi`` and NaN flag,
+    """Per-token ``(s, z)`` (fp32, shaped like ``lo``) from the row's range ``lo <= 0 <= hi`` and NaN flag,
     as :func:`lrqat_kernels.reference.act_quant_params`. Divisions are IEEE (``div_rn``): Triton's
     ``/`` on fp32 is ``div.full.f32`` (2 ulp) on NVIDIA GPUs and would move rounding boundaries."""
     if SYMMETRIC:
         s = tl.maximum(tl.div_rn(tl.maximum(hi, -lo), QMAX * 1.0), 1e-8)
-        z = 0.0
+        z = tl.zeros_like(s)
     else:
         s = tl.maximum(tl.div_rn(hi - lo, (QMAX - QMIN) * 1.0), 1e-8)
         z = _round_half_even(QMIN - tl.div_rn(lo, s))
@@ -109,43 +109,49 @@ def _rstd(sum_sq, n_cols, eps):
 @triton.jit
 def _act_quant_kernel(
     a_ptr, b_ptr, y_ptr,
-    n_cols, stride_a, stride_b, stride_y, eps,
+    n_rows, n_cols, stride_a, stride_b, stride_y, eps,
     KIND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QUANT: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_CHUNK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """``y[row] = fake_quant(produce(a[row], b[row]))`` (``QUANT``) or ``produce(...)``; grid ``(rows,)``.
+    """``y[row] = fake_quant(produce(a[row], b[row]))`` (``QUANT``) or ``produce(...)``;
+    grid ``(cdiv(n_rows, ROWS),)``.
 
     ``KIND`` 0: ``a`` itself (``b`` unused); 1: RMSNorm of ``a`` with weight ``b`` (``stride_b = 0``:
     every row reads the same weight) and ``eps``; 2: ``silu(a) * b``. Intermediate roundings
-    follow ``a``'s dtype and the output's (``y``'s) as torch does. ``ONE_CHUNK``: the row fits one
-    ``BLOCK`` and is loaded once, into registers; else each pass (sum of squares, range, write)
-    loops over ``BLOCK``-wide chunks, re-reading them from L1/L2.
+    follow ``a``'s dtype and the output's (``y``'s) as torch does. ``ONE_CHUNK``: ``ROWS`` rows
+    of at most ``BLOCK`` each are one ``[ROWS, BLOCK]`` tile, loaded once, into registers (narrow
+    rows, such as queries and keys per head, share a program); else (``ROWS = 1``) each pass
+    (sum of squares, range, write) loops over ``BLOCK``-wide chunks, re-reading them from L1/L2.
     """
     H_DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     O_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31
-    a_row = a_ptr + row * stride_a
-    b_row = b_ptr + row * stride_b
-    y_row = y_ptr + row * stride_y
     cols = tl.arange(0, BLOCK)
     if ONE_CHUNK:
-        m = cols < n_cols
-        a = tl.load(a_row + cols, mask=m, other=0.0).to(tl.float32)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: rows * stride can pass 2^31
+        cmask = cols < n_cols
+        m = (rows < n_rows)[:, None] & cmask[None, :]
+        a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=m, other=0.0).to(tl.float32)
         b = a
-        if KIND != 0:
-            b = tl.load(b_row + cols, mask=m, other=0.0).to(tl.float32)
+        if KIND == 1:
+            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        elif KIND == 2:
+            b = tl.load(b_ptr + rows[:, None] * stride_b + cols[None, :], mask=m, other=0.0).to(tl.float32)
         rstd = 1.0
         if KIND == 1:
-            rstd = _rstd(tl.sum(a * a, axis=0), n_cols, eps)
+            rstd = _rstd(tl.sum(a * a, axis=1), n_cols, eps)[:, None]
         v = _produce(a, b, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
         if QUANT:
-            lo = tl.min(tl.where(m, tl.minimum(v, 0.0), 0.0), axis=0)  # 0 is always in the range
-            hi = tl.max(tl.where(m, tl.maximum(v, 0.0), 0.0), axis=0)
-            has_nan = tl.max((m & (v != v)).to(tl.int32), axis=0) > 0
+            lo = tl.min(tl.where(m, tl.minimum(v, 0.0), 0.0), axis=1)  # 0 is always in the range
+            hi = tl.max(tl.where(m, tl.maximum(v, 0.0), 0.0), axis=1)
+            has_nan = tl.max((m & (v != v)).to(tl.int32), axis=1) > 0
             s, z = act_qparams(lo, hi, has_nan, QMIN, QMAX, SYMMETRIC)
-            v = act_fake_quant(v, s, z, QMIN, QMAX)
-        tl.store(y_row + cols, _cast(v, O_DTYPE, INTERPRET), mask=m)
+            v = act_fake_quant(v, s[:, None], z[:, None], QMIN, QMAX)
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], _cast(v, O_DTYPE, INTERPRET), mask=m)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        a_row = a_ptr + row * stride_a
+        b_row = b_ptr + row * stride_b
+        y_row = y_ptr + row * stride_y
         rstd = 1.0
         if KIND == 1:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -179,8 +185,12 @@ ONE_CHUNK_BLOCKS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 CHUNK_BLOCK = 8192
 
 
-def act_quant_config(n_cols: int) -> tuple[int, int, bool]:
-    """``(BLOCK, num_warps, ONE_CHUNK)`` for rows of ``n_cols`` (any ``KIND``).
+def act_quant_config(n_cols: int) -> tuple[int, int, int, bool]:
+    """``(BLOCK, ROWS, num_warps, ONE_CHUNK)`` for rows of ``n_cols`` (any ``KIND``).
+
+    Rows narrower than 2048 share a program, ``ROWS = 2048 / BLOCK`` of them (queries and keys
+    quantised per head are 64-128 wide: one row a program would give each thread a value or two
+    and launch a program per head and token), so a program always holds >= 2048 values.
 
     A row up to 16384 wide (LLaMA hidden sizes 4096 / 5120 / 8192, intermediate 11008 / 14336) is
     one chunk in registers: HBM sees one read of each operand and one write. Wider rows loop
@@ -192,9 +202,10 @@ def act_quant_config(n_cols: int) -> tuple[int, int, bool]:
     """
     block = max(triton.next_power_of_2(n_cols), ONE_CHUNK_BLOCKS[0])
     if block > ONE_CHUNK_BLOCKS[-1]:
-        return CHUNK_BLOCK, 16, False
-    warps = {2048: 8, 4096: 16, 8192: 32, 16384: 16}.get(block, 4)
-    return block, warps, True
+        return CHUNK_BLOCK, 1, 16, False
+    rows = max(1, 2048 // block)
+    warps = {4096: 16, 8192: 32, 16384: 16}.get(block, 8)
+    return block, rows, warps, True
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -228,10 +239,10 @@ def launch_act_quant(kind: int, a: torch.Tensor, b: torch.Tensor | None, out_dty
     y = torch.empty(a2.shape, dtype=out_dtype, device=a.device)
     n_rows, n_cols = a2.shape
     if n_rows:
-        block, num_warps, one = act_quant_config(n_cols)
-        _act_quant_kernel[(n_rows,)](
-            a2, b2, y, n_cols, a2.stride(0), stride_b, y.stride(0), float(eps),
-            KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=bits is not None, SYMMETRIC=symmetric, BLOCK=block,
+        block, rows, num_warps, one = act_quant_config(n_cols)
+        _act_quant_kernel[(triton.cdiv(n_rows, rows),)](
+            a2, b2, y, n_rows, n_cols, a2.stride(0), stride_b, y.stride(0), float(eps),
+            KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=bits is not None, SYMMETRIC=symmetric, BLOCK=block, ROWS=rows,
             ONE_CHUNK=one, INTERPRET=not a.is_cuda, num_warps=num_warps,
             enable_fp_fusion=False,  # each fp32 op rounded as torch rounds it
         )
