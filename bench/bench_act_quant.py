@@ -55,7 +55,7 @@ from _common import H100_BYTES_PER_S, environment, format_table, time_fn, write_
 import lrqat_kernels as lk  # noqa: E402
 from lrqat_kernels import reference  # noqa: E402
 
-HIDDEN = [4096, 11008]
+HIDDEN = ["4096", "11008", "128x32"]  # "DxH": H heads of D per token (queries after RoPE, per head)
 PROVIDERS = ["eager", "compile", "triton"]
 COLUMNS = ["date", "device", "torch", "triton", "provider", "tokens", "hidden", "bits", "dtype",
            "median_ms", "p20_ms", "p80_ms", "gb_per_s", "pct_roofline", "speedup_vs_eager", "note"]
@@ -64,7 +64,8 @@ COLUMNS = ["date", "device", "torch", "triton", "provider", "tokens", "hidden", 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=None, help="tokens (default 4096 on GPU, 512 on CPU)")
-    ap.add_argument("--hidden", default=",".join(map(str, HIDDEN)))
+    ap.add_argument("--hidden", default=",".join(HIDDEN),
+                    help="row widths; 'DxH' quantises H rows of D per token (per-head queries / keys)")
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--csv", default=None,
@@ -99,9 +100,10 @@ def main(argv=None) -> int:
         train_step(device, env, args.csv)
     if "quant" not in sections:
         return 0
-    for hidden in map(int, args.hidden.split(",")):
+    for spec in args.hidden.split(","):
+        hidden, heads = (int(v) for v in spec.split("x")) if "x" in spec else (int(spec), 1)
         for bits in map(int, args.bits.split(",")):
-            x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+            x = torch.randn(tokens * heads, hidden, device=device, dtype=torch.bfloat16)
             nbytes = 2 * x.numel() * x.element_size()
             base = None
             for p in providers:
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
                     t = time_fn(lambda: fn(x, bits, False), device)
                 gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
                 base = t["median_ms"] if p == "eager" else base
-                rows.append(dict(env, provider=p, tokens=tokens, hidden=hidden, bits=bits, dtype="bf16", **t,
+                rows.append(dict(env, provider=p, tokens=tokens, hidden=spec, bits=bits, dtype="bf16", **t,
                                  gb_per_s=gbps,
                                  pct_roofline=100 * gbps * 1e9 / H100_BYTES_PER_S if on_gpu else None,
                                  speedup_vs_eager=(base / t["median_ms"]) if base else None,
