@@ -254,16 +254,21 @@ def act_fake_quant_forward(x: torch.Tensor, bits: int, symmetric: bool) -> torch
     return launch_act_quant(KIND_IDENTITY, x, None, x.dtype, bits, symmetric)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the same rule as functions.py)."""
+#: Dtypes the activation-quant kernel reads and writes.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_triton(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    """Triton on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the rule of functions.py), when
+    ``x``'s dtype and every other dtype involved (``dtypes``) are kernel dtypes."""
     from ..functions import _interpreting
 
-    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (x.is_cuda or _interpreting())
+    return all(d in KERNEL_DTYPES for d in (x.dtype, *dtypes)) and (x.is_cuda or _interpreting())
 
 
 @torch.library.custom_op("lrqat::fake_quant_activation", mutates_args=())
 def _fake_quant_activation_op(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    if _use_triton(x):
+    if use_triton(x):
         return act_fake_quant_forward(x, bits, symmetric)
     with torch.no_grad():
         return _reference_fake_quant_activation(x, bits, symmetric).contiguous()

@@ -39,10 +39,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as R
-from .act_quant import KIND_RMS_NORM, launch_act_quant
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+from .act_quant import KERNEL_DTYPES, KIND_RMS_NORM, launch_act_quant, use_triton
 
 def rms_norm_act_quant_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, bits: int | None,
                                symmetric: bool = False) -> torch.Tensor:
@@ -50,22 +47,14 @@ def rms_norm_act_quant_forward(x: torch.Tensor, weight: torch.Tensor, eps: float
     fp32/bf16/fp16, ``weight`` ``[hidden]``; ``bits`` None gives the plain RMSNorm. Returns
     ``[..., hidden]`` in ``promote_types(x.dtype, weight.dtype)``."""
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    if x.dtype not in _DTYPES or out_dtype not in _DTYPES:
+    if x.dtype not in KERNEL_DTYPES or out_dtype not in KERNEL_DTYPES:
         raise TypeError(f"x and weight must be fp32 / bf16 / fp16, got {x.dtype} and {weight.dtype}")
     return launch_act_quant(KIND_RMS_NORM, x, weight, out_dtype, bits, symmetric, eps)
 
 
-def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Triton on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the rule of functions.py)."""
-    from ..functions import _interpreting
-
-    return (x.dtype in _DTYPES and torch.promote_types(x.dtype, weight.dtype) in _DTYPES
-            and (x.is_cuda or _interpreting()))
-
-
 @torch.library.custom_op("lrqat::rms_norm_fake_quant", mutates_args=())
 def _rms_norm_fake_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float, bits: int, symmetric: bool) -> torch.Tensor:
-    if _use_triton(x, weight):
+    if use_triton(x, torch.promote_types(x.dtype, weight.dtype)):
         return rms_norm_act_quant_forward(x, weight, eps, bits, symmetric)
     with torch.no_grad():  # eager: the reference, op for op (bit-identical to norm + quantiser)
         return R.fake_quant_activation(R.rms_norm(x, weight, eps), bits, symmetric).contiguous()
@@ -108,7 +97,7 @@ def rms_norm_fake_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
     """
     R.check_rms_norm_args(x, weight, eps)
     R.check_act_args(x, bits, symmetric)
-    if not _use_triton(x, weight):
+    if not use_triton(x, torch.promote_types(x.dtype, weight.dtype)):
         # Eager: the reference ops themselves, so values and gradients are bit-identical to the
         # transformers norm followed by the quantiser (what per-linear placement computes).
         return R.fake_quant_activation(R.rms_norm(x, weight, eps), bits, symmetric).contiguous()

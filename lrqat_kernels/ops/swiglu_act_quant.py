@@ -24,31 +24,21 @@ from __future__ import annotations
 import torch
 
 from .. import reference as R
-from .act_quant import KIND_SWIGLU, launch_act_quant
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+from .act_quant import KERNEL_DTYPES, KIND_SWIGLU, launch_act_quant, use_triton
 
 def swiglu_act_quant_forward(gate: torch.Tensor, up: torch.Tensor, bits: int | None,
                              symmetric: bool = False) -> torch.Tensor:
     """Launch the kernel (``ops/act_quant.py``, ``KIND_SWIGLU``): ``gate``, ``up``
     ``[..., intermediate]`` fp32/bf16/fp16 (one dtype); ``bits`` None gives the plain product.
     Returns ``[..., intermediate]`` in their dtype."""
-    if gate.dtype not in _DTYPES or up.dtype != gate.dtype:
+    if gate.dtype not in KERNEL_DTYPES or up.dtype != gate.dtype:
         raise TypeError(f"gate and up must be fp32 / bf16 / fp16 of one dtype, got {gate.dtype} and {up.dtype}")
     return launch_act_quant(KIND_SWIGLU, gate, up, gate.dtype, bits, symmetric)
 
 
-def _use_triton(gate: torch.Tensor) -> bool:
-    """Triton on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the rule of functions.py)."""
-    from ..functions import _interpreting
-
-    return gate.dtype in _DTYPES and (gate.is_cuda or _interpreting())
-
-
 @torch.library.custom_op("lrqat::swiglu_fake_quant", mutates_args=())
 def _swiglu_fake_quant_op(gate: torch.Tensor, up: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    if _use_triton(gate):
+    if use_triton(gate):
         return swiglu_act_quant_forward(gate, up, bits, symmetric)
     with torch.no_grad():
         return R.fake_quant_activation(R.swiglu(gate, up), bits, symmetric).contiguous()
@@ -88,6 +78,6 @@ def swiglu_fake_quant(gate: torch.Tensor, up: torch.Tensor, bits: int = 8, symme
     """
     R.check_swiglu_args(gate, up)
     R.check_act_args(gate, bits, symmetric)
-    if not _use_triton(gate):
+    if not use_triton(gate):
         return R.fake_quant_activation(R.swiglu(gate, up), bits, symmetric).contiguous()
     return _swiglu_fake_quant_op(gate, up, bits, symmetric)
