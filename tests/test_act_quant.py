@@ -172,9 +172,15 @@ def test_chunked_rows_match_reference_exactly(n, dtype):
     assert torch.equal(AQ.act_fake_quant_forward(x, 8, False), R.fake_quant_activation(x, 8, False))
 
 
+# What the JIT sees at LLaMA shapes (hidden 4096, 11008, head 128: every pointer 16-byte aligned,
+# widths and row strides multiples of 16): Triton then vectorises the row loads and stores.
+_DIVISIBLE = ("a_ptr", "b_ptr", "y_ptr", "n_cols", "stride_a", "stride_b", "stride_y")
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_aot_compiles_without_spills_or_approximate_math(arch):
-    """Every (KIND, block) the launchers can pick, bf16, plus fp16 / fp32 / mixed variants."""
+    """Every (KIND, block) the launchers can pick, bf16, plus fp16 / fp32 / mixed variants; each
+    both as specialised for LLaMA shapes (multiples of 16) and for odd widths (no hints)."""
     from lrqat_kernels.ops.aot import aot_compile_many
 
     sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "n_cols": "i32", "stride_a": "i64",
@@ -187,22 +193,32 @@ def test_aot_compiles_without_spills_or_approximate_math(arch):
     cases += [(k, dt, dt, dt, b, True, 4, True) for k in (0, 1, 2) for dt in ("fp16", "fp32") for b in (8192, 16384)]
     cases += [(k, dt, dt, dt, AQ.CHUNK_BLOCK, False, 4, True) for k in (0, 1, 2) for dt in ("fp16", "fp32")]
     cases += [(1, "bf16", "fp32", "fp32", 16384, True, 8, False)]  # bf16 x, fp32 norm weight
+    cases = [c + (div,) for c in cases for div in (True, False)]
     specs = []
-    for kind, ad, bd, yd, block, one, bits, sym in cases:
+    for kind, ad, bd, yd, block, one, bits, sym, div in cases:
         qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
         _, rows, warps, _ = AQ.act_quant_config(block if one else 2 * ONE_MAX)
         specs.append(dict(signature=dict(sig, a_ptr=f"*{ad}", b_ptr=f"*{bd}", y_ptr=f"*{yd}"),
                           constexprs=dict(KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=True, SYMMETRIC=sym, BLOCK=block,
                                           ROWS=rows, ONE_CHUNK=one, INTERPRET=False),
-                          arch=arch, num_warps=warps, num_stages=3,
+                          arch=arch, num_warps=warps, num_stages=3, divisible=_DIVISIBLE if div else (),
                           enable_fp_fusion=False))  # as the launcher
     bad = []
-    for (kind, *_), res in zip(cases, aot_compile_many(AQ._act_quant_kernel, specs)):
-        print(f"KIND={kind}", res)
+    for (kind, _, _, _, block, one, _, _, div), res in zip(cases, aot_compile_many(AQ._act_quant_kernel, specs)):
+        print(f"KIND={kind} hints={div}", res, res.global_ops)
         bad = bad if (res.spill_stores == 0 and res.spill_loads == 0) else bad + [f"KIND={kind} {res}"]
         # SwiGLU's exp is libdevice's expf (what torch's CUDA silu calls): its ex2.approx.ftz follows
         # an exact range reduction. Anything else approximate (tl.exp's bare ex2.approx.f32, '/')
         # would not match torch.
         allowed = "ex2.approx.ftz.f32" if kind == 2 else ""
         assert res.approx_ops == allowed, f"approximate fp32 math would not match torch: KIND={kind} {res}"
+        if div:
+            # One read and one write at HBM speed need 16-byte accesses: every activation load and
+            # every store must be a .v4.b32. (Narrow RMSNorm rows, [ROWS > 1, BLOCK] tiles, load the
+            # norm weight once per program in a slice layout, b16..v2: <= 1 / ROWS of the bytes.)
+            ops = res.global_ops.split(",")
+            weight_ok = kind == 1 and AQ.act_quant_config(block)[1] > 1 and one
+            wide = [op for op in ops if op.endswith(".v4.b32")]
+            assert "ld.global.v4.b32" in wide and "st.global.v4.b32" in wide and (weight_ok or wide == ops), (
+                f"KIND={kind} BLOCK={block}: global accesses not 16-byte vectors at LLaMA shapes: {ops} ({res})")
     assert not bad, "register spills: " + "; ".join(bad)

@@ -32,6 +32,9 @@ class AOTResult:
     #: libdevice's ``expf`` (torch's exp) shows as ``ex2.approx.ftz.f32`` after an exact range
     #: reduction; Triton's own ``tl.exp`` as ``ex2.approx.f32``.
     approx_ops: str = ""
+    #: the distinct global load / store forms in the PTX (``ld.global.v4.b32`` etc.), comma-separated:
+    #: a memory-bound kernel reaches the HBM roofline only with 16-byte accesses (``.v4.b32``).
+    global_ops: str = ""
 
     def __str__(self) -> str:
         return (
@@ -134,5 +137,6 @@ def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(
         shared_bytes=int(kernel.metadata.shared),
         approx_ops=",".join(sorted(set(re.findall(
             r"\b((?:div|sqrt|rsqrt|rcp)\.(?:full|approx)[a-z0-9.]*|(?:ex2|lg2|sin|cos|tanh)\.approx[a-z0-9.]*)", ptx)))),
+        global_ops=",".join(sorted(set(re.findall(r"\b(?:ld|st)\.global[a-z0-9.]*", ptx)))),
     )
     return (res, ptx) if return_ptx else res
