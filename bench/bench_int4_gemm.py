@@ -111,13 +111,14 @@ def versions() -> dict:
 class Layer:
     """One quantised layer in every provider's format (built once per shape)."""
 
-    def __init__(self, N: int, K: int, group: int, dtype: torch.dtype, scale_dtype: torch.dtype, seed: int = 0):
+    def __init__(self, N: int, K: int, group: int, dtype: torch.dtype, scale_dtype: torch.dtype, seed: int = 0,
+                 device: str = "cuda"):
         gen = torch.Generator(device="cpu").manual_seed(seed)
         self.N, self.K, self.group, self.dtype = N, K, group, dtype
         w_int = torch.randint(-8, 8, (N, K), dtype=torch.int8, generator=gen)
-        self.scale = (torch.rand(N, K // group, generator=gen) * 0.01 + 0.002).cuda()
-        self.w_int = w_int.cuda()
-        self.qweight = pack_nibbles(w_int).cuda()
+        self.scale = (torch.rand(N, K // group, generator=gen) * 0.01 + 0.002).to(device)
+        self.w_int = w_int.to(device)
+        self.qweight = pack_nibbles(w_int).to(device)
         self.w_hat32 = self.scale.repeat_interleave(group, dim=1) * self.w_int.float()
         self.w_dense = self.w_hat32.to(dtype)
         self.scale_dtype = scale_dtype

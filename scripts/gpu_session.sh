@@ -3,8 +3,13 @@
 #
 #     bash scripts/gpu_session.sh build      # the extension for this GPU's arch (about 1-3 min)
 #     bash scripts/gpu_session.sh test       # the whole suite on CUDA, @pytest.mark.gpu included
+#     bash scripts/gpu_session.sh tune       # W4A16 tuning table for this GPU (lrqat_kernels/ops/tuned/)
 #     bash scripts/gpu_session.sh bench      # every GPU benchmark -> bench/results/*_cuda.csv
-#     bash scripts/gpu_session.sh all        # the three in one call (if time allows)
+#     bash scripts/gpu_session.sh all        # the four in one call (if time allows)
+#
+# Order matters: `tune` before `bench`, so the dispatcher row ("lrqat_auto") of bench_int4_gemm
+# measures the tuned choices. Commit the table (lrqat_kernels/ops/tuned/int4_<gpu>.json, also in
+# the archive) with bench/results/int4_tune_cuda.csv.
 #
 # Uses the machine's own python3 (it has torch, triton, transformers, pytest; no registry there):
 # nothing is installed beyond the in-place build (`pip install --no-deps --no-build-isolation -e .`).
@@ -18,7 +23,8 @@
 #
 # Knobs: LRQAT_PY (default python3), PYTEST_ARGS (extra pytest arguments, e.g. "-x -k int4"),
 # LRQAT_BENCH_QUICK=1 (short benchmark runs), LRQAT_STEP_TIMEOUT, TORCH_CUDA_ARCH_LIST (default
-# "8.0;9.0", as CI: a test checks the .so has both).
+# "8.0;9.0", as CI: a test checks the .so has both), LRQAT_TUNE_ALLOW_CUDA=1 (let the CUDA kernel
+# win tuning entries: only once tests/test_int4_gpu.py passed on this GPU).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -93,6 +99,13 @@ tests() {
   run_logged tests "$PY" -m pytest -q -p no:cacheprovider --durations=15 -rs tests ${PYTEST_ARGS:-}
 }
 
+tune() {
+  local extra=()
+  [[ "${LRQAT_TUNE_ALLOW_CUDA:-0}" == "1" ]] && extra+=(--allow-cuda)
+  [[ "${LRQAT_BENCH_QUICK:-0}" == "1" ]] && extra+=(--quick)
+  run_logged tune_int4_gemm "$PY" bench/tune_int4_gemm.py --budget-s "$(( ${LRQAT_STEP_TIMEOUT:-540} - 120 ))" "${extra[@]}"
+}
+
 bench() {
   if [[ "${LRQAT_BENCH_QUICK:-0}" == "1" ]]; then
     run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py --quick
@@ -105,6 +118,7 @@ bench() {
 
 pack() {
   cp -f bench/results/*_cuda.csv bench/results/int4_gemm*.csv bench/results/*.png "$DEST/" 2>/dev/null || true
+  cp -f lrqat_kernels/ops/tuned/*.json "$DEST/" 2>/dev/null || true
   if [[ -n "${OUT:-}" ]]; then  # the device tool brings back at most 8 files: one archive + the summary
     local tmp; tmp="$(mktemp -d)"
     (cd "$DEST" && tar czf "$tmp/gpu_session.tar.gz" --exclude=gpu_session.tar.gz . \
@@ -119,8 +133,9 @@ versions
 case "$STAGE" in
   build) build ;;
   test) tests ;;
+  tune) tune ;;
   bench) bench ;;
-  all) build; tests; bench ;;
-  *) echo "usage: $0 build|test|bench|all" >&2; trap - EXIT; exit 2 ;;
+  all) build; tests; tune; bench ;;
+  *) echo "usage: $0 build|test|tune|bench|all" >&2; trap - EXIT; exit 2 ;;
 esac
 exit $status

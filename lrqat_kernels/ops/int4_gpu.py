@@ -21,9 +21,11 @@ dispatcher calls for fp16 / bf16 CUDA tensors:
 ============== =================================================================================
 backend         what runs for CUDA tensors
 ============== =================================================================================
-``"auto"``      M <= :data:`AUTO_DEQUANT_MIN_M` - 1: the Triton W4A16 kernel (decode, memory bound);
-                larger M (prefill): dequantise once (Triton) then cuBLAS (``F.linear``).
-                Never the CUDA kernel (not yet validated on hardware).
+``"auto"``      the GPU's tuning table when it has one (:func:`auto_backend`,
+                :mod:`lrqat_kernels.ops.int4_tuning`); else M <= :data:`AUTO_DEQUANT_MIN_M` - 1:
+                the Triton W4A16 kernel (decode, memory bound); larger M (prefill): dequantise
+                once (Triton) then cuBLAS (``F.linear``). The CUDA kernel only where a table made
+                with ``--allow-cuda`` (after its GPU tests passed) measured it fastest.
 ``"cuda"``      the CUDA kernel (csrc/int4_gpu), prepacked on first use and cached per weight.
 ``"triton"``    the Triton W4A16 kernel (:mod:`lrqat_kernels.ops.int4_triton`).
 ``"dequant"``   dequantise to x's dtype, then ``F.linear``.
@@ -54,6 +56,7 @@ __all__ = [
     "int4_gpu_linear",
     "int4_gpu_dequant_words",
     "resolve_backend",
+    "auto_backend",
     "dequant_weight",
     "int4_linear_gpu",
     "check_int4_linear_args",
@@ -64,9 +67,10 @@ BACKENDS = ("auto", "cuda", "triton", "dequant")
 BACKEND_ENV = "LRQAT_INT4_BACKEND"
 
 #: ``backend="auto"`` switches from the Triton W4A16 kernel to dequantise + cuBLAS at this M
-#: (M > 256). PROVISIONAL AND UNMEASURED: no GPU was available when it was written. It should be
-#: the M where a W4A16 kernel stops beating cuBLAS on bf16 weights (measure with
-#: ``bench/bench_int4_gemm.py`` and update). Note for that measurement: the dequantisation pass
+#: (M > 256) on GPUs WITHOUT a tuning table (a table, written by ``bench/tune_int4_gemm.py`` on
+#: that GPU, replaces this rule by measured choices per shape and M). PROVISIONAL AND UNMEASURED:
+#: no GPU was available when it was written. It should be the M where a W4A16 kernel stops
+#: beating cuBLAS on bf16 weights. Note for that measurement: the dequantisation pass
 #: writes N*K*2 bytes (~34 us for 4096x11008 on an H100), ~20 % of the bf16 GEMM at M = 1024.
 AUTO_DEQUANT_MIN_M = 257
 
@@ -345,6 +349,51 @@ def _cached_prepack(qweight, scale, zero_point, group_size, scale_dtype) -> Int4
     return w
 
 
+def _device_name(device: torch.device) -> str | None:
+    """The GPU's name (keys the tuning tables); None off CUDA. A hook tests replace."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
+def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
+    """What ``backend="auto"`` runs for ``M`` tokens through an ``[N, K]`` layer with groups of ``g``
+    (``g == K``: per-channel) on ``device``.
+
+    With a tuning table for the GPU (:mod:`lrqat_kernels.ops.int4_tuning`): the measured winner of
+    the nearest tuned ``(M, N, K)``. Else: Triton below :data:`AUTO_DEQUANT_MIN_M`, dequantise +
+    cuBLAS from there. Either way a backend that cannot run this layer is replaced: "cuda" (only
+    in a table made with ``--allow-cuda``) needs the built kernel and its shape rules, "triton" a
+    group that is a multiple of 32 and Triton installed.
+    """
+    triton_ok = g == K or g % 32 == 0
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        triton_ok = False
+    rule = "triton" if (triton_ok and M < AUTO_DEQUANT_MIN_M) else "dequant"
+    name = _device_name(device)
+    if name is None:
+        return rule
+    from .int4_tuning import lookup
+
+    hit = lookup(name, M, N, K)
+    if hit is None:
+        return rule
+    backend = hit[0].backend
+    if backend == "cuda":
+        try:
+            _check_cuda_shapes(K, None if g == K else g)
+            cuda_ok = cuda_kernel_available()
+        except ValueError:
+            cuda_ok = False
+        if not cuda_ok:
+            backend = rule
+    if backend == "triton" and not triton_ok:
+        backend = "dequant"
+    return backend
+
+
 def int4_linear_gpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -375,12 +424,7 @@ def int4_linear_gpu(
     backend = resolve_backend(backend)
     M = x.numel() // K if K else 0
     if backend == "auto":
-        triton_ok = g == K or g % 32 == 0
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            triton_ok = False
-        backend = "triton" if (triton_ok and M < AUTO_DEQUANT_MIN_M) else "dequant"
+        backend = auto_backend(x.device, M, N, K, g)
     if backend == "cuda":
         if not x.is_cuda:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x.device}")

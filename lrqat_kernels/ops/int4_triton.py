@@ -216,8 +216,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: torch.device | str = "cuda",
-                       split_k: int | None = None) -> Int4TritonConfig:
+                       split_k: int | None = None, *, sms: int | None = None, device_name: str | None = None,
+                       tuned: bool = True) -> Int4TritonConfig:
     """The launch configuration :func:`int4_linear_triton` uses (tests compile exactly these).
+
+    On a GPU with a tuning table (:mod:`lrqat_kernels.ops.int4_tuning`, measured by
+    ``bench/tune_int4_gemm.py``) the table's config for the nearest tuned ``(M, N, K)`` is used
+    (``block_k`` capped to divide ``group_size``; the tuned split-K only for the exact tuned shape,
+    else the rule below). Otherwise (``tuned=False``, no table, CPU) these heuristics:
 
     * ``BLOCK_M`` = 16 / 32 / 64 by M (the tensor-core minimum is 16; small M wastes rows but is
       memory bound anyway), ``BLOCK_N`` = 64 for M <= 64 (more N tiles to spread the weight
@@ -229,8 +235,31 @@ def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: t
       programs (16 warps, ~48 KiB of weight loads in flight) run per SM, at most 16 splits and
       never more than K tiles. Provisional (unmeasured): tune on a GPU.
     * ``num_stages`` 4 (cp.async pipelining of the weight loads).
+
+    Args:
+        device: where the kernel runs (a CUDA device's SM count and name feed the choice).
+        split_k: force the number of K splits.
+        sms: SM count to plan for (default: the device's, or 132 = H100 SXM without a GPU).
+        device_name: GPU name whose tuning table to use (default: the device's own); lets the
+            config a GPU would get be computed (and AOT-compiled) without one.
+        tuned: False ignores tuning tables.
     """
     device = torch.device(device)
+    if tuned and device.type == "cuda":
+        if device_name is None and torch.cuda.is_available() and not _interpreting():
+            device_name = torch.cuda.get_device_name(device)
+        if device_name is not None:
+            from .int4_tuning import lookup
+
+            hit = lookup(device_name, M, N, K)
+            if hit is not None:
+                entry, exact = hit
+                c = entry.config
+                bk = _block_k(K, group_size, c["block_k"])
+                if split_k is None and exact and bk == c["block_k"]:
+                    split_k = c["split_k"]
+                return _finish(M, N, K, c["block_m"], c["block_n"], bk, c["num_warps"], c["num_stages"],
+                               split_k, device, sms)
     # (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages); ptxas -v on sm_80 / sm_90 with
     # the JIT's usual 16-divisibility specialisation: <= 255 registers and no spills for every
     # variant (tests/test_int4_triton.py compiles each).
@@ -242,11 +271,15 @@ def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: t
         bm, bn, bk_max, num_warps, num_stages = 64, 64, 64, 8, 4
     else:
         bm, bn, bk_max, num_warps, num_stages = 64, 128, 64, 8, 4
-    bk = _block_k(K, group_size, bk_max)
+    return _finish(M, N, K, bm, bn, _block_k(K, group_size, bk_max), num_warps, num_stages, split_k, device, sms)
+
+
+def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device, sms) -> Int4TritonConfig:
+    """Fill in split-K (the fill-the-GPU rule unless given) and clamp it to the K tiles."""
     k_tiles = triton.cdiv(K, bk)
     if split_k is None:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        sms = _num_sms(device)
+        sms = sms or _num_sms(device)
         split_k = 1
         if tiles < 4 * sms and not (device.type == "cpu" and _interpreting()):
             split_k = min(-(-4 * sms // tiles), 16)

@@ -1,0 +1,231 @@
+"""Tune the W4A16 dispatch on this GPU: Triton tile configs and the Triton / dequant + cuBLAS crossover.
+
+    python bench/tune_int4_gemm.py                  # all LLaMA shapes, default M list (~3-5 min on an H100)
+    python bench/tune_int4_gemm.py --quick          # two shapes, M in {1, 16, 256, 4096}
+    python bench/tune_int4_gemm.py --list           # print the candidate configs (no GPU needed)
+
+For every layer shape ``[N, K]`` of ``bench_int4_gemm.SHAPES`` and every M it times each candidate
+Triton config (:func:`lrqat_kernels.ops.int4_tuning.candidate_configs`: the heuristic default plus
+tiles, split-K and pipeline depths around it), "dequantise + cuBLAS" and cuBLAS on bf16 weights
+(and the opt-in CUDA kernel when built), after checking each output against the fp32 product.
+It then writes the device's tuning table (``lrqat_kernels/ops/tuned/int4_<device>.json`` or
+``--out-dir``), which ``int4_triton_config`` and ``int4_linear_gpu(backend="auto")`` read from
+then on, and a CSV of every timing (``bench/results/int4_tune_cuda.csv``).
+
+``--allow-cuda`` lets the CUDA kernel win table entries (so "auto" uses it there). Pass it only
+after ``pytest tests/test_int4_gpu.py`` passed on this GPU (the kernel is opt-in until then).
+``--budget-s``: stop starting new (shape, M) points after this many seconds and write what was
+measured (the table then covers fewer shapes; lookup falls back to the nearest tuned one).
+
+Without a CUDA device it says so and exits 0 (nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import format_table, write_csv  # noqa: E402
+from bench_int4_gemm import SHAPES, Layer, check, versions  # noqa: E402
+
+from lrqat_kernels.ops import int4_tuning  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096]
+CSV_COLUMNS = ["date", "device", "sm", "torch", "triton", "cuda", "shape", "N", "K", "M", "dtype", "group",
+               "provider", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "us_p50",
+               "chosen", "error"]
+
+
+def _time(fn, rep_ms: int, device: str) -> float:
+    """Median microseconds of ``fn``: ``do_bench`` on a GPU (L2 flushed before every run); on the CPU
+    (``--device cpu``, the interpreter: a smoke test of this script, not a measurement) wall time."""
+    if device == "cpu":
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[1] * 1e6
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5])[0] * 1e3
+
+
+def _cpu_info() -> dict:
+    import datetime
+
+    import triton
+
+    return dict(device="cpu-interpreter", sm="", sms=132, torch=torch.__version__, cuda=str(torch.version.cuda),
+                triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 256, 4096}")
+    ap.add_argument("--list", action="store_true", help="print the candidate configs and exit (no GPU needed)")
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default="all", help="comma-separated shape names (bench_int4_gemm.SHAPES) or 'all'")
+    ap.add_argument("--out-dir", default=str(int4_tuning.PACKAGE_TUNING_DIR), help="where the table is written")
+    ap.add_argument("--csv", default=os.path.join(RESULTS_DIR, "int4_tune_cuda.csv"), help="'' for none")
+    ap.add_argument("--rep-ms", type=int, default=20, help="do_bench repetition time per candidate (ms)")
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--custom-shapes", default="", help="'NxK,...' instead of --shapes (tests: tiny layers)")
+    ap.add_argument("--max-candidates", type=int, default=0, help="time at most this many configs a point (0: all)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: smoke-test the script under TRITON_INTERPRET=1 (timings meaningless)")
+    ap.add_argument("--allow-cuda", action="store_true",
+                    help="let the CUDA kernel win entries (only after tests/test_int4_gpu.py passed on this GPU)")
+    args = ap.parse_args(argv)
+
+    ms = [int(m) for m in args.ms.split(",") if m]
+    if any(m < 1 for m in ms):
+        ap.error(f"--ms must be positive integers, got {args.ms!r}")
+    names = [s[0] for s in SHAPES]
+    if args.shapes != "all":
+        unknown = [s for s in args.shapes.split(",") if s not in names]
+        if unknown:
+            ap.error(f"unknown --shapes {unknown}; known: {names}")
+    shapes = SHAPES if args.shapes == "all" else [s for s in SHAPES if s[0] in args.shapes.split(",")]
+    if args.custom_shapes:
+        try:
+            shapes = [(f"{n}x{k}", int(n), int(k)) for n, k in (t.split("x") for t in args.custom_shapes.split(","))]
+        except ValueError:
+            ap.error(f"--custom-shapes must be 'NxK,...' with integers, got {args.custom_shapes!r}")
+    if args.quick:
+        shapes, ms = shapes[:2], [1, 16, 256, 4096]
+    if args.group < 32 or args.group % 32:
+        ap.error(f"--group must be a multiple of 32 (the Triton kernel's K tile), got {args.group}")
+
+    if args.list:
+        for name, N, K in shapes:
+            for M in ms:
+                cands = int4_tuning.candidate_configs(M, N, K, args.group)
+                print(f"{name} N={N} K={K} M={M}: {len(cands)} candidates")
+                for c in cands:
+                    print("   ", c)
+        return 0
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--device cpu runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("tune_int4_gemm: no CUDA device (torch.cuda.is_available() is False): nothing was tuned or "
+              "written. Run this on the GPU the table is for.")
+        return 0
+
+    from lrqat_kernels.ops.int4_gpu import cuda_kernel_available, int4_gpu_linear, int4_linear_gpu
+    from lrqat_kernels.ops.int4_triton import Int4TritonConfig, int4_linear_triton, int4_triton_config
+
+    dev = args.device
+    info = versions() if dev == "cuda" else _cpu_info()
+    sms = info["sms"]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    have_cuda_kernel = dev == "cuda" and cuda_kernel_available()
+    print(f"# {info['device']} (sm_{info['sm']}, {sms} SMs), torch {info['torch']}, triton {info['triton']}; "
+          f"x {args.dtype}, group {args.group}; CUDA kernel {'timed' if have_cuda_kernel else 'not built'}"
+          f"{' (may win entries)' if args.allow_cuda else ''}")
+    t_start = time.monotonic()
+    measurements, csv_rows, summary = [], [], []
+    stopped = None
+    for name, N, K in shapes:
+        if stopped:
+            break
+        layer = Layer(N, K, args.group, dtype, torch.float32, device=dev)  # fp32 scales: as "auto" prepacks a model
+        for M in ms:
+            if time.monotonic() - t_start > args.budget_s:
+                stopped = f"budget of {args.budget_s:.0f} s reached before {name} M={M}"
+                break
+            x = torch.randn(M, K, device=dev).to(dtype)
+            base = dict(date=info["date"], device=info["device"], sm=info["sm"], torch=info["torch"],
+                        triton=info["triton"], cuda=info["cuda"], shape=name, N=N, K=K, M=M,
+                        dtype=args.dtype, group=args.group)
+            point = dict(N=N, K=K, M=M, triton=[])
+            others = {"cublas": lambda: F.linear(x, layer.w_dense),
+                      "dequant": lambda: int4_linear_gpu(x, layer.qweight, layer.scale, None, args.group,
+                                                         backend="dequant")}
+            if have_cuda_kernel:
+                w = layer.gpu_weight()
+                others["cuda"] = lambda: int4_gpu_linear(x, w)
+            for prov, fn in others.items():
+                row = dict(base, provider=prov)
+                try:
+                    if prov != "cublas":
+                        check("lrqat_cuda" if prov == "cuda" else prov, fn, layer, x)
+                    point[prov] = row["us_p50"] = round(_time(fn, args.rep_ms, dev), 3)
+                except Exception as exc:  # a failing provider is recorded, not fatal
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                csv_rows.append(row)
+            default = int4_triton_config(M, N, K, args.group, "cuda", tuned=False, sms=sms)
+            default_us = None
+            candidates = int4_tuning.candidate_configs(M, N, K, args.group, sms=sms)
+            for cfg in candidates[: args.max_candidates or None]:
+                row = dict(base, provider="triton", **cfg)
+                config = Int4TritonConfig(**cfg)
+                fn = lambda: int4_linear_triton(x, layer.qweight, layer.scale, None, args.group,  # noqa: E731
+                                                config=config)
+                try:
+                    check("lrqat_triton", fn, layer, x)
+                    us = _time(fn, args.rep_ms, dev)
+                    row["us_p50"] = round(us, 3)
+                    point["triton"].append((cfg, us))
+                    if Int4TritonConfig(**cfg) == default:
+                        default_us = us
+                except Exception as exc:  # e.g. out of shared memory for a big tile on this GPU
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                csv_rows.append(row)
+            measurements.append(point)
+            timed = [(us, cfg) for cfg, us in point["triton"]]
+            if timed:
+                best_us, best_cfg = min(timed, key=lambda t: t[0])
+                for r in csv_rows:
+                    if r.get("provider") == "triton" and r["shape"] == name and r["M"] == M and \
+                            all(r.get(k) == v for k, v in best_cfg.items()):
+                        r["chosen"] = "best_triton"
+                summary.append(dict(shape=name, N=N, K=K, M=M, best=best_us, default=default_us, dequant=point.get("dequant"),
+                                    cublas=point.get("cublas"), cuda=point.get("cuda"),
+                                    cfg="{block_m}x{block_n}x{block_k} s{split_k} w{num_warps} p{num_stages}".format(**best_cfg)))
+            print(f"  {name} M={M}: {len(point['triton'])} configs timed ({time.monotonic() - t_start:.0f} s)", flush=True)
+        del layer
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    if stopped:
+        print(f"# stopped early: {stopped}")
+    if not any(p["triton"] for p in measurements):
+        print("# no Triton config ran: no table written")
+        return 1
+    if args.csv:  # first: the measurements are on record even if the table cannot be built
+        write_csv(args.csv, csv_rows, CSV_COLUMNS)
+        print(f"# wrote {args.csv} ({len(csv_rows)} rows)")
+    table = int4_tuning.build_table(measurements, info, dtype=args.dtype, group_size=args.group,
+                                    allow_cuda=args.allow_cuda)
+    backend_of = {(e["N"], e["K"], e["M"]): e["backend"] for e in table["entries"]}
+    for s in summary:
+        s["backend"] = backend_of.get((s["N"], s["K"], s["M"]), "-")
+        s["tuned_vs_default"] = s["default"] / s["best"] if s["default"] else None
+        s["vs_cublas"] = s["cublas"] / min(v for v in (s["best"], s["dequant"]) if v) if s["cublas"] else None
+    print()
+    print(format_table(summary, [("shape", "shape", ""), ("M", "M", ""), ("cfg", "best Triton config", ""),
+                                 ("best", "best us", ".2f"), ("default", "default us", ".2f"),
+                                 ("tuned_vs_default", "x default", ".2f"), ("dequant", "dequant us", ".2f"),
+                                 ("cublas", "cuBLAS us", ".2f"), ("cuda", "CUDA us", ".2f"),
+                                 ("backend", "auto picks", ""), ("vs_cublas", "auto x cuBLAS", ".2f")]))
+    path = int4_tuning.write_table(table, args.out_dir)
+    print(f"\n# wrote {path} ({len(table['entries'])} entries)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

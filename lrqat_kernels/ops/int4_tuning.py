@@ -1,0 +1,277 @@
+"""Per-GPU tuning tables for the W4A16 dispatch: Triton tile configs and the Triton / cuBLAS crossover.
+
+The best tile shape, split-K and the M where "dequantise once + cuBLAS" overtakes a W4A16 kernel
+depend on the GPU (SM count, HBM bandwidth, tensor-core generation) and cannot be derived on paper.
+``bench/tune_int4_gemm.py`` measures them on a GPU and writes one JSON table per device; the
+dispatch reads it (as vLLM does for its fused-MoE configs), so a tuned GPU gets measured choices
+and every other GPU the heuristics of :func:`~lrqat_kernels.ops.int4_triton.int4_triton_config`
+and :data:`~lrqat_kernels.ops.int4_gpu.AUTO_DEQUANT_MIN_M`.
+
+Where tables are found: ``$LRQAT_INT4_TUNING_DIR`` (searched first) and the package's
+``lrqat_kernels/ops/tuned/``; the file for a device is ``int4_<device name>.json`` with every run
+of characters other than letters, digits, ``-`` and ``.`` replaced by ``_``
+(``NVIDIA H100 80GB HBM3`` -> ``int4_NVIDIA_H100_80GB_HBM3.json``). A table that cannot be read
+or fails validation is ignored with a warning naming the file and the problem (never used half).
+
+Schema (``version`` 1)::
+
+    {"version": 1, "device": "NVIDIA H100 80GB HBM3", "sm": "90", "created": "...",
+     "torch": "...", "triton": "...", "cuda": "...", "dtype": "bf16", "group_size": 128,
+     "entries": [{"N": 11008, "K": 4096, "M": 16, "backend": "triton",
+                  "config": {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4,
+                             "num_warps": 4, "num_stages": 4},
+                  "us": {"triton": 20.1, "dequant": 52.3, "cublas": 48.0}}, ...]}
+
+An entry says, for one layer shape ``[N, K]`` and token count ``M``, which backend won
+(``"triton"``, ``"dequant"`` = dequantise + cuBLAS, or ``"cuda"`` when the tuner was allowed to
+pick the opt-in CUDA kernel) and the fastest Triton config. Lookup for another ``(M, N, K)``: the
+entries of the same ``[N, K]`` if tuned, else of the nearest tuned shape (log distance of N and K);
+among those the smallest tuned M >= M, else the largest tuned M.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "TABLE_VERSION",
+    "TUNING_DIR_ENV",
+    "PACKAGE_TUNING_DIR",
+    "TABLE_BACKENDS",
+    "TunedEntry",
+    "table_filename",
+    "table_paths",
+    "load_table",
+    "lookup",
+    "candidate_configs",
+    "build_table",
+    "write_table",
+    "clear_cache",
+]
+
+TABLE_VERSION = 1
+TUNING_DIR_ENV = "LRQAT_INT4_TUNING_DIR"
+PACKAGE_TUNING_DIR = Path(__file__).with_name("tuned")
+TABLE_BACKENDS = ("triton", "dequant", "cuda")
+_CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class TunedEntry:
+    """One measured choice: for layer ``[N, K]`` at ``M`` tokens, ``backend`` won; ``config`` is the
+    fastest Triton config (dict with :data:`_CONFIG_KEYS`), ``us`` the medians it was chosen by."""
+
+    N: int
+    K: int
+    M: int
+    backend: str
+    config: dict
+    us: dict
+
+
+def table_filename(device_name: str) -> str:
+    """``int4_<device name, sanitised>.json``."""
+    return "int4_" + re.sub(r"[^A-Za-z0-9.\-]+", "_", device_name.strip()) + ".json"
+
+
+def table_paths(device_name: str) -> list[Path]:
+    """Where the table of ``device_name`` is looked for, in order."""
+    dirs = [Path(d) for d in os.environ.get(TUNING_DIR_ENV, "").split(os.pathsep) if d]
+    return [d / table_filename(device_name) for d in (*dirs, PACKAGE_TUNING_DIR)]
+
+
+def _pow2(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v & (v - 1) == 0
+
+
+def _validate(table: dict) -> list[TunedEntry]:
+    """The table's entries, or ValueError naming the first problem."""
+    if not isinstance(table, dict):
+        raise ValueError("top level must be a JSON object")
+    if table.get("version") != TABLE_VERSION:
+        raise ValueError(f"version must be {TABLE_VERSION}, got {table.get('version')!r}")
+    raw = table.get("entries")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("entries must be a non-empty list")
+    entries = []
+    for i, e in enumerate(raw):
+        where = f"entries[{i}]"
+        if not isinstance(e, dict):
+            raise ValueError(f"{where} must be an object")
+        for key in ("N", "K", "M"):
+            v = e.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{where}.{key} must be a positive integer, got {v!r}")
+        if e.get("backend") not in TABLE_BACKENDS:
+            raise ValueError(f"{where}.backend must be one of {TABLE_BACKENDS}, got {e.get('backend')!r}")
+        cfg = e.get("config")
+        if not isinstance(cfg, dict) or set(cfg) != set(_CONFIG_KEYS):
+            raise ValueError(f"{where}.config must have exactly the keys {_CONFIG_KEYS}, got {cfg!r}")
+        for key in _CONFIG_KEYS:
+            v = cfg[key]
+            if key in ("split_k", "num_stages"):
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 64:
+                    raise ValueError(f"{where}.config.{key} must be an integer in [1, 64], got {v!r}")
+            elif not _pow2(v):
+                raise ValueError(f"{where}.config.{key} must be a power of two, got {v!r}")
+        if cfg["block_m"] < 16 or cfg["block_n"] < 16 or cfg["block_k"] < 32:
+            raise ValueError(f"{where}.config: block_m / block_n >= 16 and block_k >= 32 (tensor-core tiles), got {cfg}")
+        us = e.get("us", {})
+        if not isinstance(us, dict):
+            raise ValueError(f"{where}.us must be an object")
+        entries.append(TunedEntry(e["N"], e["K"], e["M"], e["backend"], dict(cfg), dict(us)))
+    return entries
+
+
+@functools.lru_cache(maxsize=None)
+def _load(device_name: str, search: tuple[str, ...]) -> tuple[TunedEntry, ...] | None:
+    for path in map(Path, search):
+        if not path.is_file():
+            continue
+        try:
+            entries = _validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            warnings.warn(f"lrqat_kernels: ignoring the int4 tuning table {path}: {exc}; "
+                          "using the built-in heuristics", RuntimeWarning, stacklevel=3)
+            continue
+        return tuple(entries)
+    return None
+
+
+def load_table(device_name: str) -> tuple[TunedEntry, ...] | None:
+    """The validated entries of ``device_name``'s table (first readable one found), or None. Cached
+    per device name and search path (:func:`clear_cache` after writing a table)."""
+    return _load(device_name, tuple(str(p) for p in table_paths(device_name)))
+
+
+def clear_cache() -> None:
+    _load.cache_clear()
+
+
+def _shape_distance(e: TunedEntry, N: int, K: int) -> float:
+    return abs(math.log(e.N / N)) + abs(math.log(e.K / K))
+
+
+def lookup(device_name: str, M: int, N: int, K: int) -> tuple[TunedEntry, bool] | None:
+    """The entry that decides ``(M, N, K)`` on ``device_name``, and whether its shape is exactly
+    ``[N, K]``; None without a table."""
+    entries = load_table(device_name)
+    if not entries:
+        return None
+    best = min(_shape_distance(e, N, K) for e in entries)
+    same = sorted((e for e in entries if _shape_distance(e, N, K) == best), key=lambda e: e.M)
+    # Entries of one shape (the nearest, ties broken by the first tuned): N, K of same[0].
+    same = [e for e in same if (e.N, e.K) == (same[0].N, same[0].K)]
+    chosen = next((e for e in same if e.M >= M), same[-1])
+    return chosen, (chosen.N, chosen.K) == (N, K)
+
+
+# ---- what the tuner sweeps and how it writes a table ----------------------------------------------
+
+
+def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int = 132) -> list[dict]:
+    """The Triton configs ``bench/tune_int4_gemm.py`` times for ``(M, N, K)``: tile shapes by the M
+    regime, warps, pipeline depth and split-K around the heuristic's choice. Always contains the
+    heuristic default (so a tuned table is never worse than no table), every ``block_k`` divides
+    the group, and no split is empty."""
+    from .int4_triton import _block_k, int4_triton_config
+
+    default = int4_triton_config(M, N, K, group_size, "cuda", sms=sms)
+    # (BLOCK_M, BLOCK_N) by regime: decode (M <= 64) is memory bound (narrow N tiles, many of them,
+    # split-K to fill the SMs); prefill is compute bound (big tiles amortise the dequantisation).
+    if M <= 16:
+        tiles = [(16, 64), (16, 128)]
+    elif M <= 32:
+        tiles = [(32, 64), (16, 64), (32, 128)]
+    elif M <= 64:
+        tiles = [(64, 64), (32, 64), (64, 128)]
+    elif M <= 256:
+        tiles = [(64, 128), (128, 64), (64, 64), (128, 128)]
+    else:  # 128 x 256 is left out: ptxas spills it heavily at 8 warps (sm_80 and sm_90)
+        tiles = [(64, 128), (128, 128), (128, 64)]
+    k_tiles = lambda bk: -(-K // bk)  # noqa: E731
+    out, seen = [], set()
+
+    def add(bm, bn, bk, split, warps, stages):
+        try:
+            bk = _block_k(K, group_size, bk)
+        except ValueError:
+            return
+        split = max(1, min(split, k_tiles(bk)))
+        split = -(-k_tiles(bk) // -(-k_tiles(bk) // split))  # the launcher's no-empty-split count
+        key = (bm, bn, bk, split, warps, stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(zip(_CONFIG_KEYS, key)))
+
+    add(default.block_m, default.block_n, default.block_k, default.split_k, default.num_warps, default.num_stages)
+    for bm, bn in tiles:
+        bk = 128 if bm <= 32 else 64  # as the heuristic: wide K tiles only while the x tile is small
+        warps = 4 if bm * bn <= 32 * 64 else 8
+        tiles_mn = -(-M // bm) * -(-N // bn)
+        fill = max(1, min(16, -(-4 * sms // tiles_mn))) if tiles_mn < 4 * sms else 1
+        splits = sorted({1, fill, max(1, fill // 2), min(16, fill * 2)}) if M <= 256 else [1, 2]
+        for split in splits:
+            for stages in (3, 4) if bm * bn < 128 * 128 else (3,):
+                add(bm, bn, bk, split, warps, stages)
+    return out
+
+
+def build_table(measurements: list[dict], info: dict, *, dtype: str, group_size: int, allow_cuda: bool = False) -> dict:
+    """A table from the tuner's measurements.
+
+    Args:
+        measurements: one dict per (shape, M): ``N``, ``K``, ``M``, ``triton`` = list of
+            ``(config dict, median us)`` (failed configs left out), ``dequant`` / ``cublas`` /
+            ``cuda`` = median us or None.
+        info: device facts (``device``, ``sm``, ``torch``, ``triton``, ``cuda``, ``date``).
+        allow_cuda: let the CUDA kernel win entries (only once its GPU tests passed on this GPU).
+    """
+    entries = []
+    for m in measurements:
+        timed = [(us, cfg) for cfg, us in m["triton"] if us is not None and math.isfinite(us)]
+        if not timed:
+            continue
+        t_us, t_cfg = min(timed, key=lambda t: t[0])
+        options = {"triton": t_us}
+        if m.get("dequant") is not None:
+            options["dequant"] = m["dequant"]
+        if allow_cuda and m.get("cuda") is not None:
+            options["cuda"] = m["cuda"]
+        backend = min(options, key=options.get)
+        us = {k: round(v, 3) for k, v in (("triton", t_us), ("dequant", m.get("dequant")),
+                                          ("cuda", m.get("cuda")), ("cublas", m.get("cublas"))) if v is not None}
+        entries.append(dict(N=m["N"], K=m["K"], M=m["M"], backend=backend, config=dict(t_cfg), us=us))
+    table = dict(version=TABLE_VERSION, device=info["device"], sm=str(info.get("sm", "")),
+                 created=info.get("date", ""), torch=info.get("torch", ""), triton=info.get("triton", ""),
+                 cuda=str(info.get("cuda", "")), dtype=dtype, group_size=group_size, entries=entries)
+    _validate(table)
+    return table
+
+
+def write_table(table: dict, directory: str | os.PathLike) -> Path:
+    """Validate ``table`` and write it atomically as ``directory / table_filename(device)``."""
+    _validate(table)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / table_filename(table["device"])
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    clear_cache()
+    return path

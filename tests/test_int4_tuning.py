@@ -1,0 +1,279 @@
+"""Per-GPU tuning tables of the W4A16 dispatch (lrqat_kernels/ops/int4_tuning.py, bench/tune_int4_gemm.py).
+
+No GPU needed: tables are looked up by device name, which the tests pass explicitly (or patch in),
+and the tuner itself runs end to end on the CPU under the Triton interpreter (timings meaningless).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lrqat_kernels.formats import pack_nibbles
+from lrqat_kernels.ops import int4_gpu
+from lrqat_kernels.ops import int4_tuning as T
+from lrqat_kernels.ops.int4_triton import int4_triton_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = "Fake GPU 80GB HBM3"
+
+
+def cfg(bm=16, bn=64, bk=128, split=4, warps=4, stages=4) -> dict:
+    return dict(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
+
+
+def entry(N, K, M, backend="triton", **c) -> dict:
+    return dict(N=N, K=K, M=M, backend=backend, config=cfg(**c), us={"triton": 1.0})
+
+
+def table(entries, device=NAME) -> dict:
+    return dict(version=T.TABLE_VERSION, device=device, sm="90", created="2026-11-25", torch="", triton="", cuda="",
+                dtype="bf16", group_size=128, entries=entries)
+
+
+@pytest.fixture
+def tuning_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(T.TUNING_DIR_ENV, str(tmp_path))
+    T.clear_cache()
+    yield tmp_path
+    T.clear_cache()
+
+
+def write(directory, tbl) -> None:
+    (directory / T.table_filename(tbl["device"])).write_text(json.dumps(tbl))
+    T.clear_cache()
+
+
+def test_table_filename():
+    assert T.table_filename("NVIDIA H100 80GB HBM3") == "int4_NVIDIA_H100_80GB_HBM3.json"
+    assert T.table_filename(" NVIDIA A100-SXM4-80GB ") == "int4_NVIDIA_A100-SXM4-80GB.json"
+    assert T.table_filename("a/b\\c:d") == "int4_a_b_c_d.json"  # never a path
+
+
+def test_lookup_rules(tuning_dir):
+    write(tuning_dir, table([entry(11008, 4096, 1), entry(11008, 4096, 16, bm=32), entry(11008, 4096, 256, bm=64),
+                             entry(4096, 4096, 1, bn=128), entry(4096, 4096, 64, bm=64, bn=128)]))
+    e, exact = T.lookup(NAME, 3, 11008, 4096)
+    assert (e.N, e.K, e.M, exact) == (11008, 4096, 16, True)  # smallest tuned M >= M
+    assert T.lookup(NAME, 1, 11008, 4096)[0].M == 1
+    assert T.lookup(NAME, 16, 11008, 4096)[0].M == 16
+    assert T.lookup(NAME, 5000, 11008, 4096)[0].M == 256  # beyond the table: the largest tuned M
+    e, exact = T.lookup(NAME, 2, 14336, 4096)  # untuned shape: the nearest tuned one (log distance)
+    assert (e.N, e.K, e.M, exact) == (11008, 4096, 16, False)
+    e, exact = T.lookup(NAME, 64, 4096, 4000)
+    assert (e.N, e.K, e.M, exact) == (4096, 4096, 64, False)
+    assert T.lookup("Other GPU", 1, 4096, 4096) is None
+
+
+def test_triton_config_uses_the_table(tuning_dir):
+    write(tuning_dir, table([entry(11008, 4096, 16, bm=32, bn=128, bk=128, split=3, warps=8, stages=3),
+                             entry(11008, 4096, 1024, bm=128, bn=128, bk=64, split=1, warps=8, stages=3)]))
+    got = int4_triton_config(5, 11008, 4096, 128, "cuda", device_name=NAME)
+    assert got == int4_gpu_cfg(32, 128, 128, 3, 8, 3)  # exact shape: the tuned split-K too
+    # A group of 64 caps BLOCK_K: the tuned split no longer describes this kernel -> the fill rule.
+    got = int4_triton_config(5, 11008, 4096, 64, "cuda", device_name=NAME)
+    rule = int4_triton_config(5, 11008, 4096, 64, "cuda", tuned=False)
+    tiles = 1 * -(-11008 // 128)
+    assert (got.block_m, got.block_n, got.block_k) == (32, 128, 64)
+    assert got.split_k == min(-(-4 * 132 // tiles), 16)
+    assert (rule.block_m, rule.block_n, rule.split_k) == (16, 64, min(-(-4 * 132 // -(-11008 // 64)), 16))
+    # Nearest shape: tuned tiles, split-K by the rule for this shape.
+    got = int4_triton_config(5, 14336, 4096, 128, "cuda", device_name=NAME)
+    assert (got.block_m, got.block_n, got.split_k) == (32, 128, min(-(-4 * 132 // (14336 // 128)), 16))
+    assert int4_triton_config(2000, 11008, 4096, 128, "cuda", device_name=NAME).block_m == 128
+    # No table for the device, tuned=False, or a CPU launch: the heuristics.
+    for args in (dict(device_name="Other GPU"), dict(device_name=NAME, tuned=False)):
+        assert int4_triton_config(5, 11008, 4096, 128, "cuda", **args) == \
+            int4_triton_config(5, 11008, 4096, 128, "cuda", tuned=False)
+    assert int4_triton_config(5, 11008, 4096, 128, "cpu", device_name=NAME).block_n == 64
+
+
+def int4_gpu_cfg(bm, bn, bk, split, warps, stages):
+    from lrqat_kernels.ops.int4_triton import Int4TritonConfig
+
+    return Int4TritonConfig(bm, bn, bk, split, warps, stages)
+
+
+def _layer(M, N, K, g, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w_int = torch.randint(-8, 8, (N, K), generator=gen, dtype=torch.int8)
+    s = torch.rand(N, K // g, generator=gen) * 0.02 + 0.001
+    x = torch.randn(M, K, generator=gen).to(torch.float16)
+    ref = x.float() @ (s.repeat_interleave(g, 1) * w_int.float()).t()
+    return x, pack_nibbles(w_int), s, ref
+
+
+def test_auto_backend_follows_the_table(tuning_dir, monkeypatch):
+    write(tuning_dir, table([entry(64, 128, 1, "dequant", bk=32), entry(64, 128, 40, "triton", bk=32),
+                             entry(64, 128, 200, "cuda", bk=32)]))
+    monkeypatch.setattr(int4_gpu, "_device_name", lambda device: NAME)
+    cpu = torch.device("cpu")
+    assert int4_gpu.auto_backend(cpu, 1, 64, 128, 32) == "dequant"  # the rule would say triton
+    assert int4_gpu.auto_backend(cpu, 33, 64, 128, 32) == "triton"
+    assert int4_gpu.auto_backend(cpu, 48, 64, 128, 48) == "dequant"  # a group Triton cannot tile
+    monkeypatch.setattr(int4_gpu, "cuda_kernel_available", lambda: True)
+    assert int4_gpu.auto_backend(cpu, 200, 64, 128, 32) == "cuda"
+    monkeypatch.setattr(int4_gpu, "cuda_kernel_available", lambda: False)
+    assert int4_gpu.auto_backend(cpu, 200, 64, 128, 32) == "triton"  # kernel missing: the M rule
+    assert int4_gpu.auto_backend(cpu, 300, 64, 128, 32) == "dequant"
+    monkeypatch.setattr(int4_gpu, "_device_name", lambda device: None)  # CPU / untuned: the M rule only
+    assert int4_gpu.auto_backend(cpu, 1, 64, 128, 32) == "triton"
+
+    # End to end: int4_linear_gpu(backend="auto") runs what the table says, with the right result.
+    monkeypatch.setattr(int4_gpu, "_device_name", lambda device: NAME)
+    calls = []
+    real_dequant = int4_gpu.dequant_weight
+    monkeypatch.setattr(int4_gpu, "dequant_weight", lambda *a, **k: calls.append("dequant") or real_dequant(*a, **k))
+    from lrqat_kernels.ops import int4_triton
+
+    real_triton = int4_triton.int4_linear_triton
+    monkeypatch.setattr(int4_triton, "int4_linear_triton", lambda *a, **k: calls.append("triton") or real_triton(*a, **k))
+    for M, want in ((1, "dequant"), (33, "triton")):
+        x, q, s, ref = _layer(M, 64, 128, 32)
+        y = int4_gpu.int4_linear_gpu(x, q, s, None, 32, backend="auto")
+        assert calls[-1] == want
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "Expecting property name"),
+    (json.dumps(table([])), "entries must be a non-empty list"),
+    (json.dumps(dict(table([entry(64, 128, 1)]), version=99)), "version must be 1"),
+    (json.dumps(table([entry(64, 128, 1, "bogus")])), "entries[0].backend must be one of"),
+    (json.dumps(table([entry(64, 128, 1, bm=12)])), "entries[0].config.block_m must be a power of two"),
+    (json.dumps(table([entry(64, 128, 1, split=0)])), "entries[0].config.split_k must be an integer in [1, 64]"),
+    (json.dumps(table([dict(entry(64, 128, 1), M=0)])), "entries[0].M must be a positive integer"),
+    (json.dumps(table([dict(entry(64, 128, 1), config={"block_m": 16})])), "entries[0].config must have exactly"),
+])
+def test_bad_table_is_ignored_with_a_warning(tuning_dir, content, problem):
+    path = tuning_dir / T.table_filename(NAME)
+    path.write_text(content)
+    T.clear_cache()
+    with pytest.warns(RuntimeWarning, match="ignoring the int4 tuning table") as rec:
+        assert T.lookup(NAME, 1, 64, 128) is None
+    msg = str(rec[0].message)
+    assert str(path) in msg and problem in msg
+    assert int4_triton_config(1, 64, 128, 32, "cuda", device_name=NAME) == \
+        int4_triton_config(1, 64, 128, 32, "cuda", tuned=False)
+
+
+def test_search_order(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    write(second, table([entry(64, 128, 1, bn=128)]))
+    monkeypatch.setenv(T.TUNING_DIR_ENV, os.pathsep.join([str(first), str(second)]))
+    T.clear_cache()
+    assert T.lookup(NAME, 1, 64, 128)[0].config["block_n"] == 128
+    write(first, table([entry(64, 128, 1, bn=32)]))  # an earlier directory wins
+    assert T.lookup(NAME, 1, 64, 128)[0].config["block_n"] == 32
+    (first / T.table_filename(NAME)).write_text("[]")  # an unusable one is skipped, with a warning
+    T.clear_cache()
+    with pytest.warns(RuntimeWarning, match="top level must be a JSON object"):
+        assert T.lookup(NAME, 1, 64, 128)[0].config["block_n"] == 128
+    T.clear_cache()
+
+
+def test_write_table_validates_and_is_atomic(tmp_path):
+    good = table([entry(64, 128, 1)])
+    path = T.write_table(good, tmp_path)
+    assert path.name == T.table_filename(NAME) and json.loads(path.read_text()) == good
+    with pytest.raises(ValueError, match="backend must be one of"):
+        T.write_table(table([entry(64, 128, 1, "bogus")]), tmp_path)
+    assert json.loads(path.read_text()) == good  # the old table is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left behind
+
+
+def test_build_table_picks_the_fastest():
+    a, b, c = cfg(bn=64), cfg(bn=128), cfg(bm=64, bn=128, bk=64, split=1, warps=8)
+    info = dict(device=NAME, sm="90", date="d", torch="t", triton="tr", cuda="c")
+    meas = [
+        dict(N=64, K=128, M=1, triton=[(a, 10.0), (b, 8.0), (c, None)], dequant=30.0, cublas=25.0, cuda=5.0),
+        dict(N=64, K=128, M=4096, triton=[(a, 90.0), (c, 70.0)], dequant=60.0, cublas=55.0, cuda=None),
+        dict(N=64, K=128, M=16, triton=[], dequant=1.0),  # every config failed: no entry
+    ]
+    tbl = T.build_table(meas, info, dtype="bf16", group_size=128)
+    e1, e2 = tbl["entries"]
+    assert (e1["M"], e1["backend"], e1["config"]) == (1, "triton", b)  # the CUDA kernel may not win
+    assert e1["us"] == {"triton": 8.0, "dequant": 30.0, "cuda": 5.0, "cublas": 25.0}
+    assert (e2["M"], e2["backend"], e2["config"]) == (4096, "dequant", c)
+    assert T.build_table(meas, info, dtype="bf16", group_size=128, allow_cuda=True)["entries"][0]["backend"] == "cuda"
+    assert tbl["device"] == NAME and tbl["version"] == T.TABLE_VERSION
+
+
+@pytest.mark.parametrize("g", [None, 32, 64, 128])
+@pytest.mark.parametrize("N, K", [(11008, 4096), (4096, 11008), (1024, 4096)])
+def test_candidate_configs(g, N, K):
+    from lrqat_kernels.ops.int4_triton import Int4TritonConfig
+
+    for M in (1, 4, 16, 17, 32, 64, 128, 256, 1024, 4096):
+        cands = T.candidate_configs(M, N, K, g)
+        default = int4_triton_config(M, N, K, g, "cuda", tuned=False)
+        assert Int4TritonConfig(**cands[0]) == default  # a table is never worse than the heuristic
+        assert 1 <= len(cands) <= 30 and len({tuple(c.values()) for c in cands}) == len(cands)
+        for c in cands:
+            T._validate(table([dict(N=N, K=K, M=M, backend="triton", config=c, us={})]))
+            if g is not None:
+                assert g % c["block_k"] == 0, c
+            k_tiles = -(-K // c["block_k"])
+            assert c["split_k"] <= k_tiles and -(-k_tiles // -(-k_tiles // c["split_k"])) == c["split_k"], c
+
+
+def _tuner(*args, env_extra=None, tmp_path):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "tune_int4_gemm.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def test_tuner_end_to_end_on_cpu(tmp_path, monkeypatch):
+    """The whole script (check, time, choose, write table + CSV) in the interpreter on tiny layers."""
+    out = tmp_path / "tables"
+    proc = _tuner("--device", "cpu", "--custom-shapes", "64x128,48x256", "--ms", "1,40", "--group", "32",
+                  "--max-candidates", "2", "--out-dir", str(out), "--csv", str(tmp_path / "t.csv"),
+                  env_extra={"TRITON_INTERPRET": "1"}, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    tbl = json.loads((out / T.table_filename("cpu-interpreter")).read_text())
+    assert [(e["N"], e["K"], e["M"]) for e in tbl["entries"]] == [(64, 128, 1), (64, 128, 40), (48, 256, 1), (48, 256, 40)]
+    assert all(e["backend"] in ("triton", "dequant") and set(e["us"]) >= {"triton", "dequant", "cublas"}
+               for e in tbl["entries"])
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"cublas", "dequant", "triton"}
+    assert sum(r["chosen"] == "best_triton" for r in rows) == 4 and not any(r["error"] for r in rows)
+    monkeypatch.setenv(T.TUNING_DIR_ENV, str(out))
+    T.clear_cache()
+    try:
+        e, exact = T.lookup("cpu-interpreter", 30, 64, 128)
+        assert exact and e.M == 40
+    finally:
+        T.clear_cache()
+
+
+def test_tuner_rejects_bad_arguments(tmp_path):
+    proc = _tuner("--device", "cpu", "--custom-shapes", "64x128", env_extra={"TRITON_INTERPRET": "0"}, tmp_path=tmp_path)
+    assert proc.returncode == 2 and "set TRITON_INTERPRET=1" in proc.stderr
+    proc = _tuner("--shapes", "nope", "--list", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "unknown --shapes ['nope']" in proc.stderr
+    proc = _tuner("--group", "48", "--list", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "--group must be a multiple of 32" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_tuner_without_gpu_writes_nothing(tmp_path):
+    proc = _tuner("--quick", "--out-dir", str(tmp_path / "o"), "--csv", str(tmp_path / "t.csv"), tmp_path=tmp_path)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t.csv").exists()
+
+
+def test_shipped_tables_are_valid():
+    """Every table committed in the package validates and is named after its device."""
+    for path in sorted(T.PACKAGE_TUNING_DIR.glob("*.json")):
+        tbl = json.loads(path.read_text())
+        T._validate(tbl)
+        assert path.name == T.table_filename(tbl["device"]), path
