@@ -49,7 +49,9 @@ TORCH_LIBRARY(lrqat, m) {
   m.def("int4_gpu_prepack(Tensor qweight) -> Tensor", {at::Tag::pt2_compliant_tag});
   // y = x @ (scale * (W_int - zero_point))^T + bias. x fp16/bf16 [M, K]; qweight from
   // int4_gpu_prepack; scale fp32 or x.dtype [G, N_pad] (G = 1 per-channel, else K / G a power of
-  // two >= 32); zero_point int8 [G, N_pad]; bias x.dtype [N]. CUDA only.
+  // two >= 32); zero_point int8 [G, N_pad] with values in [-8, 7] (exact only there; not checked
+  // here, that would need a device sync: int4_gpu.prepack_int4_gpu checks it); bias x.dtype [N].
+  // CUDA only.
   m.def("int4_gpu_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero_point, Tensor? bias, "
         "int out_features) -> Tensor", {at::Tag::pt2_compliant_tag});
   // Test hook: the kernel's magic-number dequantisation of int32 words, emulated on CPU ->

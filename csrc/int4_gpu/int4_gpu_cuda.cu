@@ -40,6 +40,7 @@
 //
 // Only c10/cuda headers (no ATen/cuda/CUDAContext.h, which needs cuBLAS headers).
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -277,7 +278,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
   const int step_end = min(st_end * kStageSteps, p.k_steps);
   const int row0 = mb * P::kBM;
   const int gmask = (1 << p.group_log2) - 1;
-  const uint64_t policy = make_l2_policy(p.evict_first);
+  const uint64_t policy = make_l2_policy(p.evict_first);  // the weight stream's
+  // Scales and zero points are re-read by every split-K CTA and M-block of the strip: evict_normal.
+  const uint64_t keep_policy = make_l2_policy(false);
   const T* x = static_cast<const T*>(p.x);
   const uint8_t* scale_bytes = static_cast<const uint8_t*>(p.scale);
 
@@ -319,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
       const int cc = tid % kSChunks;
       const uint8_t* src =
           scale_bytes + ((static_cast<int64_t>(g0 + r) * p.n_pad + strip * kStripN) * sizeof(ScaleT)) + 16 * cc;
-      cp_async16_hint(sS + r * P::kSRowBytes + 16 * cc, src, policy);
+      cp_async16_hint(sS + r * P::kSRowBytes + 16 * cc, src, keep_policy);
     }
     if (p.zero_point != nullptr) {
       constexpr int kZChunks = kStripN / 16;
@@ -328,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
         const int r = zt / kZChunks;
         const int cc = zt % kZChunks;
         const int8_t* src = p.zero_point + static_cast<int64_t>(g0 + r) * p.n_pad + strip * kStripN + 16 * cc;
-        cp_async16_hint(sZ + r * kStripN + 16 * cc, src, policy);
+        cp_async16_hint(sZ + r * kStripN + 16 * cc, src, keep_policy);
       }
     }
   };
@@ -498,7 +501,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
   __threadfence();
   __syncthreads();
   int* counter = p.counters + mb * p.n_strips + strip;
-  if (tid == 0) s_is_last = atomicAdd(counter, 1) == p.splits - 1;
+  // atomicInc wraps to 0 on the last arrival (old == splits - 1): the counter is reset in the same
+  // atomic that elects the reducer, so it is zero for the next launch however this one ends.
+  if (tid == 0) s_is_last = atomicInc(reinterpret_cast<unsigned int*>(counter), p.splits - 1) == p.splits - 1;
   __syncthreads();
   if (!s_is_last) return;
   __threadfence();
@@ -525,7 +530,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
       }
     }
   }
-  if (tid == 0) *counter = 0;  // every split of this tile has arrived: ready for next launch
 }
 
 // ---- prepack kernel ---------------------------------------------------------------------------
@@ -569,9 +573,12 @@ int choose_splits(int64_t tiles, int n_stages, int64_t slots, int bm) {
 }
 
 // Split-K arrival counters, one zeroed buffer per (device, stream): kernels on one stream
-// run in order, so a tile's counter is back to zero before the next launch reads it. Leaked
-// on purpose (no destructor running after the CUDA context is gone at exit). Call the op
-// once before capturing a CUDA graph so the buffer is not allocated during capture.
+// run in order, so a tile's counter is back to zero (atomicInc wraps it on the last arrival)
+// before the next launch reads it. Leaked on purpose (no destructor running after the CUDA
+// context is gone at exit). CUDA graphs: call the op once on the capture stream before
+// capturing (so the buffer is not allocated during capture); a captured graph keeps that
+// stream's counters, so graphs captured on one stream must not be replayed concurrently
+// with each other or with eager calls on the capture stream.
 int* split_counters(const at::Device& device, cudaStream_t stream, int64_t n) {
   static std::mutex mu;
   static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
@@ -630,13 +637,30 @@ void launch(Params& p, const at::Tensor& x, int n_sms, cudaStream_t stream) {
   // `workspace` is freed here but the caching allocator only reuses it in stream order.
 }
 
+// Largest dynamic shared memory a CTA may opt in to on `device` (cached; 227 KiB on sm_90,
+// 163 KiB on sm_80, 99 KiB on sm_86 / sm_89).
+int max_smem_optin(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cache.emplace(device, bytes);
+  return bytes;
+}
+
 template <typename T, typename ScaleT>
 void launch_mt(Params& p, const at::Tensor& x, int n_sms, cudaStream_t stream) {
   // BM = 16 * MT rows per CTA: 16 up to M = 16 (decode), 64 beyond 32 (more rows share each
-  // dequantised weight; 4 m16 tiles is where 128 registers/thread still suffice).
+  // dequantised weight; 4 m16 tiles is where 128 registers/thread still suffice). MT = 4 needs
+  // ~110 KB of shared memory (4 stages): where a CTA may not have that (sm_86 / sm_89 allow
+  // 99 KB) large M runs as 32-row blocks instead.
+  const bool mt4_fits = Plan<T, ScaleT, 4>::kSmemBytes <= max_smem_optin(x.get_device());
   if (p.M <= 16) {
     launch<T, ScaleT, 1>(p, x, n_sms, stream);
-  } else if (p.M <= 32) {
+  } else if (p.M <= 32 || !mt4_fits) {
     launch<T, ScaleT, 2>(p, x, n_sms, stream);
   } else {
     launch<T, ScaleT, 4>(p, x, n_sms, stream);
@@ -699,12 +723,19 @@ at::Tensor int4_gpu_linear_cuda(const at::Tensor& x_in, const at::Tensor& qweigh
     TORCH_CHECK(b.dim() == 1 && b.size(0) == out_features, "lrqat::", op, ": bias must be [out_features] = [",
                 out_features, "], got ", b.sizes());
   }
-  for (const at::Tensor* t : {&qweight, &scale}) {
-    TORCH_CHECK(t->device() == x_in.device(), "lrqat::", op, ": all tensors must be on ", x_in.device(), ", got ",
-                t->device());
+  const std::pair<const char*, const at::Tensor*> on_device[] = {
+      {"qweight", &qweight},
+      {"scale", &scale},
+      {"zero_point", zero_point.has_value() ? &*zero_point : nullptr},
+      {"bias", bias.has_value() ? &*bias : nullptr}};
+  for (const auto& [name, t] : on_device) {
+    TORCH_CHECK(t == nullptr || t->device() == x_in.device(), "lrqat::", op, ": ", name, " must be on x's device ",
+                x_in.device(), ", got ", t->device());
   }
-  TORCH_CHECK(K <= 0x7FFFFFFF && n_pad <= 0x7FFFFFFF && x_in.size(0) <= 0x7FFFFFFF, "lrqat::", op,
-              ": dimensions must fit in int32");
+  // Row indices are int32 in the kernel, with up to 63 rows of headroom past M in a tile.
+  constexpr int64_t kMaxDim = 0x7FFFFFFF - 64;
+  TORCH_CHECK(K <= kMaxDim && n_pad <= kMaxDim && x_in.size(0) <= kMaxDim, "lrqat::", op,
+              ": dimensions must be below 2^31 - 64, got x ", x_in.sizes(), " and N_pad ", n_pad);
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   // cp.async moves 16-byte chunks: x rows (K * 2 bytes, K % 16 == 0) are aligned once the
@@ -713,7 +744,7 @@ at::Tensor int4_gpu_linear_cuda(const at::Tensor& x_in, const at::Tensor& qweigh
   if (reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0) x = x.clone();
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, out_features}, x.options());
-  if (M == 0) return y;
+  if (M == 0 || out_features == 0) return y;  // also: no strips, a zero-CTA grid would not launch
   for (const at::Tensor* t : {&scale}) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0, "lrqat::", op,
                 ": scale must be 16-byte aligned (call .clone())");
@@ -742,8 +773,7 @@ at::Tensor int4_gpu_linear_cuda(const at::Tensor& x_in, const at::Tensor& qweigh
   p.group_log2 = group_log2;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int n_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const int n_sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;  // cached by ATen
   const bool scale_fp32 = scale.scalar_type() == at::kFloat;
   if (x.scalar_type() == at::kHalf) {
     if (scale_fp32) {
