@@ -184,6 +184,30 @@ def test_dispatch_env_and_cuda_backend(monkeypatch):
         int4_gpu.int4_linear_gpu(x, q, s, z, None, b)
 
 
+def test_env_backend_falls_back_for_layers_it_cannot_run(monkeypatch):
+    """$LRQAT_INT4_BACKEND covers a whole model: a layer the chosen backend cannot run uses "auto"
+    (one warning per layer shape); an explicit backend= argument stays an error."""
+    from lrqat_kernels.ops import int4_gpu
+
+    int4_gpu._WARNED.clear()
+    x, w_int, q, s, z, b = _case(3, 40, 96, 48, True, torch.float16, device="cpu")  # group 48: no kernel tiles it
+    monkeypatch.setenv(int4_gpu.BACKEND_ENV, "triton")
+    with pytest.warns(RuntimeWarning, match=r"LRQAT_INT4_BACKEND=triton: .*multiple of 32, got 48 \(layer 40x96\)"):
+        _check(int4_gpu.int4_linear_gpu(x, q, s, z, 48, b), x, w_int, s, z, 48, b)
+    with pytest.raises(ValueError, match="needs group_size to be a multiple of 32"):
+        int4_gpu.int4_linear_gpu(x, q, s, z, 48, b, backend="triton")
+    x, w_int, q, s, z, b = _case(2, 24, 72, None, False, torch.bfloat16, device="cpu")  # K = 72: not a multiple of 16
+    monkeypatch.setenv(int4_gpu.BACKEND_ENV, "cuda")
+    with pytest.warns(RuntimeWarning, match="LRQAT_INT4_BACKEND=cuda: the CUDA int4 kernel needs in_features to be a multiple of 16"):
+        _check(int4_gpu.int4_linear_gpu(x, q, s, z, None, b), x, w_int, s, z, None, b)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per message: the next call of that layer is quiet
+        int4_gpu.int4_linear_gpu(x, q, s, z, None, b)
+    int4_gpu._WARNED.clear()
+
+
 # ---- ahead-of-time compilation for sm_80 / sm_90: registers and spills --------------------------
 
 # Runs in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled). Integer

@@ -35,6 +35,7 @@ backend         what runs for CUDA tensors
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -394,6 +395,33 @@ def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
     return backend
 
 
+def _unsupported(backend: str, K: int, g: int) -> str | None:
+    """Why ``backend`` cannot run a layer with ``K`` inputs and groups of ``g`` (``g == K``:
+    per-channel), or None."""
+    if backend == "cuda":
+        try:
+            _check_cuda_shapes(K, None if g == K else g)
+        except ValueError as exc:
+            return str(exc).split(";")[0]
+    if backend == "triton":
+        if g != K and g % 32:
+            return f"the Triton W4A16 kernel needs group_size to be a multiple of 32, got {g}"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 def int4_linear_gpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -408,6 +436,9 @@ def int4_linear_gpu(
 
     The CUDA-side hook of the generic ``int4_linear`` dispatcher (same arguments). See the module
     docstring for the backends; ``backend=None`` reads ``$LRQAT_INT4_BACKEND`` (default "auto").
+    A backend named by the variable that cannot run this layer (CUDA kernel: K % 16 or a group that
+    is not a power of two >= 32; Triton: a group not a multiple of 32) gives way to "auto" with one
+    warning per layer shape; the same backend passed as an argument raises instead.
 
     Args:
         x: fp16 / bf16 ``[..., K]``.
@@ -421,8 +452,17 @@ def int4_linear_gpu(
         ``[..., N]`` in x's dtype.
     """
     N, K, g = check_int4_linear_args(x, qweight, scale, zero_point, group_size, bias)
+    from_env = backend is None
     backend = resolve_backend(backend)
     M = x.numel() // K if K else 0
+    if from_env and backend in ("cuda", "triton"):
+        # $LRQAT_INT4_BACKEND applies to every layer of a model: a layer that backend cannot run
+        # (odd K, an unsupported group) falls back to "auto" with a warning instead of failing the
+        # model. An explicit ``backend=`` argument stays strict (an error naming the alternatives).
+        why = _unsupported(backend, K, g)
+        if why is not None:
+            _warn_once(f"${BACKEND_ENV}={backend}: {why} (layer {N}x{K}); those layers use backend='auto'")
+            backend = "auto"
     if backend == "auto":
         backend = auto_backend(x.device, M, N, K, g)
     if backend == "cuda":
