@@ -14,8 +14,9 @@ Providers, all ``y = x @ W^T`` with x ``[M, K]`` and a ``[N, K]`` layer:
 * ``lrqat_cuda``: our CUDA kernel (csrc/int4_gpu) on a weight prepacked once, 16-bit scales
   (``--scale-dtype fp32`` for fp32 scales). Only when ``_C`` was built with CUDA.
 * ``lrqat_triton``: our Triton kernel (lrqat_kernels/ops/int4_triton.py), standard layout.
-* ``lrqat_auto``: the dispatcher ``int4_linear_gpu(backend="auto")`` (Triton for small M,
-  dequantise + cuBLAS for large M): what a model gets by default.
+* ``lrqat_auto``: the dispatcher ``int4_linear_gpu(backend="auto")``: what a model gets by
+  default (the GPU's tuning table from ``bench/tune_int4_gemm.py`` if there is one, else Triton
+  for small M and dequantise + cuBLAS for large M); the CSV's ``auto_backend`` says which ran.
 
 Every provider's output is checked against the fp32 product before it is timed (a wrong kernel is
 reported and not timed). Timing: ``triton.testing.do_bench`` (it zeroes a 256 MiB buffer before
@@ -40,6 +41,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import write_csv  # noqa: E402
 
 from lrqat_kernels.formats import pack_nibbles  # noqa: E402
 
@@ -184,6 +189,13 @@ def make_fn(provider: str, layer: Layer, x: torch.Tensor):
     raise ValueError(provider)
 
 
+def auto_choice(layer: Layer, M: int) -> str:
+    """The backend ``backend="auto"`` runs for this layer at M (tuning table or M rule)."""
+    from lrqat_kernels.ops.int4_gpu import auto_backend
+
+    return auto_backend(layer.qweight.device, M, layer.N, layer.K, layer.group)
+
+
 def check(provider: str, fn, layer: Layer, x: torch.Tensor) -> float:
     """Max |y - y_fp32| / max |y_fp32|; raises if far outside what a 16-bit output allows."""
     y = fn().float()
@@ -271,20 +283,22 @@ def main(argv=None) -> int:
                                  us_p20=round(p20, 3), us_p50=round(p50, 3), us_p80=round(p80, 3),
                                  tflops=round(tflops, 3), gbps=round(gbps, 1),
                                  pct_hbm_roofline=round(pct, 1) if peak else "", speedup_vs_cublas=round(speedup, 3),
-                                 max_rel_err=f"{err:.2e}"))
+                                 max_rel_err=f"{err:.2e}",
+                                 auto_backend=auto_choice(layer, M) if prov == "lrqat_auto" else ""))
         del layer
         torch.cuda.empty_cache()
 
     if args.quick or not rows:
         return 0
     if args.csv:
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:  # one CSV, appended run after run (device column)
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        # One CSV, appended run after run (device column); rewritten whole (atomically) so rows of
+        # older runs keep their values under a header that has gained columns.
+        old_rows = []
+        if os.path.exists(args.csv):
+            with open(args.csv, newline="") as f:
+                old_rows = list(csv.DictReader(f))
+        columns = list(dict.fromkeys([*(old_rows[0] if old_rows else {}), *rows[0]]))
+        write_csv(args.csv, old_rows + rows, columns)
         print(f"\n# appended {len(rows)} rows to {args.csv}")
     if args.plot:
         plot(rows, args.plot, info)
