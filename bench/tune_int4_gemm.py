@@ -203,12 +203,13 @@ def main(argv=None) -> int:
 
     if stopped:
         print(f"# stopped early: {stopped}")
-    if not any(p["triton"] for p in measurements):
-        print("# no Triton config ran: no table written")
-        return 1
-    if args.csv:  # first: the measurements are on record even if the table cannot be built
+    if args.csv:  # first: the measurements (and errors) are on record even if no table can be built
         write_csv(args.csv, csv_rows, CSV_COLUMNS)
         print(f"# wrote {args.csv} ({len(csv_rows)} rows)")
+    if not any(p["triton"] for p in measurements):
+        errors = sorted({r["error"] for r in csv_rows if r.get("error")})
+        print("# no Triton config ran: no table written. Errors: " + "; ".join(errors)[:2000])
+        return 1
     table = int4_tuning.build_table(measurements, info, dtype=args.dtype, group_size=args.group,
                                     allow_cuda=args.allow_cuda)
     backend_of = {(e["N"], e["K"], e["M"]): e["backend"] for e in table["entries"]}

@@ -225,9 +225,18 @@ def test_candidate_configs(g, N, K):
             assert c["split_k"] <= k_tiles and -(-k_tiles // -(-k_tiles // c["split_k"])) == c["split_k"], c
 
 
+# The tuner as a script, after importing tests/conftest.py (as the test process did): its Triton
+# interpreter shim must be in place in the child too (Triton < 3.7 with NumPy >= 2.4).
+_RUN_TUNER = (
+    "import runpy, sys; sys.path.insert(0, {tests!r}); import conftest; "
+    "sys.argv = [{script!r}] + sys.argv[1:]; runpy.run_path({script!r}, run_name='__main__')"
+)
+
+
 def _tuner(*args, env_extra=None, tmp_path):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "tune_int4_gemm.py"), *args],
+    code = _RUN_TUNER.format(tests=os.path.join(ROOT, "tests"), script=os.path.join(ROOT, "bench", "tune_int4_gemm.py"))
+    return subprocess.run([sys.executable, "-c", code, *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
