@@ -117,6 +117,23 @@ def test_dequant_is_exact(g, zp, dtype):
     assert w.dtype == dtype and torch.equal(w.cpu(), _w_hat(w_int, s, z, g).to(dtype))
 
 
+@pytest.mark.parametrize("g", [3, 9, 14, 36])
+def test_dequant_odd_and_unaligned_groups_exact(g):
+    """Groups that do not divide the kernel's column tile, odd ones included: the two columns of
+    one byte can sit in different groups (what backend='dequant' runs for such layers on a GPU)."""
+    _, w_int, q, s, z, _ = _case(1, 40, 252, g, True, torch.float16)
+    w = int4_dequant_triton(q, s, z, g, torch.float32)
+    assert torch.equal(w.cpu(), _w_hat(w_int, s, z, g))
+
+
+def test_noncontiguous_bias():
+    x, w_int, q, s, z, b = _case(5, 72, 256, 64, True, torch.float16)
+    b2 = torch.stack([b, torch.full_like(b, 1e3)], dim=1)[:, 0]  # stride 2
+    assert b2.stride(0) == 2
+    for split in (1, 2):  # bias added in the kernel / after the split-K sum
+        _check(int4_linear_triton(x, q, s, z, 64, b2, split_k=split), x, w_int, s, z, 64, b)
+
+
 @pytest.mark.parametrize(
     "kwargs,err,pattern",
     [

@@ -25,6 +25,7 @@ from ..formats import qrange
 from .fake_quant import _cast, _round_clip, _round_half_even
 from ..reference import check_act_args
 from ..reference import fake_quant_activation as _reference_fake_quant_activation
+from ._launch import on_device
 
 
 
@@ -240,12 +241,13 @@ def launch_act_quant(kind: int, a: torch.Tensor, b: torch.Tensor | None, out_dty
     n_rows, n_cols = a2.shape
     if n_rows:
         block, rows, num_warps, one = act_quant_config(n_cols)
-        _act_quant_kernel[(triton.cdiv(n_rows, rows),)](
-            a2, b2, y, n_rows, n_cols, a2.stride(0), stride_b, y.stride(0), float(eps),
-            KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=bits is not None, SYMMETRIC=symmetric, BLOCK=block, ROWS=rows,
-            ONE_CHUNK=one, INTERPRET=not a.is_cuda, num_warps=num_warps,
-            enable_fp_fusion=False,  # each fp32 op rounded as torch rounds it
-        )
+        with on_device(a2):
+            _act_quant_kernel[(triton.cdiv(n_rows, rows),)](
+                a2, b2, y, n_rows, n_cols, a2.stride(0), stride_b, y.stride(0), float(eps),
+                KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=bits is not None, SYMMETRIC=symmetric, BLOCK=block, ROWS=rows,
+                ONE_CHUNK=one, INTERPRET=not a.is_cuda, num_warps=num_warps,
+                enable_fp_fusion=False,  # each fp32 op rounded as torch rounds it
+            )
     return y.reshape(a.shape)
 
 

@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fixed_point_frac_bits, qrange
+from ._launch import on_device
 
 __all__ = [
     "FwdConfig",
@@ -273,9 +274,12 @@ def _load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups,
     """
     if GPT == 1:
         offs = rows * n_groups + grp
-        s = tl.load(scale_ptr + offs, mask=rmask, other=0.0)[:, None]
+        # grp == n_groups on the dead tail tiles of a backward band: nothing to load there (the
+        # values would be unused, but the last row's load would run one element past the end).
+        qmask = rmask & (grp < n_groups)
+        s = tl.load(scale_ptr + offs, mask=qmask, other=0.0)[:, None]
         if HAS_ZP:
-            zp = tl.load(zp_ptr + offs, mask=rmask, other=0.0)[:, None]
+            zp = tl.load(zp_ptr + offs, mask=qmask, other=0.0)[:, None]
         else:
             zp = s
     else:
@@ -842,16 +846,17 @@ def fake_quant_forward(
     if out.numel() == 0:
         return (out, 0) if write_int else out
     grid = (n_tiles_n, n_tiles_m)
-    _fake_quant_fwd_kernel[grid](
-        phi, a, b, s, s if zp is None else zp, out, nan_count,
-        out_features, in_features, rank, g, n_groups, chunks, phi.shape[1], float(alpha / rank),
-        **phi_constexprs(bits, phi_format, g, cfg.gpt),
-        HAS_ZP=zp is not None, GPT=cfg.gpt, WRITE_INT=write_int,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
-        DOT_FP32=_dot_fp32(lora_A.dtype, interpret), INTERPRET=interpret,
-        I64=needs_int64(out.numel(), phi.numel()),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-    )
+    with on_device(phi):
+        _fake_quant_fwd_kernel[grid](
+            phi, a, b, s, s if zp is None else zp, out, nan_count,
+            out_features, in_features, rank, g, n_groups, chunks, phi.shape[1], float(alpha / rank),
+            **phi_constexprs(bits, phi_format, g, cfg.gpt),
+            HAS_ZP=zp is not None, GPT=cfg.gpt, WRITE_INT=write_int,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+            DOT_FP32=_dot_fp32(lora_A.dtype, interpret), INTERPRET=interpret,
+            I64=needs_int64(out.numel(), phi.numel()),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
     if write_int:
         return out, int(nan_count.sum().item())
     return out
@@ -928,19 +933,20 @@ def fake_quant_backward(
         dy = x = grad
         big = (grad.numel(),)
     grid = (p_n, p_m)
-    _fake_quant_bwd_kernel[grid](
-        g_arg, dy, x, phi, a, b, s, s if zp is None else zp,
-        da_part, db_part, ds_part,
-        out_features, in_features, rank, g, n_groups, chunks, phi.shape[1],
-        n_tiles_m, n_tiles_n, tm, tn, n_tokens, ds_band_stride, float(alpha / rank),
-        **phi_constexprs(bits, phi_format, g, cfg.gpt),
-        HAS_ZP=zp is not None, GPT=cfg.gpt, FUSED_G=fused_g,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, BLOCK_T=cfg.block_t,
-        SPLIT_BF16=lora_A.dtype == torch.bfloat16, DOT_FP32=_dot_fp32(lora_A.dtype, interpret),
-        G_DOT_FP32=_dot_fp32(g_arg.dtype, interpret), INTERPRET=interpret,
-        I64=needs_int64(out_features * in_features, phi.numel(), da_part.numel(), db_part.numel(), ds_part.numel(), *big),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-    )
+    with on_device(g_arg):
+        _fake_quant_bwd_kernel[grid](
+            g_arg, dy, x, phi, a, b, s, s if zp is None else zp,
+            da_part, db_part, ds_part,
+            out_features, in_features, rank, g, n_groups, chunks, phi.shape[1],
+            n_tiles_m, n_tiles_n, tm, tn, n_tokens, ds_band_stride, float(alpha / rank),
+            **phi_constexprs(bits, phi_format, g, cfg.gpt),
+            HAS_ZP=zp is not None, GPT=cfg.gpt, FUSED_G=fused_g,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, BLOCK_T=cfg.block_t,
+            SPLIT_BF16=lora_A.dtype == torch.bfloat16, DOT_FP32=_dot_fp32(lora_A.dtype, interpret),
+            G_DOT_FP32=_dot_fp32(g_arg.dtype, interpret), INTERPRET=interpret,
+            I64=needs_int64(out_features * in_features, phi.numel(), da_part.numel(), db_part.numel(), ds_part.numel(), *big),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
     lr = alpha / rank
     d_a = (da_part.sum(0) if p_m > 1 else da_part[0]) * lr
     d_b = (db_part.sum(0) if p_n > 1 else db_part[0]) * lr

@@ -62,6 +62,7 @@ from .fake_quant import (
     rank_pad,
     small_tiles,
 )
+from ._launch import on_device
 
 __all__ = [
     "aot_specs",
@@ -269,17 +270,18 @@ def fused_linear_forward(
     s = scale.to(torch.float32).contiguous()
     zp = None if zero_point is None else zero_point.to(torch.float32).contiguous()
     grid = (triton.cdiv(out_features, cfg.block_m), triton.cdiv(n_tokens, cfg.block_t))
-    _fused_linear_fwd_kernel[grid](
-        x2d, phi, lora_A.contiguous(), lora_B.contiguous(), s, s if zp is None else zp,
-        y if bias is None else bias.contiguous(), y,
-        n_tokens, out_features, in_features, rank, g, n_groups, chunks, n_tiles_k, phi.shape[1], float(alpha / rank),
-        **phi_constexprs(bits, phi_format, g, cfg.gpt),
-        HAS_ZP=zp is not None, HAS_BIAS=bias is not None, GPT=cfg.gpt,
-        BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_m, BLOCK_K=cfg.block_n, R_PAD=cfg.r_pad,
-        DOT_FP32=_dot_fp32(lora_A.dtype, interpret), X_DOT_FP32=_dot_fp32(x2d.dtype, interpret),
-        INTERPRET=interpret, I64=needs_int64(phi.numel(), x2d.numel(), y.numel(), out_features * in_features),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-    )
+    with on_device(x2d):
+        _fused_linear_fwd_kernel[grid](
+            x2d, phi, lora_A.contiguous(), lora_B.contiguous(), s, s if zp is None else zp,
+            y if bias is None else bias.contiguous(), y,
+            n_tokens, out_features, in_features, rank, g, n_groups, chunks, n_tiles_k, phi.shape[1], float(alpha / rank),
+            **phi_constexprs(bits, phi_format, g, cfg.gpt),
+            HAS_ZP=zp is not None, HAS_BIAS=bias is not None, GPT=cfg.gpt,
+            BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_m, BLOCK_K=cfg.block_n, R_PAD=cfg.r_pad,
+            DOT_FP32=_dot_fp32(lora_A.dtype, interpret), X_DOT_FP32=_dot_fp32(x2d.dtype, interpret),
+            INTERPRET=interpret, I64=needs_int64(phi.numel(), x2d.numel(), y.numel(), out_features * in_features),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
     return y
 
 
@@ -318,17 +320,18 @@ def fused_linear_dx(
     s = scale.to(torch.float32).contiguous()
     zp = None if zero_point is None else zero_point.to(torch.float32).contiguous()
     grid = (n_tiles_n, triton.cdiv(n_tokens, cfg.block_t))
-    _fused_linear_dx_kernel[grid](
-        dy2d, phi, lora_A.contiguous(), lora_B.contiguous(), s, s if zp is None else zp, dx,
-        n_tokens, out_features, in_features, rank, g, n_groups, chunks, triton.cdiv(out_features, cfg.block_m),
-        phi.shape[1], float(alpha / rank),
-        **phi_constexprs(bits, phi_format, g, cfg.gpt),
-        HAS_ZP=zp is not None, GPT=cfg.gpt,
-        BLOCK_T=cfg.block_t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
-        DOT_FP32=_dot_fp32(lora_A.dtype, interpret), X_DOT_FP32=_dot_fp32(dy2d.dtype, interpret),
-        INTERPRET=interpret, I64=needs_int64(phi.numel(), dy2d.numel(), dx.numel(), out_features * in_features),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-    )
+    with on_device(dy2d):
+        _fused_linear_dx_kernel[grid](
+            dy2d, phi, lora_A.contiguous(), lora_B.contiguous(), s, s if zp is None else zp, dx,
+            n_tokens, out_features, in_features, rank, g, n_groups, chunks, triton.cdiv(out_features, cfg.block_m),
+            phi.shape[1], float(alpha / rank),
+            **phi_constexprs(bits, phi_format, g, cfg.gpt),
+            HAS_ZP=zp is not None, GPT=cfg.gpt,
+            BLOCK_T=cfg.block_t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+            DOT_FP32=_dot_fp32(lora_A.dtype, interpret), X_DOT_FP32=_dot_fp32(dy2d.dtype, interpret),
+            INTERPRET=interpret, I64=needs_int64(phi.numel(), dy2d.numel(), dx.numel(), out_features * in_features),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
     return dx
 
 

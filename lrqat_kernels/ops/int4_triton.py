@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .int4_gpu import check_int4_linear_args, zero_point_as_int
+from ._launch import on_device
 
 __all__ = [
     "Int4TritonConfig",
@@ -165,16 +166,19 @@ def _int4_dequant_kernel(
     packed = tl.load(qw_ptr + rows64 * stride_qn + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
     w_lo = ((packed & 0xF) ^ 8) - 8
     w_hi = (((packed >> 4) & 0xF) ^ 8) - 8
-    group = cols // group_size  # per column: a tile may span groups here
-    s = tl.load(s_ptr + rows64 * stride_sn + group[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Per column: a tile may span groups, and with an odd group size the two columns of one byte
+    # can belong to different groups (2j in one, 2j + 1 in the next).
+    g_lo = cols // group_size
+    g_hi = (cols + 1) // group_size
+    s_lo = tl.load(s_ptr + rows64 * stride_sn + g_lo[None, :], mask=mask, other=0.0).to(tl.float32)
+    s_hi = tl.load(s_ptr + rows64 * stride_sn + g_hi[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_ZP:
-        z = tl.load(z_ptr + rows64 * stride_zn + group[None, :], mask=mask, other=0).to(tl.int32)
-        w_lo = w_lo - z
-        w_hi = w_hi - z
+        w_lo = w_lo - tl.load(z_ptr + rows64 * stride_zn + g_lo[None, :], mask=mask, other=0).to(tl.int32)
+        w_hi = w_hi - tl.load(z_ptr + rows64 * stride_zn + g_hi[None, :], mask=mask, other=0).to(tl.int32)
     # NUMERICS.md: W_hat = s * (W_int - z) in fp32, cast to the compute dtype last.
     out = w_ptr + rows64 * stride_wn + cols[None, :]
-    tl.store(out, (s * w_lo.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + 1, (s * w_hi.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, (s_lo * w_lo.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + 1, (s_hi * w_hi.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers --------------------------------------------------------------------------------
@@ -330,6 +334,8 @@ def int4_linear_triton(
     if not per_channel and g % cfg.block_k:
         raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={g}")
     qw = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()  # the kernel reads bias[n] at b_ptr + n
     s = scale if scale.stride(-1) == 1 else scale.contiguous()
     z = zero_point_as_int(zero_point)
     if z is not None and z.stride(-1) != 1:
@@ -347,23 +353,24 @@ def int4_linear_triton(
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     has_bias_in_kernel = bias is not None and split == 1
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
-    _int4_w4a16_kernel[grid](
-        x2, qw, s, z if z is not None else s, bias if has_bias_in_kernel else s, y,
-        M, N, K,
-        x2.stride(0), qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0,
-        N, M * N,
-        g, k_tiles_per_split,
-        HAS_ZP=z is not None,
-        HAS_BIAS=has_bias_in_kernel,
-        PER_CHANNEL=per_channel,
-        OUT_FP32=out_fp32,
-        DOT_F32=not x.is_cuda,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    with on_device(x2):
+        _int4_w4a16_kernel[grid](
+            x2, qw, s, z if z is not None else s, bias if has_bias_in_kernel else s, y,
+            M, N, K,
+            x2.stride(0), qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0,
+            N, M * N,
+            g, k_tiles_per_split,
+            HAS_ZP=z is not None,
+            HAS_BIAS=has_bias_in_kernel,
+            PER_CHANNEL=per_channel,
+            OUT_FP32=out_fp32,
+            DOT_F32=not x.is_cuda,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     if out_fp32:
         y = y.sum(0) if split > 1 else y[0]  # fixed order: deterministic
         if bias is not None and split > 1:
@@ -402,9 +409,10 @@ def int4_dequant_triton(
     if N and K:
         bn, bk = 32, 256
         grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
-        _int4_dequant_kernel[grid](
-            qw, s, z if z is not None else s, w, N, K,
-            qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0, w.stride(0),
-            g, HAS_ZP=z is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
-        )
+        with on_device(qw):
+            _int4_dequant_kernel[grid](
+                qw, s, z if z is not None else s, w, N, K,
+                qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0, w.stride(0),
+                g, HAS_ZP=z is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+            )
     return w.to(dtype)

@@ -1,0 +1,18 @@
+"""Launch plumbing shared by every Triton launcher."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def on_device(t: torch.Tensor):
+    """A context making ``t``'s CUDA device the current one for a Triton launch.
+
+    Triton launches on the *current* CUDA device (and its current stream), not on the device of
+    the tensors passed in; PyTorch custom ops implemented in Python get no device guard. Without
+    this, a layer on ``cuda:1`` (e.g. a model sharded with ``device_map="auto"``) would run on
+    ``cuda:0`` with foreign pointers. A no-op for CPU tensors (the interpreter).
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
