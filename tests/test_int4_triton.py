@@ -117,11 +117,17 @@ def test_dequant_is_exact(g, zp, dtype):
     assert w.dtype == dtype and torch.equal(w.cpu(), _w_hat(w_int, s, z, g).to(dtype))
 
 
-@pytest.mark.parametrize("g", [3, 9, 14, 36])
-def test_dequant_odd_and_unaligned_groups_exact(g):
-    """Groups that do not divide the kernel's column tile, odd ones included: the two columns of
-    one byte can sit in different groups (what backend='dequant' runs for such layers on a GPU)."""
-    _, w_int, q, s, z, _ = _case(1, 40, 252, g, True, torch.float16)
+@pytest.mark.parametrize("k,g", [(252, 3), (252, 9), (252, 14), (252, 36), (200, None), (160, 32), (192, 96),
+                                 (384, 128), (96, 48)])
+@pytest.mark.parametrize("zp", [False, True])
+def test_dequant_any_group_and_k_tail_exact(k, g, zp):
+    """Per-row-scale tiles (BLOCK_K divides the group) and per-column-scale tiles (other groups,
+    odd ones included: the two columns of one byte can sit in different groups), K tails."""
+    from lrqat_kernels.ops.int4_triton import dequant_config
+
+    _, w_int, q, s, z, _ = _case(1, 40, k, g, zp, torch.float16)
+    bn, bk, one_group = dequant_config(k, k if g is None else g)
+    assert one_group == (g is None or g % 32 == 0) and bn * bk == 8192
     w = int4_dequant_triton(q, s, z, g, torch.float32)
     assert torch.equal(w.cpu(), _w_hat(w_int, s, z, g))
 
@@ -291,6 +297,45 @@ def test_aot_compiles_without_spills_for_launcher_configs():
         assert r["regs"] <= 255 and r["shared"] > 0, where
         # cp.async pipelining actually happened: more than one stage of weights in shared memory.
         assert r["shared"] >= 2 * r["bn"] * r["bk"] // 2, f"loads not pipelined: {r}"
+
+
+_AOT_DEQUANT_SCRIPT = r"""
+import json, sys
+from lrqat_kernels.ops import aot
+from lrqat_kernels.ops.int4_triton import _int4_dequant_kernel as fn
+
+out = []
+for spec in json.loads(sys.stdin.read()):
+    sig = dict(qw_ptr="*u8", s_ptr="*fp32", z_ptr="*i32", w_ptr="*" + spec["dtype"], N="i32", K="i32",
+               stride_qn="i32", stride_sn="i32", stride_zn="i32", stride_wn="i32", group_size="i32",
+               HAS_ZP="constexpr", ONE_GROUP="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
+    consts = dict(HAS_ZP=spec["zp"], ONE_GROUP=spec["one"], BLOCK_N=spec["bn"], BLOCK_K=spec["bk"])
+    r = aot._compile(fn, sig, consts, spec["arch"], 4, 3, divisible=[
+        "qw_ptr", "s_ptr", "z_ptr", "w_ptr", "N", "K", "stride_qn", "stride_sn", "stride_zn", "stride_wn"])
+    out.append(dict(spec, regs=r.registers, spills=r.spill_stores + r.spill_loads, global_ops=r.global_ops))
+print(json.dumps(out))
+"""
+
+
+def test_aot_dequant_kernel_vector_stores_no_spills():
+    """The prefill path's dequantisation pass is memory bound and writes 4x what it reads: every
+    store must be a 16-byte vector (the nibbles are interleaved back in registers), no spills."""
+    from lrqat_kernels.ops.int4_triton import dequant_config
+
+    specs = []
+    for g in (None, 128, 64, 32, 48):
+        bn, bk, one = dequant_config(4096, 4096 if g is None else g)
+        for dtype in ("bf16", "fp16", "fp32"):
+            for arch in (80, 90):
+                specs.append(dict(g=g, bn=bn, bk=bk, one=one, zp=g is not None, dtype=dtype, arch=arch))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_DEQUANT_SCRIPT], input=json.dumps(specs), capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert r["spills"] == 0, r
+        stores = [op for op in r["global_ops"].split(",") if op.startswith("st.")]
+        assert stores == ["st.global.v4.b32"], r
 
 
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ __all__ = [
     "int4_triton_config",
     "int4_linear_triton",
     "int4_dequant_triton",
+    "dequant_config",
 ]
 
 
@@ -153,32 +154,49 @@ def _int4_dequant_kernel(
     stride_qn, stride_sn, stride_zn, stride_wn,
     group_size,
     HAS_ZP: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """``W_hat[n, k] = s * (W_int - z)`` for a ``[BLOCK_N, BLOCK_K]`` tile: the prefill path's
+    dequantisation pass, memory bound (reads N*K/2 bytes, writes N*K*2). Contiguous byte loads,
+    nibbles interleaved back into column order in registers (join + reshape), so loads and stores
+    are 16-byte vectors. ``ONE_GROUP``: the tile lies in one group (``BLOCK_K`` divides the group
+    size, or per-channel): one scale per row. Else (groups not a multiple of 32) a scale per column,
+    the two columns of a byte looked up separately (with an odd group size they can straddle)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_k * BLOCK_K + 2 * tl.arange(0, HALF_K)
-    mask = (offs_n < N)[:, None] & (cols < K)[None, :]
+    mask_n = offs_n < N
     rows64 = offs_n.to(tl.int64)[:, None]
-    packed = tl.load(qw_ptr + rows64 * stride_qn + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    offs_b = pid_k * HALF_K + tl.arange(0, HALF_K)  # packed bytes = column pairs (K is even)
+    mask_b = mask_n[:, None] & (offs_b < K // 2)[None, :]
+    packed = tl.load(qw_ptr + rows64 * stride_qn + offs_b[None, :], mask=mask_b, other=0).to(tl.int32)
     w_lo = ((packed & 0xF) ^ 8) - 8
     w_hi = (((packed >> 4) & 0xF) ^ 8) - 8
-    # Per column: a tile may span groups, and with an odd group size the two columns of one byte
-    # can belong to different groups (2j in one, 2j + 1 in the next).
-    g_lo = cols // group_size
-    g_hi = (cols + 1) // group_size
-    s_lo = tl.load(s_ptr + rows64 * stride_sn + g_lo[None, :], mask=mask, other=0.0).to(tl.float32)
-    s_hi = tl.load(s_ptr + rows64 * stride_sn + g_hi[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZP:
-        w_lo = w_lo - tl.load(z_ptr + rows64 * stride_zn + g_lo[None, :], mask=mask, other=0).to(tl.int32)
-        w_hi = w_hi - tl.load(z_ptr + rows64 * stride_zn + g_hi[None, :], mask=mask, other=0).to(tl.int32)
+    if ONE_GROUP:
+        grp = (pid_k * BLOCK_K) // group_size
+        s_lo = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + grp, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        s_hi = s_lo
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n.to(tl.int64) * stride_zn + grp, mask=mask_n, other=0).to(tl.int32)[:, None]
+            w_lo = w_lo - z
+            w_hi = w_hi - z
+    else:
+        g_lo = (2 * offs_b) // group_size
+        g_hi = (2 * offs_b + 1) // group_size
+        s_lo = tl.load(s_ptr + rows64 * stride_sn + g_lo[None, :], mask=mask_b, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + rows64 * stride_sn + g_hi[None, :], mask=mask_b, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            w_lo = w_lo - tl.load(z_ptr + rows64 * stride_zn + g_lo[None, :], mask=mask_b, other=0).to(tl.int32)
+            w_hi = w_hi - tl.load(z_ptr + rows64 * stride_zn + g_hi[None, :], mask=mask_b, other=0).to(tl.int32)
     # NUMERICS.md: W_hat = s * (W_int - z) in fp32, cast to the compute dtype last.
-    out = w_ptr + rows64 * stride_wn + cols[None, :]
-    tl.store(out, (s_lo * w_lo.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + 1, (s_hi * w_hi.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
+    v_lo = (s_lo * w_lo.to(tl.float32)).to(w_ptr.dtype.element_ty)
+    v_hi = (s_hi * w_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
+    w = tl.reshape(tl.join(v_lo, v_hi), (BLOCK_N, BLOCK_K))  # [n, j, 0/1] -> column 2j / 2j + 1
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + rows64 * stride_wn + cols[None, :], w, mask=mask_n[:, None] & (cols < K)[None, :])
 
 
 # ---- launchers --------------------------------------------------------------------------------
@@ -379,6 +397,19 @@ def int4_linear_triton(
     return y.reshape(*lead, N)
 
 
+def dequant_config(K: int, group_size: int) -> tuple[int, int, bool]:
+    """``(BLOCK_N, BLOCK_K, ONE_GROUP)`` of :func:`int4_dequant_triton`: tiles of 8192 weights (64
+    a thread at 4 warps), 32 x 256, with ``BLOCK_K`` narrowed to the largest of 128 / 64 / 32 that
+    divides the group (taller tiles then) so that a tile has one scale per row; per-column scales
+    for other groups."""
+    if group_size >= K:
+        return 32, 256, True
+    for bk in (256, 128, 64, 32):
+        if group_size % bk == 0:
+            return 8192 // bk, bk, True
+    return 32, 256, False
+
+
 def int4_dequant_triton(
     qweight: torch.Tensor,
     scale: torch.Tensor,
@@ -407,12 +438,12 @@ def int4_dequant_triton(
     interp_bf16 = dtype == torch.bfloat16 and not qweight.is_cuda
     w = torch.empty((N, K), dtype=torch.float32 if interp_bf16 else dtype, device=qweight.device)
     if N and K:
-        bn, bk = 32, 256
+        bn, bk, one_group = dequant_config(K, g)
         grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
         with on_device(qw):
             _int4_dequant_kernel[grid](
                 qw, s, z if z is not None else s, w, N, K,
                 qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0, w.stride(0),
-                g, HAS_ZP=z is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+                g, HAS_ZP=z is not None, ONE_GROUP=one_group, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
             )
     return w.to(dtype)
