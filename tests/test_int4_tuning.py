@@ -92,6 +92,9 @@ def test_triton_config_uses_the_table(tuning_dir):
         assert int4_triton_config(5, 11008, 4096, 128, "cuda", **args) == \
             int4_triton_config(5, 11008, 4096, 128, "cuda", tuned=False)
     assert int4_triton_config(5, 11008, 4096, 128, "cpu", device_name=NAME).block_n == 64
+    # Decisions are cached per (M, N, K, ...) and forgotten when a table is (re)written.
+    write(tuning_dir, table([entry(11008, 4096, 16, bm=16, bn=32, bk=64, split=2, warps=4, stages=4)]))
+    assert int4_triton_config(5, 11008, 4096, 128, "cuda", device_name=NAME) == int4_gpu_cfg(16, 32, 64, 2, 4, 4)
 
 
 def int4_gpu_cfg(bm, bn, bk, split, warps, stages):

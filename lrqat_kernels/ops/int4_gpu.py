@@ -351,10 +351,10 @@ def _cached_prepack(qweight, scale, zero_point, group_size, scale_dtype) -> Int4
 
 
 def _device_name(device: torch.device) -> str | None:
-    """The GPU's name (keys the tuning tables); None off CUDA. A hook tests replace."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_name(device)
+    """The GPU's name (keys the tuning tables; cached); None off CUDA. A hook tests replace."""
+    from .int4_triton import gpu_name
+
+    return gpu_name(device)
 
 
 def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:

@@ -27,6 +27,7 @@ backend (prefill: dequantise once, then cuBLAS).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -231,10 +232,26 @@ def _block_k(in_features: int, group_size: int | None, widest: int) -> int:
     )
 
 
+_NOMINAL_SMS = 132  # H100 SXM: configs for a GPU can be computed (and AOT-compiled) without one
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_facts(index: int) -> tuple[int, str]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.name
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # nominal (H100 SXM): configs for a GPU can be computed (and AOT-compiled) without one
+        return _gpu_facts(device.index if device.index is not None else torch.cuda.current_device())[0]
+    return _NOMINAL_SMS
+
+
+def gpu_name(device: torch.device) -> str | None:
+    """The CUDA device's name (cached), None without CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _gpu_facts(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
 def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: torch.device | str = "cuda",
@@ -266,22 +283,37 @@ def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: t
             config a GPU would get be computed (and AOT-compiled) without one.
         tuned: False ignores tuning tables.
     """
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    interp = _interpreting()
+    key = None
     if tuned and device.type == "cuda":
-        if device_name is None and torch.cuda.is_available() and not _interpreting():
-            device_name = torch.cuda.get_device_name(device)
+        if device_name is None and not interp:
+            device_name = gpu_name(device)
         if device_name is not None:
-            from .int4_tuning import lookup
+            from .int4_tuning import cache_key
 
-            hit = lookup(device_name, M, N, K)
-            if hit is not None:
-                entry, exact = hit
-                c = entry.config
-                bk = _block_k(K, group_size, c["block_k"])
-                if split_k is None and exact and bk == c["block_k"]:
-                    split_k = c["split_k"]
-                return _finish(M, N, K, c["block_m"], c["block_n"], bk, c["num_warps"], c["num_stages"],
-                               split_k, device, sms)
+            key = cache_key(device_name)
+    if sms is None:
+        sms = _num_sms(device)
+    # Cached: a decode step asks the same question once per layer, and the answer (table lookup
+    # included) costs ~100 us of Python next to a ~10 us kernel.
+    return _config(M, N, K, group_size, device.type, split_k, sms, interp, key)
+
+
+@functools.lru_cache(maxsize=16384)
+def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4TritonConfig:
+    if key is not None:
+        from .int4_tuning import lookup
+
+        hit = lookup(key[0], M, N, K)
+        if hit is not None:
+            entry, exact = hit
+            c = entry.config
+            bk = _block_k(K, group_size, c["block_k"])
+            if split_k is None and exact and bk == c["block_k"]:
+                split_k = c["split_k"]
+            return _finish(M, N, K, c["block_m"], c["block_n"], bk, c["num_warps"], c["num_stages"],
+                           split_k, device_type, sms, interp)
     # (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages); ptxas -v on sm_80 / sm_90 with
     # the JIT's usual 16-divisibility specialisation: <= 255 registers and no spills for every
     # variant (tests/test_int4_triton.py compiles each).
@@ -293,17 +325,17 @@ def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: t
         bm, bn, bk_max, num_warps, num_stages = 64, 64, 64, 8, 4
     else:
         bm, bn, bk_max, num_warps, num_stages = 64, 128, 64, 8, 4
-    return _finish(M, N, K, bm, bn, _block_k(K, group_size, bk_max), num_warps, num_stages, split_k, device, sms)
+    return _finish(M, N, K, bm, bn, _block_k(K, group_size, bk_max), num_warps, num_stages, split_k, device_type,
+                   sms, interp)
 
 
-def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device, sms) -> Int4TritonConfig:
+def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sms, interp) -> Int4TritonConfig:
     """Fill in split-K (the fill-the-GPU rule unless given) and clamp it to the K tiles."""
     k_tiles = triton.cdiv(K, bk)
     if split_k is None:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        sms = sms or _num_sms(device)
         split_k = 1
-        if tiles < 4 * sms and not (device.type == "cpu" and _interpreting()):
+        if tiles < 4 * sms and not (device_type == "cpu" and interp):
             split_k = min(-(-4 * sms // tiles), 16)
     split_k = max(1, min(int(split_k), k_tiles))
     return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages)

@@ -55,6 +55,7 @@ __all__ = [
     "build_table",
     "write_table",
     "clear_cache",
+    "cache_key",
 ]
 
 TABLE_VERSION = 1
@@ -152,8 +153,21 @@ def load_table(device_name: str) -> tuple[TunedEntry, ...] | None:
     return _load(device_name, tuple(str(p) for p in table_paths(device_name)))
 
 
+_GENERATION = 0
+
+
+def cache_key(device_name: str | None) -> tuple:
+    """What a cached decision derived from the tables depends on: the device, the extra search
+    folder and :func:`clear_cache`'s generation (dispatchers key their own caches on it)."""
+    return device_name, os.environ.get(TUNING_DIR_ENV, ""), _GENERATION
+
+
 def clear_cache() -> None:
+    """Forget loaded tables and every decision derived from them (after writing a table)."""
+    global _GENERATION
     _load.cache_clear()
+    _lookup.cache_clear()
+    _GENERATION += 1
 
 
 def _shape_distance(e: TunedEntry, N: int, K: int) -> float:
@@ -162,8 +176,13 @@ def _shape_distance(e: TunedEntry, N: int, K: int) -> float:
 
 def lookup(device_name: str, M: int, N: int, K: int) -> tuple[TunedEntry, bool] | None:
     """The entry that decides ``(M, N, K)`` on ``device_name``, and whether its shape is exactly
-    ``[N, K]``; None without a table."""
-    entries = load_table(device_name)
+    ``[N, K]``; None without a table. Cached (a decode step asks the same question per layer)."""
+    return _lookup(M, N, K, cache_key(device_name))
+
+
+@functools.lru_cache(maxsize=65536)
+def _lookup(M: int, N: int, K: int, key: tuple) -> tuple[TunedEntry, bool] | None:
+    entries = load_table(key[0])
     if not entries:
         return None
     best = min(_shape_distance(e, N, K) for e in entries)
@@ -184,7 +203,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
     the group, and no split is empty."""
     from .int4_triton import _block_k, int4_triton_config
 
-    default = int4_triton_config(M, N, K, group_size, "cuda", sms=sms)
+    default = int4_triton_config(M, N, K, group_size, "cuda", sms=sms, tuned=False)
     # (BLOCK_M, BLOCK_N) by regime: decode (M <= 64) is memory bound (narrow N tiles, many of them,
     # split-K to fill the SMs); prefill is compute bound (big tiles amortise the dequantisation).
     if M <= 16:
