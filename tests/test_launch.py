@@ -14,9 +14,12 @@ from lrqat_kernels.ops._launch import on_device
 OPS = pathlib.Path(__file__).resolve().parent.parent / "lrqat_kernels" / "ops"
 
 
-def test_on_device_picks_the_tensors_cuda_device():
+def test_on_device_picks_the_tensors_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # no GPU needed: contexts are not entered
     ctx = on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
-    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1  # built without entering: no GPU needed
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    ctx = on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0)))  # already current
+    assert not isinstance(ctx, torch.cuda.device)
     with on_device(torch.zeros(1)):  # CPU (interpreter): nothing to switch
         pass
 

@@ -13,6 +13,9 @@ def on_device(t: torch.Tensor):
     Triton launches on the *current* CUDA device (and its current stream), not on the device of
     the tensors passed in; PyTorch custom ops implemented in Python get no device guard. Without
     this, a layer on ``cuda:1`` (e.g. a model sharded with ``device_map="auto"``) would run on
-    ``cuda:0`` with foreign pointers. A no-op for CPU tensors (the interpreter).
+    ``cuda:0`` with foreign pointers. A no-op for CPU tensors (the interpreter) and when the
+    device is already current (the common case: no device switch on the launch path).
     """
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
