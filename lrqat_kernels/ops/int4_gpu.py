@@ -367,11 +367,7 @@ def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
     in a table made with ``--allow-cuda``) needs the built kernel and its shape rules, "triton" a
     group that is a multiple of 32 and Triton installed.
     """
-    triton_ok = g == K or g % 32 == 0
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        triton_ok = False
+    triton_ok = _unsupported("triton", K, g) is None
     rule = "triton" if (triton_ok and M < AUTO_DEQUANT_MIN_M) else "dequant"
     name = _device_name(device)
     if name is None:
@@ -382,14 +378,8 @@ def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
     if hit is None:
         return rule
     backend = hit[0].backend
-    if backend == "cuda":
-        try:
-            _check_cuda_shapes(K, None if g == K else g)
-            cuda_ok = cuda_kernel_available()
-        except ValueError:
-            cuda_ok = False
-        if not cuda_ok:
-            backend = rule
+    if backend == "cuda" and (_unsupported("cuda", K, g) is not None or not cuda_kernel_available()):
+        backend = rule
     if backend == "triton" and not triton_ok:
         backend = "dequant"
     return backend
