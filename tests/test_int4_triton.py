@@ -96,6 +96,38 @@ def test_split_k(split_k, g):
     assert torch.equal(y, int4_linear_triton(x, q, s, z, g, b, split_k=split_k))
 
 
+def _swap(cfg: Int4TritonConfig, **kw) -> Int4TritonConfig:
+    return Int4TritonConfig(**{**cfg.__dict__, "swap_ab": True, **kw})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g,zp", [(None, False), (None, True), (32, True), (64, False), (128, True)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_swap_ab_matches_reference(m, g, zp, dtype):
+    """The y^T = W x^T path: same numerics, every group / zero-point form, partial M and N tiles,
+    bias in the kernel."""
+    x, w_int, q, s, z, b = _case(m, 72, 256, g, zp, dtype, seed=m + 1)
+    cfg = _swap(int4_triton_config(m, 72, 256, g, "cpu"), split_k=1)
+    _check(int4_linear_triton(x, q, s, z, g, b, config=cfg), x, w_int, s, z, g, b)
+
+
+@pytest.mark.parametrize("n,k,g,bm,bn,bk,split", [
+    (130, 320, 64, 32, 64, 64, 1),    # N tail, K = 5 tiles
+    (72, 1040, None, 16, 64, 128, 3),  # per-channel K tail (masked), split-K partials
+    (200, 384, 128, 64, 32, 32, 2),    # tall M tile, narrow N tile, 4 K tiles per group
+], ids=str)
+def test_swap_ab_odd_shapes_and_split_k(n, k, g, bm, bn, bk, split):
+    x, w_int, q, s, z, b = _case(37, n, k, g, True, torch.float16, seed=n)
+    cfg = Int4TritonConfig(bm, bn, bk, split, 4, 3, swap_ab=True)
+    y = int4_linear_triton(x, q, s, z, g, b, config=cfg)
+    _check(y, x, w_int, s, z, g, b)
+    # Both operand orders add the same products in the same K order: equal up to fp32 summation
+    # order inside a dot.
+    ref = int4_linear_triton(x, q, s, z, g, b, config=Int4TritonConfig(bm, bn, bk, split, 4, 3))
+    torch.testing.assert_close(y, ref, rtol=2e-3, atol=2e-3)
+
+
 def test_no_bias_3d_input_and_float_zero_point():
     x, w_int, q, s, z, _ = _case(6, 72, 256, 64, True, torch.float16)
     y = int4_linear_triton(x.reshape(2, 3, 256), q, s, z.float(), 64)
@@ -252,12 +284,13 @@ for spec in json.loads(sys.stdin.read()):
                M="i32", N="i32", K="i32", stride_xm="i32", stride_qn="i32", stride_sn="i32",
                stride_zn="i32", stride_ym="i32", stride_ys="i32", group_size="i32", k_tiles_per_split="i32")
     consts = dict(HAS_ZP=spec["zp"], HAS_BIAS=not spec["out_fp32"], PER_CHANNEL=spec["per_channel"],
-                  OUT_FP32=spec["out_fp32"], DOT_F32=False, BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
+                  OUT_FP32=spec["out_fp32"], DOT_F32=False, SWAP_AB=spec.get("swap", False),
+                  BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
                   BLOCK_K=spec["bk"])
     sig.update({k: "constexpr" for k in consts})
     r = aot._compile(fn, sig, consts, spec["arch"], spec["num_warps"], spec["num_stages"], divisible=DIVISIBLE)
     out.append(dict(spec, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
-                    shared=r.shared_bytes))
+                    shared=r.shared_bytes, mma=r.mma_ops, loop_smem_stores=r.loop_smem_stores))
 print(json.dumps(out))
 """
 
@@ -272,25 +305,56 @@ def _launcher_specs():
                 per_channel = g is None
                 for zp in ([False] if per_channel else [True]):  # zp variant is the heavier one
                     key = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
-                           cfg.split_k > 1, per_channel, zp)
+                           cfg.split_k > 1, per_channel, zp, cfg.swap_ab)
                     if key in seen:
                         continue
                     seen.add(key)
                     for arch in (80, 90):
                         specs.append(dict(bm=cfg.block_m, bn=cfg.block_n, bk=cfg.block_k, num_warps=cfg.num_warps,
                                           num_stages=cfg.num_stages, out_fp32=cfg.split_k > 1,
-                                          per_channel=per_channel, zp=zp, dtype="bf16", arch=arch))
+                                          per_channel=per_channel, zp=zp, dtype="bf16", arch=arch,
+                                          swap=cfg.swap_ab))
     return specs
 
 
-def test_aot_compiles_without_spills_for_launcher_configs():
-    specs = _launcher_specs()
+def _run_aot(specs):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(specs), capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == len(specs)
+    return results
+
+
+def test_aot_swap_ab_feeds_wgmma_from_registers():
+    """The swap-AB path's point, checked in the compiled code: on sm_90 every wgmma takes the
+    dequantised weights from registers and the main loop stores nothing to shared memory (only
+    cp.async copies); the default operand order must store the weight tile (B operand) there each
+    K tile, which shows the check can fail. No spills for the tuner's swap-AB tiles on sm_80 / sm_90,
+    bf16 and fp16, grouped with zero point (the heavier variant) and per-channel."""
+    specs = []
+    for bm, bn, bk, warps, stages, out_fp32 in ((16, 64, 128, 4, 4, True), (64, 128, 64, 8, 3, False),
+                                                (128, 128, 64, 8, 3, False)):
+        for arch in (80, 90):
+            for dtype, per_channel in (("bf16", False), ("fp16", False), ("bf16", True)):
+                specs.append(dict(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, out_fp32=out_fp32,
+                                  per_channel=per_channel, zp=not per_channel, dtype=dtype, arch=arch, swap=True))
+    specs.append(dict(specs[-1], swap=False, per_channel=False, zp=True))  # sm_90, 128 x 128, default order
+    *swapped, plain = _run_aot(specs)
+    for r in swapped:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"spills: {r}"
+        if r["arch"] == 90:
+            assert r["mma"].startswith("wgmma.") and "(A=reg)" in r["mma"] and "(A=smem)" not in r["mma"], r
+            assert r["loop_smem_stores"] == 0, f"register -> shared stores in the main loop: {r}"
+        else:
+            assert r["mma"].startswith("mma.sync.aligned.m16n8k16"), r
+    assert plain["mma"].startswith("wgmma.") and plain["loop_smem_stores"] > 0, plain
+
+
+def test_aot_compiles_without_spills_for_launcher_configs():
+    specs = _launcher_specs()
+    results = _run_aot(specs)
     for r in results:
         where = {k: r[k] for k in ("bm", "bn", "bk", "num_warps", "per_channel", "zp", "out_fp32", "arch")}
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"spills: {r}"
@@ -349,5 +413,17 @@ def test_gpu_llama_shape(m, g):
 @pytest.mark.gpu
 def test_gpu_matches_interpreter_semantics_config_override():
     x, w_int, q, s, z, b = _case(8, 1024, 2048, 64, True, torch.float16)
-    cfg = Int4TritonConfig(16, 64, 64, 4, 4, 3)
-    _check(int4_linear_triton(x, q, s, z, 64, b, config=cfg), x, w_int, s, z, 64, b)
+    for swap in (False, True):
+        cfg = Int4TritonConfig(16, 64, 64, 4, 4, 3, swap_ab=swap)
+        _check(int4_linear_triton(x, q, s, z, 64, b, config=cfg), x, w_int, s, z, 64, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 300, 1024])
+@pytest.mark.parametrize("g", [None, 128])
+def test_gpu_swap_ab_llama_shape(m, g):
+    """The swap-AB path on the GPU (wgmma with register A operand on sm_90) at LLaMA shapes."""
+    x, w_int, q, s, z, b = _case(m, 4096, 4096, g, g is not None, torch.bfloat16)
+    bm, bn, warps = (16, 64, 4) if m <= 16 else (128, 128, 8)
+    cfg = Int4TritonConfig(bm, bn, 64, 1, warps, 3, swap_ab=True)
+    _check(int4_linear_triton(x, q, s, z, g, b, config=cfg), x, w_int, s, z, g, b)

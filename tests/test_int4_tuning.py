@@ -71,6 +71,14 @@ def test_lookup_rules(tuning_dir):
     assert T.lookup("Other GPU", 1, 4096, 4096) is None
 
 
+def test_triton_config_takes_swap_ab_from_the_table(tuning_dir):
+    swapped = dict(cfg(bm=128, bn=128, bk=64, split=1, warps=8, stages=3), swap_ab=True)
+    write(tuning_dir, table([entry(11008, 4096, 16), dict(entry(11008, 4096, 1024), config=swapped)]))
+    assert int4_triton_config(1000, 11008, 4096, 128, "cuda", device_name=NAME).swap_ab
+    assert not int4_triton_config(8, 11008, 4096, 128, "cuda", device_name=NAME).swap_ab  # key absent: False
+    assert not int4_triton_config(1000, 11008, 4096, 128, "cuda").swap_ab  # no table: heuristic
+
+
 def test_triton_config_uses_the_table(tuning_dir):
     write(tuning_dir, table([entry(11008, 4096, 16, bm=32, bn=128, bk=128, split=3, warps=8, stages=3),
                              entry(11008, 4096, 1024, bm=128, bn=128, bk=64, split=1, warps=8, stages=3)]))
@@ -152,7 +160,11 @@ def test_auto_backend_follows_the_table(tuning_dir, monkeypatch):
     (json.dumps(table([entry(64, 128, 1, bm=12)])), "entries[0].config.block_m must be a power of two"),
     (json.dumps(table([entry(64, 128, 1, split=0)])), "entries[0].config.split_k must be an integer in [1, 64]"),
     (json.dumps(table([dict(entry(64, 128, 1), M=0)])), "entries[0].M must be a positive integer"),
-    (json.dumps(table([dict(entry(64, 128, 1), config={"block_m": 16})])), "entries[0].config must have exactly"),
+    (json.dumps(table([dict(entry(64, 128, 1), config={"block_m": 16})])), "entries[0].config must have the keys"),
+    (json.dumps(table([dict(entry(64, 128, 1), config=dict(entry(64, 128, 1)["config"], swap_ab=1))])),
+     "entries[0].config.swap_ab must be true or false"),
+    (json.dumps(table([dict(entry(64, 128, 1), config=dict(entry(64, 128, 1)["config"], swapab=True))])),
+     "entries[0].config must have the keys"),
 ])
 def test_bad_table_is_ignored_with_a_warning(tuning_dir, content, problem):
     path = tuning_dir / T.table_filename(NAME)
@@ -219,7 +231,11 @@ def test_candidate_configs(g, N, K):
         cands = T.candidate_configs(M, N, K, g)
         default = int4_triton_config(M, N, K, g, "cuda", tuned=False)
         assert Int4TritonConfig(**cands[0]) == default  # a table is never worse than the heuristic
-        assert 1 <= len(cands) <= 30 and len({tuple(c.values()) for c in cands}) == len(cands)
+        assert 1 <= len(cands) <= 48 and len({tuple(c.values()) for c in cands}) == len(cands)
+        # Both operand orders are timed, for every tile shape of the regime.
+        tiles = {(c["block_m"], c["block_n"]) for c in cands}
+        for swap in (False, True):
+            assert {(c["block_m"], c["block_n"]) for c in cands if c["swap_ab"] == swap} == tiles, (M, swap)
         for c in cands:
             T._validate(table([dict(N=N, K=K, M=M, backend="triton", config=c, us={})]))
             if g is not None:
@@ -258,6 +274,7 @@ def test_tuner_end_to_end_on_cpu(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} == {"cublas", "dequant", "triton"}
     assert sum(r["chosen"] == "best_triton" for r in rows) == 4 and not any(r["error"] for r in rows)
+    assert {r["swap_ab"] for r in rows if r["provider"] == "triton"} == {"False", "True"}  # both operand orders ran
     monkeypatch.setenv(T.TUNING_DIR_ENV, str(out))
     T.clear_cache()
     try:

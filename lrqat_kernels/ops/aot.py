@@ -35,6 +35,13 @@ class AOTResult:
     #: the distinct global load / store forms in the PTX (``ld.global.v4.b32`` etc.), comma-separated:
     #: a memory-bound kernel reaches the HBM roofline only with 16-byte accesses (``.v4.b32``).
     global_ops: str = ""
+    #: the distinct tensor-core instructions, with wgmma's operand sources:
+    #: ``wgmma.m64n128k16.f32.bf16.bf16(A=reg)`` (A from registers) or ``(A=smem)``; ``mma.sync...``.
+    mma_ops: str = ""
+    #: register -> shared memory stores inside the kernel's loops (TTGIR ``local_alloc`` of a value,
+    #: ``local_store``); async global -> shared copies (cp.async / TMA) not counted. 0 means every
+    #: MMA operand in the main loop comes from registers or straight from global memory.
+    loop_smem_stores: int = 0
 
     def __str__(self) -> str:
         return (
@@ -102,6 +109,36 @@ def _ptxas_command(arch: int, enable_fp_fusion: bool) -> list[str]:
     return [exe, *flags] + ([] if enable_fp_fusion else ["--fmad=false"])
 
 
+def _mma_ops(ptx: str) -> list[str]:
+    """Distinct ``mma.sync`` / ``wgmma.mma_async`` forms; for wgmma whether A comes from registers
+    (``{%r..}`` fragment) or a shared-memory descriptor (B always comes from shared memory)."""
+    ops = set()
+    for line in ptx.splitlines():
+        m = re.search(r"\b(mma\.sync\.aligned\.[a-z0-9.]+|wgmma\.mma_async\.sync\.aligned\.([a-z0-9.]+))\s+(.*)", line)
+        if m is None:
+            continue
+        if m.group(2) is None:
+            ops.add(m.group(1))
+        else:  # operands: {d...}, A, B, ...: A is a {..} register list or a 64-bit descriptor
+            a = m.group(3).split("}", 1)[1].lstrip(", ")
+            ops.add(f"wgmma.{m.group(2)}(A={'reg' if a.startswith('{') else 'smem'})")
+    return sorted(ops)
+
+
+def _loop_smem_stores(ttgir: str) -> int:
+    """Register -> shared stores inside ``scf.for`` / ``scf.while`` bodies of a TTGIR module."""
+    count, depth, loop_depths = 0, 0, []
+    for line in ttgir.splitlines():
+        if re.search(r"\bscf\.(for|while)\b", line):
+            loop_depths.append(depth)
+        if loop_depths and re.search(r"ttg\.local_store\b|ttg\.local_alloc %", line):
+            count += 1
+        depth += line.count("{") - line.count("}")
+        while loop_depths and depth <= loop_depths[-1]:
+            loop_depths.pop()
+    return count
+
+
 def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(), enable_fp_fusion=True,
              return_ptx=False):
     """Compile one spec; ``divisible`` names the pointer / integer arguments the JIT would see as
@@ -138,5 +175,7 @@ def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(
         approx_ops=",".join(sorted(set(re.findall(
             r"\b((?:div|sqrt|rsqrt|rcp)\.(?:full|approx)[a-z0-9.]*|(?:ex2|lg2|sin|cos|tanh)\.approx[a-z0-9.]*)", ptx)))),
         global_ops=",".join(sorted(set(re.findall(r"\b(?:ld|st)\.global[a-z0-9.]*", ptx)))),
+        mma_ops=",".join(_mma_ops(ptx)),
+        loop_smem_stores=_loop_smem_stores(kernel.asm.get("ttgir", "")),
     )
     return (res, ptx) if return_ptx else res

@@ -12,11 +12,19 @@ of :mod:`lrqat_kernels.formats` (uint8 ``[N, K / 2]``, column ``2j`` in the low 
   summation and the final cast, which is why the error stays within torch's own (which rounds
   ``W_hat`` to 16 bits first).
 
-Why two dots per tile instead of unpacking to a ``[BLOCK_N, BLOCK_K]`` tile: a byte holds
-columns ``2j`` and ``2j + 1``, so ``x @ W^T = x[:, 0::2] @ W_lo^T + x[:, 1::2] @ W_hi^T``. The
-low and high nibbles each form a ready ``[BLOCK_N, BLOCK_K / 2]`` operand and x is loaded with a
-stride of 2 (x is tiny at small M and sits in L2), which avoids an interleave (join + reshape)
-that costs register shuffles and is the usual source of spills in Triton int4 kernels.
+Two ways to feed the tensor cores (``Int4TritonConfig.swap_ab``, chosen per shape by the tuner):
+
+* default, ``y = x W^T``: two dots per tile, one per nibble. A byte holds columns ``2j`` and
+  ``2j + 1``, so ``x @ W^T = x[:, 0::2] @ W_lo^T + x[:, 1::2] @ W_hi^T``: the low and high nibbles
+  each form a ready ``[BLOCK_N, BLOCK_K / 2]`` operand and x (small at small M) is split into even
+  and odd columns in registers, which avoids interleaving the big weight tile.
+* ``swap_ab``, ``y^T = W x^T``: the weights are the MMA's A operand, interleaved back into column
+  order (join + reshape). On sm_90 Triton lays the packed tile out so that the interleave lands
+  directly in wgmma's register A fragment, and x is wgmma's B operand straight from shared memory
+  (cp.async): the main loop stores nothing to shared memory. Without the swap, wgmma needs the
+  dequantised weight tile (its B operand) in shared memory: a store and a fence per K tile. The
+  AOT tests check both properties in the PTX / TTGIR. On sm_80 (mma.sync) both read operands
+  from registers; the swap just changes which side is the 16-row fragment.
 
 Small M (decode) is memory bound: split-K (``SPLIT_K`` programs along K writing fp32 partials
 that the launcher sums) fills the GPU when ``N / BLOCK_N`` tiles are too few.
@@ -48,6 +56,31 @@ __all__ = [
 
 
 @triton.jit
+def _decode_nibbles(packed, zp, DTYPE: tl.constexpr):
+    """Packed bytes ``[R, C]`` (uint8) and zero points ``[R]`` (int32) -> ``(W_lo - z, W_hi - z)``,
+    each ``[R, C]`` in ``DTYPE`` (the columns ``2j`` and ``2j + 1`` of byte ``j``), exact.
+
+    Offset binary: ``u = c ^ 8 = W_int + 8`` in 0..15, kept in uint8 (the weight tile is the
+    register-heavy operand). Magic-number conversion (as the CUDA kernel, csrc/int4_gpu/int4_gpu.h):
+    OR-ing u into the mantissa of fp16 1024.0 (0x6400, ulp 1) or bf16 128.0 (0x4300, ulp 1) gives
+    base + u exactly, and one subtraction of (base + 8 + z) leaves W_int - z, exact (|.| <= 15).
+    This replaces a slow int -> float conversion (I2F runs at a quarter of the FP32 rate) per weight."""
+    u_lo = (packed & 0xF) ^ 8
+    u_hi = (packed >> 4) ^ 8
+    if DTYPE == tl.bfloat16:
+        shift = (zp + 136).to(tl.float32)[:, None]
+        w_lo = (u_lo.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tl.float32) - shift
+        w_hi = (u_hi.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tl.float32) - shift
+        w_lo = w_lo.to(tl.bfloat16)
+        w_hi = w_hi.to(tl.bfloat16)
+    else:
+        shift = (zp + 1032).to(tl.float16)[:, None]
+        w_lo = (u_lo.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - shift
+        w_hi = (u_hi.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - shift
+    return w_lo, w_hi
+
+
+@triton.jit
 def _int4_w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K,
@@ -58,6 +91,7 @@ def _int4_w4a16_kernel(
     PER_CHANNEL: tl.constexpr,
     OUT_FP32: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -89,51 +123,59 @@ def _int4_w4a16_kernel(
         if HAS_ZP:
             zp = tl.load(z_rows, mask=mask_n, other=0).to(tl.int32)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # SWAP_AB computes the transposed tile y^T = W x^T (weights as the MMA's A operand): on sm_90
+    # wgmma then takes the dequantised weights straight from registers and x from shared memory
+    # (cp.async), so the main loop writes nothing to shared memory. Without the swap the weights
+    # are wgmma's B operand, which must sit in shared memory: every K tile is dequantised, stored
+    # and fenced first. Both are exact and give identical sums; the tuner picks per shape.
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        # Contiguous load (pipelined through shared memory by cp.async), then split the even and
-        # odd columns in registers: x is [BLOCK_M, BLOCK_K], small next to the weight tile.
-        x_lo, x_hi = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
         mask_k = k0 + 2 * offs_h < K  # K is even: a byte is in range iff its low column is
         packed = tl.load(q_rows + (k0 // 2 + offs_h)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-        # Offset binary: u = c ^ 8 = W_int + 8 in 0..15, kept in uint8 (the weight tile is the
-        # register-heavy operand).
-        u_lo = (packed & 0xF) ^ 8
-        u_hi = (packed >> 4) ^ 8
         if not PER_CHANNEL:
             group = k0 // group_size  # one group per tile: BLOCK_K divides group_size
             if HAS_ZP:
                 zp = tl.load(z_rows + group, mask=mask_n, other=0).to(tl.int32)
-        # Magic-number conversion (as the CUDA kernel, csrc/int4_gpu/int4_gpu.h): OR-ing u into the
-        # mantissa of fp16 1024.0 (0x6400, ulp 1) or bf16 128.0 (0x4300, ulp 1) gives base + u
-        # exactly, and one subtraction of (base + 8 + z) leaves W_int - z, exact (|.| <= 15). This
-        # replaces a slow int -> float conversion (I2F runs at a quarter of the FP32 rate) per weight.
-        if x_ptr.dtype.element_ty == tl.bfloat16:
-            shift = (zp + 136).to(tl.float32)[:, None]
-            w_lo = (u_lo.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tl.float32) - shift
-            w_hi = (u_hi.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tl.float32) - shift
-            w_lo = w_lo.to(tl.bfloat16)
-            w_hi = w_hi.to(tl.bfloat16)
+        w_lo, w_hi = _decode_nibbles(packed, zp, x_ptr.dtype.element_ty)
+        if SWAP_AB:
+            # Nibbles interleaved back into column order in registers; Triton picks the load
+            # layout so that this lands directly in wgmma's A-fragment layout (no shuffle).
+            w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
+            if DOT_F32:
+                # Interpreter only: its bf16 x bf16 dot is wrong; fp32 holds every operand exactly.
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            part = tl.dot(w, tl.trans(x))  # [BLOCK_N, BLOCK_M]
+            if PER_CHANNEL:
+                acc += part
+            else:
+                s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
+                acc += part * s[:, None]
         else:
-            shift = (zp + 1032).to(tl.float16)[:, None]
-            w_lo = (u_lo.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - shift
-            w_hi = (u_hi.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - shift
-        if DOT_F32:
-            # Interpreter only: its bf16 x bf16 dot is wrong; fp32 holds every operand exactly.
-            x_lo = x_lo.to(tl.float32)
-            x_hi = x_hi.to(tl.float32)
-            w_lo = w_lo.to(tl.float32)
-            w_hi = w_hi.to(tl.float32)
-        part = tl.dot(x_lo, tl.trans(w_lo))
-        part = tl.dot(x_hi, tl.trans(w_hi), part)
-        if PER_CHANNEL:
-            acc += part
-        else:
-            s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
-            acc += part * s[None, :]
+            # Two dots per tile, one per nibble: x[:, 0::2] @ W_lo^T + x[:, 1::2] @ W_hi^T. x is
+            # loaded contiguously (pipelined through shared memory by cp.async) and split into
+            # even and odd columns in registers: x is [BLOCK_M, BLOCK_K], small next to the weights.
+            x_lo, x_hi = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
+            if DOT_F32:
+                x_lo = x_lo.to(tl.float32)
+                x_hi = x_hi.to(tl.float32)
+                w_lo = w_lo.to(tl.float32)
+                w_hi = w_hi.to(tl.float32)
+            part = tl.dot(x_lo, tl.trans(w_lo))
+            part = tl.dot(x_hi, tl.trans(w_hi), part)
+            if PER_CHANNEL:
+                acc += part
+            else:
+                s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
+                acc += part * s[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]: one layout conversion, in the epilogue
     if PER_CHANNEL:
         s = tl.load(s_rows, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
@@ -213,6 +255,8 @@ class Int4TritonConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    #: compute ``y^T = W x^T`` (weights as the MMA's A operand; see the module docstring)
+    swap_ab: bool = False
 
 
 def _interpreting() -> bool:
@@ -313,7 +357,7 @@ def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4
             if split_k is None and exact and bk == c["block_k"]:
                 split_k = c["split_k"]
             return _finish(M, N, K, c["block_m"], c["block_n"], bk, c["num_warps"], c["num_stages"],
-                           split_k, device_type, sms, interp)
+                           split_k, device_type, sms, interp, c.get("swap_ab", False))
     # (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages); ptxas -v on sm_80 / sm_90 with
     # the JIT's usual 16-divisibility specialisation: <= 255 registers and no spills for every
     # variant (tests/test_int4_triton.py compiles each).
@@ -329,7 +373,8 @@ def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4
                    sms, interp)
 
 
-def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sms, interp) -> Int4TritonConfig:
+def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sms, interp,
+            swap_ab=False) -> Int4TritonConfig:
     """Fill in split-K (the fill-the-GPU rule unless given) and clamp it to the K tiles."""
     k_tiles = triton.cdiv(K, bk)
     if split_k is None:
@@ -338,7 +383,7 @@ def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sm
         if tiles < 4 * sms and not (device_type == "cpu" and interp):
             split_k = min(-(-4 * sms // tiles), 16)
     split_k = max(1, min(int(split_k), k_tiles))
-    return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages)
+    return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages, bool(swap_ab))
 
 
 def int4_linear_triton(
@@ -415,6 +460,7 @@ def int4_linear_triton(
             PER_CHANNEL=per_channel,
             OUT_FP32=out_fp32,
             DOT_F32=not x.is_cuda,
+            SWAP_AB=cfg.swap_ab,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,

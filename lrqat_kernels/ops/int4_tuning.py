@@ -19,12 +19,13 @@ Schema (``version`` 1)::
      "torch": "...", "triton": "...", "cuda": "...", "dtype": "bf16", "group_size": 128,
      "entries": [{"N": 11008, "K": 4096, "M": 16, "backend": "triton",
                   "config": {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4,
-                             "num_warps": 4, "num_stages": 4},
+                             "num_warps": 4, "num_stages": 4, "swap_ab": false},
                   "us": {"triton": 20.1, "dequant": 52.3, "cublas": 48.0}}, ...]}
 
 An entry says, for one layer shape ``[N, K]`` and token count ``M``, which backend won
 (``"triton"``, ``"dequant"`` = dequantise + cuBLAS, or ``"cuda"`` when the tuner was allowed to
-pick the opt-in CUDA kernel) and the fastest Triton config. Lookup for another ``(M, N, K)``: the
+pick the opt-in CUDA kernel) and the fastest Triton config (``swap_ab`` optional, default false:
+tables written before it existed stay valid). Lookup for another ``(M, N, K)``: the
 entries of the same ``[N, K]`` if tuned, else of the nearest tuned shape (log distance of N and K);
 among those the smallest tuned M >= M, else the largest tuned M.
 """
@@ -63,6 +64,7 @@ TUNING_DIR_ENV = "LRQAT_INT4_TUNING_DIR"
 PACKAGE_TUNING_DIR = Path(__file__).with_name("tuned")
 TABLE_BACKENDS = ("triton", "dequant", "cuda")
 _CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
+_OPTIONAL_BOOL_KEYS = ("swap_ab",)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,12 @@ def _validate(table: dict) -> list[TunedEntry]:
         if e.get("backend") not in TABLE_BACKENDS:
             raise ValueError(f"{where}.backend must be one of {TABLE_BACKENDS}, got {e.get('backend')!r}")
         cfg = e.get("config")
-        if not isinstance(cfg, dict) or set(cfg) != set(_CONFIG_KEYS):
-            raise ValueError(f"{where}.config must have exactly the keys {_CONFIG_KEYS}, got {cfg!r}")
+        if not isinstance(cfg, dict) or not set(_CONFIG_KEYS) <= set(cfg) <= {*_CONFIG_KEYS, *_OPTIONAL_BOOL_KEYS}:
+            raise ValueError(f"{where}.config must have the keys {_CONFIG_KEYS} (optional: {_OPTIONAL_BOOL_KEYS}), "
+                             f"got {cfg!r}")
+        for key in _OPTIONAL_BOOL_KEYS:
+            if not isinstance(cfg.get(key, False), bool):
+                raise ValueError(f"{where}.config.{key} must be true or false, got {cfg[key]!r}")
         for key in _CONFIG_KEYS:
             v = cfg[key]
             if key in ("split_k", "num_stages"):
@@ -198,7 +204,8 @@ def _lookup(M: int, N: int, K: int, key: tuple) -> tuple[TunedEntry, bool] | Non
 
 def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int = 132) -> list[dict]:
     """The Triton configs ``bench/tune_int4_gemm.py`` times for ``(M, N, K)``: tile shapes by the M
-    regime, warps, pipeline depth and split-K around the heuristic's choice. Always contains the
+    regime, warps, pipeline depth and split-K around the heuristic's choice, each tile also with the
+    operands swapped (``swap_ab``). Always contains the
     heuristic default (so a tuned table is never worse than no table), every ``block_k`` divides
     the group, and no split is empty."""
     from .int4_triton import _block_k, int4_triton_config
@@ -219,19 +226,23 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
     k_tiles = lambda bk: -(-K // bk)  # noqa: E731
     out, seen = [], set()
 
-    def add(bm, bn, bk, split, warps, stages):
+    def add(bm, bn, bk, split, warps, stages, swap=False):
         try:
             bk = _block_k(K, group_size, bk)
         except ValueError:
             return
         split = max(1, min(split, k_tiles(bk)))
         split = -(-k_tiles(bk) // -(-k_tiles(bk) // split))  # the launcher's no-empty-split count
-        key = (bm, bn, bk, split, warps, stages)
+        key = (bm, bn, bk, split, warps, stages, swap)
         if key not in seen:
             seen.add(key)
-            out.append(dict(zip(_CONFIG_KEYS, key)))
+            out.append(dict(zip((*_CONFIG_KEYS, "swap_ab"), key)))
 
-    add(default.block_m, default.block_n, default.block_k, default.split_k, default.num_warps, default.num_stages)
+    add(default.block_m, default.block_n, default.block_k, default.split_k, default.num_warps, default.num_stages,
+        default.swap_ab)
+    # Second: the default with the operand order flipped (so even a --max-candidates 2 run compares both).
+    add(default.block_m, default.block_n, default.block_k, default.split_k, default.num_warps, default.num_stages,
+        not default.swap_ab)
     for bm, bn in tiles:
         bk = 128 if bm <= 32 else 64  # as the heuristic: wide K tiles only while the x tile is small
         warps = 4 if bm * bn <= 32 * 64 else 8
@@ -241,6 +252,10 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
         for split in splits:
             for stages in (3, 4) if bm * bn < 128 * 128 else (3,):
                 add(bm, bn, bk, split, warps, stages)
+        # Weights as the MMA's A operand (y^T = W x^T; no shared-memory round trip of the weight
+        # tile on sm_90): every split when compute bound, else only the fill-the-GPU split.
+        for split in (splits if M > 64 else [fill]):
+            add(bm, bn, bk, split, warps, 3 if bm * bn >= 128 * 128 else 4, True)
     return out
 
 
