@@ -109,7 +109,15 @@ def test_swap_ab_matches_reference(m, g, zp, dtype):
     bias in the kernel."""
     x, w_int, q, s, z, b = _case(m, 72, 256, g, zp, dtype, seed=m + 1)
     cfg = _swap(int4_triton_config(m, 72, 256, g, "cpu"), split_k=1)
-    _check(int4_linear_triton(x, q, s, z, g, b, config=cfg), x, w_int, s, z, g, b)
+    y = int4_linear_triton(x, q, s, z, g, b, config=cfg)
+    _check(y, x, w_int, s, z, g, b)
+    if g is not None:
+        # Group scales are folded into the weights: W_hat rounded to x's dtype once (round to
+        # nearest even), exactly training's W_hat; only fp32 summation order and the final cast differ.
+        w_hat = _w_hat(w_int, s, z, g).to(dtype).float()
+        ref = (x.float() @ w_hat.t() + b.float()).to(dtype).float()
+        bound = (x.float().abs() @ w_hat.abs().t()).max().item()
+        torch.testing.assert_close(y.float(), ref, rtol=torch.finfo(dtype).eps, atol=1e-5 * bound)
 
 
 @pytest.mark.parametrize("n,k,g,bm,bn,bk,split", [
@@ -290,7 +298,8 @@ for spec in json.loads(sys.stdin.read()):
     sig.update({k: "constexpr" for k in consts})
     r = aot._compile(fn, sig, consts, spec["arch"], spec["num_warps"], spec["num_stages"], divisible=DIVISIBLE)
     out.append(dict(spec, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
-                    shared=r.shared_bytes, mma=r.mma_ops, loop_smem_stores=r.loop_smem_stores))
+                    shared=r.shared_bytes, mma=r.mma_ops, loop_smem_stores=r.loop_smem_stores,
+                    pendings=r.loop_wgmma_pendings))
 print(json.dumps(out))
 """
 
@@ -329,27 +338,33 @@ def _run_aot(specs):
 
 def test_aot_swap_ab_feeds_wgmma_from_registers():
     """The swap-AB path's point, checked in the compiled code: on sm_90 every wgmma takes the
-    dequantised weights from registers and the main loop stores nothing to shared memory (only
-    cp.async copies); the default operand order must store the weight tile (B operand) there each
-    K tile, which shows the check can fail. No spills for the tuner's swap-AB tiles on sm_80 / sm_90,
-    bf16 and fp16, grouped with zero point (the heavier variant) and per-channel."""
+    dequantised weights from registers, the main loop stores nothing to shared memory (only
+    cp.async copies) and never waits for its last wgmma (it overlaps the next tile's loads and
+    dequantisation). The default operand order stores the weight tile (wgmma's B operand) in
+    shared memory each K tile and waits, which shows the checks can fail. No spills for the
+    tuner's swap-AB tiles: bf16 and fp16, grouped with zero point (the heavier variant) and
+    per-channel; the 256-wide prefill tiles on sm_90 only (the tuner offers them for sm_90's
+    register file; on sm_80 they spill and simply lose)."""
     specs = []
-    for bm, bn, bk, warps, stages, out_fp32 in ((16, 64, 128, 4, 4, True), (64, 128, 64, 8, 3, False),
-                                                (128, 128, 64, 8, 3, False)):
-        for arch in (80, 90):
+    tiles = ((16, 64, 128, 4, 4, True, (80, 90)), (64, 128, 64, 8, 3, False, (80, 90)),
+             (128, 128, 64, 8, 3, False, (80, 90)), (256, 128, 64, 8, 3, False, (90,)), (128, 256, 64, 8, 3, False, (90,)))
+    for bm, bn, bk, warps, stages, out_fp32, archs in tiles:
+        for arch in archs:
             for dtype, per_channel in (("bf16", False), ("fp16", False), ("bf16", True)):
                 specs.append(dict(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, out_fp32=out_fp32,
                                   per_channel=per_channel, zp=not per_channel, dtype=dtype, arch=arch, swap=True))
-    specs.append(dict(specs[-1], swap=False, per_channel=False, zp=True))  # sm_90, 128 x 128, default order
+    specs.append(dict(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, out_fp32=False, per_channel=False, zp=True,
+                      dtype="bf16", arch=90, swap=False))  # the default order, for contrast
     *swapped, plain = _run_aot(specs)
     for r in swapped:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"spills: {r}"
         if r["arch"] == 90:
             assert r["mma"].startswith("wgmma.") and "(A=reg)" in r["mma"] and "(A=smem)" not in r["mma"], r
             assert r["loop_smem_stores"] == 0, f"register -> shared stores in the main loop: {r}"
+            assert r["pendings"] and "0" not in r["pendings"].split(","), f"the loop waits for every wgmma: {r}"
         else:
             assert r["mma"].startswith("mma.sync.aligned.m16n8k16"), r
-    assert plain["mma"].startswith("wgmma.") and plain["loop_smem_stores"] > 0, plain
+    assert plain["mma"].startswith("wgmma.") and plain["loop_smem_stores"] > 0 and plain["pendings"] == "0", plain
 
 
 def test_aot_compiles_without_spills_for_launcher_configs():

@@ -42,6 +42,9 @@ class AOTResult:
     #: ``local_store``); async global -> shared copies (cp.async / TMA) not counted. 0 means every
     #: MMA operand in the main loop comes from registers or straight from global memory.
     loop_smem_stores: int = 0
+    #: the distinct ``pendings`` of the wgmma waits inside loops, comma-separated ("" without wgmma):
+    #: "0" means the loop waits for every wgmma it issued (no MMA overlaps the next tile's work).
+    loop_wgmma_pendings: str = ""
 
     def __str__(self) -> str:
         return (
@@ -125,18 +128,33 @@ def _mma_ops(ptx: str) -> list[str]:
     return sorted(ops)
 
 
-def _loop_smem_stores(ttgir: str) -> int:
-    """Register -> shared stores inside ``scf.for`` / ``scf.while`` bodies of a TTGIR module."""
-    count, depth, loop_depths = 0, 0, []
+def _in_loops(ttgir: str):
+    """The TTGIR lines inside ``scf.for`` / ``scf.while`` bodies (nested ones included)."""
+    depth, loop_depths = 0, []
     for line in ttgir.splitlines():
         if re.search(r"\bscf\.(for|while)\b", line):
             loop_depths.append(depth)
-        if loop_depths and re.search(r"ttg\.local_store\b|ttg\.local_alloc %", line):
-            count += 1
+        elif loop_depths:
+            yield line
         depth += line.count("{") - line.count("}")
         while loop_depths and depth <= loop_depths[-1]:
             loop_depths.pop()
-    return count
+
+
+def _loop_smem_stores(ttgir: str) -> int:
+    """Register -> shared stores inside the loops of a TTGIR module."""
+    return sum(bool(re.search(r"ttg\.local_store\b|ttg\.local_alloc %", line)) for line in _in_loops(ttgir))
+
+
+def _loop_wgmma_pendings(ttgir: str) -> list[str]:
+    """Distinct ``pendings`` of ``warp_group_dot_wait`` inside the loops of a TTGIR module."""
+    found = set()
+    for line in _in_loops(ttgir):
+        if "warp_group_dot_wait" in line:
+            m = re.search(r"pendings = (\d+)", line)
+            if m:
+                found.add(m.group(1))
+    return sorted(found, key=int)
 
 
 def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(), enable_fp_fusion=True,
@@ -177,5 +195,6 @@ def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(
         global_ops=",".join(sorted(set(re.findall(r"\b(?:ld|st)\.global[a-z0-9.]*", ptx)))),
         mma_ops=",".join(_mma_ops(ptx)),
         loop_smem_stores=_loop_smem_stores(kernel.asm.get("ttgir", "")),
+        loop_wgmma_pendings=",".join(_loop_wgmma_pendings(kernel.asm.get("ttgir", ""))),
     )
     return (res, ptx) if return_ptx else res

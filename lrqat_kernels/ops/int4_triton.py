@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fake_quant import _cast
 from .int4_gpu import check_int4_linear_args, zero_point_as_int
 from ._launch import on_device
 
@@ -56,23 +57,29 @@ __all__ = [
 
 
 @triton.jit
-def _decode_nibbles(packed, zp, DTYPE: tl.constexpr):
-    """Packed bytes ``[R, C]`` (uint8) and zero points ``[R]`` (int32) -> ``(W_lo - z, W_hi - z)``,
-    each ``[R, C]`` in ``DTYPE`` (the columns ``2j`` and ``2j + 1`` of byte ``j``), exact.
+def _decode_nibbles(packed, zp, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Packed bytes ``[R, C]`` (uint8), zero points ``[R]`` (int32) -> the columns ``2j`` and
+    ``2j + 1`` of byte ``j`` as two ``[R, C]`` tensors in ``DTYPE``: ``W_int - z`` (exact), or with
+    ``SCALED`` ``W_hat = scale * (W_int - z)`` (``scale`` fp32 ``[R]``; product in fp32, cast to
+    ``DTYPE`` last: NUMERICS.md's W_hat, as training and the dequantise + cuBLAS path use).
 
     Offset binary: ``u = c ^ 8 = W_int + 8`` in 0..15, kept in uint8 (the weight tile is the
     register-heavy operand). Magic-number conversion (as the CUDA kernel, csrc/int4_gpu/int4_gpu.h):
     OR-ing u into the mantissa of fp16 1024.0 (0x6400, ulp 1) or bf16 128.0 (0x4300, ulp 1) gives
     base + u exactly, and one subtraction of (base + 8 + z) leaves W_int - z, exact (|.| <= 15).
-    This replaces a slow int -> float conversion (I2F runs at a quarter of the FP32 rate) per weight."""
+    This replaces a slow int -> float conversion (I2F runs at a quarter of the FP32 rate) per weight.
+    ``INTERPRET``: round the scaled weights to bf16 from integer ops (the interpreter's cast truncates)."""
     u_lo = (packed & 0xF) ^ 8
     u_hi = (packed >> 4) ^ 8
-    if DTYPE == tl.bfloat16:
+    if DTYPE == tl.bfloat16 or SCALED:
         shift = (zp + 136).to(tl.float32)[:, None]
         w_lo = (u_lo.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tl.float32) - shift
         w_hi = (u_hi.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tl.float32) - shift
-        w_lo = w_lo.to(tl.bfloat16)
-        w_hi = w_hi.to(tl.bfloat16)
+        if SCALED:
+            w_lo = w_lo * scale[:, None]
+            w_hi = w_hi * scale[:, None]
+        w_lo = _cast(w_lo, DTYPE, INTERPRET)
+        w_hi = _cast(w_hi, DTYPE, INTERPRET)
     else:
         shift = (zp + 1032).to(tl.float16)[:, None]
         w_lo = (u_lo.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - shift
@@ -127,7 +134,11 @@ def _int4_w4a16_kernel(
     # wgmma then takes the dequantised weights straight from registers and x from shared memory
     # (cp.async), so the main loop writes nothing to shared memory. Without the swap the weights
     # are wgmma's B operand, which must sit in shared memory: every K tile is dequantised, stored
-    # and fenced first. Both are exact and give identical sums; the tuner picks per shape.
+    # and fenced first. With the swap, group scales are folded into the weights (W_hat in x's
+    # dtype, exactly the W_hat of training and of the dequantise + cuBLAS path) so that the
+    # accumulator is only ever added to by the MMA itself, which lets wgmma run asynchronously
+    # under the next tile's dequantisation; the default order scales fp32 partial sums instead
+    # (no 16-bit rounding of W_hat at all). Both are within the error contract.
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -138,12 +149,14 @@ def _int4_w4a16_kernel(
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
         mask_k = k0 + 2 * offs_h < K  # K is even: a byte is in range iff its low column is
         packed = tl.load(q_rows + (k0 // 2 + offs_h)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+        s = zp  # placeholder: per-channel scales are applied once, after the loop
         if not PER_CHANNEL:
             group = k0 // group_size  # one group per tile: BLOCK_K divides group_size
             if HAS_ZP:
                 zp = tl.load(z_rows + group, mask=mask_n, other=0).to(tl.int32)
-        w_lo, w_hi = _decode_nibbles(packed, zp, x_ptr.dtype.element_ty)
+            s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
         if SWAP_AB:
+            w_lo, w_hi = _decode_nibbles(packed, zp, s, x_ptr.dtype.element_ty, not PER_CHANNEL, DOT_F32)
             # Nibbles interleaved back into column order in registers; Triton picks the load
             # layout so that this lands directly in wgmma's A-fragment layout (no shuffle).
             w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
@@ -151,13 +164,9 @@ def _int4_w4a16_kernel(
                 # Interpreter only: its bf16 x bf16 dot is wrong; fp32 holds every operand exactly.
                 w = w.to(tl.float32)
                 x = x.to(tl.float32)
-            part = tl.dot(w, tl.trans(x))  # [BLOCK_N, BLOCK_M]
-            if PER_CHANNEL:
-                acc += part
-            else:
-                s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
-                acc += part * s[:, None]
+            acc = tl.dot(w, tl.trans(x), acc)  # [BLOCK_N, BLOCK_M]
         else:
+            w_lo, w_hi = _decode_nibbles(packed, zp, s, x_ptr.dtype.element_ty, False, DOT_F32)
             # Two dots per tile, one per nibble: x[:, 0::2] @ W_lo^T + x[:, 1::2] @ W_hi^T. x is
             # loaded contiguously (pipelined through shared memory by cp.async) and split into
             # even and odd columns in registers: x is [BLOCK_M, BLOCK_K], small next to the weights.
@@ -172,7 +181,6 @@ def _int4_w4a16_kernel(
             if PER_CHANNEL:
                 acc += part
             else:
-                s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
                 acc += part * s[None, :]
     if SWAP_AB:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]: one layout conversion, in the epilogue

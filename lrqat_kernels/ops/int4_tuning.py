@@ -221,7 +221,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
         tiles = [(64, 64), (32, 64), (64, 128)]
     elif M <= 256:
         tiles = [(64, 128), (128, 64), (64, 64), (128, 128)]
-    else:  # 128 x 256 is left out: ptxas spills it heavily at 8 warps (sm_80 and sm_90)
+    else:  # 128 x 256 in the default order is left out: ptxas spills it heavily at 8 warps (sm_80 and sm_90)
         tiles = [(64, 128), (128, 128), (128, 64)]
     k_tiles = lambda bk: -(-K // bk)  # noqa: E731
     out, seen = [], set()
@@ -256,6 +256,11 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
         # tile on sm_90): every split when compute bound, else only the fill-the-GPU split.
         for split in (splits if M > 64 else [fill]):
             add(bm, bn, bk, split, warps, 3 if bm * bn >= 128 * 128 else 4, True)
+    if M > 256:
+        # 256-wide tiles only swapped: with the weights in registers and the group scales folded
+        # into them, ptxas fits them without spills on sm_90 (the default order spills).
+        for bm, bn in ((256, 128), (128, 256)):
+            add(bm, bn, 64, 1, 8, 3, True)
     return out
 
 
