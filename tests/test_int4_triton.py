@@ -94,6 +94,11 @@ def test_split_k(split_k, g):
     _check(y, x, w_int, s, z, g, b)
     # Partials are summed in a fixed order: deterministic.
     assert torch.equal(y, int4_linear_triton(x, q, s, z, g, b, split_k=split_k))
+    # The reducing program of each tile zeroed its arrival counter again (else the next launch
+    # would elect the wrong reducer).
+    from lrqat_kernels.ops.int4_triton import _COUNTERS
+
+    assert _COUNTERS and all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
 
 
 def _swap(cfg: Int4TritonConfig, **kw) -> Int4TritonConfig:
@@ -278,28 +283,29 @@ def test_env_backend_falls_back_for_layers_it_cannot_run(monkeypatch):
 # (K = 4096 etc.): without it Triton can neither vectorise nor pipeline the loads, and the
 # resource numbers would describe a kernel that never runs.
 _AOT_SCRIPT = r"""
-import json, sys
+import json, re, sys
 from lrqat_kernels.ops import aot
 from lrqat_kernels.ops.int4_triton import _int4_w4a16_kernel as fn
 
-DIVISIBLE = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K",
-             "stride_xm", "stride_qn", "stride_ym", "stride_ys"]
+DIVISIBLE = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "N", "K",
+             "stride_xm", "stride_qn", "stride_ym", "stride_ws"]
 out = []
 for spec in json.loads(sys.stdin.read()):
     dt = spec["dtype"]
-    sig = dict(x_ptr=f"*{dt}", qw_ptr="*u8", s_ptr="*fp32", z_ptr="*i8", b_ptr=f"*{dt}",
-               y_ptr="*fp32" if spec["out_fp32"] else f"*{dt}",
-               M="i32", N="i32", K="i32", stride_xm="i32", stride_qn="i32", stride_sn="i32",
-               stride_zn="i32", stride_ym="i32", stride_ys="i32", group_size="i32", k_tiles_per_split="i32")
-    consts = dict(HAS_ZP=spec["zp"], HAS_BIAS=not spec["out_fp32"], PER_CHANNEL=spec["per_channel"],
-                  OUT_FP32=spec["out_fp32"], DOT_F32=False, SWAP_AB=spec.get("swap", False),
-                  BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
+    sig = dict(x_ptr=f"*{dt}", qw_ptr="*u8", s_ptr="*fp32", z_ptr="*i8", b_ptr=f"*{dt}", y_ptr=f"*{dt}",
+               ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_xm="i32", stride_qn="i32",
+               stride_sn="i32", stride_zn="i32", stride_ym="i32", stride_ws="i32", group_size="i32",
+               k_tiles_per_split="i32")
+    consts = dict(HAS_ZP=spec["zp"], HAS_BIAS=True, PER_CHANNEL=spec["per_channel"], SPLIT_K=spec["split"],
+                  DOT_F32=False, SWAP_AB=spec.get("swap", False), BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
                   BLOCK_K=spec["bk"])
     sig.update({k: "constexpr" for k in consts})
-    r = aot._compile(fn, sig, consts, spec["arch"], spec["num_warps"], spec["num_stages"], divisible=DIVISIBLE)
-    out.append(dict(spec, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+    r, ptx = aot._compile(fn, sig, consts, spec["arch"], spec["num_warps"], spec["num_stages"], divisible=DIVISIBLE,
+                          return_ptx=True)
+    sync = sorted(set(re.findall(r"fence\.acq_rel\.gpu|atom\.global\.gpu\.acq_rel\.add|ld\.global\.cg|bar\.sync", ptx)))
+    out.append(dict(spec, sync=sync, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                     shared=r.shared_bytes, mma=r.mma_ops, loop_smem_stores=r.loop_smem_stores,
-                    pendings=r.loop_wgmma_pendings))
+                    pendings=r.loop_wgmma_pendings, global_ops=r.global_ops))
 print(json.dumps(out))
 """
 
@@ -320,7 +326,7 @@ def _launcher_specs():
                     seen.add(key)
                     for arch in (80, 90):
                         specs.append(dict(bm=cfg.block_m, bn=cfg.block_n, bk=cfg.block_k, num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages, out_fp32=cfg.split_k > 1,
+                                          num_stages=cfg.num_stages, split=cfg.split_k > 1,
                                           per_channel=per_channel, zp=zp, dtype="bf16", arch=arch,
                                           swap=cfg.swap_ab))
     return specs
@@ -348,12 +354,12 @@ def test_aot_swap_ab_feeds_wgmma_from_registers():
     specs = []
     tiles = ((16, 64, 128, 4, 4, True, (80, 90)), (64, 128, 64, 8, 3, False, (80, 90)),
              (128, 128, 64, 8, 3, False, (80, 90)), (256, 128, 64, 8, 3, False, (90,)), (128, 256, 64, 8, 3, False, (90,)))
-    for bm, bn, bk, warps, stages, out_fp32, archs in tiles:
+    for bm, bn, bk, warps, stages, split, archs in tiles:
         for arch in archs:
             for dtype, per_channel in (("bf16", False), ("fp16", False), ("bf16", True)):
-                specs.append(dict(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, out_fp32=out_fp32,
+                specs.append(dict(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, split=split,
                                   per_channel=per_channel, zp=not per_channel, dtype=dtype, arch=arch, swap=True))
-    specs.append(dict(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, out_fp32=False, per_channel=False, zp=True,
+    specs.append(dict(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, split=False, per_channel=False, zp=True,
                       dtype="bf16", arch=90, swap=False))  # the default order, for contrast
     *swapped, plain = _run_aot(specs)
     for r in swapped:
@@ -371,11 +377,15 @@ def test_aot_compiles_without_spills_for_launcher_configs():
     specs = _launcher_specs()
     results = _run_aot(specs)
     for r in results:
-        where = {k: r[k] for k in ("bm", "bn", "bk", "num_warps", "per_channel", "zp", "out_fp32", "arch")}
+        where = {k: r[k] for k in ("bm", "bn", "bk", "num_warps", "per_channel", "zp", "split", "arch")}
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"spills: {r}"
         assert r["regs"] <= 255 and r["shared"] > 0, where
         # cp.async pipelining actually happened: more than one stage of weights in shared memory.
         assert r["shared"] >= 2 * r["bn"] * r["bk"] // 2, f"loads not pipelined: {r}"
+        # In-kernel split-K reduction: per-thread fence, barrier, acq_rel arrival, L2-only reads.
+        want = {"fence.acq_rel.gpu", "atom.global.gpu.acq_rel.add", "ld.global.cg", "bar.sync"}
+        assert (want <= set(r["sync"])) == r["split"], r
+    assert any(r["split"] for r in results) and not all(r["split"] for r in results)
 
 
 _AOT_DEQUANT_SCRIPT = r"""

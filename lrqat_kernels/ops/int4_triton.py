@@ -26,8 +26,11 @@ Two ways to feed the tensor cores (``Int4TritonConfig.swap_ab``, chosen per shap
   AOT tests check both properties in the PTX / TTGIR. On sm_80 (mma.sync) both read operands
   from registers; the swap just changes which side is the 16-row fragment.
 
-Small M (decode) is memory bound: split-K (``SPLIT_K`` programs along K writing fp32 partials
-that the launcher sums) fills the GPU when ``N / BLOCK_N`` tiles are too few.
+Small M (decode) is memory bound: split-K (programs along K writing fp32 partials) fills the
+GPU when ``N / BLOCK_N`` tiles are too few. The partials are reduced in the same launch (the last
+program of a tile to arrive sums them in split order, adds the bias and writes y, as the CUDA
+kernel does): one kernel per layer call, where a torch sum and cast would add two launches of
+a few microseconds each to a decode GEMM of about ten.
 
 Also here: :func:`int4_dequant_triton`, the one-pass dequantisation used by the ``"dequant"``
 backend (prefill: dequantise once, then cuBLAS).
@@ -88,15 +91,35 @@ def _decode_nibbles(packed, zp, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr
 
 
 @triton.jit
+def _fence_gpu(token, INTERPRET: tl.constexpr):
+    """``fence.acq_rel.gpu`` in every thread (a no-op in the interpreter, which runs programs one
+    after another); ``token`` (an int32 scalar) is passed through to order the calls."""
+    if not INTERPRET:
+        token = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [token],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+    return token
+
+
+@triton.jit
+def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym,
+               HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """``y[m, n] = acc + bias`` (fp32, one rounding to y's dtype: round to nearest even)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _int4_w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ys,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ws,
     group_size, k_tiles_per_split,
     HAS_ZP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
-    OUT_FP32: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr,
     SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -188,14 +211,30 @@ def _int4_w4a16_kernel(
         s = tl.load(s_rows, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
 
-    y_ptrs = y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if OUT_FP32:
-        tl.store(y_ptrs, acc, mask=mask_y)
+    if SPLIT_K:
+        # Split-K in the same launch: every program writes its fp32 partial tile to the workspace
+        # ws [splits, M, N]; the last program of a tile to arrive (atomic counter, the "last block
+        # reduces" pattern of the CUDA kernel) sums the partials in split order (deterministic),
+        # adds the bias and writes y. Saves the two extra launches of a torch sum + cast, which
+        # at decode cost about as much as the whole weight stream. Per-thread fence before the
+        # barrier and the arrival (publish the partial device-wide); fence and L2-only loads after.
+        ws_tile = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        mask_y = mask_m[:, None] & mask_n[None, :]
+        splits = tl.num_programs(2)
+        tl.store(ws_tile + pid_k.to(tl.int64) * stride_ws, acc, mask=mask_y)
+        token = _fence_gpu(pid_k, DOT_F32)
+        tl.debug_barrier()
+        counter = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            _fence_gpu(token, DOT_F32)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for _ in range(0, splits):
+                acc += tl.load(ws_tile, mask=mask_y, other=0.0, cache_modifier=".cg")
+                ws_tile += stride_ws  # 64-bit pointer arithmetic
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+            _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS, DOT_F32)
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+        _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS, DOT_F32)
 
 
 @triton.jit
@@ -394,6 +433,24 @@ def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sm
     return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages, bool(swap_ab))
 
 
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 split-K arrival counters, one buffer per (device, stream), at least ``n``.
+
+    Kernels on one stream run in order and the reducing program zeroes its counter, so the
+    buffer is all zero whenever a launch starts. CUDA graphs: run the layer once on the capture
+    stream before capturing (the buffer is then not allocated during capture); graphs captured
+    on one stream share its counters and must not be replayed concurrently with each other."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
 def int4_linear_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -447,26 +504,23 @@ def int4_linear_triton(
     split = max(1, min(cfg.split_k, k_tiles))
     k_tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, k_tiles_per_split)  # no empty split
-    # The Triton interpreter casts fp32 -> bf16 by truncation; there (and for split-K partials)
-    # the kernel writes fp32 and torch rounds. On GPUs it writes x's dtype itself.
-    out_fp32 = split > 1 or (x.dtype == torch.bfloat16 and not x.is_cuda)
-    if out_fp32:
-        y = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if split > 1:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        counters = _split_counters(x.device, triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n))
     else:
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    has_bias_in_kernel = bias is not None and split == 1
+        ws = counters = y  # unused
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
     with on_device(x2):
         _int4_w4a16_kernel[grid](
-            x2, qw, s, z if z is not None else s, bias if has_bias_in_kernel else s, y,
+            x2, qw, s, z if z is not None else s, bias if bias is not None else s, y, ws, counters,
             M, N, K,
-            x2.stride(0), qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0,
-            N, M * N,
+            x2.stride(0), qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0, N, M * N,
             g, k_tiles_per_split,
             HAS_ZP=z is not None,
-            HAS_BIAS=has_bias_in_kernel,
+            HAS_BIAS=bias is not None,
             PER_CHANNEL=per_channel,
-            OUT_FP32=out_fp32,
+            SPLIT_K=split > 1,
             DOT_F32=not x.is_cuda,
             SWAP_AB=cfg.swap_ab,
             BLOCK_M=cfg.block_m,
@@ -475,11 +529,6 @@ def int4_linear_triton(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    if out_fp32:
-        y = y.sum(0) if split > 1 else y[0]  # fixed order: deterministic
-        if bias is not None and split > 1:
-            y = y + bias.float()
-        y = y.to(x.dtype)
     return y.reshape(*lead, N)
 
 
