@@ -296,14 +296,27 @@ for spec in json.loads(sys.stdin.read()):
                ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_xm="i32", stride_qn="i32",
                stride_sn="i32", stride_zn="i32", stride_ym="i32", stride_ws="i32", group_size="i32",
                k_tiles_per_split="i32")
-    consts = dict(HAS_ZP=spec["zp"], HAS_BIAS=True, PER_CHANNEL=spec["per_channel"], SPLIT_K=spec["split"],
+    consts = dict(HAS_ZP=spec["zp"], HAS_BIAS=True, PER_CHANNEL=spec["per_channel"], SPLIT_K=spec["split"], PTX=True,
                   DOT_F32=False, SWAP_AB=spec.get("swap", False), BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
                   BLOCK_K=spec["bk"])
     sig.update({k: "constexpr" for k in consts})
     r, ptx = aot._compile(fn, sig, consts, spec["arch"], spec["num_warps"], spec["num_stages"], divisible=DIVISIBLE,
                           return_ptx=True)
     sync = sorted(set(re.findall(r"fence\.acq_rel\.gpu|atom\.global\.gpu\.acq_rel\.add|ld\.global\.cg|bar\.sync", ptx)))
-    out.append(dict(spec, sync=sync, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+    # The split-K protocol in program order: partial stores, fence, barrier, arrival atomic,
+    # fence, then (only then) the L2 reads of the other programs' partials.
+    ops = [m.group(0) for m in re.finditer(
+        r"st\.global|fence\.acq_rel\.gpu|bar\.sync|atom\.global\.gpu\.acq_rel\.add|ld\.global\.cg", ptx)]
+    order_ok = None
+    if "atom.global.gpu.acq_rel.add" in ops:
+        a = ops.index("atom.global.gpu.acq_rel.add")
+        before, after = ops[:a], ops[a + 1:]
+        f1 = max((i for i, o in enumerate(before) if o == "fence.acq_rel.gpu"), default=-1)
+        order_ok = (f1 > 0 and "st.global" in before[:f1] and "bar.sync" in before[f1:]
+                    and "st.global" not in before[f1:] and "fence.acq_rel.gpu" in after
+                    and "ld.global.cg" in after
+                    and after.index("fence.acq_rel.gpu") < after.index("ld.global.cg"))
+    out.append(dict(spec, sync=sync, order_ok=order_ok, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                     shared=r.shared_bytes, mma=r.mma_ops, loop_smem_stores=r.loop_smem_stores,
                     pendings=r.loop_wgmma_pendings, global_ops=r.global_ops))
 print(json.dumps(out))
@@ -384,7 +397,7 @@ def test_aot_compiles_without_spills_for_launcher_configs():
         assert r["shared"] >= 2 * r["bn"] * r["bk"] // 2, f"loads not pipelined: {r}"
         # In-kernel split-K reduction: per-thread fence, barrier, acq_rel arrival, L2-only reads.
         want = {"fence.acq_rel.gpu", "atom.global.gpu.acq_rel.add", "ld.global.cg", "bar.sync"}
-        assert (want <= set(r["sync"])) == r["split"], r
+        assert (want <= set(r["sync"])) == r["split"] and r["order_ok"] is (True if r["split"] else None), r
     assert any(r["split"] for r in results) and not all(r["split"] for r in results)
 
 
@@ -441,6 +454,28 @@ def test_gpu_matches_interpreter_semantics_config_override():
     for swap in (False, True):
         cfg = Int4TritonConfig(16, 64, 64, 4, 4, 3, swap_ab=swap)
         _check(int4_linear_triton(x, q, s, z, 64, b, config=cfg), x, w_int, s, z, 64, b)
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_under_cuda_graphs():
+    """In-kernel split-K reduction inside CUDA graphs: two graphs captured (on torch's capture
+    stream), the second replayed first, eager calls in between; every result equals the eager one."""
+    x, w_int, q, s, z, b = _case(2, 4096, 4096, 128, True, torch.bfloat16)
+    cfg = Int4TritonConfig(16, 64, 128, 8, 4, 4)
+    f = lambda: int4_linear_triton(x, q, s, z, 128, b, config=cfg)  # noqa: E731
+    want = f()
+    _check(want, x, w_int, s, z, 128, b)
+    graphs, outs = [], []
+    for _ in range(2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(f())
+        graphs.append(g)
+    for g, y in ((graphs[1], outs[1]), (graphs[0], outs[0]), (graphs[1], outs[1])):
+        g.replay()
+        assert torch.equal(f(), want)
+        torch.cuda.synchronize()
+        assert torch.equal(y, want)
 
 
 @pytest.mark.gpu

@@ -6,11 +6,17 @@ of :mod:`lrqat_kernels.formats` (uint8 ``[N, K / 2]``, column ``2j`` in the low 
 
 * ``W_int - z`` is formed in integers and cast to x's dtype (exact: ``|W_int - z| <= 15``), the
   tensor cores multiply it with x and accumulate in fp32;
-* the scale is applied to that fp32 partial sum once per K-tile (a K-tile never straddles a
-  group, ``BLOCK_K`` divides ``group_size``), or once at the end when per-channel. So no
-  16-bit rounding of ``s * (W_int - z)`` happens at all: the only roundings are x's own, fp32
+* default order: the scale is applied to that fp32 partial sum once per K-tile (a K-tile never
+  straddles a group, ``BLOCK_K`` divides ``group_size``), or once at the end when per-channel. So
+  no 16-bit rounding of ``s * (W_int - z)`` happens at all: the only roundings are x's own, fp32
   summation and the final cast, which is why the error stays within torch's own (which rounds
   ``W_hat`` to 16 bits first).
+* ``swap_ab`` with group scales: ``W_hat = s * (W_int - z)`` is formed in fp32 and rounded to x's
+  dtype (NUMERICS.md's W_hat, bit for bit what training and "dequantise + cuBLAS" multiply), so
+  the result equals torch's up to fp32 summation order. Per-channel scales are still applied to
+  the fp32 sums. Which order runs is a per-shape tuning choice; both are within the error
+  contract. (fp16 caveat, shared with torch's path: scales below ~6e-5 make W_hat fp16
+  subnormal, with fewer significant bits than the default order keeps.)
 
 Two ways to feed the tensor cores (``Int4TritonConfig.swap_ab``, chosen per shape by the tuner):
 
@@ -91,10 +97,11 @@ def _decode_nibbles(packed, zp, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr
 
 
 @triton.jit
-def _fence_gpu(token, INTERPRET: tl.constexpr):
-    """``fence.acq_rel.gpu`` in every thread (a no-op in the interpreter, which runs programs one
-    after another); ``token`` (an int32 scalar) is passed through to order the calls."""
-    if not INTERPRET:
+def _fence_gpu(token, PTX: tl.constexpr):
+    """``fence.acq_rel.gpu`` in every thread on NVIDIA GPUs; ``token`` (an int32 scalar) is passed
+    through to order the calls. Elsewhere a no-op: the interpreter runs programs one after another,
+    and on other GPUs the barrier + acq_rel atomic alone carry the ordering."""
+    if PTX:
         token = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [token],
                                           dtype=tl.int32, is_pure=False, pack=1)
     return token
@@ -120,6 +127,7 @@ def _int4_w4a16_kernel(
     HAS_BIAS: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PTX: tl.constexpr,
     DOT_F32: tl.constexpr,
     SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -222,11 +230,11 @@ def _int4_w4a16_kernel(
         mask_y = mask_m[:, None] & mask_n[None, :]
         splits = tl.num_programs(2)
         tl.store(ws_tile + pid_k.to(tl.int64) * stride_ws, acc, mask=mask_y)
-        token = _fence_gpu(pid_k, DOT_F32)
+        token = _fence_gpu(pid_k, PTX)
         tl.debug_barrier()
         counter = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            _fence_gpu(token, DOT_F32)
+            _fence_gpu(token, PTX)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for _ in range(0, splits):
                 acc += tl.load(ws_tile, mask=mask_y, other=0.0, cache_modifier=".cg")
@@ -437,12 +445,17 @@ _COUNTERS: dict = {}
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 split-K arrival counters, one buffer per (device, stream), at least ``n``.
+    """Zeroed int32 split-K arrival counters (at least ``n``).
 
-    Kernels on one stream run in order and the reducing program zeroes its counter, so the
-    buffer is all zero whenever a launch starts. CUDA graphs: run the layer once on the capture
-    stream before capturing (the buffer is then not allocated during capture); graphs captured
-    on one stream share its counters and must not be replayed concurrently with each other."""
+    Eager: one cached buffer per (device, stream). Kernels on one stream run in order and the
+    reducing program zeroes its counter again, so the buffer is all zero whenever a launch starts
+    (a buffer outgrown on a stream is freed stream-ordered, after the kernels that used it).
+    CUDA-graph capture: a fresh buffer per call, zeroed by a memset node of that graph. A cached
+    buffer would be unsafe there: one created during a capture is only zeroed when that graph is
+    replayed (another graph or an eager call could use it first), and a graph would keep using a
+    cached buffer after it is outgrown and freed. Graphs replayed concurrently never share one."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     buf = _COUNTERS.get(key)
@@ -521,6 +534,7 @@ def int4_linear_triton(
             HAS_BIAS=bias is not None,
             PER_CHANNEL=per_channel,
             SPLIT_K=split > 1,
+            PTX=x.is_cuda and torch.version.hip is None,
             DOT_F32=not x.is_cuda,
             SWAP_AB=cfg.swap_ab,
             BLOCK_M=cfg.block_m,
