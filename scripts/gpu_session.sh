@@ -2,10 +2,12 @@
 # What to run on a lent GPU machine (the `device` tool), in stages that each fit one 10-minute call:
 #
 #     bash scripts/gpu_session.sh build      # the extension for this GPU's arch (about 1-3 min)
-#     bash scripts/gpu_session.sh test       # the whole suite on CUDA, @pytest.mark.gpu included
+#     bash scripts/gpu_session.sh gpu-tests  # only the GPU tests (@pytest.mark.gpu + test_int4_gpu.py): minutes
+#     bash scripts/gpu_session.sh test       # the whole suite on CUDA, @pytest.mark.gpu included (long:
+#                                            # every Triton test JIT-compiles its kernels on the GPU)
 #     bash scripts/gpu_session.sh tune       # W4A16 tuning table for this GPU (lrqat_kernels/ops/tuned/)
 #     bash scripts/gpu_session.sh bench      # every GPU benchmark -> bench/results/*_cuda.csv
-#     bash scripts/gpu_session.sh all        # the four in one call (if time allows)
+#     bash scripts/gpu_session.sh all        # build, gpu-tests, tune, bench, test in one call (if time allows)
 #
 # Order matters: `tune` before `bench`, so the dispatcher row ("lrqat_auto") of bench_int4_gemm
 # measures the tuned choices. Commit the table (lrqat_kernels/ops/tuned/int4_<gpu>.json, also in
@@ -93,6 +95,15 @@ print("CUDA W4A16 kernel available:", cuda_kernel_available())
 assert _ext.has_extension()'
 }
 
+gpu_tests() {
+  # The tests that gate decisions (is the CUDA kernel right? do the Triton kernels match the
+  # interpreter's semantics on the hardware?), first and fast; the full suite may not fit one call.
+  # shellcheck disable=SC2086
+  run_logged gpu_tests "$PY" -m pytest -q -p no:cacheprovider --durations=15 -rs -m gpu tests ${PYTEST_ARGS:-}
+  # shellcheck disable=SC2086
+  run_logged int4_gpu_tests "$PY" -m pytest -q -p no:cacheprovider -rs -m "not gpu" tests/test_int4_gpu.py ${PYTEST_ARGS:-}
+}
+
 tests() {
   # -p no:cacheprovider: the tree may be read-only in places; --durations: where the time went.
   # shellcheck disable=SC2086
@@ -132,10 +143,11 @@ trap pack EXIT
 versions
 case "$STAGE" in
   build) build ;;
+  gpu-tests) gpu_tests ;;
   test) tests ;;
   tune) tune ;;
   bench) bench ;;
-  all) build; tests; tune; bench ;;
-  *) echo "usage: $0 build|test|tune|bench|all" >&2; trap - EXIT; exit 2 ;;
+  all) build; gpu_tests; tune; bench; tests ;;
+  *) echo "usage: $0 build|gpu-tests|test|tune|bench|all" >&2; trap - EXIT; exit 2 ;;
 esac
 exit $status

@@ -129,6 +129,7 @@ def test_swap_ab_matches_reference(m, g, zp, dtype):
     (130, 320, 64, 32, 64, 64, 1),    # N tail, K = 5 tiles
     (72, 1040, None, 16, 64, 128, 3),  # per-channel K tail (masked), split-K partials
     (200, 384, 128, 64, 32, 32, 2),    # tall M tile, narrow N tile, 4 K tiles per group
+    (72, 256, 64, 8, 64, 64, 2),       # 8-wide x tile (the native N = 8 of the MMA), 5 M tiles
 ], ids=str)
 def test_swap_ab_odd_shapes_and_split_k(n, k, g, bm, bn, bk, split):
     x, w_int, q, s, z, b = _case(37, n, k, g, True, torch.float16, seed=n)
@@ -372,9 +373,16 @@ def test_aot_swap_ab_feeds_wgmma_from_registers():
             for dtype, per_channel in (("bf16", False), ("fp16", False), ("bf16", True)):
                 specs.append(dict(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, split=split,
                                   per_channel=per_channel, zp=not per_channel, dtype=dtype, arch=arch, swap=True))
+    narrow = [dict(bm=8, bn=bn, bk=128, num_warps=4, num_stages=4, split=True, per_channel=False, zp=True,
+                   dtype="bf16", arch=arch, swap=True) for bn in (64, 128) for arch in (80, 90)]
     specs.append(dict(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, split=False, per_channel=False, zp=True,
                       dtype="bf16", arch=90, swap=False))  # the default order, for contrast
     *swapped, plain = _run_aot(specs)
+    for r in _run_aot(narrow):
+        # An 8-wide x tile (decode, M <= 8) is the MMA's native N = 8: no padding to 16 rows
+        # (wgmma m64n8k16 with Triton >= 3.7 on sm_90, mma.sync m16n8k16 otherwise), no spills.
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"spills: {r}"
+        assert r["mma"] in ("wgmma.m64n8k16.f32.bf16.bf16(A=reg)", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), r
     for r in swapped:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"spills: {r}"
         if r["arch"] == 90:

@@ -235,7 +235,8 @@ def test_candidate_configs(g, N, K):
         # Both operand orders are timed for every tile shape of the regime (256-wide ones only swapped).
         plain = {(c["block_m"], c["block_n"]) for c in cands if not c["swap_ab"]}
         swapped = {(c["block_m"], c["block_n"]) for c in cands if c["swap_ab"]}
-        assert plain and plain <= swapped and swapped - plain == ({(256, 128), (128, 256)} if M > 256 else set()), (M, plain, swapped)
+        extra = {(256, 128), (128, 256)} if M > 256 else {(8, 64), (8, 128)} if M <= 8 else set()
+        assert plain and plain <= swapped and swapped - plain == extra, (M, plain, swapped)
         for c in cands:
             T._validate(table([dict(N=N, K=K, M=M, backend="triton", config=c, us={})]))
             if g is not None:

@@ -129,8 +129,9 @@ def _validate(table: dict) -> list[TunedEntry]:
                     raise ValueError(f"{where}.config.{key} must be an integer in [1, 64], got {v!r}")
             elif not _pow2(v):
                 raise ValueError(f"{where}.config.{key} must be a power of two, got {v!r}")
-        if cfg["block_m"] < 16 or cfg["block_n"] < 16 or cfg["block_k"] < 32:
-            raise ValueError(f"{where}.config: block_m / block_n >= 16 and block_k >= 32 (tensor-core tiles), got {cfg}")
+        if cfg["block_m"] < 8 or cfg["block_n"] < 16 or cfg["block_k"] < 32:
+            raise ValueError(f"{where}.config: block_m >= 8, block_n >= 16 and block_k >= 32 (tensor-core tiles), "
+                             f"got {cfg}")
         us = e.get("us", {})
         if not isinstance(us, dict):
             raise ValueError(f"{where}.us must be an object")
@@ -256,6 +257,13 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
         # tile on sm_90): every split when compute bound, else only the fill-the-GPU split.
         for split in (splits if M > 64 else [fill]):
             add(bm, bn, bk, split, warps, 3 if bm * bn >= 128 * 128 else 4, True)
+    if M <= 8:
+        # Swapped, x is the MMA's N side, where 8 is a native width (mma.sync m16n8k16, wgmma
+        # m64n8k16): half the tensor-core work of a 16-row x tile padded from M = 1.
+        for bn in (64, 128):
+            tiles_mn = -(-N // bn)
+            fill = max(1, min(16, -(-4 * sms // tiles_mn))) if tiles_mn < 4 * sms else 1
+            add(8, bn, 128, fill, 4, 4, True)
     if M > 256:
         # 256-wide tiles only swapped: with the weights in registers and the group scales folded
         # into them, ptxas fits them without spills on sm_90 (the default order spills).
