@@ -42,7 +42,7 @@ from lrqat_kernels.ops import int4_tuning  # noqa: E402
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096]
 CSV_COLUMNS = ["date", "device", "sm", "torch", "triton", "cuda", "shape", "N", "K", "M", "dtype", "group",
-               "provider", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab", "us_p50",
+               "provider", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab", "fast_decode", "us_p50",
                "chosen", "error"]
 
 
@@ -196,7 +196,8 @@ def main(argv=None) -> int:
                 summary.append(dict(shape=name, N=N, K=K, M=M, best=best_us, default=default_us, dequant=point.get("dequant"),
                                     cublas=point.get("cublas"), cuda=point.get("cuda"),
                                     cfg="{block_m}x{block_n}x{block_k} s{split_k} w{num_warps} p{num_stages}".format(**best_cfg)
-                                    + (" swapAB" if best_cfg.get("swap_ab") else "")))
+                                    + (" swapAB" if best_cfg.get("swap_ab") else "")
+                                    + (" ptx-decode" if best_cfg.get("fast_decode") else "")))
             print(f"  {name} M={M}: {len(point['triton'])} configs timed ({time.monotonic() - t_start:.0f} s)", flush=True)
         del layer
         if dev == "cuda":

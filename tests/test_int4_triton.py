@@ -142,6 +142,111 @@ def test_swap_ab_odd_shapes_and_split_k(n, k, g, bm, bn, bk, split):
     torch.testing.assert_close(y, ref, rtol=2e-3, atol=2e-3)
 
 
+# ---- the fast (inline PTX) nibble decode: its asm text run by a bit-level model of PTX ------------
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """Execute the straight-line PTX of ``_fast_decode_asm`` on numpy uint32 arrays (one element per
+    asm instance): ``prmt.b32`` (default mode), ``lop3.b32``, ``shr.u32``, ``mov.b32`` and
+    ``fma.rn.{bf16x2,f16x2}`` as the PTX ISA defines them. ``regs`` maps ``$n`` to inputs; returns
+    every register."""
+    import re as _re
+
+    import numpy as np
+
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+
+    def lanes(v, kind):  # uint32 -> two float32 lanes (low, high)
+        halves = [(v & 0xFFFF).astype(np.uint16), (v >> 16).astype(np.uint16)]
+        if kind == "bf16x2":
+            return [torch.from_numpy(h.astype(np.int32) << 16).view(torch.float32).numpy() for h in halves]
+        return [torch.from_numpy(h.view(np.int16)).view(torch.float16).float().numpy() for h in halves]
+
+    def pack(lo, hi, kind):  # two float32 lanes -> uint32, round to nearest even
+        dt = torch.bfloat16 if kind == "bf16x2" else torch.float16
+        bits = [torch.from_numpy(np.asarray(x, dtype=np.float32)).to(dt).view(torch.int16).numpy().astype(np.uint16)
+                for x in (lo, hi)]
+        return bits[0].astype(np.uint32) | (bits[1].astype(np.uint32) << 16)
+
+    for stmt in asm.replace("{", "").replace("}", "").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        args = [a.strip() for a in args.split(",")]
+        d, src = args[0], args[1:]
+        if op == "prmt.b32":
+            a, b, sel = val(src[0]), val(src[1]), int(src[2], 0)
+            pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+            assert all(((sel >> (4 * i)) & 0x8) == 0 for i in range(4)), "sign-replicate mode not modelled"
+            out = np.zeros_like(regs["$4"])
+            for i in range(4):
+                out = out | (np.asarray(pool[(sel >> (4 * i)) & 0x7], dtype=np.uint32) << (8 * i))
+            regs[d] = out.astype(np.uint32)
+        elif op == "lop3.b32":
+            a, b, c, lut = val(src[0]), val(src[1]), val(src[2]), int(src[3], 0)
+            out = np.zeros_like(regs["$4"])
+            for idx in range(8):  # bit idx of the LUT is f(a, b, c) for (a, b, c) = bits of idx (4, 2, 1)
+                if (lut >> idx) & 1:
+                    ma = a if idx & 4 else ~a
+                    mb = b if idx & 2 else ~b
+                    mc = c if idx & 1 else ~c
+                    out = out | (ma & mb & mc)
+            regs[d] = np.asarray(out, dtype=np.uint32)
+        elif op == "shr.u32":
+            regs[d] = (val(src[0]) >> int(src[1], 0)).astype(np.uint32)
+        elif op == "mov.b32":
+            regs[d] = np.broadcast_to(val(src[0]), regs["$4"].shape).astype(np.uint32)
+        elif _re.fullmatch(r"fma\.rn\.(bf16x2|f16x2)", op):
+            kind = op.split(".")[-1]
+            a, b, c = (lanes(val(t), kind) for t in src)
+            res = [np.float64(0) + a[i].astype(np.float64) * b[i] + c[i] for i in range(2)]  # exact, one rounding
+            regs[d] = pack(res[0], res[1], kind)
+        else:
+            raise AssertionError(f"instruction not modelled: {op}")
+    return regs
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_fast_decode_ptx_is_exact_for_every_byte_and_zero_point(dtype):
+    """The inline PTX of the fast decode, executed instruction by instruction: for every byte value
+    in every byte position of the register and every zero point, the four output registers hold
+    W_int - z of each byte's low / high nibble, in the element order of Triton's ``pack=4``
+    (register $0 = low nibbles of bytes 0 and 1, $1 = bytes 2 and 3; $2, $3 the high nibbles)."""
+    import numpy as np
+
+    from lrqat_kernels.formats import unpack_nibbles
+    from lrqat_kernels.ops.int4_triton import _fast_decode_asm
+
+    rng = np.random.default_rng(0)
+    words = np.concatenate([np.arange(256, dtype=np.uint32) * 0x01010101,  # each byte value everywhere
+                            rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)])
+    magic8 = {"bf16": 136, "fp16": 1032}[dtype]
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    byts = torch.from_numpy(words.view(np.uint8).reshape(-1, 4).copy())  # little endian: byte i of each word
+    w_int = unpack_nibbles(byts).to(torch.int32)  # [n, 8]: column 2i = low nibble of byte i
+    for z in range(-8, 8):
+        neg = torch.tensor([-(magic8 + z)] * 2, dtype=tdt).view(torch.int16).numpy().astype(np.uint16)
+        neg_reg = np.full(words.shape, neg[0] | (np.uint32(neg[1]) << 16), dtype=np.uint32)
+        out = _run_ptx(_fast_decode_asm(dtype), {"$4": words.copy(), "$5": neg_reg, "$6": neg_reg.copy()})
+        got = np.stack([out[r] for r in ("$0", "$1", "$2", "$3")], 1).astype(np.uint32)  # [n, 4]
+        halves = np.stack([got & 0xFFFF, got >> 16], 2).reshape(-1, 8).astype(np.uint16)  # [n, 8]: lo0 lo1 lo2 lo3 hi0..
+        vals = torch.from_numpy(halves.view(np.int16)).view(tdt).float()
+        want = (w_int - z).float()
+        assert torch.equal(vals[:, :4], want[:, 0::2]), (dtype, z)  # low nibbles of bytes 0..3
+        assert torch.equal(vals[:, 4:], want[:, 1::2]), (dtype, z)  # high nibbles
+
+
+def test_fast_decode_config_is_exact_off_nvidia():
+    """Off NVIDIA GPUs (here: the interpreter) ``fast_decode`` falls back to the portable decode."""
+    x, w_int, q, s, z, b = _case(5, 72, 256, 64, True, torch.bfloat16)
+    for swap in (False, True):
+        cfg = Int4TritonConfig(16, 64, 64, 2, 4, 3, swap_ab=swap, fast_decode=True)
+        _check(int4_linear_triton(x, q, s, z, 64, b, config=cfg), x, w_int, s, z, 64, b)
+
+
 def test_no_bias_3d_input_and_float_zero_point():
     x, w_int, q, s, z, _ = _case(6, 72, 256, 64, True, torch.float16)
     y = int4_linear_triton(x.reshape(2, 3, 256), q, s, z.float(), 64)
@@ -298,6 +403,7 @@ for spec in json.loads(sys.stdin.read()):
                stride_sn="i32", stride_zn="i32", stride_ym="i32", stride_ws="i32", group_size="i32",
                k_tiles_per_split="i32")
     consts = dict(HAS_ZP=spec["zp"], HAS_BIAS=True, PER_CHANNEL=spec["per_channel"], SPLIT_K=spec["split"], PTX=True,
+                  FAST_DECODE=spec.get("fast", False),
                   DOT_F32=False, SWAP_AB=spec.get("swap", False), BLOCK_M=spec["bm"], BLOCK_N=spec["bn"],
                   BLOCK_K=spec["bk"])
     sig.update({k: "constexpr" for k in consts})
@@ -317,7 +423,9 @@ for spec in json.loads(sys.stdin.read()):
                     and "st.global" not in before[f1:] and "fence.acq_rel.gpu" in after
                     and "ld.global.cg" in after
                     and after.index("fence.acq_rel.gpu") < after.index("ld.global.cg"))
-    out.append(dict(spec, sync=sync, order_ok=order_ok, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+    n_instr = len([l for l in ptx.splitlines() if re.match(r"\s+@?%?[a-z]", l)])
+    fast_ops = sorted(set(re.findall(r"\b(lop3\.b32|prmt\.b32|fma\.rn\.(?:bf16|f16)x2)", ptx)))
+    out.append(dict(spec, sync=sync, order_ok=order_ok, n_instr=n_instr, fast_ops=fast_ops, regs=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                     shared=r.shared_bytes, mma=r.mma_ops, loop_smem_stores=r.loop_smem_stores,
                     pendings=r.loop_wgmma_pendings, global_ops=r.global_ops))
 print(json.dumps(out))
@@ -394,6 +502,26 @@ def test_aot_swap_ab_feeds_wgmma_from_registers():
     assert plain["mma"].startswith("wgmma.") and plain["loop_smem_stores"] > 0 and plain["pendings"] == "0", plain
 
 
+def test_aot_fast_decode_compiles_and_cuts_instructions():
+    """The inline-PTX decode assembles for sm_80 / sm_90 (ptxas), without spills, for both operand
+    orders, fp16 and bf16, grouped (swap: scaled weights) and per-channel, and the kernel it gives
+    has fewer instructions than the portable decode's (its point: decode GEMMs are ALU bound)."""
+    base = []
+    for bm, bn, bk, warps, stages, split, swap in ((16, 64, 128, 4, 4, True, False), (8, 64, 128, 4, 4, True, True),
+                                                   (64, 64, 64, 8, 4, True, True)):
+        for arch in (80, 90):
+            for dtype, per_channel in (("bf16", False), ("fp16", False), ("bf16", True)):
+                base.append(dict(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, split=split, swap=swap,
+                                 per_channel=per_channel, zp=not per_channel, dtype=dtype, arch=arch))
+    results = _run_aot(base + [dict(b, fast=True) for b in base])
+    slow, fast = results[: len(base)], results[len(base):]
+    for a, b in zip(slow, fast):
+        assert b["spill_stores"] == 0 and b["spill_loads"] == 0, f"spills: {b}"
+        want = {"lop3.b32", "prmt.b32", "fma.rn.bf16x2" if b["dtype"] == "bf16" else "fma.rn.f16x2"}
+        assert want <= set(b["fast_ops"]) and "lop3.b32" not in a["fast_ops"], (a, b)
+        assert b["n_instr"] < 0.95 * a["n_instr"], f"no fewer instructions: {a['n_instr']} -> {b['n_instr']} {b}"
+
+
 def test_aot_compiles_without_spills_for_launcher_configs():
     specs = _launcher_specs()
     results = _run_aot(specs)
@@ -462,6 +590,22 @@ def test_gpu_matches_interpreter_semantics_config_override():
     for swap in (False, True):
         cfg = Int4TritonConfig(16, 64, 64, 4, 4, 3, swap_ab=swap)
         _check(int4_linear_triton(x, q, s, z, 64, b, config=cfg), x, w_int, s, z, 64, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g,zp", [(None, False), (None, True), (128, False), (64, True), (32, True)], ids=str)
+@pytest.mark.parametrize("swap", [False, True], ids=["ab", "swap"])
+@pytest.mark.parametrize("m", [1, 8, 33])
+def test_gpu_fast_decode(m, swap, g, zp, dtype):
+    """The inline-PTX decode on the hardware (it cannot run elsewhere), against the fp32 reference
+    and bit-equal to the portable decode (the same W_int - z, so the same dots)."""
+    x, w_int, q, s, z, b = _case(m, 1024, 2048, g, zp, dtype, seed=m)
+    bm = 8 if swap and m <= 8 else 16 if m <= 16 else 64
+    cfgs = [Int4TritonConfig(bm, 64, 64, 2, 4, 4, swap_ab=swap, fast_decode=f) for f in (False, True)]
+    slow, fast = (int4_linear_triton(x, q, s, z, g, b, config=c) for c in cfgs)
+    _check(fast, x, w_int, s, z, g, b)
+    assert torch.equal(fast, slow)
 
 
 @pytest.mark.gpu

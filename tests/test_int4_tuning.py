@@ -71,12 +71,21 @@ def test_lookup_rules(tuning_dir):
     assert T.lookup("Other GPU", 1, 4096, 4096) is None
 
 
-def test_triton_config_takes_swap_ab_from_the_table(tuning_dir):
+def test_triton_config_takes_swap_ab_and_fast_decode_from_the_table(tuning_dir):
     swapped = dict(cfg(bm=128, bn=128, bk=64, split=1, warps=8, stages=3), swap_ab=True)
-    write(tuning_dir, table([entry(11008, 4096, 16), dict(entry(11008, 4096, 1024), config=swapped)]))
+    fast = dict(cfg(bm=8, bn=64, bk=128, split=4, warps=4, stages=4), swap_ab=True, fast_decode=True)
+    write(tuning_dir, table([dict(entry(11008, 4096, 1), config=fast), entry(11008, 4096, 16),
+                             dict(entry(11008, 4096, 1024), config=swapped)]))
+    from lrqat_kernels.ops.int4_triton import Int4TritonConfig
+
+    assert int4_triton_config(1, 11008, 4096, 128, "cuda", device_name=NAME) == \
+        Int4TritonConfig(8, 64, 128, 4, 4, 4, swap_ab=True, fast_decode=True)
+    assert not int4_triton_config(1000, 11008, 4096, 128, "cuda", device_name=NAME).fast_decode
     assert int4_triton_config(1000, 11008, 4096, 128, "cuda", device_name=NAME).swap_ab
     assert not int4_triton_config(8, 11008, 4096, 128, "cuda", device_name=NAME).swap_ab  # key absent: False
     assert not int4_triton_config(1000, 11008, 4096, 128, "cuda").swap_ab  # no table: heuristic
+    # The heuristics never pick the opt-in PTX decode.
+    assert not any(int4_triton_config(m, 11008, 4096, 128, "cuda").fast_decode for m in (1, 16, 64, 4096))
 
 
 def test_triton_config_uses_the_table(tuning_dir):
@@ -163,6 +172,8 @@ def test_auto_backend_follows_the_table(tuning_dir, monkeypatch):
     (json.dumps(table([dict(entry(64, 128, 1), config={"block_m": 16})])), "entries[0].config must have the keys"),
     (json.dumps(table([dict(entry(64, 128, 1), config=dict(entry(64, 128, 1)["config"], swap_ab=1))])),
      "entries[0].config.swap_ab must be true or false"),
+    (json.dumps(table([dict(entry(64, 128, 1), config=dict(entry(64, 128, 1)["config"], fast_decode="yes"))])),
+     "entries[0].config.fast_decode must be true or false"),
     (json.dumps(table([dict(entry(64, 128, 1), config=dict(entry(64, 128, 1)["config"], swapab=True))])),
      "entries[0].config must have the keys"),
 ])

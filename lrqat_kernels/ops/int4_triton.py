@@ -32,6 +32,9 @@ Two ways to feed the tensor cores (``Int4TritonConfig.swap_ab``, chosen per shap
   AOT tests check both properties in the PTX / TTGIR. On sm_80 (mma.sync) both read operands
   from registers; the swap just changes which side is the 16-row fragment.
 
+Nibble decoding: portable Triton element ops (the default), or opt-in inline PTX that decodes two
+weights per instruction (``Int4TritonConfig.fast_decode``, NVIDIA only: see ``FAST_PRMT`` below).
+
 Small M (decode) is memory bound: split-K (programs along K writing fp32 partials) fills the
 GPU when ``N / BLOCK_N`` tiles are too few. The partials are reduced in the same launch (the last
 program of a tile to arrive sums them in split order, adds the bias and writes y, as the CUDA
@@ -65,8 +68,71 @@ __all__ = [
 ]
 
 
+# ---- nibble decoding -------------------------------------------------------------------------
+
+# Fast decode (``Int4TritonConfig.fast_decode``, NVIDIA only): four packed bytes (eight weights) per
+# 32-bit register, two weights per instruction, as Marlin / the CUDA kernel do, instead of Triton's
+# one-element-at-a-time byte ops (~6 ALU instructions per weight; decode-time GEMMs at M <= 16 can
+# be ALU bound there). Per 4 bytes ``b0..b3``:
+#   prmt   t0 = [b0, 0, b1, 0], t1 = [b2, 0, b3, 0]       (one byte per 16-bit lane)
+#   lop3   lane = 0x?300 | (nibble ^ 8) = magic + u       (mask, offset and magic in one op, LUT 0x6A:
+#                                                           ``m ? a ^ c : c`` with c = magic | 8)
+#   shr 4  then the same lop3 for the high nibbles
+#   fma    lane * 1 + (-(magic + 8 + z)) = W_int - z       (x2 per instruction, exact: small integers)
+# 12 instructions per 8 weights. The constants are checked against a bit-level model of these PTX
+# instructions in tests/test_int4_triton.py; the kernel path itself only runs on a GPU, so it is
+# opt-in (a tuning-table entry, whose outputs the tuner checks before timing, or an explicit config)
+# until its GPU tests have passed.
+FAST_PRMT = (0x4140, 0x4342)  # byte selectors: bytes (0, 1) and (2, 3) into the low byte of each lane
+FAST_MASK = 0x000F000F  # the low nibble of each 16-bit lane
+FAST_LUT = 0x6A  # lop3 truth table of m ? (a ^ c) : c, inputs (a, b = m, c)
+FAST_MAGIC = {"bf16": 0x4300, "fp16": 0x6400}  # 128.0 / 1024.0: ulp 1, so magic | u = magic + u
+FAST_ONE = {"bf16": 0x3F80, "fp16": 0x3C00}
+
+
+def _fast_decode_asm(dtype: str) -> str:
+    """The PTX of one inline-asm instance: ``$4`` = 4 packed bytes, ``$5, $6`` = -(magic + 8 + z) for
+    elements (0, 1) / (2, 3); out ``$0, $1`` = low nibbles of bytes (0, 1) / (2, 3), ``$2, $3`` high."""
+    c = FAST_MAGIC[dtype] | 8
+    c2, m, one = (c << 16) | c, FAST_MASK, (FAST_ONE[dtype] << 16) | FAST_ONE[dtype]
+    fma = "fma.rn.bf16x2" if dtype == "bf16" else "fma.rn.f16x2"
+    return (
+        "{\n.reg .b32 t0, t1, u, one;\n"
+        f"prmt.b32 t0, $4, 0, {FAST_PRMT[0]:#06x};\n"
+        f"prmt.b32 t1, $4, 0, {FAST_PRMT[1]:#06x};\n"
+        f"lop3.b32 $0, t0, {m:#010x}, {c2:#010x}, {FAST_LUT:#04x};\n"
+        f"lop3.b32 $1, t1, {m:#010x}, {c2:#010x}, {FAST_LUT:#04x};\n"
+        "shr.u32 u, t0, 4;\n"
+        f"lop3.b32 $2, u, {m:#010x}, {c2:#010x}, {FAST_LUT:#04x};\n"
+        "shr.u32 u, t1, 4;\n"
+        f"lop3.b32 $3, u, {m:#010x}, {c2:#010x}, {FAST_LUT:#04x};\n"
+        f"mov.b32 one, {one:#010x};\n"
+        f"{fma} $0, $0, one, $5;\n{fma} $1, $1, one, $6;\n"
+        f"{fma} $2, $2, one, $5;\n{fma} $3, $3, one, $6;\n}}"
+    )
+
+
+_FAST_ASM_BF16: tl.constexpr = tl.constexpr(_fast_decode_asm("bf16"))
+_FAST_ASM_FP16: tl.constexpr = tl.constexpr(_fast_decode_asm("fp16"))
+
+
 @triton.jit
-def _decode_nibbles(packed, zp, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+def _decode_fast(packed, zp, DTYPE: tl.constexpr):
+    """:func:`_decode_nibbles`' unscaled result (``W_int - z`` in DTYPE, fp16 / bf16) by
+    :func:`_fast_decode_asm`'s inline PTX."""
+    if DTYPE == tl.bfloat16:
+        neg = tl.broadcast_to((-(zp + 136)).to(tl.float32).to(tl.bfloat16)[:, None], packed.shape)
+        return tl.inline_asm_elementwise(_FAST_ASM_BF16, "=r,=r,=r,=r,r,r,r", [packed, neg],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        neg = tl.broadcast_to((-(zp + 1032)).to(tl.float32).to(tl.float16)[:, None], packed.shape)
+        return tl.inline_asm_elementwise(_FAST_ASM_FP16, "=r,=r,=r,=r,r,r,r", [packed, neg],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _decode_nibbles(packed, zp, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr,
+                    FAST: tl.constexpr = False):
     """Packed bytes ``[R, C]`` (uint8), zero points ``[R]`` (int32) -> the columns ``2j`` and
     ``2j + 1`` of byte ``j`` as two ``[R, C]`` tensors in ``DTYPE``: ``W_int - z`` (exact), or with
     ``SCALED`` ``W_hat = scale * (W_int - z)`` (``scale`` fp32 ``[R]``; product in fp32, cast to
@@ -77,7 +143,14 @@ def _decode_nibbles(packed, zp, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr
     OR-ing u into the mantissa of fp16 1024.0 (0x6400, ulp 1) or bf16 128.0 (0x4300, ulp 1) gives
     base + u exactly, and one subtraction of (base + 8 + z) leaves W_int - z, exact (|.| <= 15).
     This replaces a slow int -> float conversion (I2F runs at a quarter of the FP32 rate) per weight.
-    ``INTERPRET``: round the scaled weights to bf16 from integer ops (the interpreter's cast truncates)."""
+    ``INTERPRET``: round the scaled weights to bf16 from integer ops (the interpreter's cast truncates).
+    ``FAST``: decode by :func:`_decode_fast` (NVIDIA GPUs only; see the comment above it)."""
+    if FAST:
+        w_lo, w_hi = _decode_fast(packed, zp, DTYPE)
+        if SCALED:
+            w_lo = _cast(w_lo.to(tl.float32) * scale[:, None], DTYPE, INTERPRET)
+            w_hi = _cast(w_hi.to(tl.float32) * scale[:, None], DTYPE, INTERPRET)
+        return w_lo, w_hi
     u_lo = (packed & 0xF) ^ 8
     u_hi = (packed >> 4) ^ 8
     if DTYPE == tl.bfloat16 or SCALED:
@@ -128,6 +201,7 @@ def _int4_w4a16_kernel(
     PER_CHANNEL: tl.constexpr,
     SPLIT_K: tl.constexpr,
     PTX: tl.constexpr,
+    FAST_DECODE: tl.constexpr,
     DOT_F32: tl.constexpr,
     SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -187,7 +261,7 @@ def _int4_w4a16_kernel(
                 zp = tl.load(z_rows + group, mask=mask_n, other=0).to(tl.int32)
             s = tl.load(s_rows + group, mask=mask_n, other=0.0).to(tl.float32)
         if SWAP_AB:
-            w_lo, w_hi = _decode_nibbles(packed, zp, s, x_ptr.dtype.element_ty, not PER_CHANNEL, DOT_F32)
+            w_lo, w_hi = _decode_nibbles(packed, zp, s, x_ptr.dtype.element_ty, not PER_CHANNEL, DOT_F32, FAST_DECODE)
             # Nibbles interleaved back into column order in registers; Triton picks the load
             # layout so that this lands directly in wgmma's A-fragment layout (no shuffle).
             w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
@@ -197,7 +271,7 @@ def _int4_w4a16_kernel(
                 x = x.to(tl.float32)
             acc = tl.dot(w, tl.trans(x), acc)  # [BLOCK_N, BLOCK_M]
         else:
-            w_lo, w_hi = _decode_nibbles(packed, zp, s, x_ptr.dtype.element_ty, False, DOT_F32)
+            w_lo, w_hi = _decode_nibbles(packed, zp, s, x_ptr.dtype.element_ty, False, DOT_F32, FAST_DECODE)
             # Two dots per tile, one per nibble: x[:, 0::2] @ W_lo^T + x[:, 1::2] @ W_hi^T. x is
             # loaded contiguously (pipelined through shared memory by cp.async) and split into
             # even and odd columns in registers: x is [BLOCK_M, BLOCK_K], small next to the weights.
@@ -312,6 +386,9 @@ class Int4TritonConfig:
     num_stages: int
     #: compute ``y^T = W x^T`` (weights as the MMA's A operand; see the module docstring)
     swap_ab: bool = False
+    #: decode nibbles with inline PTX, 2 weights per instruction (NVIDIA only; elsewhere ignored).
+    #: Opt-in: never chosen by the heuristics, only by a tuning table or an explicit config.
+    fast_decode: bool = False
 
 
 def _interpreting() -> bool:
@@ -412,7 +489,7 @@ def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4
             if split_k is None and exact and bk == c["block_k"]:
                 split_k = c["split_k"]
             return _finish(M, N, K, c["block_m"], c["block_n"], bk, c["num_warps"], c["num_stages"],
-                           split_k, device_type, sms, interp, c.get("swap_ab", False))
+                           split_k, device_type, sms, interp, c.get("swap_ab", False), c.get("fast_decode", False))
     # (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages); ptxas -v on sm_80 / sm_90 with
     # the JIT's usual 16-divisibility specialisation: <= 255 registers and no spills for every
     # variant (tests/test_int4_triton.py compiles each).
@@ -429,7 +506,7 @@ def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4
 
 
 def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sms, interp,
-            swap_ab=False) -> Int4TritonConfig:
+            swap_ab=False, fast_decode=False) -> Int4TritonConfig:
     """Fill in split-K (the fill-the-GPU rule unless given) and clamp it to the K tiles."""
     k_tiles = triton.cdiv(K, bk)
     if split_k is None:
@@ -438,7 +515,7 @@ def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sm
         if tiles < 4 * sms and not (device_type == "cpu" and interp):
             split_k = min(-(-4 * sms // tiles), 16)
     split_k = max(1, min(int(split_k), k_tiles))
-    return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages, bool(swap_ab))
+    return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages, bool(swap_ab), bool(fast_decode))
 
 
 _COUNTERS: dict = {}
@@ -524,6 +601,7 @@ def int4_linear_triton(
     else:
         ws = counters = y  # unused
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    ptx = x.is_cuda and torch.version.hip is None  # an NVIDIA GPU: inline PTX allowed
     with on_device(x2):
         _int4_w4a16_kernel[grid](
             x2, qw, s, z if z is not None else s, bias if bias is not None else s, y, ws, counters,
@@ -534,7 +612,8 @@ def int4_linear_triton(
             HAS_BIAS=bias is not None,
             PER_CHANNEL=per_channel,
             SPLIT_K=split > 1,
-            PTX=x.is_cuda and torch.version.hip is None,
+            PTX=ptx,
+            FAST_DECODE=cfg.fast_decode and ptx and x.dtype in (torch.float16, torch.bfloat16),
             DOT_F32=not x.is_cuda,
             SWAP_AB=cfg.swap_ab,
             BLOCK_M=cfg.block_m,

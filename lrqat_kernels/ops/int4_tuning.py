@@ -19,13 +19,13 @@ Schema (``version`` 1)::
      "torch": "...", "triton": "...", "cuda": "...", "dtype": "bf16", "group_size": 128,
      "entries": [{"N": 11008, "K": 4096, "M": 16, "backend": "triton",
                   "config": {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4,
-                             "num_warps": 4, "num_stages": 4, "swap_ab": false},
+                             "num_warps": 4, "num_stages": 4, "swap_ab": false, "fast_decode": false},
                   "us": {"triton": 20.1, "dequant": 52.3, "cublas": 48.0}}, ...]}
 
 An entry says, for one layer shape ``[N, K]`` and token count ``M``, which backend won
 (``"triton"``, ``"dequant"`` = dequantise + cuBLAS, or ``"cuda"`` when the tuner was allowed to
-pick the opt-in CUDA kernel) and the fastest Triton config (``swap_ab`` optional, default false:
-tables written before it existed stay valid). Lookup for another ``(M, N, K)``: the
+pick the opt-in CUDA kernel) and the fastest Triton config (``swap_ab`` and ``fast_decode``
+optional, default false: tables written before they existed stay valid). Lookup for another ``(M, N, K)``: the
 entries of the same ``[N, K]`` if tuned, else of the nearest tuned shape (log distance of N and K);
 among those the smallest tuned M >= M, else the largest tuned M.
 """
@@ -64,7 +64,7 @@ TUNING_DIR_ENV = "LRQAT_INT4_TUNING_DIR"
 PACKAGE_TUNING_DIR = Path(__file__).with_name("tuned")
 TABLE_BACKENDS = ("triton", "dequant", "cuda")
 _CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
-_OPTIONAL_BOOL_KEYS = ("swap_ab",)
+_OPTIONAL_BOOL_KEYS = ("swap_ab", "fast_decode")
 
 
 @dataclass(frozen=True)
@@ -206,9 +206,9 @@ def _lookup(M: int, N: int, K: int, key: tuple) -> tuple[TunedEntry, bool] | Non
 def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int = 132) -> list[dict]:
     """The Triton configs ``bench/tune_int4_gemm.py`` times for ``(M, N, K)``: tile shapes by the M
     regime, warps, pipeline depth and split-K around the heuristic's choice, each tile also with the
-    operands swapped (``swap_ab``). Always contains the
-    heuristic default (so a tuned table is never worse than no table), every ``block_k`` divides
-    the group, and no split is empty."""
+    operands swapped (``swap_ab``) and, for M <= 64, with the PTX decode (``fast_decode``). Always
+    contains the heuristic default (so a tuned table is never worse than no table), every
+    ``block_k`` divides the group, and no split is empty."""
     from .int4_triton import _block_k, int4_triton_config
 
     default = int4_triton_config(M, N, K, group_size, "cuda", sms=sms, tuned=False)
@@ -227,17 +227,17 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
     k_tiles = lambda bk: -(-K // bk)  # noqa: E731
     out, seen = [], set()
 
-    def add(bm, bn, bk, split, warps, stages, swap=False):
+    def add(bm, bn, bk, split, warps, stages, swap=False, fast=False):
         try:
             bk = _block_k(K, group_size, bk)
         except ValueError:
             return
         split = max(1, min(split, k_tiles(bk)))
         split = -(-k_tiles(bk) // -(-k_tiles(bk) // split))  # the launcher's no-empty-split count
-        key = (bm, bn, bk, split, warps, stages, swap)
+        key = (bm, bn, bk, split, warps, stages, swap, fast)
         if key not in seen:
             seen.add(key)
-            out.append(dict(zip((*_CONFIG_KEYS, "swap_ab"), key)))
+            out.append(dict(zip((*_CONFIG_KEYS, "swap_ab", "fast_decode"), key)))
 
     add(default.block_m, default.block_n, default.block_k, default.split_k, default.num_warps, default.num_stages,
         default.swap_ab)
@@ -264,6 +264,16 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
             tiles_mn = -(-N // bn)
             fill = max(1, min(16, -(-4 * sms // tiles_mn))) if tiles_mn < 4 * sms else 1
             add(8, bn, 128, fill, 4, 4, True)
+    if M <= 64:
+        # Memory bound, where the decode's ALU work can limit: every distinct tile shape and
+        # operand order once more with the 2-weights-per-instruction PTX decode, at the split and
+        # depth timed first for that shape (NVIDIA only; the tuner checks each output first).
+        firsts = {}
+        for c in out:
+            firsts.setdefault((c["block_m"], c["block_n"], c["swap_ab"]), c)
+        for c in firsts.values():
+            add(c["block_m"], c["block_n"], c["block_k"], c["split_k"], c["num_warps"], c["num_stages"],
+                c["swap_ab"], True)
     if M > 256:
         # 256-wide tiles only swapped: with the weights in registers and the group scales folded
         # into them, ptxas fits them without spills on sm_90 (the default order spills).
