@@ -16,6 +16,9 @@ then on, and a CSV of every timing (``bench/results/int4_tune_cuda.csv``).
 after ``pytest tests/test_int4_gpu.py`` passed on this GPU (the kernel is opt-in until then).
 ``--budget-s``: stop starting new (shape, M) points after this many seconds and write what was
 measured (the table then covers fewer shapes; lookup falls back to the nearest tuned one).
+``--merge``: keep the entries of the device's existing table (in ``--out-dir``) that this run did
+not re-measure, and append to the CSV instead of replacing it: a table built over several runs,
+e.g. ``--shapes`` in two groups when one run does not fit a time limit.
 
 Without a CUDA device it says so and exits 0 (nothing is written).
 """
@@ -23,6 +26,8 @@ Without a CUDA device it says so and exits 0 (nothing is written).
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import math
 import os
 import sys
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-candidates", type=int, default=0, help="time at most this many configs a point (0: all)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: smoke-test the script under TRITON_INTERPRET=1 (timings meaningless)")
+    ap.add_argument("--merge", action="store_true",
+                    help="merge into the device's existing table (and CSV) instead of replacing them")
     ap.add_argument("--allow-cuda", action="store_true",
                     help="let the CUDA kernel win entries (only after tests/test_int4_gpu.py passed on this GPU)")
     args = ap.parse_args(argv)
@@ -206,6 +213,9 @@ def main(argv=None) -> int:
     if stopped:
         print(f"# stopped early: {stopped}")
     if args.csv:  # first: the measurements (and errors) are on record even if no table can be built
+        if args.merge and os.path.exists(args.csv):
+            with open(args.csv, newline="") as f:
+                csv_rows = list(csv.DictReader(f)) + csv_rows
         write_csv(args.csv, csv_rows, CSV_COLUMNS)
         print(f"# wrote {args.csv} ({len(csv_rows)} rows)")
     if not any(p["triton"] for p in measurements):
@@ -225,6 +235,12 @@ def main(argv=None) -> int:
                                  ("tuned_vs_default", "x default", ".2f"), ("dequant", "dequant us", ".2f"),
                                  ("cublas", "cuBLAS us", ".2f"), ("cuda", "CUDA us", ".2f"),
                                  ("backend", "auto picks", ""), ("vs_cublas", "auto x cuBLAS", ".2f")]))
+    if args.merge:
+        existing = os.path.join(args.out_dir, int4_tuning.table_filename(table["device"]))
+        if os.path.exists(existing):
+            with open(existing) as f:
+                table = int4_tuning.merge_tables(json.load(f), table)
+            print(f"# merged with {existing}")
     path = int4_tuning.write_table(table, args.out_dir)
     print(f"\n# wrote {path} ({len(table['entries'])} entries)")
     return 0

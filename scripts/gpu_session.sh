@@ -26,7 +26,10 @@
 # Knobs: LRQAT_PY (default python3), PYTEST_ARGS (extra pytest arguments, e.g. "-x -k int4"),
 # LRQAT_BENCH_QUICK=1 (short benchmark runs), LRQAT_STEP_TIMEOUT, TORCH_CUDA_ARCH_LIST (default
 # "8.0;9.0", as CI: a test checks the .so has both), LRQAT_TUNE_ALLOW_CUDA=1 (let the CUDA kernel
-# win tuning entries: only once tests/test_int4_gpu.py passed on this GPU).
+# win tuning entries: only once tests/test_int4_gpu.py passed on this GPU), LRQAT_TUNE_SHAPES
+# (bench_int4_gemm shape names) + LRQAT_TUNE_MERGE=1: tune in several calls when the whole sweep does
+# not fit one (the log says "stopped early"), e.g. first LRQAT_TUNE_SHAPES=llama2-7b.qkvo,
+# llama2-7b.gate_up,llama2-7b.down, then the llama3-8b ones with LRQAT_TUNE_MERGE=1.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -113,6 +116,8 @@ tests() {
 tune() {
   local extra=()
   [[ "${LRQAT_TUNE_ALLOW_CUDA:-0}" == "1" ]] && extra+=(--allow-cuda)
+  [[ -n "${LRQAT_TUNE_SHAPES:-}" ]] && extra+=(--shapes "$LRQAT_TUNE_SHAPES")
+  [[ "${LRQAT_TUNE_MERGE:-0}" == "1" ]] && extra+=(--merge)
   [[ "${LRQAT_BENCH_QUICK:-0}" == "1" ]] && extra+=(--quick)
   run_logged tune_int4_gemm "$PY" bench/tune_int4_gemm.py --budget-s "$(( ${LRQAT_STEP_TIMEOUT:-540} - 120 ))" "${extra[@]}"
 }

@@ -295,6 +295,34 @@ def test_tuner_end_to_end_on_cpu(tmp_path, monkeypatch):
     finally:
         T.clear_cache()
 
+    # A second run with --merge: one more shape, one re-measured point; the rest of the table and
+    # of the CSV stay.
+    proc = _tuner("--device", "cpu", "--custom-shapes", "32x64,64x128", "--ms", "1", "--group", "32",
+                  "--max-candidates", "1", "--out-dir", str(out), "--csv", str(tmp_path / "t.csv"), "--merge",
+                  env_extra={"TRITON_INTERPRET": "1"}, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    tbl2 = json.loads((out / T.table_filename("cpu-interpreter")).read_text())
+    assert [(e["N"], e["K"], e["M"]) for e in tbl2["entries"]] == [
+        (32, 64, 1), (48, 256, 1), (48, 256, 40), (64, 128, 1), (64, 128, 40)]
+    kept = {(e["N"], e["K"], e["M"]): e for e in tbl["entries"]}
+    assert all(e == kept[(e["N"], e["K"], e["M"])] for e in tbl2["entries"] if (e["N"], e["K"], e["M"]) in kept
+               and (e["N"], e["M"]) != (64, 1))
+    with open(tmp_path / "t.csv") as f:
+        rows2 = list(csv.DictReader(f))
+    assert len(rows2) > len(rows) and rows2[: len(rows)] == rows
+
+
+def test_merge_tables():
+    old = table([entry(64, 128, 1), entry(64, 128, 16, bm=32)])
+    new = table([entry(64, 128, 16, bm=16, split=2), entry(32, 64, 1)])
+    merged = T.merge_tables(old, new)
+    assert [(e["N"], e["K"], e["M"], e["config"]["block_m"]) for e in merged["entries"]] == [
+        (32, 64, 1, 16), (64, 128, 1, 16), (64, 128, 16, 16)]  # re-measured: the new entry wins
+    with pytest.raises(ValueError, match="different group_size"):
+        T.merge_tables(old, dict(new, group_size=64))
+    with pytest.raises(ValueError, match="different device"):
+        T.merge_tables(old, table([entry(32, 64, 1)], device="Other GPU"))
+
 
 def test_tuner_rejects_bad_arguments(tmp_path):
     proc = _tuner("--device", "cpu", "--custom-shapes", "64x128", env_extra={"TRITON_INTERPRET": "0"}, tmp_path=tmp_path)

@@ -55,6 +55,7 @@ __all__ = [
     "candidate_configs",
     "build_table",
     "write_table",
+    "merge_tables",
     "clear_cache",
     "cache_key",
 ]
@@ -312,6 +313,23 @@ def build_table(measurements: list[dict], info: dict, *, dtype: str, group_size:
                  cuda=str(info.get("cuda", "")), dtype=dtype, group_size=group_size, entries=entries)
     _validate(table)
     return table
+
+
+def merge_tables(old: dict, new: dict) -> dict:
+    """``new`` plus the entries of ``old`` it did not re-measure (same ``(N, K, M)``: ``new`` wins),
+    sorted by shape and M: one device's table built over several tuner runs (e.g. one call per
+    group of layer shapes). Both must be valid tables for the same device, dtype and group size."""
+    _validate(old)
+    _validate(new)
+    for key in ("device", "dtype", "group_size"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"cannot merge tables with different {key}: {old.get(key)!r} vs {new.get(key)!r}")
+    fresh = {(e["N"], e["K"], e["M"]) for e in new["entries"]}
+    entries = [e for e in old["entries"] if (e["N"], e["K"], e["M"]) not in fresh] + list(new["entries"])
+    entries.sort(key=lambda e: (e["N"], e["K"], e["M"]))
+    merged = dict(new, entries=entries)
+    _validate(merged)
+    return merged
 
 
 def write_table(table: dict, directory: str | os.PathLike) -> Path:
