@@ -445,6 +445,29 @@ def test_cuda_kernel_rejects(lrqat_ext):
 
 
 @pytest.mark.gpu
+def test_cuda_kernel_split_k_under_cuda_graphs(lrqat_ext):
+    """Split-K (M = 1 on a 4096 x 4096 layer) inside CUDA graphs: two graphs captured on torch's
+    capture stream, replayed out of order with eager calls in between, each equal to eager."""
+    from lrqat_kernels.ops.int4_gpu import int4_gpu_linear, prepack_int4_gpu
+
+    x, w_int, q, s, z, b = _case(1, 4096, 4096, 128, True, torch.bfloat16, "cuda")
+    w = prepack_int4_gpu(q, s, z, 128)
+    want = int4_gpu_linear(x, w, b)
+    _assert_close_to_torch(want, x, w_int, s, z, 128, b)
+    graphs, outs = [], []
+    for _ in range(2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(int4_gpu_linear(x, w, b))
+        graphs.append(g)
+    for g, y in ((graphs[1], outs[1]), (graphs[0], outs[0]), (graphs[1], outs[1])):
+        g.replay()
+        assert torch.equal(int4_gpu_linear(x, w, b), want)
+        torch.cuda.synchronize()
+        assert torch.equal(y, want)
+
+
+@pytest.mark.gpu
 def test_opcheck_cuda(lrqat_ext):
     from lrqat_kernels.ops.int4_gpu import prepack_int4_gpu
 

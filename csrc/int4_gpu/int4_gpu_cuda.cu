@@ -575,11 +575,20 @@ int choose_splits(int64_t tiles, int n_stages, int64_t slots, int bm) {
 // Split-K arrival counters, one zeroed buffer per (device, stream): kernels on one stream
 // run in order, so a tile's counter is back to zero (atomicInc wraps it on the last arrival)
 // before the next launch reads it. Leaked on purpose (no destructor running after the CUDA
-// context is gone at exit). CUDA graphs: call the op once on the capture stream before
-// capturing (so the buffer is not allocated during capture); a captured graph keeps that
-// stream's counters, so graphs captured on one stream must not be replayed concurrently
-// with each other or with eager calls on the capture stream.
-int* split_counters(const at::Device& device, cudaStream_t stream, int64_t n) {
+// context is gone at exit). During CUDA-graph capture a fresh zeroed buffer per call instead (its
+// memset is a node of that graph, and `holder` keeps it until the launch is recorded; the graph's
+// private pool keeps it after): a cached buffer created during a capture would only be zeroed when
+// that graph replays (an eager call or another graph could use it first), and a graph holding a
+// cached buffer would touch freed memory once the buffer is outgrown and replaced. Graphs still
+// must not be replayed concurrently with each other (their workspaces come from the caching
+// allocator as every intermediate's do).
+int* split_counters(const at::Device& device, cudaStream_t stream, int64_t n, at::Tensor& holder) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    holder = at::zeros({n}, at::TensorOptions().dtype(at::kInt).device(device));
+    return holder.mutable_data_ptr<int>();
+  }
   static std::mutex mu;
   static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
   std::lock_guard<std::mutex> lock(mu);
@@ -623,18 +632,19 @@ void launch(Params& p, const at::Tensor& x, int n_sms, cudaStream_t stream) {
   p.splits = choose_splits(tiles, p.n_stages, static_cast<int64_t>(n_sms) * info.blocks_per_sm, bm);
   // Several M-blocks re-read each weight tile: keep it in L2 for them.
   p.evict_first = p.m_blocks == 1;
-  at::Tensor workspace;
+  at::Tensor workspace, counters;
   if (p.splits > 1) {
     workspace = at::empty({p.splits, p.M, p.n_pad}, x.options().dtype(at::kFloat));
     p.workspace = workspace.mutable_data_ptr<float>();
-    p.counters = split_counters(x.device(), stream, tiles);
+    p.counters = split_counters(x.device(), stream, tiles, counters);
   }
   const int64_t grid = tiles * p.splits;
   TORCH_CHECK(grid <= 0x7FFFFFFF, "lrqat::int4_gpu_linear: problem too large (", grid, " CTAs)");
   int4_gpu_gemm_kernel<T, ScaleT, MT>
       <<<static_cast<unsigned>(grid), kThreads, Plan<T, ScaleT, MT>::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // `workspace` is freed here but the caching allocator only reuses it in stream order.
+  // `workspace` (and a capture's `counters`) are freed here, but the caching allocator only reuses
+  // them in stream order.
 }
 
 // Largest dynamic shared memory a CTA may opt in to on `device` (cached; 227 KiB on sm_90,
