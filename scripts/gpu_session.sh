@@ -6,7 +6,10 @@
 #     bash scripts/gpu_session.sh test       # the whole suite on CUDA, @pytest.mark.gpu included (long:
 #                                            # every Triton test JIT-compiles its kernels on the GPU)
 #     bash scripts/gpu_session.sh tune       # W4A16 tuning table for this GPU (lrqat_kernels/ops/tuned/)
-#     bash scripts/gpu_session.sh bench      # every GPU benchmark -> bench/results/*_cuda.csv
+#     bash scripts/gpu_session.sh bench-int4   # W4A16 GEMM benchmark -> bench/results/int4_gemm*.csv/png
+#     bash scripts/gpu_session.sh bench-train  # activation quant + LR-QAT linear benchmarks (*_cuda.csv)
+#     bash scripts/gpu_session.sh bench      # both benchmarks (may need two calls: a step that does not
+#                                            # fit what is left of the call is skipped, and says so)
 #     bash scripts/gpu_session.sh all        # build, gpu-tests, tune, bench, test in one call (if time allows)
 #
 # Order matters: `tune` before `bench`, so the dispatcher row ("lrqat_auto") of bench_int4_gemm
@@ -24,7 +27,8 @@
 # stages must run while it stays warm (else run `build` again first).
 #
 # Knobs: LRQAT_PY (default python3), PYTEST_ARGS (extra pytest arguments, e.g. "-x -k int4"),
-# LRQAT_BENCH_QUICK=1 (short benchmark runs), LRQAT_STEP_TIMEOUT, TORCH_CUDA_ARCH_LIST (default
+# LRQAT_BENCH_QUICK=1 (short benchmark runs), LRQAT_STEP_TIMEOUT (per step, default 540 s),
+# LRQAT_STAGE_BUDGET (the whole call, default 560 s: results are packed before the tool's 600 s), TORCH_CUDA_ARCH_LIST (default
 # "8.0;9.0", as CI: a test checks the .so has both), LRQAT_TUNE_ALLOW_CUDA=1 (let the CUDA kernel
 # win tuning entries: only once tests/test_int4_gpu.py passed on this GPU), LRQAT_TUNE_SHAPES
 # (bench_int4_gemm shape names) + LRQAT_TUNE_MERGE=1: tune in several calls when the whole sweep does
@@ -42,12 +46,22 @@ unset TRITON_INTERPRET
 status=0
 
 log() { echo "=== [gpu_session $(date -u +%H:%M:%S)] $*"; }
+T0=$(date +%s)
 run_logged() {  # name, command...
+  # Each step gets min(LRQAT_STEP_TIMEOUT, what is left of LRQAT_STAGE_BUDGET since the script
+  # started), so a stage of several steps still ends (and packs its results) inside one 600 s call.
   local name="$1"; shift
-  log "$name: $*"
-  timeout "${LRQAT_STEP_TIMEOUT:-540}" "$@" 2>&1 | tee "$DEST/$name.log"
+  local left=$(( T0 + ${LRQAT_STAGE_BUDGET:-560} - $(date +%s) ))
+  local limit=$(( left < ${LRQAT_STEP_TIMEOUT:-540} ? left : ${LRQAT_STEP_TIMEOUT:-540} ))
+  if (( limit < 20 )); then
+    log "$name: SKIPPED, no time left in this call (run its stage again in a new call)"
+    [[ $status -ne 0 ]] || status=124
+    return 0
+  fi
+  log "$name (limit ${limit} s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$DEST/$name.log"
   local rc=${PIPESTATUS[0]}
-  [[ $rc -eq 124 ]] && log "$name: TIMED OUT after ${LRQAT_STEP_TIMEOUT:-540} s"
+  [[ $rc -eq 124 ]] && log "$name: TIMED OUT after ${limit} s"
   log "$name: exit $rc"
   [[ $rc -eq 0 || $status -ne 0 ]] || status=$rc
   return 0
@@ -122,12 +136,15 @@ tune() {
   run_logged tune_int4_gemm "$PY" bench/tune_int4_gemm.py --budget-s "$(( ${LRQAT_STEP_TIMEOUT:-540} - 120 ))" "${extra[@]}"
 }
 
-bench() {
+bench_int4() {
   if [[ "${LRQAT_BENCH_QUICK:-0}" == "1" ]]; then
     run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py --quick
   else
     run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py
   fi
+}
+
+bench_train() {
   run_logged bench_act_quant "$PY" bench/bench_act_quant.py
   run_logged bench_lrqat_linear "$PY" bench/bench_lrqat_linear.py
 }
@@ -151,8 +168,10 @@ case "$STAGE" in
   gpu-tests) gpu_tests ;;
   test) tests ;;
   tune) tune ;;
-  bench) bench ;;
-  all) build; gpu_tests; tune; bench; tests ;;
-  *) echo "usage: $0 build|gpu-tests|test|tune|bench|all" >&2; trap - EXIT; exit 2 ;;
+  bench-int4) bench_int4 ;;
+  bench-train) bench_train ;;
+  bench) bench_int4; bench_train ;;
+  all) build; gpu_tests; tune; bench_int4; bench_train; tests ;;
+  *) echo "usage: $0 build|gpu-tests|test|tune|bench-int4|bench-train|bench|all" >&2; trap - EXIT; exit 2 ;;
 esac
 exit $status
