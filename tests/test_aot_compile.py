@@ -53,6 +53,9 @@ def ptx_facts(ptx: str) -> dict:
         rne_const="0f4B400000" in ptx and "0fCB400000" in ptx,  # (z + c) - c kept, c = 1.5 * 2^23
         contractible=bool(re.search(r"\b(add|sub|mul)\.f32\b", ptx)),  # fp32 op without .rn
         mul_s64="mul.lo.s64" in ptx,
+        # int -> float conversions (I2F, an eighth of the FP32 rate): Phi0 is decoded with the
+        # 2^23 mantissa trick instead (fake_quant._int_to_f32)
+        i2f=sorted(set(re.findall(r"cvt\.rn\.f32\.[su](?:8|16|32|64)\b", ptx))),
     )
 
 
@@ -102,6 +105,12 @@ def test_every_config_compiles_for_sm80_and_sm90(reports):
     for r in reports.values():
         assert 0 < r["regs"] <= 255
         assert r["shared"] <= (163 if r["arch"] == 80 else 227) * 1024
+
+
+def test_phi0_decode_has_no_int_to_float_conversions(reports):
+    """Every packed_int / fixed_point decode (and everything else in these kernels) avoids I2F."""
+    with_i2f = [f"{r['name']} sm_{r['arch']}: {r['i2f']}" for r in reports.values() if r["i2f"]]
+    assert not with_i2f, with_i2f
 
 
 def test_default_configs_do_not_spill(reports):

@@ -123,6 +123,14 @@ def small_tiles(interpret: bool) -> bool:
 
 
 @triton.jit
+def _int_to_f32(u, OFFSET: tl.constexpr):
+    """``u - OFFSET`` as fp32 for int32 ``u`` in ``[0, 2^23)``, exactly: OR-ing ``u`` into the
+    mantissa of 2^23 (ulp 1) gives ``2^23 + u``, one FADD removes the offsets. Replaces an
+    int -> float conversion (I2F: 16 a clock per SM on sm_80 / sm_90, an eighth of the FP32 rate)."""
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
 def _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid,
                 PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Phi0 tile ``[BM, BN]`` in fp32 grid units (exact for every format).
@@ -140,21 +148,18 @@ def _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid,
             jj = tl.arange(0, HALF)
             pmask = rmask[:, None] & (jj < n_valid // 2)[None, :]
             byte = tl.load(phi_ptr + row_off + (col0 // 2 + jj)[None, :], mask=pmask, other=0).to(tl.int32)
-            lo = byte & 15
-            hi = byte >> 4
-            lo = lo - ((lo & 8) << 1)  # sign-extend the 4-bit two's complement
-            hi = hi - ((hi & 8) << 1)
-            return tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_N)).to(tl.float32)
+            lo = _int_to_f32(((byte & 15) ^ 8), 8)  # nibble ^ 8 = code + 8 (two's complement, 4 bits)
+            hi = _int_to_f32(((byte >> 4) ^ 8), 8)
+            return tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_N))
         else:
             # Odd group size: a tile may start on a high nibble; two lanes share a byte (L1
             # merges them, HBM still sees 0.5 byte a weight).
             byte = tl.load(phi_ptr + row_off + (cols >> 1)[None, :], mask=mask, other=0).to(tl.int32)
-            nib = (byte >> ((cols & 1) * 4)[None, :]) & 15
-            return (nib - ((nib & 8) << 1)).to(tl.float32)
+            return _int_to_f32(((byte >> ((cols & 1) * 4)[None, :]) & 15) ^ 8, 8)
     elif PHI_KIND == 1:
         # fixed_point Q b.(8-b): code / 2^(8-b), a power of two, so the product is exact.
         code = tl.load(phi_ptr + row_off + cols[None, :], mask=mask, other=0)
-        return code.to(tl.float32) * PHI_MUL
+        return _int_to_f32(code.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80, 128) * PHI_MUL
     else:
         return tl.load(phi_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
