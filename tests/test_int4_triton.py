@@ -538,7 +538,7 @@ def test_aot_compiles_without_spills_for_launcher_configs():
 
 
 _AOT_DEQUANT_SCRIPT = r"""
-import json, sys
+import json, re, sys
 from lrqat_kernels.ops import aot
 from lrqat_kernels.ops.int4_triton import _int4_dequant_kernel as fn
 
@@ -548,16 +548,19 @@ for spec in json.loads(sys.stdin.read()):
                stride_qn="i32", stride_sn="i32", stride_zn="i32", stride_wn="i32", group_size="i32",
                HAS_ZP="constexpr", ONE_GROUP="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
     consts = dict(HAS_ZP=spec["zp"], ONE_GROUP=spec["one"], BLOCK_N=spec["bn"], BLOCK_K=spec["bk"])
-    r = aot._compile(fn, sig, consts, spec["arch"], 4, 3, divisible=[
-        "qw_ptr", "s_ptr", "z_ptr", "w_ptr", "N", "K", "stride_qn", "stride_sn", "stride_zn", "stride_wn"])
-    out.append(dict(spec, regs=r.registers, spills=r.spill_stores + r.spill_loads, global_ops=r.global_ops))
+    r, ptx = aot._compile(fn, sig, consts, spec["arch"], 4, 3, divisible=[
+        "qw_ptr", "s_ptr", "z_ptr", "w_ptr", "N", "K", "stride_qn", "stride_sn", "stride_zn", "stride_wn"],
+        return_ptx=True)
+    out.append(dict(spec, regs=r.registers, spills=r.spill_stores + r.spill_loads, global_ops=r.global_ops,
+                    i2f=sorted(set(re.findall(r"cvt\.rn\.f32\.[su](?:8|16|32|64)\b", ptx)))))
 print(json.dumps(out))
 """
 
 
 def test_aot_dequant_kernel_vector_stores_no_spills():
     """The prefill path's dequantisation pass is memory bound and writes 4x what it reads: every
-    store must be a 16-byte vector (the nibbles are interleaved back in registers), no spills."""
+    store must be a 16-byte vector (the nibbles are interleaved back in registers), no spills, no
+    int -> float conversions (the 2^23 mantissa trick instead)."""
     from lrqat_kernels.ops.int4_triton import dequant_config
 
     specs = []
@@ -574,6 +577,7 @@ def test_aot_dequant_kernel_vector_stores_no_spills():
         assert r["spills"] == 0, r
         stores = [op for op in r["global_ops"].split(",") if op.startswith("st.")]
         assert stores == ["st.global.v4.b32"], r
+        assert r["i2f"] == [], r
 
 
 @pytest.mark.gpu

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import _cast
+from .fake_quant import _cast, _int_to_f32
 from .int4_gpu import check_int4_linear_args, zero_point_as_int
 from ._launch import on_device
 
@@ -345,27 +345,34 @@ def _int4_dequant_kernel(
     offs_b = pid_k * HALF_K + tl.arange(0, HALF_K)  # packed bytes = column pairs (K is even)
     mask_b = mask_n[:, None] & (offs_b < K // 2)[None, :]
     packed = tl.load(qw_ptr + rows64 * stride_qn + offs_b[None, :], mask=mask_b, other=0).to(tl.int32)
-    w_lo = ((packed & 0xF) ^ 8) - 8
-    w_hi = (((packed >> 4) & 0xF) ^ 8) - 8
+    u_lo = (packed & 0xF) ^ 8  # W_int + 8, in 0..15
+    u_hi = ((packed >> 4) & 0xF) ^ 8
     if ONE_GROUP:
         grp = (pid_k * BLOCK_K) // group_size
         s_lo = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + grp, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         s_hi = s_lo
         if HAS_ZP:
-            z = tl.load(z_ptr + offs_n.to(tl.int64) * stride_zn + grp, mask=mask_n, other=0).to(tl.int32)[:, None]
-            w_lo = w_lo - z
-            w_hi = w_hi - z
+            z_lo = tl.load(z_ptr + offs_n.to(tl.int64) * stride_zn + grp, mask=mask_n, other=0).to(tl.int32)[:, None]
+            z_hi = z_lo
     else:
         g_lo = (2 * offs_b) // group_size
         g_hi = (2 * offs_b + 1) // group_size
         s_lo = tl.load(s_ptr + rows64 * stride_sn + g_lo[None, :], mask=mask_b, other=0.0).to(tl.float32)
         s_hi = tl.load(s_ptr + rows64 * stride_sn + g_hi[None, :], mask=mask_b, other=0.0).to(tl.float32)
         if HAS_ZP:
-            w_lo = w_lo - tl.load(z_ptr + rows64 * stride_zn + g_lo[None, :], mask=mask_b, other=0).to(tl.int32)
-            w_hi = w_hi - tl.load(z_ptr + rows64 * stride_zn + g_hi[None, :], mask=mask_b, other=0).to(tl.int32)
+            z_lo = tl.load(z_ptr + rows64 * stride_zn + g_lo[None, :], mask=mask_b, other=0).to(tl.int32)
+            z_hi = tl.load(z_ptr + rows64 * stride_zn + g_hi[None, :], mask=mask_b, other=0).to(tl.int32)
+    # W_int - z as fp32 without an int -> float conversion (fake_quant._int_to_f32): u + 8 - z is
+    # in 1..31 for z in [-8, 7].
+    if HAS_ZP:
+        w_lo = _int_to_f32(u_lo + 8 - z_lo, 16)
+        w_hi = _int_to_f32(u_hi + 8 - z_hi, 16)
+    else:
+        w_lo = _int_to_f32(u_lo, 8)
+        w_hi = _int_to_f32(u_hi, 8)
     # NUMERICS.md: W_hat = s * (W_int - z) in fp32, cast to the compute dtype last.
-    v_lo = (s_lo * w_lo.to(tl.float32)).to(w_ptr.dtype.element_ty)
-    v_hi = (s_hi * w_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
+    v_lo = (s_lo * w_lo).to(w_ptr.dtype.element_ty)
+    v_hi = (s_hi * w_hi).to(w_ptr.dtype.element_ty)
     w = tl.reshape(tl.join(v_lo, v_hi), (BLOCK_N, BLOCK_K))  # [n, j, 0/1] -> column 2j / 2j + 1
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + rows64 * stride_wn + cols[None, :], w, mask=mask_n[:, None] & (cols < K)[None, :])
