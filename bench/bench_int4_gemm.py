@@ -36,6 +36,7 @@ import datetime
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="all", help="comma-separated shape names or 'all'")
     ap.add_argument("--csv", default=os.path.join(RESULTS_DIR, "int4_gemm.csv"), help="'' for none")
     ap.add_argument("--plot", default=os.path.join(RESULTS_DIR, "int4_gemm_speedup.png"), help="'' for none")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="stop starting new shapes after this many seconds and write what was measured (0: no limit)")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -252,7 +255,11 @@ def main(argv=None) -> int:
     print(f"# x {args.dtype}, group {args.group}, CUDA-kernel scales {scale_dtype}")
 
     rows = []
+    t_start = time.monotonic()
     for name, N, K in shapes:
+        if args.budget_s and time.monotonic() - t_start > args.budget_s:
+            print(f"\n# stopped early: budget of {args.budget_s:.0f} s reached before {name} (rerun with --shapes)")
+            break
         layer = Layer(N, K, args.group, dtype, scale_dtype)
         print(f"\n## {name}: N={N} K={K}")
         print(f"{'M':>6} {'provider':>13} {'us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%HBM':>6} {'x cuBLAS':>9}")

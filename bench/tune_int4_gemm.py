@@ -66,6 +66,37 @@ def _time(fn, rep_ms: int, device: str) -> float:
     return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5])[0] * 1e3
 
 
+_ZP_CHECKED: dict = {}
+
+
+def _fast_decode_ok(config, group: int, device: str) -> bool:
+    """Whether an inline-PTX decode config (``fast_decode``) is exact where the timed layer does not
+    look: with zero points, for fp16 and bf16 x (the timed layer is symmetric, one dtype). Checked
+    once per kernel variant on a small layer against the fp32 product."""
+    from lrqat_kernels.formats import pack_nibbles
+    from lrqat_kernels.ops.int4_triton import Int4TritonConfig, int4_linear_triton
+
+    key = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages, config.swap_ab,
+           config.split_k > 1)
+    if key not in _ZP_CHECKED:
+        gen = torch.Generator().manual_seed(0)
+        N, K = 200, 4 * group
+        w_int = torch.randint(-8, 8, (N, K), dtype=torch.int8, generator=gen)
+        z = torch.randint(-8, 8, (N, K // group), dtype=torch.int8, generator=gen)
+        s = torch.rand(N, K // group, generator=gen) * 0.02 + 0.005
+        w_hat = s.repeat_interleave(group, 1) * (w_int.float() - z.float().repeat_interleave(group, 1))
+        cfg = Int4TritonConfig(**{**config.__dict__, "split_k": 2 if config.split_k > 1 else 1})
+        ok = True
+        for dt in (torch.bfloat16, torch.float16):
+            x = torch.randn(5, K, generator=gen).to(dt)
+            ref = x.float() @ w_hat.t()
+            y = int4_linear_triton(x.to(device), pack_nibbles(w_int).to(device), s.to(device), z.to(device), group,
+                                   config=cfg).float().cpu()
+            ok &= bool(((y - ref).abs().max() / ref.abs().max()).item() < 2e-2)
+        _ZP_CHECKED[key] = ok
+    return _ZP_CHECKED[key]
+
+
 def _cpu_info() -> dict:
     import datetime
 
@@ -183,6 +214,8 @@ def main(argv=None) -> int:
                 fn = lambda: int4_linear_triton(x, layer.qweight, layer.scale, None, args.group,  # noqa: E731
                                                 config=config)
                 try:
+                    if config.fast_decode and not _fast_decode_ok(config, args.group, dev):
+                        raise AssertionError("fast_decode is wrong with zero points or the other dtype")
                     check("lrqat_triton", fn, layer, x)
                     us = _time(fn, args.rep_ms, dev)
                     row["us_p50"] = round(us, 3)
@@ -239,8 +272,17 @@ def main(argv=None) -> int:
         existing = os.path.join(args.out_dir, int4_tuning.table_filename(table["device"]))
         if os.path.exists(existing):
             with open(existing) as f:
-                table = int4_tuning.merge_tables(json.load(f), table)
-            print(f"# merged with {existing}")
+                old = json.load(f)
+            try:
+                table = int4_tuning.merge_tables(old, table)
+                print(f"# merged with {existing} (table-level versions and date are this run's)")
+            except ValueError as exc:  # keep both: this run's table beside the old one
+                path = int4_tuning.write_table(table, os.path.join(RESULTS_DIR, "unmerged_tables"))
+                print(f"# --merge: cannot merge with {existing} ({exc}); this run's table is in {path}")
+                return 1
+        else:
+            print(f"# --merge: no table at {existing} yet (a fresh machine loses the last call's table: "
+                  "restore it there first); writing this run's alone")
     path = int4_tuning.write_table(table, args.out_dir)
     print(f"\n# wrote {path} ({len(table['entries'])} entries)")
     return 0

@@ -127,20 +127,27 @@ tests() {
   run_logged tests "$PY" -m pytest -q -p no:cacheprovider --durations=15 -rs tests ${PYTEST_ARGS:-}
 }
 
+budget_s() {  # MARGIN -> seconds this call has left for a step, minus MARGIN (at least 60)
+  # For scripts that write their results at the end: they stop starting new work in time.
+  local left=$(( T0 + ${LRQAT_STAGE_BUDGET:-560} - $(date +%s) ))
+  (( left > ${LRQAT_STEP_TIMEOUT:-540} )) && left=${LRQAT_STEP_TIMEOUT:-540}
+  echo $(( left - $1 < 60 ? 60 : left - $1 ))
+}
+
 tune() {
   local extra=()
   [[ "${LRQAT_TUNE_ALLOW_CUDA:-0}" == "1" ]] && extra+=(--allow-cuda)
   [[ -n "${LRQAT_TUNE_SHAPES:-}" ]] && extra+=(--shapes "$LRQAT_TUNE_SHAPES")
   [[ "${LRQAT_TUNE_MERGE:-0}" == "1" ]] && extra+=(--merge)
   [[ "${LRQAT_BENCH_QUICK:-0}" == "1" ]] && extra+=(--quick)
-  run_logged tune_int4_gemm "$PY" bench/tune_int4_gemm.py --budget-s "$(( ${LRQAT_STEP_TIMEOUT:-540} - 120 ))" "${extra[@]}"
+  run_logged tune_int4_gemm "$PY" bench/tune_int4_gemm.py --budget-s "$(budget_s 120)" "${extra[@]}"
 }
 
 bench_int4() {
   if [[ "${LRQAT_BENCH_QUICK:-0}" == "1" ]]; then
     run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py --quick
   else
-    run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py
+    run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py --budget-s "$(budget_s 90)"
   fi
 }
 

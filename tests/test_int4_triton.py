@@ -283,6 +283,18 @@ def test_dequant_any_group_and_k_tail_exact(k, g, zp):
     assert torch.equal(w.cpu(), _w_hat(w_int, s, z, g))
 
 
+def test_dequant_exact_for_out_of_range_zero_points():
+    """Zero points outside [-8, 7] are out of contract, but the dequantisation pass must not turn
+    them into NaN or garbage (it agrees with the CPU reference, as before the mantissa trick)."""
+    gen = torch.Generator().manual_seed(3)
+    w_int = torch.randint(-8, 8, (40, 128), dtype=torch.int8, generator=gen)
+    s = torch.rand(40, 2, generator=gen) + 0.5
+    for zval in (15, -100, 1000):
+        z = torch.full((40, 2), zval, dtype=torch.int32)
+        got = int4_dequant_triton(pack_nibbles(w_int).to(DEVICE), s.to(DEVICE), z.to(DEVICE), 64, torch.float32)
+        assert torch.equal(got.cpu(), _w_hat(w_int, s, z, 64)), zval
+
+
 def test_noncontiguous_bias():
     x, w_int, q, s, z, b = _case(5, 72, 256, 64, True, torch.float16)
     b2 = torch.stack([b, torch.full_like(b, 1e3)], dim=1)[:, 0]  # stride 2

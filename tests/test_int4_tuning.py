@@ -312,6 +312,27 @@ def test_tuner_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert len(rows2) > len(rows) and rows2[: len(rows)] == rows
 
 
+def test_tuner_fast_decode_check_runs(monkeypatch):
+    """The tuner's extra check of PTX-decode configs (zero points, both dtypes) runs end to end; on
+    the CPU the config decodes portably, so it must pass, and a wrong kernel must fail it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import tune_int4_gemm as tuner
+    finally:
+        sys.path.pop(0)
+    from lrqat_kernels.ops import int4_triton
+    from lrqat_kernels.ops.int4_triton import Int4TritonConfig
+
+    cfg = Int4TritonConfig(16, 64, 32, 2, 4, 3, swap_ab=True, fast_decode=True)
+    tuner._ZP_CHECKED.clear()
+    assert tuner._fast_decode_ok(cfg, 32, "cpu")
+    real = int4_triton.int4_linear_triton
+    monkeypatch.setattr(int4_triton, "int4_linear_triton", lambda *a, **k: real(*a, **k) * 1.1)
+    tuner._ZP_CHECKED.clear()
+    assert not tuner._fast_decode_ok(cfg, 32, "cpu")
+    tuner._ZP_CHECKED.clear()
+
+
 def test_merge_tables():
     old = table([entry(64, 128, 1), entry(64, 128, 16, bm=32)])
     new = table([entry(64, 128, 16, bm=16, split=2), entry(32, 64, 1)])

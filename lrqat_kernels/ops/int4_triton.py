@@ -362,11 +362,11 @@ def _int4_dequant_kernel(
         if HAS_ZP:
             z_lo = tl.load(z_ptr + rows64 * stride_zn + g_lo[None, :], mask=mask_b, other=0).to(tl.int32)
             z_hi = tl.load(z_ptr + rows64 * stride_zn + g_hi[None, :], mask=mask_b, other=0).to(tl.int32)
-    # W_int - z as fp32 without an int -> float conversion (fake_quant._int_to_f32): u + 8 - z is
-    # in 1..31 for z in [-8, 7].
+    # W_int - z as fp32 without an int -> float conversion (fake_quant._int_to_f32): u - z + 2^22 is
+    # in [0, 2^23) for any |z| < 2^22, so even out-of-contract zero points decode exactly.
     if HAS_ZP:
-        w_lo = _int_to_f32(u_lo + 8 - z_lo, 16)
-        w_hi = _int_to_f32(u_hi + 8 - z_hi, 16)
+        w_lo = _int_to_f32(u_lo - z_lo + 4194304, 4194312)
+        w_hi = _int_to_f32(u_hi - z_hi + 4194304, 4194312)
     else:
         w_lo = _int_to_f32(u_lo, 8)
         w_hi = _int_to_f32(u_hi, 8)
@@ -608,7 +608,7 @@ def int4_linear_triton(
     else:
         ws = counters = y  # unused
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
-    ptx = x.is_cuda and torch.version.hip is None  # an NVIDIA GPU: inline PTX allowed
+    ptx = x.is_cuda and torch.version.hip is None and not _interpreting()  # inline PTX allowed
     with on_device(x2):
         _int4_w4a16_kernel[grid](
             x2, qw, s, z if z is not None else s, bias if bias is not None else s, y, ws, counters,
