@@ -615,13 +615,14 @@ def test_gpu_matches_interpreter_semantics_config_override():
 @pytest.mark.parametrize("m", [1, 8, 33])
 def test_gpu_fast_decode(m, swap, g, zp, dtype):
     """The inline-PTX decode on the hardware (it cannot run elsewhere), against the fp32 reference
-    and bit-equal to the portable decode (the same W_int - z, so the same dots)."""
+    and equal to the portable decode up to summation order (the same W_int - z enter the same
+    dots; a wrong nibble or zero point would be off by whole multiples of s * x)."""
     x, w_int, q, s, z, b = _case(m, 1024, 2048, g, zp, dtype, seed=m)
     bm = 8 if swap and m <= 8 else 16 if m <= 16 else 64
     cfgs = [Int4TritonConfig(bm, 64, 64, 2, 4, 4, swap_ab=swap, fast_decode=f) for f in (False, True)]
     slow, fast = (int4_linear_triton(x, q, s, z, g, b, config=c) for c in cfgs)
     _check(fast, x, w_int, s, z, g, b)
-    assert torch.equal(fast, slow)
+    torch.testing.assert_close(fast, slow, rtol=torch.finfo(dtype).eps, atol=1e-3 * slow.abs().max().item())
 
 
 @pytest.mark.gpu
