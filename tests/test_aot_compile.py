@@ -45,7 +45,7 @@ def compile_spec(spec: fq.KernelSpec, arch: int, constexprs: dict | None = None)
                             return_ptx=True)
     return dict(name=spec.name, arch=arch, regs=res.registers, spill_stores=res.spill_stores,
                 spill_loads=res.spill_loads, shared=res.shared_bytes, warps=spec.num_warps, default=spec.default,
-                approx=res.approx_ops, ptx=ptx)
+                approx=res.approx_ops, i2f=res.i2f_ops, ptx=ptx)
 
 
 def ptx_facts(ptx: str) -> dict:
@@ -53,9 +53,6 @@ def ptx_facts(ptx: str) -> dict:
         rne_const="0f4B400000" in ptx and "0fCB400000" in ptx,  # (z + c) - c kept, c = 1.5 * 2^23
         contractible=bool(re.search(r"\b(add|sub|mul)\.f32\b", ptx)),  # fp32 op without .rn
         mul_s64="mul.lo.s64" in ptx,
-        # int -> float conversions (I2F, an eighth of the FP32 rate): Phi0 is decoded with the
-        # 2^23 mantissa trick instead (fake_quant._int_to_f32)
-        i2f=sorted(set(re.findall(r"cvt\.rn\.f32\.[su](?:8|16|32|64)\b", ptx))),
     )
 
 

@@ -550,7 +550,7 @@ def test_aot_compiles_without_spills_for_launcher_configs():
 
 
 _AOT_DEQUANT_SCRIPT = r"""
-import json, re, sys
+import json, sys
 from lrqat_kernels.ops import aot
 from lrqat_kernels.ops.int4_triton import _int4_dequant_kernel as fn
 
@@ -560,11 +560,10 @@ for spec in json.loads(sys.stdin.read()):
                stride_qn="i32", stride_sn="i32", stride_zn="i32", stride_wn="i32", group_size="i32",
                HAS_ZP="constexpr", ONE_GROUP="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
     consts = dict(HAS_ZP=spec["zp"], ONE_GROUP=spec["one"], BLOCK_N=spec["bn"], BLOCK_K=spec["bk"])
-    r, ptx = aot._compile(fn, sig, consts, spec["arch"], 4, 3, divisible=[
-        "qw_ptr", "s_ptr", "z_ptr", "w_ptr", "N", "K", "stride_qn", "stride_sn", "stride_zn", "stride_wn"],
-        return_ptx=True)
+    r = aot._compile(fn, sig, consts, spec["arch"], 4, 3, divisible=[
+        "qw_ptr", "s_ptr", "z_ptr", "w_ptr", "N", "K", "stride_qn", "stride_sn", "stride_zn", "stride_wn"])
     out.append(dict(spec, regs=r.registers, spills=r.spill_stores + r.spill_loads, global_ops=r.global_ops,
-                    i2f=sorted(set(re.findall(r"cvt\.rn\.f32\.[su](?:8|16|32|64)\b", ptx)))))
+                    i2f=r.i2f_ops))
 print(json.dumps(out))
 """
 
@@ -589,7 +588,7 @@ def test_aot_dequant_kernel_vector_stores_no_spills():
         assert r["spills"] == 0, r
         stores = [op for op in r["global_ops"].split(",") if op.startswith("st.")]
         assert stores == ["st.global.v4.b32"], r
-        assert r["i2f"] == [], r
+        assert r["i2f"] == "", r
 
 
 @pytest.mark.gpu

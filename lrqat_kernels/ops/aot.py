@@ -45,6 +45,9 @@ class AOTResult:
     #: the distinct ``pendings`` of the wgmma waits inside loops, comma-separated ("" without wgmma):
     #: "0" means the loop waits for every wgmma it issued (no MMA overlaps the next tile's work).
     loop_wgmma_pendings: str = ""
+    #: the distinct int -> float conversions (``cvt.rn.f32.s32`` etc., I2F: an eighth of the FP32
+    #: rate on sm_80 / sm_90), comma-separated; "" when none.
+    i2f_ops: str = ""
 
     def __str__(self) -> str:
         return (
@@ -194,6 +197,7 @@ def _compile(fn, signature, constexprs, arch, num_warps, num_stages, divisible=(
             r"\b((?:div|sqrt|rsqrt|rcp)\.(?:full|approx)[a-z0-9.]*|(?:ex2|lg2|sin|cos|tanh)\.approx[a-z0-9.]*)", ptx)))),
         global_ops=",".join(sorted(set(re.findall(r"\b(?:ld|st)\.global[a-z0-9.]*", ptx)))),
         mma_ops=",".join(_mma_ops(ptx)),
+        i2f_ops=",".join(sorted(set(re.findall(r"\bcvt\.rn\.f32\.[su](?:8|16|32|64)\b", ptx)))),
         loop_smem_stores=_loop_smem_stores(kernel.asm.get("ttgir", "")),
         loop_wgmma_pendings=",".join(_loop_wgmma_pendings(kernel.asm.get("ttgir", ""))),
     )

@@ -226,6 +226,8 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
     else:  # 128 x 256 in the default order is left out: ptxas spills it heavily at 8 warps (sm_80 and sm_90)
         tiles = [(64, 128), (128, 128), (128, 64)]
     k_tiles = lambda bk: -(-K // bk)  # noqa: E731
+    # The heuristic's fill-the-GPU split for this many M x N tiles: ~4 programs an SM, <= 16.
+    fill_split = lambda tiles_mn: max(1, min(16, -(-4 * sms // tiles_mn))) if tiles_mn < 4 * sms else 1  # noqa: E731
     out, seen = [], set()
 
     def add(bm, bn, bk, split, warps, stages, swap=False, fast=False):
@@ -248,8 +250,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
     for bm, bn in tiles:
         bk = 128 if bm <= 32 else 64  # as the heuristic: wide K tiles only while the x tile is small
         warps = 4 if bm * bn <= 32 * 64 else 8
-        tiles_mn = -(-M // bm) * -(-N // bn)
-        fill = max(1, min(16, -(-4 * sms // tiles_mn))) if tiles_mn < 4 * sms else 1
+        fill = fill_split(-(-M // bm) * -(-N // bn))
         splits = sorted({1, fill, max(1, fill // 2), min(16, fill * 2)}) if M <= 256 else [1, 2]
         for split in splits:
             for stages in (3, 4) if bm * bn < 128 * 128 else (3,):
@@ -262,9 +263,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
         # Swapped, x is the MMA's N side, where 8 is a native width (mma.sync m16n8k16, wgmma
         # m64n8k16): half the tensor-core work of a 16-row x tile padded from M = 1.
         for bn in (64, 128):
-            tiles_mn = -(-N // bn)
-            fill = max(1, min(16, -(-4 * sms // tiles_mn))) if tiles_mn < 4 * sms else 1
-            add(8, bn, 128, fill, 4, 4, True)
+            add(8, bn, 128, fill_split(-(-N // bn)), 4, 4, True)
     if M <= 64:
         # Memory bound, where the decode's ALU work can limit: every distinct tile shape and
         # operand order once more with the 2-weights-per-instruction PTX decode, at the split and
