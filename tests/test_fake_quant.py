@@ -318,6 +318,22 @@ def test_gpu_tile_table_under_interpreter(monkeypatch, rank, group_size, phi_for
 
 
 @needs_kernels
+@pytest.mark.parametrize("rank,group_size,phi_format,gpu_tiles", [(33, None, "packed_int", False), (100, 32, "fixed_point", True),
+                                                                   (128, None, "fp32", True)])
+def test_fp32_factors_wide_rank_forward_loops_over_rank_slices(monkeypatch, rank, group_size, phi_format, gpu_tiles):
+    """fp32 factors with R_PAD > 32 build B @ A in 32-wide rank slices (a loop whose last slice is
+    partly masked): W_int and W_hat still match the reference."""
+    monkeypatch.setattr(fq, "FORCE_GPU_TILES", gpu_tiles)
+    cfg = fq.fwd_config(70, 256, rank, group_size or 256, torch.float32)
+    assert cfg.r_chunk == fq.FMA_RANK_CHUNK < cfg.r_pad
+    phi, A, B, s, zp = make_problem(70, 256, rank, 4, phi_format, group_size, torch.float32, zero_point=True, seed=rank)
+    kw = qkw(4, phi_format, group_size, zp)
+    differ = assert_int_match(lk.merge_weight(phi, A, B, s, **kw)[0], reference.merge_weight(phi, A, B, s, **kw)[0],
+                              z_fp64(phi, A, B, 4, phi_format), "merge")
+    assert torch.equal(lk.fake_quant_weight(phi, A, B, s, **kw)[~differ], reference.fake_quant_weight(phi, A, B, s, **kw)[~differ])
+
+
+@needs_kernels
 def test_int64_offsets_give_the_same_results(monkeypatch):
     phi, A, B, s, zp = make_problem(33, 64, 5, 3, "fixed_point", 32, torch.float16, zero_point=True, seed=5)
     kw = dict(bits=3, phi_format="fixed_point", alpha=ALPHA)

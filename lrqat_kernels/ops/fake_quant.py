@@ -90,6 +90,9 @@ __all__ = [
 #: ``phi_format`` -> the kernels' ``PHI_KIND`` constexpr.
 PHI_KIND = {"packed_int": 0, "fixed_point": 1, "bf16": 2, "fp16": 2, "fp32": 2}
 
+#: Rank slice of the forward's low-rank product for fp32 factors (:func:`_lowrank_chunked`).
+FMA_RANK_CHUNK = 32
+
 #: Largest LoRA rank the kernels take (``R_PAD <= 128``; the paper uses r = 32); larger ranks
 #: use the eager path (their register tiles would spill).
 MAX_RANK = 128
@@ -330,6 +333,27 @@ def _z_tile(phi_ptr, b_tile, a_tile, row_off, rmask, cols, cmask, col0, n_valid,
     return _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid, PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N) + c
 
 
+@triton.jit
+def _lowrank_chunked(b_ptr, a_ptr, rows, rmask, cols, cmask, rank, in_features,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``lora_B[rows, :] @ lora_A[:, cols]`` (``[BM, BN]`` fp32), the rank in a loop of ``R_CHUNK`` slices.
+
+    For wide fp32 factors (IEEE FMA dot, R_PAD > 32): one ``[BM, R_PAD] @ [R_PAD, BN]`` FMA dot
+    is a single basic block of BM*BN*R_PAD/threads FMAs whose operands all live at once, and
+    Triton 3.6's code for it leaves ptxas at 32 registers with ~8 KB of spills a thread. The
+    loop's bound is the runtime rank (no padded slices are multiplied). An FMA dot accumulates
+    along the rank in order, so chunking keeps the sum's order and the result bit for bit.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, R_CHUNK):
+        rr = r0 + tl.arange(0, R_CHUNK)
+        rk = rr < rank
+        b = tl.load(b_ptr + rows[:, None] * rank + rr[None, :], mask=rmask[:, None] & rk[None, :], other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * in_features + cols[None, :], mask=rk[:, None] & cmask[None, :], other=0.0)
+        acc = _dot(b, a, acc, DOT_FP32)
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +365,7 @@ def _fake_quant_fwd_kernel(
     out_features, in_features, rank, group_size, n_groups, chunks, stride_phi, lr_scale,
     PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     HAS_ZP: tl.constexpr, GPT: tl.constexpr, WRITE_INT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
     DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr, I64: tl.constexpr,
 ):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``W_hat`` (or int8 ``W_int``): one read of Phi0, one write.
@@ -355,10 +379,16 @@ def _fake_quant_fwd_kernel(
     cols, cmask, grp, _, col0, n_valid = _col_tile(pid_n, in_features, group_size, chunks, BLOCK_N, GPT)
     mask = rmask[:, None] & cmask[None, :]
 
-    b_tile = _lora_rows(b_ptr, rows, rmask, rank, R_PAD)
-    a_tile = _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
-    z = _z_tile(phi_ptr, b_tile, a_tile, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, lr_scale,
-                PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N, DOT_FP32)
+    if R_CHUNK < R_PAD:
+        c = _lowrank_chunked(b_ptr, a_ptr, rows, rmask, cols, cmask, rank, in_features, BLOCK_M, BLOCK_N, R_CHUNK,
+                             DOT_FP32) * lr_scale
+        z = _decode_phi(phi_ptr, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, PHI_KIND, PHI_MUL,
+                        PACKED_PAIRS, BLOCK_N) + c
+    else:
+        b_tile = _lora_rows(b_ptr, rows, rmask, rank, R_PAD)
+        a_tile = _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
+        z = _z_tile(phi_ptr, b_tile, a_tile, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, lr_scale,
+                    PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N, DOT_FP32)
     w_int, _ = _round_clip(z, QMIN, QMAX)
 
     offs = rows[:, None] * in_features + cols[None, :]
@@ -529,6 +559,11 @@ class FwdConfig:
     num_warps: int
     num_stages: int = 1
     block_n_max: int = 128  # the table's tile width; ``block_n``/``gpt`` follow from it and g
+    r_chunk: int = 0  # rank slice of the low-rank product's loop; ``r_pad`` (0): one dot, no loop
+
+    def __post_init__(self):
+        if not self.r_chunk:
+            object.__setattr__(self, "r_chunk", self.r_pad)
 
 
 @dataclass(frozen=True)
@@ -589,24 +624,27 @@ def fwd_config(out_features: int, in_features: int, rank: int, group_size: int, 
     ======================== ============== ======= ==========================================
     R_PAD                    BLOCK_M x N    warps   why
     ======================== ============== ======= ==========================================
-    <= 64 (<= 32 fp32 lora)  64 x 128       8       32 fp32 lanes a thread; 256 B bf16 rows
-    above                    64 x 64        8       wider lora slices (and fp32 FMA-dot
-                                                    operands) would spill at 64 x 128
+    <= 64 (any R_PAD fp32)   64 x 128       8       32 fp32 lanes a thread; 256 B bf16 rows
+    128 (16-bit lora)        64 x 64        8       wider lora slices would spill at 64 x 128
     ======================== ============== ======= ==========================================
 
-    Under the interpreter the tiles are 32 x 64: its cost is per program and per op, not per element.
+    fp32 factors (IEEE FMA dot) with ``R_PAD > 32`` loop over the rank in 32-wide slices
+    (``r_chunk``, :func:`_lowrank_chunked`): the operands of one FMA dot are live at once, and
+    a whole-rank dot spilled (R_PAD = 128: ~8 KB a thread under Triton 3.6). Under the
+    interpreter the tiles are 32 x 64: its cost is per program and per op, not per element.
     """
     interpret = interpreting() if interpret is None else interpret
     r_pad = rank_pad(rank)
     fma = lora_dtype == torch.float32  # IEEE FMA dot: its operands take more registers
+    r_chunk = min(r_pad, FMA_RANK_CHUNK) if fma else r_pad
     if small_tiles(interpret):
         bm, bn_max, warps = 32, 64, 4
-    elif r_pad <= (32 if fma else 64):
+    elif r_chunk <= 64:
         bm, bn_max, warps = 64, 128, 8
     else:
         bm, bn_max, warps = 64, 64, 8
     bn, gpt, _, _ = column_tiling(in_features, group_size, bn_max)
-    return FwdConfig(block_m=bm, block_n=bn, r_pad=r_pad, gpt=gpt, num_warps=warps, block_n_max=bn_max)
+    return FwdConfig(block_m=bm, block_n=bn, r_pad=r_pad, gpt=gpt, num_warps=warps, block_n_max=bn_max, r_chunk=r_chunk)
 
 
 #: GPU backward table ``(split_bf16, R_PAD, fused_g) -> (BLOCK_M, BLOCK_N, num_warps)``, chosen
@@ -696,7 +734,7 @@ def aot_specs() -> list[KernelSpec]:
                     continue
                 cfg = fwd_config(4096, in_f, r_pad, g, dt, interpret=False)
                 ce = dict(phi_constexprs(4, fmt, g, cfg.gpt), HAS_ZP=True, GPT=cfg.gpt, WRITE_INT=write_int,
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, R_CHUNK=cfg.r_chunk,
                           DOT_FP32=dt == torch.float32, INTERPRET=False, I64=False)
                 ptrs = dict(phi_ptr=_PHI_TT[fmt], a_ptr=_TT[dt], b_ptr=_TT[dt], scale_ptr="fp32", zp_ptr="fp32",
                             out_ptr="i8" if write_int else _TT[dt], nan_ptr="i32")
@@ -723,7 +761,8 @@ def aot_specs() -> list[KernelSpec]:
     for g, fmt in ((96, "packed_int"), (9, "packed_int")):
         cfg = fwd_config(4096, 4032, 32, g, torch.bfloat16, interpret=False)
         ce = dict(phi_constexprs(4, fmt, g, cfg.gpt), HAS_ZP=True, GPT=cfg.gpt, WRITE_INT=False, BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, DOT_FP32=False, INTERPRET=False, I64=False)
+                  BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, R_CHUNK=cfg.r_chunk, DOT_FP32=False, INTERPRET=False,
+                  I64=False)
         ptrs = dict(phi_ptr="u8", a_ptr="bf16", b_ptr="bf16", scale_ptr="fp32", zp_ptr="fp32", out_ptr="bf16", nan_ptr="i32")
         specs.append(_spec(_fake_quant_fwd_kernel, f"fwd-bf16-R32-g{g}-bn{cfg.block_n}", ptrs, {"lr_scale": "fp32"}, ce,
                            cfg.num_warps, cfg.num_stages, default=False))
@@ -857,7 +896,7 @@ def fake_quant_forward(
             out_features, in_features, rank, g, n_groups, chunks, phi.shape[1], float(alpha / rank),
             **phi_constexprs(bits, phi_format, g, cfg.gpt),
             HAS_ZP=zp is not None, GPT=cfg.gpt, WRITE_INT=write_int,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, R_CHUNK=cfg.r_chunk,
             DOT_FP32=_dot_fp32(lora_A.dtype, interpret), INTERPRET=interpret,
             I64=needs_int64(out.numel(), phi.numel()),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
