@@ -6,7 +6,8 @@
 
 For every layer shape ``[N, K]`` of ``bench_int4_gemm.SHAPES`` and every M it times each candidate
 Triton config (:func:`lrqat_kernels.ops.int4_tuning.candidate_configs`: the heuristic default plus
-tiles, split-K and pipeline depths around it), "dequantise + cuBLAS" and cuBLAS on bf16 weights
+tiles, split-K and pipeline depths around it), "dequantise + cuBLAS" (for M > 64 also in L2-sized
+row chunks, ``int4_gpu.dequant_chunk_candidates``) and cuBLAS on bf16 weights
 (and the opt-in CUDA kernel when built), after checking each output against the fp32 product.
 It then writes the device's tuning table (``lrqat_kernels/ops/tuned/int4_<device>.json`` or
 ``--out-dir``), which ``int4_triton_config`` and ``int4_linear_gpu(backend="auto")`` read from
@@ -47,8 +48,8 @@ from lrqat_kernels.ops import int4_tuning  # noqa: E402
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096]
 CSV_COLUMNS = ["date", "device", "sm", "torch", "triton", "cuda", "shape", "N", "K", "M", "dtype", "group",
-               "provider", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab", "fast_decode", "us_p50",
-               "chosen", "error"]
+               "provider", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "swap_ab", "fast_decode",
+               "dequant_chunk_n", "us_p50", "chosen", "error"]
 
 
 def _time(fn, rep_ms: int, device: str) -> float:
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
                     help="merge into the device's existing table (and CSV) instead of replacing them")
     ap.add_argument("--allow-cuda", action="store_true",
                     help="let the CUDA kernel win entries (only after tests/test_int4_gpu.py passed on this GPU)")
+    ap.add_argument("--dequant-chunks", default="auto",
+                    help="row chunks timed for dequant + cuBLAS: 'auto' (L2-sized, M > 64), 'none', or 'n1,n2,...' "
+                         "(every M)")
     args = ap.parse_args(argv)
 
     ms = [int(m) for m in args.ms.split(",") if m]
@@ -143,6 +147,13 @@ def main(argv=None) -> int:
             shapes = [(f"{n}x{k}", int(n), int(k)) for n, k in (t.split("x") for t in args.custom_shapes.split(","))]
         except ValueError:
             ap.error(f"--custom-shapes must be 'NxK,...' with integers, got {args.custom_shapes!r}")
+    if args.dequant_chunks not in ("auto", "none"):
+        try:
+            fixed_chunks = [int(c) for c in args.dequant_chunks.split(",") if c]
+        except ValueError:
+            fixed_chunks = [0]
+        if not fixed_chunks or min(fixed_chunks) < 1:
+            ap.error(f"--dequant-chunks must be 'auto', 'none' or positive integers 'n1,n2,...', got {args.dequant_chunks!r}")
     if args.quick:
         shapes, ms = shapes[:2], [1, 16, 256, 4096]
     if args.group < 32 or args.group % 32:
@@ -163,7 +174,8 @@ def main(argv=None) -> int:
               "written. Run this on the GPU the table is for.")
         return 0
 
-    from lrqat_kernels.ops.int4_gpu import cuda_kernel_available, int4_gpu_linear, int4_linear_gpu
+    from lrqat_kernels.ops.int4_gpu import (cuda_kernel_available, dequant_chunk_candidates, dequant_linear,
+                                            int4_gpu_linear)
     from lrqat_kernels.ops.int4_triton import Int4TritonConfig, int4_linear_triton, int4_triton_config
 
     dev = args.device
@@ -190,18 +202,28 @@ def main(argv=None) -> int:
                         triton=info["triton"], cuda=info["cuda"], shape=name, N=N, K=K, M=M,
                         dtype=args.dtype, group=args.group)
             point = dict(N=N, K=K, M=M, triton=[])
-            others = {"cublas": lambda: F.linear(x, layer.w_dense),
-                      "dequant": lambda: int4_linear_gpu(x, layer.qweight, layer.scale, None, args.group,
-                                                         backend="dequant")}
+            # "dequant" = dequantise + cuBLAS: one whole W_hat, and (prefill, M > 64, where it can
+            # win) L2-sized row chunks of it, each followed by its GEMM; the fastest is recorded.
+            if args.dequant_chunks == "auto":
+                chunks = [None] + (dequant_chunk_candidates(N, K, dtype) if M > 64 else [])
+            else:
+                chunks = [None] + ([c for c in fixed_chunks if c < N] if args.dequant_chunks != "none" else [])
+            others = [("cublas", None, lambda: F.linear(x, layer.w_dense))]
+            others += [("dequant", c, lambda c=c: dequant_linear(x, layer.qweight, layer.scale, None, args.group,
+                                                                 chunk_n=c)) for c in chunks]
             if have_cuda_kernel:
                 w = layer.gpu_weight()
-                others["cuda"] = lambda: int4_gpu_linear(x, w)
-            for prov, fn in others.items():
-                row = dict(base, provider=prov)
+                others.append(("cuda", None, lambda: int4_gpu_linear(x, w)))
+            for prov, chunk, fn in others:
+                row = dict(base, provider=prov, dequant_chunk_n=chunk if chunk is not None else "")
                 try:
                     if prov != "cublas":
                         check("lrqat_cuda" if prov == "cuda" else prov, fn, layer, x)
-                    point[prov] = row["us_p50"] = round(_time(fn, args.rep_ms, dev), 3)
+                    row["us_p50"] = round(_time(fn, args.rep_ms, dev), 3)
+                    if point.get(prov) is None or row["us_p50"] < point[prov]:
+                        point[prov] = row["us_p50"]
+                        if prov == "dequant":
+                            point["dequant_chunk_n"] = chunk
                 except Exception as exc:  # a failing provider is recorded, not fatal
                     row["error"] = f"{type(exc).__name__}: {exc}"[:200]
                 csv_rows.append(row)

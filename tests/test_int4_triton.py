@@ -283,6 +283,41 @@ def test_dequant_any_group_and_k_tail_exact(k, g, zp):
     assert torch.equal(w.cpu(), _w_hat(w_int, s, z, g))
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_dequant_into_rows_of_a_buffer(dtype):
+    """``out=``: the chunked prefill path dequantises into the first rows of one reused buffer."""
+    _, w_int, q, s, z, _ = _case(1, 72, 256, 64, True, torch.float16)
+    buf = torch.full((100, 256), 7.0, dtype=dtype, device=DEVICE)
+    rows = slice(8, 48)
+    got = int4_dequant_triton(q[rows], s[rows], z[rows], 64, dtype, out=buf[:40])
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(buf[:40].cpu(), _w_hat(w_int, s, z, 64)[rows].to(dtype))
+    assert (buf[40:] == 7).all()  # nothing past the chunk written
+    with pytest.raises(ValueError, match="out must be a \\[40, 256\\]"):
+        int4_dequant_triton(q[rows], s[rows], z[rows], 64, dtype, out=buf[:41])
+    with pytest.raises(ValueError, match="unit column stride"):
+        int4_dequant_triton(q[rows], s[rows], z[rows], 64, dtype, out=torch.empty(256, 40, dtype=dtype, device=DEVICE).t())
+
+
+@pytest.mark.parametrize("chunk_n", [None, 16, 50, 71, 72, 500])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_dequant_linear_in_row_chunks(chunk_n, dtype):
+    """The "dequant" backend in L2-sized row chunks (``chunk_n`` rows of W_hat into one reused
+    buffer, one GEMM writing those columns of y): same result as one whole W_hat; chunk sizes that
+    divide N, that leave a tail, of N - 1, N and more; with bias and zero points; 3-D x."""
+    from lrqat_kernels.ops.int4_gpu import dequant_linear
+
+    x, w_int, q, s, z, b = _case(24, 72, 256, 64, True, dtype, seed=5)
+    y = dequant_linear(x.reshape(2, 12, 256), q, s, z, 64, b, chunk_n=chunk_n)
+    assert y.shape == (2, 12, 72)
+    _check(y.reshape(24, 72), x, w_int, s, z, 64, b)
+    whole = dequant_linear(x, q, s, z, 64, b)
+    torch.testing.assert_close(y.reshape(24, 72), whole, rtol=0, atol=float(whole.abs().max()) * 2 ** -7)
+    _check(dequant_linear(x, q, s, None, 64, None, chunk_n=chunk_n), x, w_int, s, None, 64, None)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_n must be None or a positive int"):
+            dequant_linear(x, q, s, z, 64, b, chunk_n=bad)
+
+
 def test_dequant_exact_for_out_of_range_zero_points():
     """Zero points outside [-8, 7] are out of contract, but the dequantisation pass must not turn
     them into NaN or garbage (it agrees with the CPU reference, as before the mantissa trick)."""

@@ -176,6 +176,9 @@ def test_auto_backend_follows_the_table(tuning_dir, monkeypatch):
      "entries[0].config.fast_decode must be true or false"),
     (json.dumps(table([dict(entry(64, 128, 1), config=dict(entry(64, 128, 1)["config"], swapab=True))])),
      "entries[0].config must have the keys"),
+    (json.dumps(table([dict(entry(64, 128, 1), dequant_chunk_n=0)])), "entries[0].dequant_chunk_n must be null or"),
+    (json.dumps(table([dict(entry(64, 128, 1), dequant_chunk_n=64)])), "an integer in [1, N), got 64"),
+    (json.dumps(table([dict(entry(64, 128, 1), dequant_chunk_n="16")])), "entries[0].dequant_chunk_n must be null or"),
 ])
 def test_bad_table_is_ignored_with_a_warning(tuning_dir, content, problem):
     path = tuning_dir / T.table_filename(NAME)
@@ -216,6 +219,33 @@ def test_write_table_validates_and_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left behind
 
 
+def test_dequant_backend_takes_its_row_chunk_from_the_table(tuning_dir, monkeypatch):
+    """An entry's ``dequant_chunk_n`` applies to its exact layer shape only (a chunk is a buffer
+    size for one K); other shapes and untuned GPUs dequantise the whole weight."""
+    write(tuning_dir, table([dict(entry(64, 128, 200, "dequant", bk=32), dequant_chunk_n=16),
+                             entry(64, 128, 1000, "dequant", bk=32)]))
+    assert T.lookup(NAME, 200, 64, 128)[0].dequant_chunk_n == 16
+    monkeypatch.setattr(int4_gpu, "_device_name", lambda device: NAME)
+    chunks = []
+    real = int4_gpu.dequant_linear
+    monkeypatch.setattr(int4_gpu, "dequant_linear", lambda *a, **k: chunks.append(k["chunk_n"]) or real(*a, **k))
+    for M, N, want in ((150, 64, 16), (900, 64, None), (150, 80, None)):
+        x, q, s, ref = _layer(M, N, 128, 32)
+        y = int4_gpu.int4_linear_gpu(x, q, s, None, 32, backend="auto")
+        assert chunks[-1] == want, (M, N)
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(int4_gpu, "_device_name", lambda device: None)
+    int4_gpu.int4_linear_gpu(x, q, s, None, 32, backend="dequant")
+    assert chunks[-1] is None
+
+
+def test_dequant_chunk_candidates():
+    # 8 / 16 / 32 MiB of bf16 rows of K = 4096 (8 KiB a row), each < N, multiples of 256
+    assert int4_gpu.dequant_chunk_candidates(11008, 4096, torch.bfloat16) == [1024, 2048, 4096]
+    assert int4_gpu.dequant_chunk_candidates(4096, 11008, torch.float16) == [256, 512, 1280]
+    assert int4_gpu.dequant_chunk_candidates(1024, 4096, torch.bfloat16) == []  # whole W_hat is 8 MiB already
+
+
 def test_build_table_picks_the_fastest():
     a, b, c = cfg(bn=64), cfg(bn=128), cfg(bm=64, bn=128, bk=64, split=1, warps=8)
     info = dict(device=NAME, sm="90", date="d", torch="t", triton="tr", cuda="c")
@@ -230,6 +260,9 @@ def test_build_table_picks_the_fastest():
     assert e1["us"] == {"triton": 8.0, "dequant": 30.0, "cuda": 5.0, "cublas": 25.0}
     assert (e2["M"], e2["backend"], e2["config"]) == (4096, "dequant", c)
     assert T.build_table(meas, info, dtype="bf16", group_size=128, allow_cuda=True)["entries"][0]["backend"] == "cuda"
+    assert "dequant_chunk_n" not in e1 and "dequant_chunk_n" not in e2
+    meas[1]["dequant_chunk_n"] = 32
+    assert T.build_table(meas, info, dtype="bf16", group_size=128)["entries"][1]["dequant_chunk_n"] == 32
     assert tbl["device"] == NAME and tbl["version"] == T.TABLE_VERSION
 
 
@@ -276,7 +309,7 @@ def test_tuner_end_to_end_on_cpu(tmp_path, monkeypatch):
     out = tmp_path / "tables"
     proc = _tuner("--device", "cpu", "--custom-shapes", "64x128,48x256", "--ms", "1,40", "--group", "32",
                   "--max-candidates", "2", "--out-dir", str(out), "--csv", str(tmp_path / "t.csv"),
-                  env_extra={"TRITON_INTERPRET": "1"}, tmp_path=tmp_path)
+                  "--dequant-chunks", "16,40", env_extra={"TRITON_INTERPRET": "1"}, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     tbl = json.loads((out / T.table_filename("cpu-interpreter")).read_text())
     assert [(e["N"], e["K"], e["M"]) for e in tbl["entries"]] == [(64, 128, 1), (64, 128, 40), (48, 256, 1), (48, 256, 40)]
@@ -287,6 +320,14 @@ def test_tuner_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert {r["provider"] for r in rows} == {"cublas", "dequant", "triton"}
     assert sum(r["chosen"] == "best_triton" for r in rows) == 4 and not any(r["error"] for r in rows)
     assert {r["swap_ab"] for r in rows if r["provider"] == "triton"} == {"False", "True"}  # both operand orders ran
+    # dequant + cuBLAS timed whole and in row chunks; an entry names the fastest chunk (or none)
+    assert sorted(r["dequant_chunk_n"] for r in rows if r["provider"] == "dequant" and r["N"] == "64" and r["M"] == "1") \
+        == ["", "16", "40"]
+    for e in tbl["entries"]:
+        timed = {r["dequant_chunk_n"]: float(r["us_p50"]) for r in rows if r["provider"] == "dequant"
+                 and (int(r["N"]), int(r["M"])) == (e["N"], e["M"])}
+        best = min(timed, key=timed.get)
+        assert e.get("dequant_chunk_n") == (int(best) if best else None) and e["us"]["dequant"] == timed[best]
     monkeypatch.setenv(T.TUNING_DIR_ENV, str(out))
     T.clear_cache()
     try:
@@ -352,6 +393,9 @@ def test_tuner_rejects_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "unknown --shapes ['nope']" in proc.stderr
     proc = _tuner("--group", "48", "--list", tmp_path=tmp_path)
     assert proc.returncode == 2 and "--group must be a multiple of 32" in proc.stderr
+    for bad in ("0", "x", ","):
+        proc = _tuner("--dequant-chunks", bad, "--list", tmp_path=tmp_path)
+        assert proc.returncode == 2 and "--dequant-chunks must be 'auto', 'none' or positive integers" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

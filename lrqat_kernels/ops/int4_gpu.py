@@ -28,7 +28,8 @@ backend         what runs for CUDA tensors
                 with ``--allow-cuda`` (after its GPU tests passed) measured it fastest.
 ``"cuda"``      the CUDA kernel (csrc/int4_gpu), prepacked on first use and cached per weight.
 ``"triton"``    the Triton W4A16 kernel (:mod:`lrqat_kernels.ops.int4_triton`).
-``"dequant"``   dequantise to x's dtype, then ``F.linear``.
+``"dequant"``   dequantise to x's dtype, then cuBLAS (:func:`dequant_linear`; in L2-sized row
+                chunks where the GPU's tuning table measured that faster).
 ============== =================================================================================
 """
 
@@ -59,6 +60,8 @@ __all__ = [
     "resolve_backend",
     "auto_backend",
     "dequant_weight",
+    "dequant_linear",
+    "dequant_chunk_candidates",
     "int4_linear_gpu",
     "check_int4_linear_args",
     "zero_point_as_int",
@@ -309,23 +312,78 @@ def resolve_backend(backend: str | None = None) -> str:
     return backend
 
 
-def dequant_weight(qweight, scale, zero_point=None, group_size=None, dtype=torch.bfloat16) -> torch.Tensor:
+def dequant_weight(qweight, scale, zero_point=None, group_size=None, dtype=torch.bfloat16, *, out=None) -> torch.Tensor:
     """``W_hat = s * (W_int - z)`` computed in fp32 and cast to ``dtype`` (NUMERICS.md): one Triton
-    pass on CUDA, plain PyTorch elsewhere. ``[N, K]``."""
+    pass on CUDA, plain PyTorch elsewhere. ``[N, K]``; written into ``out`` (``[N, K]``, ``dtype``,
+    unit column stride) when given."""
     if qweight.is_cuda:
         try:
             from .int4_triton import int4_dequant_triton
         except ImportError:
             pass
         else:
-            return int4_dequant_triton(qweight, scale, zero_point, group_size, dtype)
+            return int4_dequant_triton(qweight, scale, zero_point, group_size, dtype, out=out)
     from ..formats import unpack_nibbles
 
     w = unpack_nibbles(qweight).float()
     g = w.shape[1] if group_size is None else group_size
     if zero_point is not None:
         w = w - zero_point.float().round().repeat_interleave(g, dim=1)
-    return (w * scale.float().repeat_interleave(g, dim=1)).to(dtype)
+    w = w * scale.float().repeat_interleave(g, dim=1)
+    return w.to(dtype) if out is None else out.copy_(w)
+
+
+def dequant_chunk_candidates(N: int, K: int, dtype: torch.dtype) -> list[int]:
+    """The ``chunk_n`` values ``bench/tune_int4_gemm.py`` times for :func:`dequant_linear`: buffers
+    of 8, 16 and 32 MiB (H100 L2: 50 MB), in multiples of 256 rows, each smaller than N."""
+    row_bytes = K * torch.empty((), dtype=dtype).element_size()
+    out = []
+    for mib in (8, 16, 32):
+        c = (mib << 20) // max(1, row_bytes) // 256 * 256
+        if 256 <= c < N and c not in out:
+            out.append(c)
+    return out
+
+
+def dequant_linear(x, qweight, scale, zero_point=None, group_size=None, bias=None, *, chunk_n: int | None = None):
+    """Dequantise + cuBLAS (the "dequant" backend): ``x @ W_hat^T + bias`` with ``W_hat`` in x's dtype.
+
+    ``chunk_n=None``: all of ``W_hat`` (``N * K`` elements, written to and read back from HBM)
+    then one ``F.linear``. ``chunk_n``: ``chunk_n`` output rows of ``W_hat`` at a time into one
+    reused ``[chunk_n, K]`` buffer, each followed by the GEMM that writes those columns of y
+    (cuBLAS writes a column slice of y in place: leading dimension N). A buffer that fits in L2
+    keeps the dequantised weight's write and re-read out of HBM, and caps the transient memory;
+    the GEMMs get narrower. Whether and where that wins is measured per GPU by the tuner (the
+    table's ``dequant_chunk_n``). Numerics are the same either way: each output is one GEMM's
+    fp32 dot product over all of K, plus bias, rounded once.
+
+    Args:
+        x: fp16 / bf16 ``[..., K]``; qweight / scale / zero_point / group_size / bias as
+            :func:`int4_linear_gpu`.
+        chunk_n: None, or a positive number of output rows per chunk.
+
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    b = None if bias is None else bias.to(x.dtype)
+    if chunk_n is not None and (isinstance(chunk_n, bool) or not isinstance(chunk_n, int) or chunk_n < 1):
+        raise ValueError(f"chunk_n must be None or a positive int, got {chunk_n!r}")
+    if chunk_n is None or chunk_n >= N:
+        return F.linear(x, dequant_weight(qweight, scale, zero_point, group_size, x.dtype), b)
+    x2 = x.reshape(-1, K)
+    y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    buf = torch.empty((chunk_n, K), dtype=x.dtype, device=x.device)
+    for n0 in range(0, N, chunk_n):
+        n1 = min(N, n0 + chunk_n)
+        rows = slice(n0, n1)
+        w = dequant_weight(qweight[rows], scale[rows], None if zero_point is None else zero_point[rows], group_size,
+                           x.dtype, out=buf[: n1 - n0])
+        if b is None:
+            torch.mm(x2, w.t(), out=y[:, rows])
+        else:
+            torch.addmm(b[rows], x2, w.t(), out=y[:, rows])
+    return y.reshape(*x.shape[:-1], N)
 
 
 # Prepacked copies for backend="cuda" calls with standard-layout weights, keyed weakly by the
@@ -383,6 +441,18 @@ def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
     if backend == "triton" and not triton_ok:
         backend = "dequant"
     return backend
+
+
+def _dequant_chunk(device: torch.device, M: int, N: int, K: int) -> int | None:
+    """The "dequant" backend's ``chunk_n`` for ``(M, N, K)``: the tuning table's, for an entry of
+    exactly this layer shape; None (one whole ``W_hat``) otherwise."""
+    name = _device_name(device)
+    if name is None:
+        return None
+    from .int4_tuning import lookup
+
+    hit = lookup(name, M, N, K)
+    return hit[0].dequant_chunk_n if hit is not None and hit[1] else None
 
 
 def _unsupported(backend: str, K: int, g: int) -> str | None:
@@ -471,8 +541,8 @@ def int4_linear_gpu(
         from .int4_triton import int4_linear_triton
 
         return int4_linear_triton(x, qweight, scale, zero_point, group_size, bias)
-    w_hat = dequant_weight(qweight, scale, zero_point, None if g == K else g, x.dtype)
-    return F.linear(x, w_hat, None if bias is None else bias.to(x.dtype))
+    return dequant_linear(x, qweight, scale, zero_point, None if g == K else g, bias,
+                          chunk_n=_dequant_chunk(x.device, M, N, K))
 
 
 # ---- fake impls ---------------------------------------------------------------------------

@@ -651,6 +651,8 @@ def int4_dequant_triton(
     zero_point: torch.Tensor | None = None,
     group_size: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W_hat = scale * (W_int - zero_point)`` (fp32, cast to ``dtype`` last) in one pass.
 
@@ -658,20 +660,29 @@ def int4_dequant_triton(
         qweight: uint8 ``[N, K / 2]`` (formats.py layout); scale / zero_point ``[N, G]``.
         group_size: None (per-channel) or a divisor of K.
         dtype: output dtype (fp16 / bf16 / fp32).
+        out: None, or a ``[N, K]`` tensor of ``dtype`` on qweight's device with unit column
+            stride (e.g. the first N rows of a reused buffer) to write into.
 
     Returns:
-        ``[N, K]`` in ``dtype``.
+        ``[N, K]`` in ``dtype`` (``out`` when given).
     """
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     g = K if group_size is None else group_size
     if tuple(scale.shape) != (N, K // g) or K % g:
         raise ValueError(f"scale must be [N, K // group_size] = [{N}, {K // g}], got {tuple(scale.shape)}")
+    if out is not None and (tuple(out.shape) != (N, K) or out.dtype != dtype or out.device != qweight.device
+                            or (N > 1 and K > 1 and out.stride(1) != 1)):
+        raise ValueError(f"out must be a [{N}, {K}] {dtype} tensor on {qweight.device} with unit column stride, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     qw = qweight.contiguous()
     s = scale.contiguous()
     z = zero_point_as_int(zero_point)
     z = z.contiguous() if z is not None else None
     interp_bf16 = dtype == torch.bfloat16 and not qweight.is_cuda
-    w = torch.empty((N, K), dtype=torch.float32 if interp_bf16 else dtype, device=qweight.device)
+    if out is not None and not interp_bf16:
+        w = out
+    else:
+        w = torch.empty((N, K), dtype=torch.float32 if interp_bf16 else dtype, device=qweight.device)
     if N and K:
         bn, bk, one_group = dequant_config(K, g)
         grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
@@ -681,4 +692,6 @@ def int4_dequant_triton(
                 qw.stride(0), s.stride(0), z.stride(0) if z is not None else 0, w.stride(0),
                 g, HAS_ZP=z is not None, ONE_GROUP=one_group, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
             )
+    if out is not None:
+        return out.copy_(w) if w is not out else out
     return w.to(dtype)

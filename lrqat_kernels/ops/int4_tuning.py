@@ -20,12 +20,15 @@ Schema (``version`` 1)::
      "entries": [{"N": 11008, "K": 4096, "M": 16, "backend": "triton",
                   "config": {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4,
                              "num_warps": 4, "num_stages": 4, "swap_ab": false, "fast_decode": false},
-                  "us": {"triton": 20.1, "dequant": 52.3, "cublas": 48.0}}, ...]}
+                  "us": {"triton": 20.1, "dequant": 52.3, "cublas": 48.0}},
+                 {"N": 11008, "K": 4096, "M": 4096, "backend": "dequant", "dequant_chunk_n": 2048, ...}, ...]}
 
 An entry says, for one layer shape ``[N, K]`` and token count ``M``, which backend won
 (``"triton"``, ``"dequant"`` = dequantise + cuBLAS, or ``"cuda"`` when the tuner was allowed to
 pick the opt-in CUDA kernel) and the fastest Triton config (``swap_ab`` and ``fast_decode``
-optional, default false: tables written before they existed stay valid). Lookup for another ``(M, N, K)``: the
+optional, default false: tables written before they existed stay valid). ``dequant_chunk_n``
+(optional): the row chunk with which "dequant" was fastest for this exact shape
+(``int4_gpu.dequant_linear``: W_hat in L2-sized pieces, one GEMM each); absent, one whole W_hat. Lookup for another ``(M, N, K)``: the
 entries of the same ``[N, K]`` if tuned, else of the nearest tuned shape (log distance of N and K);
 among those the smallest tuned M >= M, else the largest tuned M.
 """
@@ -79,6 +82,8 @@ class TunedEntry:
     backend: str
     config: dict
     us: dict
+    #: the "dequant" backend's row chunk (``int4_gpu.dequant_linear``), None: one whole ``W_hat``
+    dequant_chunk_n: int | None = None
 
 
 def table_filename(device_name: str) -> str:
@@ -136,7 +141,10 @@ def _validate(table: dict) -> list[TunedEntry]:
         us = e.get("us", {})
         if not isinstance(us, dict):
             raise ValueError(f"{where}.us must be an object")
-        entries.append(TunedEntry(e["N"], e["K"], e["M"], e["backend"], dict(cfg), dict(us)))
+        chunk = e.get("dequant_chunk_n")
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or not 1 <= chunk < e["N"]):
+            raise ValueError(f"{where}.dequant_chunk_n must be null or an integer in [1, N), got {chunk!r}")
+        entries.append(TunedEntry(e["N"], e["K"], e["M"], e["backend"], dict(cfg), dict(us), chunk))
     return entries
 
 
@@ -288,7 +296,8 @@ def build_table(measurements: list[dict], info: dict, *, dtype: str, group_size:
     Args:
         measurements: one dict per (shape, M): ``N``, ``K``, ``M``, ``triton`` = list of
             ``(config dict, median us)`` (failed configs left out), ``dequant`` / ``cublas`` /
-            ``cuda`` = median us or None.
+            ``cuda`` = median us or None; ``dequant_chunk_n``: the row chunk ``dequant`` was
+            timed with (its fastest), None for one whole ``W_hat``.
         info: device facts (``device``, ``sm``, ``torch``, ``triton``, ``cuda``, ``date``).
         allow_cuda: let the CUDA kernel win entries (only once its GPU tests passed on this GPU).
     """
@@ -306,7 +315,10 @@ def build_table(measurements: list[dict], info: dict, *, dtype: str, group_size:
         backend = min(options, key=options.get)
         us = {k: round(v, 3) for k, v in (("triton", t_us), ("dequant", m.get("dequant")),
                                           ("cuda", m.get("cuda")), ("cublas", m.get("cublas"))) if v is not None}
-        entries.append(dict(N=m["N"], K=m["K"], M=m["M"], backend=backend, config=dict(t_cfg), us=us))
+        entry = dict(N=m["N"], K=m["K"], M=m["M"], backend=backend, config=dict(t_cfg), us=us)
+        if m.get("dequant") is not None and m.get("dequant_chunk_n") is not None:
+            entry["dequant_chunk_n"] = m["dequant_chunk_n"]
+        entries.append(entry)
     table = dict(version=TABLE_VERSION, device=info["device"], sm=str(info.get("sm", "")),
                  created=info.get("date", ""), torch=info.get("torch", ""), triton=info.get("triton", ""),
                  cuda=str(info.get("cuda", "")), dtype=dtype, group_size=group_size, entries=entries)
