@@ -44,9 +44,43 @@ def act_qparams(lo, hi, has_nan, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETR
 
 
 @triton.jit
-def act_fake_quant(v, s, z, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """``s * (clip(round(v / s + z), qmin, qmax) - z)`` in fp32; NaN stays NaN, as torch.clamp."""
-    q, _ = _round_clip(tl.div_rn(v, s) + z, QMIN, QMAX)
+def row_reciprocal(s, INTERPRET: tl.constexpr):
+    """``r = 1 / s`` correctly rounded (IEEE ``div_rn``), once per row, for :func:`div_by_row`."""
+    if INTERPRET:
+        return s  # unused there: the interpreter divides
+    else:
+        return tl.div_rn(1.0, s)
+
+
+@triton.jit
+def div_by_row(v, s, r, INTERPRET: tl.constexpr):
+    """``v / s`` rounded exactly as IEEE division, from the row's ``r = RN(1 / s)``: 3 instructions a
+    value instead of a ``div.rn.f32`` (reciprocal, refinement, range check, branch to a slow path:
+    ~10, a quarter of what the quantiser spends a value).
+
+    Markstein's theorem: ``q0 = RN(v * r)`` is within an ulp of ``v / s``, so the residual
+    ``t = q0 * s - v`` is exact in one FMA and ``RN(q0 - t * r)`` is the correctly rounded quotient,
+    as long as nothing underflows. Here ``r`` is normal (``1e-8 <= s < 2^126``: |values| <= fp32
+    max, and ``s`` is at most the row's range over 15), and a quotient small enough to be
+    subnormal rounds to a signed zero after ``+ z`` either way. Zeros keep their sign (``t`` is
+    taken as ``q0 * s - v``, not ``v - q0 * s``). A row with an Inf has ``s = Inf`` and gives NaN,
+    as the reference (``s * (q - z)`` is ``Inf * 0`` there). Checked against IEEE division on
+    millions of operands, ties ``(k + 1/2) * s`` and their neighbours included (tests/test_act_quant.py
+    runs a part of it). The interpreter's ``fma`` is not fused: it divides instead.
+    """
+    if INTERPRET:
+        return tl.div_rn(v, s)
+    else:
+        q0 = v * r
+        t = tl.fma(q0, s, -v)
+        return tl.fma(-t, r, q0)
+
+
+@triton.jit
+def act_fake_quant(v, s, z, r, QMIN: tl.constexpr, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """``s * (clip(round(v / s + z), qmin, qmax) - z)`` in fp32 (``r``: :func:`row_reciprocal` of
+    ``s``); NaN stays NaN, as torch.clamp."""
+    q, _ = _round_clip(div_by_row(v, s, r, INTERPRET) + z, QMIN, QMAX)
     return s * (q - z)
 
 
@@ -146,7 +180,8 @@ def _act_quant_kernel(
             hi = tl.max(tl.where(m, tl.maximum(v, 0.0), 0.0), axis=1)
             has_nan = tl.max((m & (v != v)).to(tl.int32), axis=1) > 0
             s, z = act_qparams(lo, hi, has_nan, QMIN, QMAX, SYMMETRIC)
-            v = act_fake_quant(v, s[:, None], z[:, None], QMIN, QMAX)
+            r = row_reciprocal(s, INTERPRET)
+            v = act_fake_quant(v, s[:, None], z[:, None], r[:, None], QMIN, QMAX, INTERPRET)
         tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], _cast(v, O_DTYPE, INTERPRET), mask=m)
     else:
         row = tl.program_id(0).to(tl.int64)
@@ -162,6 +197,7 @@ def _act_quant_kernel(
             rstd = _rstd(tl.sum(acc, axis=0), n_cols, eps)
         s = 1.0
         z = 0.0
+        r = 1.0
         if QUANT:
             lo = tl.zeros([BLOCK], dtype=tl.float32)
             hi = tl.zeros([BLOCK], dtype=tl.float32)
@@ -173,11 +209,12 @@ def _act_quant_kernel(
                 hi = tl.maximum(hi, tl.where(m, v, 0.0))
                 nan = nan | (m & (v != v)).to(tl.int32)
             s, z = act_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), tl.max(nan, axis=0) > 0, QMIN, QMAX, SYMMETRIC)
+            r = row_reciprocal(s, INTERPRET)
         for start in range(0, n_cols, BLOCK):
             m = start + cols < n_cols
             v = _load_produce(a_row, b_row, start + cols, m, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
             if QUANT:
-                v = act_fake_quant(v, s, z, QMIN, QMAX)
+                v = act_fake_quant(v, s, z, r, QMIN, QMAX, INTERPRET)
             tl.store(y_row + start + cols, _cast(v, O_DTYPE, INTERPRET), mask=m)
 
 
@@ -186,8 +223,8 @@ ONE_CHUNK_BLOCKS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 CHUNK_BLOCK = 8192
 
 
-def act_quant_config(n_cols: int) -> tuple[int, int, int, bool]:
-    """``(BLOCK, ROWS, num_warps, ONE_CHUNK)`` for rows of ``n_cols`` (any ``KIND``).
+def act_quant_config(n_cols: int, kind: int = KIND_IDENTITY) -> tuple[int, int, int, bool]:
+    """``(BLOCK, ROWS, num_warps, ONE_CHUNK)`` for rows of ``n_cols`` made by ``kind``.
 
     Rows narrower than 2048 share a program, ``ROWS = 2048 / BLOCK`` of them (queries and keys
     quantised per head are 64-128 wide: one row a program would give each thread a value or two
@@ -195,18 +232,27 @@ def act_quant_config(n_cols: int) -> tuple[int, int, int, bool]:
 
     A row up to 16384 wide (LLaMA hidden sizes 4096 / 5120 / 8192, intermediate 11008 / 14336) is
     one chunk in registers: HBM sees one read of each operand and one write. Wider rows loop
-    over 8192-wide chunks. The warp counts are the ones that compile without spills for every
-    ``KIND`` and dtype on sm_80 and sm_90 with the ptxas of Triton 3.8 (AOT tests) and of Triton
-    3.6 (the GPU image's; checked once by hand). ptxas' register targets are not monotonic in the
-    warp count: a one-chunk 8192 RMSNorm spilled at 16 warps (3.6), a one-chunk 16384 fp16
-    quantiser at 32 warps (3.8), the two-pass SwiGLU at 32 warps (3.6).
+    over 8192-wide chunks (16 warps).
+
+    Warps: 32 values a thread in one-chunk programs (``ROWS * BLOCK / 1024`` warps), at least 4
+    warps (the 2048-value programs of narrow rows: 16 values a thread), at least 8 for SwiGLU
+    (two operands and ``exp``: 4 warps spill at 256 wide). A program's
+    fixed work (three block reductions, the row's scale, address set-up: ~250 instructions a
+    thread) is then spread over enough values, and the kernel stays under the ~50 instructions a
+    value (bf16 in and out, 4 bytes a value) at which an H100 would stop being memory bound at 80 %
+    of its HBM bandwidth. Static SASS a lane (sm_90, 8-bit, LLaMA-aligned), quantiser / RMSNorm +
+    quantiser: 4096 wide 28-31 / 36-40 at 4 warps (51-54 / 67-71 at the 16 this used before),
+    8192 wide 29-32 / 37-40 at 8 warps (51-54 / 67-71 at 32). A model of the issue rate, not a
+    measurement: ``bench/bench_act_quant.py`` on a GPU decides. Every (KIND, dtype, block) compiles
+    without spills on sm_80 and sm_90 with the ptxas of Triton 3.8 (AOT tests) and of Triton 3.6
+    (the GPU image's; checked by hand), at <= 128 registers (>= 16 warps resident an SM) for
+    widths that are multiples of 16 (odd widths load scalars: up to ~170 registers, no spills).
     """
     block = max(triton.next_power_of_2(n_cols), ONE_CHUNK_BLOCKS[0])
     if block > ONE_CHUNK_BLOCKS[-1]:
         return CHUNK_BLOCK, 1, 16, False
     rows = max(1, 2048 // block)
-    warps = {4096: 16, 8192: 32, 16384: 16}.get(block, 8)
-    return block, rows, warps, True
+    return block, rows, max(8 if kind == KIND_SWIGLU else 4, rows * block // 1024), True
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -240,7 +286,7 @@ def launch_act_quant(kind: int, a: torch.Tensor, b: torch.Tensor | None, out_dty
     y = torch.empty(a2.shape, dtype=out_dtype, device=a.device)
     n_rows, n_cols = a2.shape
     if n_rows:
-        block, rows, num_warps, one = act_quant_config(n_cols)
+        block, rows, num_warps, one = act_quant_config(n_cols, kind)
         with on_device(a2):
             _act_quant_kernel[(triton.cdiv(n_rows, rows),)](
                 a2, b2, y, n_rows, n_cols, a2.stride(0), stride_b, y.stride(0), float(eps),
