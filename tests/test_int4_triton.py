@@ -318,6 +318,24 @@ def test_dequant_linear_in_row_chunks(chunk_n, dtype):
             dequant_linear(x, q, s, z, 64, b, chunk_n=bad)
 
 
+def test_dequant_linear_chunks_fall_back_for_autograd_and_compile():
+    """``out=`` into a column slice of y supports neither autograd nor ``torch.compile``: those
+    calls take the whole-W_hat path (same result, gradients flow)."""
+    from lrqat_kernels.ops.int4_gpu import dequant_linear
+
+    x, w_int, q, s, z, b = _case(6, 72, 256, 64, True, torch.bfloat16, seed=2)
+    xg = x.clone().requires_grad_(True)
+    y = dequant_linear(xg, q, s, z, 64, b, chunk_n=16)
+    y.float().sum().backward()
+    w_hat = _w_hat(w_int, s, z, 64).to(x.device)
+    torch.testing.assert_close(xg.grad.float(), w_hat.to(torch.bfloat16).float().sum(0).expand_as(x), rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # no autograd: the chunked path, same values
+        torch.testing.assert_close(dequant_linear(xg, q, s, z, 64, b, chunk_n=16), y.detach(), rtol=0, atol=1e-2)
+    if DEVICE == "cpu":  # the Triton dequant kernel is not traceable under the interpreter; the torch path is
+        fn = torch.compile(lambda a: dequant_linear(a, q, s, z, 64, b, chunk_n=16), backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(fn(x), dequant_linear(x, q, s, z, 64, b), rtol=0, atol=1e-2)
+
+
 def test_dequant_exact_for_out_of_range_zero_points():
     """Zero points outside [-8, 7] are out of contract, but the dequantisation pass must not turn
     them into NaN or garbage (it agrees with the CPU reference, as before the mantissa trick)."""

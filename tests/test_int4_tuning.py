@@ -239,6 +239,18 @@ def test_dequant_backend_takes_its_row_chunk_from_the_table(tuning_dir, monkeypa
     assert chunks[-1] is None
 
 
+def test_dequant_chunk_keeps_its_bytes_for_other_shapes(tuning_dir, monkeypatch):
+    """A chunk tuned on one shape is a buffer size: a layer looked up from that entry gets the rows
+    that fill the same bytes (multiples of 256), or the whole W_hat when that is not smaller."""
+    write(tuning_dir, table([dict(entry(4096, 1024, 512, "dequant", bk=32), dequant_chunk_n=1024)]))
+    monkeypatch.setattr(int4_gpu, "_device_name", lambda device: NAME)
+    cpu = torch.device("cpu")
+    assert int4_gpu._dequant_chunk(cpu, 512, 4096, 1024) == 1024  # the tuned shape
+    assert int4_gpu._dequant_chunk(cpu, 512, 4096, 2048) == 512  # twice the K: half the rows
+    assert int4_gpu._dequant_chunk(cpu, 512, 5000, 3000) == 256  # 341 rows -> a multiple of 256
+    assert int4_gpu._dequant_chunk(cpu, 512, 400, 1024) is None  # not smaller than N
+
+
 def test_dequant_chunk_candidates():
     # 8 / 16 / 32 MiB of bf16 rows of K = 4096 (8 KiB a row), each < N, multiples of 256
     assert int4_gpu.dequant_chunk_candidates(11008, 4096, torch.bfloat16) == [1024, 2048, 4096]

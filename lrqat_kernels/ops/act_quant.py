@@ -54,26 +54,33 @@ def row_reciprocal(s, INTERPRET: tl.constexpr):
 
 @triton.jit
 def div_by_row(v, s, r, INTERPRET: tl.constexpr):
-    """``v / s`` rounded exactly as IEEE division, from the row's ``r = RN(1 / s)``: 3 instructions a
-    value instead of a ``div.rn.f32`` (reciprocal, refinement, range check, branch to a slow path:
-    ~10, a quarter of what the quantiser spends a value).
+    """``v / s`` rounded as IEEE division, from the row's ``r = RN(1 / s)``: a multiply and two FMA
+    corrections a value (5 instructions) instead of a ``div.rn.f32`` (reciprocal, refinement,
+    range check, branch to a slow path: ~10 and a branch, a quarter of the quantiser's work).
 
-    Markstein's theorem: ``q0 = RN(v * r)`` is within an ulp of ``v / s``, so the residual
-    ``t = q0 * s - v`` is exact in one FMA and ``RN(q0 - t * r)`` is the correctly rounded quotient,
-    as long as nothing underflows. Here ``r`` is normal (``1e-8 <= s < 2^126``: |values| <= fp32
-    max, and ``s`` is at most the row's range over 15), and a quotient small enough to be
-    subnormal rounds to a signed zero after ``+ z`` either way. Zeros keep their sign (``t`` is
-    taken as ``q0 * s - v``, not ``v - q0 * s``). A row with an Inf has ``s = Inf`` and gives NaN,
-    as the reference (``s * (q - z)`` is ``Inf * 0`` there). Checked against IEEE division on
-    millions of operands, ties ``(k + 1/2) * s`` and their neighbours included (tests/test_act_quant.py
-    runs a part of it). The interpreter's ``fma`` is not fused: it divides instead.
+    Why it is exact: ``q0 = RN(v r)`` is within ~1.5 ulp of ``Q = v / s`` (``r`` and the product
+    are each rounded), not always within one. One correction, ``t0 = RN(q0 s - v)``,
+    ``q1 = RN(q0 - t0 r)``, leaves ``Q`` plus an error of ~``4 u^2 |Q|`` (``u = 2^-24``) before
+    its rounding, so ``q1`` is within 1 ulp of ``Q``. Markstein's theorem (``r`` within half an
+    ulp of ``1 / s``, ``q1`` within one ulp of ``Q``) then makes ``t1 = q1 s - v`` exact in one
+    FMA and ``q2 = RN(q1 - t1 r) = RN(Q)``. (A single correction is exact in all but a few cases;
+    a review found operands where ``q0`` is 1.25 ulp off and ``t0`` inexact.) Conditions: no
+    overflow (``|Q| <= 255``) and ``r`` normal (``1e-8 <= s`` and ``s <= max|v| / 7 < 2^126``);
+    a quotient below 2^-126 can be an ulp off, which no rounding to the integer grid after
+    ``+ z`` can see (the sign is right). Zeros keep their sign (``t`` is taken as ``q s - v``, not
+    ``v - q s``). A row with an Inf (or whose range overflows) has ``s = Inf`` and gives NaN, as
+    the reference (``s * (q - z)`` is ``Inf * 0`` there). tests/test_act_quant.py checks a
+    step-by-step exact-arithmetic model against IEEE division. The interpreter's ``fma`` is
+    not fused: it divides instead.
     """
     if INTERPRET:
         return tl.div_rn(v, s)
     else:
         q0 = v * r
-        t = tl.fma(q0, s, -v)
-        return tl.fma(-t, r, q0)
+        t0 = tl.fma(q0, s, -v)
+        q1 = tl.fma(-t0, r, q0)
+        t1 = tl.fma(q1, s, -v)
+        return tl.fma(-t1, r, q1)
 
 
 @triton.jit
@@ -241,8 +248,8 @@ def act_quant_config(n_cols: int, kind: int = KIND_IDENTITY) -> tuple[int, int, 
     thread) is then spread over enough values, and the kernel stays under the ~50 instructions a
     value (bf16 in and out, 4 bytes a value) at which an H100 would stop being memory bound at 80 %
     of its HBM bandwidth. Static SASS a lane (sm_90, 8-bit, LLaMA-aligned), quantiser / RMSNorm +
-    quantiser: 4096 wide 28-31 / 36-40 at 4 warps (51-54 / 67-71 at the 16 this used before),
-    8192 wide 29-32 / 37-40 at 8 warps (51-54 / 67-71 at 32). A model of the issue rate, not a
+    quantiser: 4096 wide 30-33 / 38-42 at 4 warps (64 / 81 at the 16 warps and per-value
+    division this used before), 8192 wide 31-34 / 39-42 at 8 warps. A model of the issue rate, not a
     measurement: ``bench/bench_act_quant.py`` on a GPU decides. Every (KIND, dtype, block) compiles
     without spills on sm_80 and sm_90 with the ptxas of Triton 3.8 (AOT tests) and of Triton 3.6
     (the GPU image's; checked by hand), at <= 128 registers (>= 16 warps resident an SM) for

@@ -8,8 +8,8 @@
 Forward (:func:`fake_quant_forward`): one program owns a ``[BLOCK_M, BLOCK_N]`` tile of
 ``W_hat``. It reads the tile of Phi0 once (0.5 to 4 bytes a weight), builds the tile of ``C`` on
 the fly with one ``tl.dot`` of a ``[BLOCK_M, R]`` slice of lora_B and an ``[R, BLOCK_N]`` slice of
-lora_A (both tiny and L2-resident: the low-rank factors are never expanded to ``[out, in]`` in
-HBM), quantises in registers and writes the tile once. HBM traffic is the roofline minimum:
+lora_A (fp32 factors above rank 32: a loop of 32-wide rank slices, :func:`_lowrank_chunked`; both
+tiny and L2-resident: the low-rank factors are never expanded to ``[out, in]`` in HBM), quantises in registers and writes the tile once. HBM traffic is the roofline minimum:
 ``bytes(Phi0) + bytes(W_hat)``. ``write_int=True`` writes ``W_int`` as int8 instead (the merge
 path: the deployed integers come from the very code the training forward runs).
 
@@ -700,7 +700,7 @@ class KernelSpec:
 
 _TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _PHI_TT = {"packed_int": "u8", "fixed_point": "i8", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-_DIVISIBLE_INTS = ("out_features", "in_features", "group_size", "stride_phi")
+_DIVISIBLE_INTS = ("out_features", "in_features", "group_size", "stride_phi", "rank")  # as the JIT specialises them at LLaMA shapes, r = 16..128
 
 
 def _spec(kernel, name, ptr_types: dict, scalar_types: dict, constexprs: dict, num_warps, num_stages, default):

@@ -354,8 +354,11 @@ def dequant_linear(x, qweight, scale, zero_point=None, group_size=None, bias=Non
     (cuBLAS writes a column slice of y in place: leading dimension N). A buffer that fits in L2
     keeps the dequantised weight's write and re-read out of HBM, and caps the transient memory;
     the GEMMs get narrower. Whether and where that wins is measured per GPU by the tuner (the
-    table's ``dequant_chunk_n``). Numerics are the same either way: each output is one GEMM's
-    fp32 dot product over all of K, plus bias, rounded once.
+    table's ``dequant_chunk_n``). Numerics are the same up to fp32 summation order (cuBLAS may
+    pick another algorithm for a narrower GEMM): each output is one GEMM's fp32 dot product over
+    all of K, plus bias, rounded once. Calls that need autograd through x, and calls traced by
+    ``torch.compile`` (``out=`` into a column slice is neither differentiable nor traceable),
+    take the whole-``W_hat`` path.
 
     Args:
         x: fp16 / bf16 ``[..., K]``; qweight / scale / zero_point / group_size / bias as
@@ -369,7 +372,9 @@ def dequant_linear(x, qweight, scale, zero_point=None, group_size=None, bias=Non
     b = None if bias is None else bias.to(x.dtype)
     if chunk_n is not None and (isinstance(chunk_n, bool) or not isinstance(chunk_n, int) or chunk_n < 1):
         raise ValueError(f"chunk_n must be None or a positive int, got {chunk_n!r}")
-    if chunk_n is None or chunk_n >= N:
+    whole = chunk_n is None or chunk_n >= N or torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)))
+    if whole:
         return F.linear(x, dequant_weight(qweight, scale, zero_point, group_size, x.dtype), b)
     x2 = x.reshape(-1, K)
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
@@ -444,15 +449,23 @@ def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
 
 
 def _dequant_chunk(device: torch.device, M: int, N: int, K: int) -> int | None:
-    """The "dequant" backend's ``chunk_n`` for ``(M, N, K)``: the tuning table's, for an entry of
-    exactly this layer shape; None (one whole ``W_hat``) otherwise."""
+    """The "dequant" backend's ``chunk_n`` for ``(M, N, K)`` from the tuning table's entry for it
+    (None: one whole ``W_hat``). A chunk is a buffer size: for a layer looked up from another
+    shape's entry it keeps that entry's bytes (``chunk_n * K_entry / K`` rows, a multiple of 256),
+    so "auto" runs dequant as it was timed when it chose it."""
     name = _device_name(device)
     if name is None:
         return None
     from .int4_tuning import lookup
 
     hit = lookup(name, M, N, K)
-    return hit[0].dequant_chunk_n if hit is not None and hit[1] else None
+    if hit is None or hit[0].dequant_chunk_n is None:
+        return None
+    entry, exact = hit
+    if exact:
+        return entry.dequant_chunk_n
+    rows = max(256, round(entry.dequant_chunk_n * entry.K / K / 256) * 256)
+    return rows if rows < N else None
 
 
 def _unsupported(backend: str, K: int, g: int) -> str | None:

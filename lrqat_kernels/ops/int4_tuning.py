@@ -27,8 +27,9 @@ An entry says, for one layer shape ``[N, K]`` and token count ``M``, which backe
 (``"triton"``, ``"dequant"`` = dequantise + cuBLAS, or ``"cuda"`` when the tuner was allowed to
 pick the opt-in CUDA kernel) and the fastest Triton config (``swap_ab`` and ``fast_decode``
 optional, default false: tables written before they existed stay valid). ``dequant_chunk_n``
-(optional): the row chunk with which "dequant" was fastest for this exact shape
-(``int4_gpu.dequant_linear``: W_hat in L2-sized pieces, one GEMM each); absent, one whole W_hat. Lookup for another ``(M, N, K)``: the
+(optional): the row chunk with which "dequant" was fastest for this shape
+(``int4_gpu.dequant_linear``: W_hat in L2-sized pieces, one GEMM each; a lookup from another
+shape keeps the chunk's bytes); absent, one whole W_hat. Lookup for another ``(M, N, K)``: the
 entries of the same ``[N, K]`` if tuned, else of the nearest tuned shape (log distance of N and K);
 among those the smallest tuned M >= M, else the largest tuned M.
 """
