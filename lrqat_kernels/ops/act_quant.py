@@ -16,6 +16,8 @@ inputs quantise their outputs in the pass that writes them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -143,6 +145,28 @@ def _load_produce(a_row, b_row, offs, m, rstd, KIND: tl.constexpr, H_DTYPE: tl.c
 
 
 @triton.jit
+def _load_operands(a_ptr, b_ptr, rows, rmask, cols, n_cols, stride_a, stride_b, KIND: tl.constexpr):
+    """``[ROWS, BLOCK]`` tiles of ``a`` and ``b`` (fp32; ``b`` is ``a`` for the identity, the
+    ``[1, BLOCK]`` norm weight for RMSNorm) at columns ``cols``, and their mask."""
+    cmask = cols < n_cols
+    m = rmask[:, None] & cmask[None, :]
+    a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    b = a
+    if KIND == 1:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    elif KIND == 2:
+        b = tl.load(b_ptr + rows[:, None] * stride_b + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    return a, b, m
+
+
+@triton.jit
+def _range_parts(v, m):
+    """Per-element ``(min(v, 0), max(v, 0), isnan(v))`` where ``m`` (0 elsewhere): combined
+    elementwise across a row's chunks, then reduced once."""
+    return tl.where(m, tl.minimum(v, 0.0), 0.0), tl.where(m, tl.maximum(v, 0.0), 0.0), (m & (v != v)).to(tl.int32)
+
+
+@triton.jit
 def _rstd(sum_sq, n_cols, eps):
     """``rsqrt(mean(x^2) + eps)`` with IEEE division and square root."""
     return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_sq, n_cols * 1.0) + eps))
@@ -154,6 +178,7 @@ def _act_quant_kernel(
     n_rows, n_cols, stride_a, stride_b, stride_y, eps,
     KIND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QUANT: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_CHUNK: tl.constexpr, INTERPRET: tl.constexpr,
+    NCHUNK: tl.constexpr = 1,
 ):
     """``y[row] = fake_quant(produce(a[row], b[row]))`` (``QUANT``) or ``produce(...)``;
     grid ``(cdiv(n_rows, ROWS),)``.
@@ -161,35 +186,52 @@ def _act_quant_kernel(
     ``KIND`` 0: ``a`` itself (``b`` unused); 1: RMSNorm of ``a`` with weight ``b`` (``stride_b = 0``:
     every row reads the same weight) and ``eps``; 2: ``silu(a) * b``. Intermediate roundings
     follow ``a``'s dtype and the output's (``y``'s) as torch does. ``ONE_CHUNK``: ``ROWS`` rows
-    of at most ``BLOCK`` each are one ``[ROWS, BLOCK]`` tile, loaded once, into registers (narrow
-    rows, such as queries and keys per head, share a program); else (``ROWS = 1``) each pass
-    (sum of squares, range, write) loops over ``BLOCK``-wide chunks, re-reading them from L1/L2.
+    of at most ``NCHUNK * BLOCK`` each are held in registers as ``NCHUNK`` (1 or 3) ``[ROWS,
+    BLOCK]`` tiles, loaded once (narrow rows, such as queries and keys per head, share a program;
+    three tiles only with ``ROWS = 1``: an 11008-wide row is 3 x 4096 lanes, 10 % of them
+    masked, not the 33 % of one 16384-wide tile); else (``ROWS = 1``) each pass (sum of squares,
+    range, write) loops over ``BLOCK``-wide chunks, re-reading them from L1/L2.
     """
     H_DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     O_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK)
     if ONE_CHUNK:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: rows * stride can pass 2^31
-        cmask = cols < n_cols
-        m = (rows < n_rows)[:, None] & cmask[None, :]
-        a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        b = a
-        if KIND == 1:
-            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        elif KIND == 2:
-            b = tl.load(b_ptr + rows[:, None] * stride_b + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rmask = rows < n_rows
+        # One or three tiles, unrolled by hand (separate values: Triton has no lists). Two or four
+        # would never cover a row with fewer lanes than one tile of twice or four times the width.
+        a0, b0, m0 = _load_operands(a_ptr, b_ptr, rows, rmask, cols, n_cols, stride_a, stride_b, KIND)
+        if NCHUNK == 3:
+            a1, b1, m1 = _load_operands(a_ptr, b_ptr, rows, rmask, cols + BLOCK, n_cols, stride_a, stride_b, KIND)
+            a2, b2, m2 = _load_operands(a_ptr, b_ptr, rows, rmask, cols + 2 * BLOCK, n_cols, stride_a, stride_b, KIND)
         rstd = 1.0
         if KIND == 1:
-            rstd = _rstd(tl.sum(a * a, axis=1), n_cols, eps)[:, None]
-        v = _produce(a, b, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+            sq = a0 * a0
+            if NCHUNK == 3:
+                sq += a1 * a1 + a2 * a2
+            rstd = _rstd(tl.sum(sq, axis=1), n_cols, eps)[:, None]
+        v0 = _produce(a0, b0, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+        if NCHUNK == 3:
+            v1 = _produce(a1, b1, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+            v2 = _produce(a2, b2, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
         if QUANT:
-            lo = tl.min(tl.where(m, tl.minimum(v, 0.0), 0.0), axis=1)  # 0 is always in the range
-            hi = tl.max(tl.where(m, tl.maximum(v, 0.0), 0.0), axis=1)
-            has_nan = tl.max((m & (v != v)).to(tl.int32), axis=1) > 0
-            s, z = act_qparams(lo, hi, has_nan, QMIN, QMAX, SYMMETRIC)
+            lo, hi, nan = _range_parts(v0, m0)  # 0 is always in the range
+            if NCHUNK == 3:
+                lo1, hi1, nan1 = _range_parts(v1, m1)
+                lo2, hi2, nan2 = _range_parts(v2, m2)
+                lo, hi, nan = tl.minimum(lo, tl.minimum(lo1, lo2)), tl.maximum(hi, tl.maximum(hi1, hi2)), nan | nan1 | nan2
+            s, z = act_qparams(tl.min(lo, axis=1), tl.max(hi, axis=1), tl.max(nan, axis=1) > 0, QMIN, QMAX, SYMMETRIC)
             r = row_reciprocal(s, INTERPRET)
-            v = act_fake_quant(v, s[:, None], z[:, None], r[:, None], QMIN, QMAX, INTERPRET)
-        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], _cast(v, O_DTYPE, INTERPRET), mask=m)
+            s, z, r = s[:, None], z[:, None], r[:, None]
+            v0 = act_fake_quant(v0, s, z, r, QMIN, QMAX, INTERPRET)
+            if NCHUNK == 3:
+                v1 = act_fake_quant(v1, s, z, r, QMIN, QMAX, INTERPRET)
+                v2 = act_fake_quant(v2, s, z, r, QMIN, QMAX, INTERPRET)
+        y_rows = y_ptr + rows[:, None] * stride_y
+        tl.store(y_rows + cols[None, :], _cast(v0, O_DTYPE, INTERPRET), mask=m0)
+        if NCHUNK == 3:
+            tl.store(y_rows + (cols + BLOCK)[None, :], _cast(v1, O_DTYPE, INTERPRET), mask=m1)
+            tl.store(y_rows + (cols + 2 * BLOCK)[None, :], _cast(v2, O_DTYPE, INTERPRET), mask=m2)
     else:
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * stride_a
@@ -225,41 +267,65 @@ def _act_quant_kernel(
             tl.store(y_row + start + cols, _cast(v, O_DTYPE, INTERPRET), mask=m)
 
 
-#: Row widths held in registers as one chunk (longer rows loop over :data:`CHUNK_BLOCK`-wide chunks).
+#: Tile widths of rows held in registers (at most 16384 lanes; longer rows loop over
+#: :data:`CHUNK_BLOCK`-wide chunks), and how many tiles such a row can take.
 ONE_CHUNK_BLOCKS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 CHUNK_BLOCK = 8192
+TILE_COUNTS = (1, 3)
 
 
-def act_quant_config(n_cols: int, kind: int = KIND_IDENTITY) -> tuple[int, int, int, bool]:
-    """``(BLOCK, ROWS, num_warps, ONE_CHUNK)`` for rows of ``n_cols`` made by ``kind``.
+class ActQuantConfig(NamedTuple):
+    """Launch configuration of :func:`_act_quant_kernel` (see :func:`act_quant_config`)."""
+
+    block: int
+    rows: int
+    num_warps: int
+    one_chunk: bool
+    nchunk: int = 1
+
+
+def act_quant_config(n_cols: int, kind: int = KIND_IDENTITY) -> ActQuantConfig:
+    """``(BLOCK, ROWS, num_warps, ONE_CHUNK, NCHUNK)`` for rows of ``n_cols`` made by ``kind``.
 
     Rows narrower than 2048 share a program, ``ROWS = 2048 / BLOCK`` of them (queries and keys
     quantised per head are 64-128 wide: one row a program would give each thread a value or two
     and launch a program per head and token), so a program always holds >= 2048 values.
 
     A row up to 16384 wide (LLaMA hidden sizes 4096 / 5120 / 8192, intermediate 11008 / 14336) is
-    one chunk in registers: HBM sees one read of each operand and one write. Wider rows loop
-    over 8192-wide chunks (16 warps).
+    held in registers: HBM sees one read of each operand and one write. Its lanes are ``NCHUNK``
+    (1 or 3) tiles of ``BLOCK`` (a power of two, >= 1024 for three), the fewest lanes that cover
+    the row, then one tile: 11008 -> 3 x 4096 (10 % of the lanes masked, where one 16384-wide
+    tile masks 33 % and pays every instruction for them), 5120 -> 3 x 2048 (17 %, not 37.5 %),
+    4096 -> 1 x 4096, 14336 -> 1 x 16384. Wider rows loop over 8192-wide chunks (16 warps).
 
-    Warps: 32 values a thread in one-chunk programs (``ROWS * BLOCK / 1024`` warps), at least 4
-    warps (the 2048-value programs of narrow rows: 16 values a thread), at least 8 for SwiGLU
-    (two operands and ``exp``: 4 warps spill at 256 wide). A program's
+    Warps: 32 values a thread for one tile (``ROWS * BLOCK / 1024`` warps), at least 4 warps (the
+    2048-value programs of narrow rows: 16 values a thread), at least 8 for SwiGLU (two operands
+    and ``exp``: 4 warps spill at 256 wide). Several tiles: 8 values a thread a tile, one
+    16-byte vector of a 16-bit row (``BLOCK / 256`` warps; 24 values a thread with three). A program's
     fixed work (three block reductions, the row's scale, address set-up: ~250 instructions a
     thread) is then spread over enough values, and the kernel stays under the ~50 instructions a
     value (bf16 in and out, 4 bytes a value) at which an H100 would stop being memory bound at 80 %
     of its HBM bandwidth. Static SASS a lane (sm_90, 8-bit, LLaMA-aligned), quantiser / RMSNorm +
     quantiser: 4096 wide 30-33 / 38-42 at 4 warps (64 / 81 at the 16 warps and per-value
-    division this used before), 8192 wide 31-34 / 39-42 at 8 warps. A model of the issue rate, not a
-    measurement: ``bench/bench_act_quant.py`` on a GPU decides. Every (KIND, dtype, block) compiles
-    without spills on sm_80 and sm_90 with the ptxas of Triton 3.8 (AOT tests) and of Triton 3.6
-    (the GPU image's; checked by hand), at <= 128 registers (>= 16 warps resident an SM) for
-    widths that are multiples of 16 (odd widths load scalars: up to ~170 registers, no spills).
+    division this used before), 8192 wide 31-34 / 39-42 at 8 warps. A model of the issue rate,
+    not a measurement: ``bench/bench_act_quant.py`` on a GPU decides. Every (KIND, dtype, block)
+    compiles without spills on sm_80 and sm_90 with the ptxas of Triton 3.8 (AOT tests) and of
+    Triton 3.6 (the GPU image's; checked by hand), at <= 128 registers (>= 16 warps resident an SM)
+    for widths that are multiples of 16 (odd widths load scalars: up to ~170 registers), except
+    a few words (<= 64 B) that ptxas spills in some several-tile rows to stay at 64 registers.
     """
+    min_warps = 8 if kind == KIND_SWIGLU else 4
     block = max(triton.next_power_of_2(n_cols), ONE_CHUNK_BLOCKS[0])
+    if block <= 2048:
+        rows = 2048 // block
+        return ActQuantConfig(block, rows, max(min_warps, rows * block // 1024), True)
     if block > ONE_CHUNK_BLOCKS[-1]:
-        return CHUNK_BLOCK, 1, 16, False
-    rows = max(1, 2048 // block)
-    return block, rows, max(8 if kind == KIND_SWIGLU else 4, rows * block // 1024), True
+        return ActQuantConfig(CHUNK_BLOCK, 1, 16, False)
+    lanes, nchunk, block = min((c * b, c, b) for b in ONE_CHUNK_BLOCKS if b >= 1024
+                               for c in TILE_COUNTS if n_cols <= c * b <= ONE_CHUNK_BLOCKS[-1])
+    if nchunk == 1:
+        return ActQuantConfig(block, 1, max(min_warps, block // 1024), True, 1)
+    return ActQuantConfig(block, 1, block // 256, True, nchunk)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -293,12 +359,12 @@ def launch_act_quant(kind: int, a: torch.Tensor, b: torch.Tensor | None, out_dty
     y = torch.empty(a2.shape, dtype=out_dtype, device=a.device)
     n_rows, n_cols = a2.shape
     if n_rows:
-        block, rows, num_warps, one = act_quant_config(n_cols, kind)
+        block, rows, num_warps, one, nchunk = act_quant_config(n_cols, kind)
         with on_device(a2):
             _act_quant_kernel[(triton.cdiv(n_rows, rows),)](
                 a2, b2, y, n_rows, n_cols, a2.stride(0), stride_b, y.stride(0), float(eps),
                 KIND=kind, QMIN=qmin, QMAX=qmax, QUANT=bits is not None, SYMMETRIC=symmetric, BLOCK=block, ROWS=rows,
-                ONE_CHUNK=one, INTERPRET=not a.is_cuda, num_warps=num_warps,
+                ONE_CHUNK=one, INTERPRET=not a.is_cuda, NCHUNK=nchunk, num_warps=num_warps,
                 enable_fp_fusion=False,  # each fp32 op rounded as torch rounds it
             )
     return y.reshape(a.shape)
