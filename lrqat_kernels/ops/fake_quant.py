@@ -327,10 +327,18 @@ def _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD: tl.constexpr):
 def _z_tile(phi_ptr, b_tile, a_tile, row_off, rmask, cols, cmask, col0, n_valid, lr_scale,
             PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr,
             BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``Z = Phi0 + (B @ A) * (alpha / r)`` for one tile, fp32 (same op order as the reference)."""
+    """``Z = Phi0 + (B @ A) * (alpha / r)`` for one tile, fp32, from the lora slices."""
     acc = tl.zeros((b_tile.shape[0], a_tile.shape[1]), dtype=tl.float32)
-    c = _dot(b_tile, a_tile, acc, DOT_FP32) * lr_scale
-    return _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid, PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N) + c
+    return _z_from_lowrank(phi_ptr, _dot(b_tile, a_tile, acc, DOT_FP32), row_off, rmask, cols, cmask, col0, n_valid,
+                           lr_scale, PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N)
+
+
+@triton.jit
+def _z_from_lowrank(phi_ptr, ba, row_off, rmask, cols, cmask, col0, n_valid, lr_scale,
+                    PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``Z = Phi0 + BA * (alpha / r)`` for one tile given ``BA = B @ A`` (fp32; the reference's op order)."""
+    return _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid, PHI_KIND, PHI_MUL, PACKED_PAIRS,
+                       BLOCK_N) + ba * lr_scale
 
 
 @triton.jit
@@ -380,10 +388,10 @@ def _fake_quant_fwd_kernel(
     mask = rmask[:, None] & cmask[None, :]
 
     if R_CHUNK < R_PAD:
-        c = _lowrank_chunked(b_ptr, a_ptr, rows, rmask, cols, cmask, rank, in_features, BLOCK_M, BLOCK_N, R_CHUNK,
-                             DOT_FP32) * lr_scale
-        z = _decode_phi(phi_ptr, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, PHI_KIND, PHI_MUL,
-                        PACKED_PAIRS, BLOCK_N) + c
+        ba = _lowrank_chunked(b_ptr, a_ptr, rows, rmask, cols, cmask, rank, in_features, BLOCK_M, BLOCK_N, R_CHUNK,
+                              DOT_FP32)
+        z = _z_from_lowrank(phi_ptr, ba, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, lr_scale,
+                            PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N)
     else:
         b_tile = _lora_rows(b_ptr, rows, rmask, rank, R_PAD)
         a_tile = _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
