@@ -14,7 +14,8 @@ Checkpoint directory layout (``save_pretrained``)::
 
     config.json          the HF model config (absent for plain nn.Module models)
     lrqat_config.json    {"format_version", "stage": "lrqat"|"quantized", "lrqat_config": {...},
-                          "modules": {name: layer structure}, "tied": {alias: source}, "dtype", ...}
+                          "modules": {name: layer structure}, "tied": {alias: source}, "dtype",
+                          "attn_implementation" (HF models: config.json does not keep it), ...}
     model.safetensors    every tensor of ``model.state_dict()`` (tied duplicates stored once)
 
 Plain ``nn.Module`` models (not HF) save the same way without ``config.json``; load them by
@@ -36,7 +37,7 @@ import torch.nn as nn
 
 from .config import LRQATConfig, resolve_dtype
 from .modules import LRQATLinear, QuantizedLinear
-from .wa_quant import install_activation_quantizers
+from .wa_quant import inner_attn_impl, install_activation_quantizers, restore_attn_implementation
 
 __all__ = [
     "prepare",
@@ -367,6 +368,8 @@ def save_pretrained(model: nn.Module, save_directory: str, *, tokenizer=None) ->
         "modules": modules,
         "tied": tied,
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        # not in config.json; the wrapped implementation for weight-activation models
+        "attn_implementation": inner_attn_impl(getattr(hf_config, "_attn_implementation", None)) if is_hf else None,
     }
     save_directory = os.path.abspath(save_directory)
     parent = os.path.dirname(save_directory)
@@ -486,6 +489,7 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
         except Exception as e:  # noqa: BLE001  (transformers raises several types for a bad config)
             raise ValueError(f"corrupt checkpoint: cannot read {os.path.join(directory, HF_CONFIG_FILE)} ({e})") from e
         model = _model_from_config(AutoModelForCausalLM, hf_config, meta.get("dtype"))
+        restore_attn_implementation(model, meta.get("attn_implementation"))
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     elif _stage(model) is not None:

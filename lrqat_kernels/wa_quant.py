@@ -13,8 +13,11 @@ Placement (paper section 4.4 / appendix B, following OmniQuant and LLM-QAT), for
   only ``o_proj`` quantises its own input. Same numerics: the quantiser is a function of the
   tensor alone;
 * queries and keys after RoPE, the inputs of ``Q K^T``, at ``act_bits``: an attention function
-  registered with transformers' ``AttentionInterface`` as ``"lrqat"`` wraps the model's own
-  (sdpa / eager) and quantises them per token and head (over ``head_dim``);
+  registered with transformers' ``AttentionInterface`` as ``"lrqat_<inner>"`` wraps the model's
+  own implementation ``<inner>`` (sdpa / eager / ...) and quantises them per token and head (over
+  ``head_dim``). The same name is registered with ``AttentionMaskInterface`` with ``<inner>``'s mask
+  function, so causal and padding masks are built exactly as for ``<inner>`` (transformers builds
+  no mask for an implementation without one);
 * the KV cache, i.e. the outputs of ``k_proj`` and ``v_proj``, at ``kv_bits``: ``output_bits``
   of those layers. The value states enter ``softmax(.) V`` already quantised this way;
 * not the softmax output (the paper keeps it in high precision), not the head (``lm_head``).
@@ -27,12 +30,13 @@ numerics) and a saved checkpoint restores them.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch.nn as nn
 
 from .modules import ActQuantMLP, ActQuantRMSNorm, LRQATLinear, QuantizedLinear
 
-ATTN_IMPL = "lrqat"
+ATTN_IMPL_PREFIX = "lrqat_"
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Decoder layers whose forward is ``self_attn(input_layernorm(h))`` and ``mlp(post_attention_layernorm(h))``
 #: with ``mlp = down_proj(act(gate_proj(x)) * up_proj(x))`` (checked against transformers in tests).
@@ -64,10 +68,47 @@ def _lrqat_attention(module, query, key, value, attention_mask, **kwargs):
     return fn(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register_attention() -> None:
+def attn_impl_name(inner: str) -> str:
+    """The attention implementation name that quantises queries and keys, then runs ``inner``."""
+    return ATTN_IMPL_PREFIX + inner
+
+
+def inner_attn_impl(name: str | None) -> str | None:
+    """``inner`` of :func:`attn_impl_name` (``name`` itself when it is not one of ours)."""
+    return name[len(ATTN_IMPL_PREFIX):] if name and name.startswith(ATTN_IMPL_PREFIX) else name
+
+
+def restore_attn_implementation(model: nn.Module, inner: str | None) -> None:
+    """Give a freshly built HF model the attention implementation its checkpoint was trained with
+    (``config.json`` does not keep it); ``inner`` is the wrapped one for weight-activation models.
+    An implementation this install does not have (e.g. flash-attention) keeps the model's, with a
+    warning: the numerics then differ by floating-point rounding only."""
+    hf_config = getattr(model, "config", None)
+    if not inner or hf_config is None or not hasattr(hf_config, "_attn_implementation"):
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS:
+        warnings.warn(f"the checkpoint was trained with attention implementation {inner!r}, which this "
+                      f"transformers install does not have; using {hf_config._attn_implementation!r}", stacklevel=3)
+        return
+    hf_config._attn_implementation = inner
+
+
+def _register_attention(inner: str) -> str:
+    """Register :func:`_lrqat_attention` and ``inner``'s mask function under ``lrqat_<inner>``."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_IMPL, _lrqat_attention)
+    name = attn_impl_name(inner)
+    AttentionInterface.register(name, _lrqat_attention)
+    try:
+        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:  # transformers without mask interfaces: masks are built by the model itself
+        return name
+    if inner in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
 
 
 def install_activation_quantizers(model: nn.Module, config) -> None:
@@ -116,12 +157,10 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
         for m in model.modules():
             _unfuse(m)
     if is_hf and attn:
-        _register_attention()
-        current = hf_config._attn_implementation
+        inner = inner_attn_impl(hf_config._attn_implementation) or "sdpa"
         for _, m in attn:
-            if current != ATTN_IMPL:
-                m.lrqat_inner_attn = current or "sdpa"
-        hf_config._attn_implementation = ATTN_IMPL
+            m.lrqat_inner_attn = inner
+        hf_config._attn_implementation = _register_attention(inner)
 
 
 def _norm_sites(layer: nn.Module):

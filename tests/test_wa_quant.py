@@ -8,7 +8,7 @@ import torch.nn as nn
 import lrqat_kernels
 from lrqat_kernels import ActQuantMLP, ActQuantRMSNorm, LRQATConfig, LRQATLinear, QuantizedLinear, convert, load_pretrained, prepare, save_pretrained
 from lrqat_kernels import reference as R
-from lrqat_kernels.wa_quant import ATTN_IMPL
+from lrqat_kernels.wa_quant import attn_impl_name
 
 
 @pytest.fixture(autouse=True)
@@ -17,13 +17,14 @@ def _eager_cpu_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def tiny(arch="llama", seed=0):
+def tiny(arch="llama", seed=0, attn="sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     cfg = cls[0](vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = attn
     torch.manual_seed(seed)
     return cls[1](cfg).eval()
 
@@ -94,7 +95,7 @@ class _SwigluCounter:
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_placement(arch, fuse, monkeypatch):
     model = prepare(tiny(arch), LRQATConfig.preset("W4A8KV4", rank=4, fuse_act_quant=fuse))
-    assert model.config._attn_implementation == ATTN_IMPL
+    assert model.config._attn_implementation == attn_impl_name("sdpa")
     produced = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
     for name, m in model.named_modules():
         if isinstance(m, LRQATLinear):
@@ -232,7 +233,7 @@ def test_convert_and_save_load_keep_quantizers(tmp_path, monkeypatch):
         y_prep = model(x).logits
     save_pretrained(model, str(tmp_path / "lrqat"))
     back = load_pretrained(str(tmp_path / "lrqat"))
-    assert back.config._attn_implementation == ATTN_IMPL
+    assert back.config._attn_implementation == attn_impl_name("sdpa")
     with torch.no_grad():
         assert torch.equal(back(x).logits, y_prep)
     convert(model)
@@ -251,6 +252,43 @@ def test_convert_and_save_load_keep_quantizers(tmp_path, monkeypatch):
     assert isinstance(back.model.layers[1].post_attention_layernorm, ActQuantRMSNorm)
     assert isinstance(back.model.layers[1].mlp, ActQuantMLP) and back.model.layers[1].mlp.output_bits == 8
     assert isinstance(back.model.layers[1].mlp.down_proj, QuantizedLinear)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_masks_are_those_of_the_wrapped_implementation(attn):
+    """Queries and keys are quantised per token, so the wrapped attention must stay causal and
+    honour padding: earlier logits do not see a later token, and a left-padded batch (with its
+    mask and positions) gives the unpadded logits (the lrqat name once had no mask function, so
+    transformers built no mask at all)."""
+    model = prepare(tiny(attn=attn), LRQATConfig.preset("W4A8KV8", rank=4))
+    assert model.config._attn_implementation == attn_impl_name(attn)
+    x = ids(3)[:1]
+    x2 = x.clone()
+    x2[0, -1] = (x[0, -1] + 1) % 128
+    pad = 3
+    xp = torch.cat([torch.zeros(1, pad, dtype=x.dtype), x], 1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(x)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        y, y2 = model(x).logits[0], model(x2).logits[0]
+        yp = model(xp, attention_mask=mask, position_ids=pos).logits[0, pad:]
+    assert not torch.equal(y[-1], y2[-1])  # the changed token does matter
+    torch.testing.assert_close(y[:-1], y2[:-1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(yp, y, rtol=1e-5, atol=1e-5)
+
+
+def test_load_restores_the_wrapped_attention_implementation(tmp_path):
+    """config.json does not keep the attention implementation; the checkpoint does."""
+    model = prepare(tiny(attn="eager"), LRQATConfig.preset("W4A8KV4", rank=4))
+    x = ids(4)
+    with torch.no_grad():
+        y = model(x).logits
+    save_pretrained(model, str(tmp_path / "ck"))
+    back = load_pretrained(str(tmp_path / "ck"))
+    assert back.config._attn_implementation == attn_impl_name("eager")
+    assert all(m.lrqat_inner_attn == "eager" for m in back.modules() if hasattr(m, "lrqat_inner_attn"))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, y)
 
 
 def test_plain_linear_model_act_only():
