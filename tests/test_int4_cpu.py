@@ -138,6 +138,30 @@ def test_prepack_cache_follows_in_place_updates(lrqat_ext):
     _assert_close(int4_linear(x, qw, scale, None, 32), ref, mag, torch.float32)
 
 
+def test_prepack_cache_never_reuses_a_freed_scales_copy(lrqat_ext):
+    """A new scale (or zero-point) tensor is a miss even where the allocator puts it at a freed
+    one's address with version 0 again (keyed by pointer and version, 11 of 50 calls used an
+    earlier call's scale); the same tensors hit, a converted float zero point included."""
+    from lrqat_kernels.ops import int4_linear as il
+
+    w_int, _, z = _make(64, 128, 32, True)
+    qw = pack_nibbles(w_int)
+    x = torch.randn(3, 128)
+    for i in range(50):
+        s = torch.full((64, 4), float(i + 1))
+        ref, mag = _reference(x, w_int, s, z, 32, None)
+        _assert_close(int4_linear(x, qw, s, z, 32), ref, mag, torch.float32)
+        del s
+    for i in range(20):
+        zf = torch.full((64, 4), float(i % 5 - 2))
+        ref, mag = _reference(x, w_int, torch.ones(64, 4), zf.to(torch.int8), 32, None)
+        _assert_close(int4_linear(x, qw, torch.ones(64, 4), zf, 32), ref, mag, torch.float32)
+        del zf
+    s, zf = torch.rand(64, 4) + 0.5, z.float()
+    p1 = il._cached_prepack(qw, s, il._zero_point_int(zf), 32, zf)
+    assert il._cached_prepack(qw, s, il._zero_point_int(zf), 32, zf) is p1
+
+
 def test_per_channel_group_spellings(lrqat_ext):
     w_int, scale, _ = _make(33, 96, -1, False)
     qw = pack_nibbles(w_int)

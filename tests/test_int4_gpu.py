@@ -526,6 +526,9 @@ def test_prepack_cache_follows_in_place_updates(lrqat_ext):
     q[0, 0] ^= 0x11
     w3 = _cached_prepack(q, s, z, 64, torch.float32)
     assert w3 is not w2 and not torch.equal(w3.qweight, w2.qweight)
+    s2 = s.clone()  # equal values, another tensor (may sit at a freed tensor's address): a miss
+    w4 = _cached_prepack(q, s2, z, 64, torch.float32)
+    assert w4 is not w3 and _cached_prepack(q, s2, z, 64, torch.float32) is w4
 
 
 # ---- the generic dispatcher lrqat_kernels.ops.int4_linear.int4_linear routes CUDA tensors here ----

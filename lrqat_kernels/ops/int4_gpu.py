@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _ext
+from ._prepack_cache import PrepackCache
 
 __all__ = [
     "BACKENDS",
@@ -391,26 +391,18 @@ def dequant_linear(x, qweight, scale, zero_point=None, group_size=None, bias=Non
     return y.reshape(*x.shape[:-1], N)
 
 
-# Prepacked copies for backend="cuda" calls with standard-layout weights, keyed weakly by the
-# qweight tensor: a decode loop prepacks once per layer, and the copy dies with the weight. The
-# versions / identities of every input are checked so an in-place update re-prepacks. (Keyed by
-# identity: a plain WeakKeyDictionary would compare tensors with ==, elementwise.)
-_PREPACK_CACHE = WeakIdKeyDictionary()
+# Prepacked copies for backend="cuda" calls with standard-layout weights (see _prepack_cache): a
+# decode loop prepacks once per layer, and the copy dies with the weight.
+_PREPACK_CACHE = PrepackCache()
 
 
 def _cached_prepack(qweight, scale, zero_point, group_size, scale_dtype) -> Int4GPUWeight:
-    key = (
-        qweight._version, qweight.data_ptr(), scale.data_ptr(), scale._version, scale_dtype, group_size,
-        None if zero_point is None else (zero_point.data_ptr(), zero_point._version),
-    )
-    if torch.compiler.is_compiling():
+    def build():
         return prepack_int4_gpu(qweight, scale, zero_point, group_size, scale_dtype=scale_dtype)
-    hit = _PREPACK_CACHE.get(qweight)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    w = prepack_int4_gpu(qweight, scale, zero_point, group_size, scale_dtype=scale_dtype)
-    _PREPACK_CACHE[qweight] = (key, w)
-    return w
+
+    if torch.compiler.is_compiling():
+        return build()
+    return _PREPACK_CACHE.get(qweight, (scale, zero_point), (group_size, scale_dtype), build)
 
 
 def _device_name(device: torch.device) -> str | None:

@@ -49,13 +49,13 @@ bias, isa)``. ``group_size`` is -1 for per-channel scales in the ops.
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from ._prepack_cache import PrepackCache
 
 __all__ = [
     "ISA_ENV",
@@ -296,7 +296,7 @@ def int4_linear(
     K = 2 * qweight.shape[1]
     x2 = _flatten(x, K)
     g = _group_size(K, scale, group_size)
-    zero_point = _zero_point_int(zero_point)
+    zero_point_in, zero_point = zero_point, _zero_point_int(zero_point)
     if x.device.type == "cuda":
         return _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend)
     if x.device.type != "cpu":
@@ -313,38 +313,27 @@ def int4_linear(
                     x2, pw, ps, pz if zero_point is not None else None, qweight.shape[0], g, bias, isa
                 )
         else:
-            packed = _cached_prepack(qweight, scale, zero_point, g)
+            packed = _cached_prepack(qweight, scale, zero_point, g, zero_point_in)
             y = torch.ops.lrqat.int4_linear_prepacked_cpu(
                 x2, packed.packed_weight, packed.packed_scale, packed.packed_zero, packed.out_features, g, bias, isa
             )
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-# Prepacked copies for eager CPU calls with standard-layout weights, keyed by the identity of
-# qweight: a decode loop prepacks each layer once (the prepack costs ~30x an M = 1 GEMM), and the
-# copy dies with the weight (weakref callback). Data pointers and versions of every input are
-# checked, so an in-place update or a new scale re-prepacks. The copy costs the weight's memory
-# once more. (Not a WeakKeyDictionary: its lookups compare tensors with ==.)
-_PREPACK_CACHE: dict[int, tuple] = {}
+# Prepacked copies for eager CPU calls with standard-layout weights (see _prepack_cache): a decode
+# loop prepacks each layer once; the copy costs the weight's memory once more.
+_PREPACK_CACHE = PrepackCache()
 
 
-def _cached_prepack(qweight, scale, zero_point, g) -> Int4PackedCPU:
-    key = (
-        qweight.data_ptr(), qweight._version, tuple(qweight.shape), scale.data_ptr(), scale._version,
-        tuple(scale.shape), scale.dtype, g,
-        None if zero_point is None else (zero_point.data_ptr(), zero_point._version, tuple(zero_point.shape)),
-    )
-    hit = _PREPACK_CACHE.get(id(qweight))
-    if hit is not None and hit[0]() is qweight and hit[1] == key:
-        return hit[2]
-    pw, ps, pz = torch.ops.lrqat.int4_prepack_cpu(qweight, scale, zero_point, g)
-    packed = Int4PackedCPU(pw, ps, pz if zero_point is not None else None, qweight.shape[0], 2 * qweight.shape[1], g)
-    try:
-        ref = weakref.ref(qweight, lambda _r, i=id(qweight): _PREPACK_CACHE.pop(i, None))
-    except TypeError:  # not weak-referenceable: no caching
-        return packed
-    _PREPACK_CACHE[id(qweight)] = (ref, key, packed)
-    return packed
+def _cached_prepack(qweight, scale, zero_point, g, zero_point_in=None) -> Int4PackedCPU:
+    """``zero_point_in``: the caller's zero-point tensor ``zero_point`` was converted from (the
+    cache key: a converted float zero point is a new tensor every call)."""
+    def build():
+        pw, ps, pz = torch.ops.lrqat.int4_prepack_cpu(qweight, scale, zero_point, g)
+        return Int4PackedCPU(pw, ps, pz if zero_point is not None else None, qweight.shape[0], 2 * qweight.shape[1], g)
+
+    key_zp = zero_point if zero_point_in is None else zero_point_in
+    return _PREPACK_CACHE.get(qweight, (scale, key_zp), (g,), build)
 
 
 def int4_prepack_cpu(
