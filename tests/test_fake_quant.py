@@ -299,19 +299,22 @@ def test_group_sizes_not_dividing_the_tile(inn, group_size):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rank,group_size,phi_format", [(32, None, "packed_int"), (32, 32, "fixed_point"), (64, 128, "bf16"),
-                                                         (128, 32, "fp32"), (100, None, "packed_int")])
-def test_gpu_tile_table_under_interpreter(monkeypatch, rank, group_size, phi_format):
-    """The exact constexprs a GPU gets (64 x 128 forward tiles, gpt > 1, large ranks), on CPU."""
+@pytest.mark.parametrize("rank,group_size,phi_format,dtype", [
+    (32, None, "packed_int", torch.bfloat16), (32, 32, "fixed_point", torch.bfloat16), (64, 128, "bf16", torch.bfloat16),
+    (128, 32, "fp32", torch.bfloat16), (100, None, "packed_int", torch.bfloat16),
+    (128, None, "fp32", torch.float32), (64, 32, "packed_int", torch.float32)], ids=str)
+def test_gpu_tile_table_under_interpreter(monkeypatch, rank, group_size, phi_format, dtype):
+    """The exact constexprs a GPU gets (64 x 128 forward tiles, gpt > 1, large ranks, the
+    backward's 16-wide tiles at R_PAD = 128), on CPU."""
     monkeypatch.setattr(fq, "FORCE_GPU_TILES", True)
-    phi, A, B, s, zp = make_problem(70, 256, rank, 4, phi_format, group_size, torch.bfloat16, zero_point=True, seed=rank)
+    phi, A, B, s, zp = make_problem(70, 256, rank, 4, phi_format, group_size, dtype, zero_point=True, seed=rank)
     kw = qkw(4, phi_format, group_size, zp)
     differ = assert_int_match(lk.merge_weight(phi, A, B, s, **kw)[0], reference.merge_weight(phi, A, B, s, **kw)[0],
                               z_fp64(phi, A, B, 4, phi_format), "merge")
     assert torch.equal(lk.fake_quant_weight(phi, A, B, s, **kw)[~differ], reference.fake_quant_weight(phi, A, B, s, **kw)[~differ])
-    G = torch.randn(70, 256, device=DEVICE).bfloat16()
-    got = grads_of(lk.fake_quant_weight, phi, A, B, s, G, kw, torch.bfloat16)
-    eager = grads_of(reference.fake_quant_weight, phi, A, B, s, G, kw, torch.bfloat16)
+    G = torch.randn(70, 256, device=DEVICE).to(dtype)
+    got = grads_of(lk.fake_quant_weight, phi, A, B, s, G, kw, dtype)
+    eager = grads_of(reference.fake_quant_weight, phi, A, B, s, G, kw, dtype)
     truth = grads_of(reference.fake_quant_weight, phi, A.double(), B.double(), s.double(), G, kw, torch.float64)
     for name, k, e, t in zip(("lora_A", "lora_B", "scale"), got, eager, truth):
         assert_grad_close(name, k, e, t)

@@ -656,20 +656,23 @@ def fwd_config(out_features: int, in_features: int, rank: int, group_size: int, 
 
 
 #: GPU backward table ``(split_bf16, R_PAD, fused_g) -> (BLOCK_M, BLOCK_N, num_warps)``, chosen
-#: from ptxas sweeps (sm_80 and sm_90) of 8 tile shapes per key for no register spills: the
-#: kernel holds a ``[BM, R_PAD]`` dB accumulator, the lora slices and ~6 live ``[BM, BN]`` fp32
-#: tiles. bf16 factors use the split-bf16 tensor-core dots (``_rank_reduce``), fp32/fp16 factors
-#: IEEE FMA dots, whose operands take more registers. R_PAD = 128 spills a little on sm_80
-#: whatever the tile (tests/test_aot_compile.py prints the numbers).
+#: from ptxas sweeps (sm_80 and sm_90, Triton 3.6 and 3.8) of 27 tile shapes x warps per key for
+#: no register spills: the kernel holds a ``[BM, R_PAD]`` dB accumulator, the lora slices and ~6
+#: live ``[BM, BN]`` fp32 tiles. bf16 factors use the split-bf16 tensor-core dots
+#: (``_rank_reduce``), fp32/fp16 factors IEEE FMA dots, whose operands take more registers. Among
+#: spill-free shapes the tallest wins: each row tile re-reads and re-writes its band's fp32 dA
+#: partial (``R_PAD / BLOCK_M`` words a weight), so ``BLOCK_M`` matters more than ``BLOCK_N``.
+#: fp16 factors share fp32's rows; at R_PAD = 32 (8 warps, so fp16 does not spill) fp32 spills a
+#: few words on sm_90 under Triton 3.6, and at R_PAD = 16 under 3.8.
 _BWD_TABLE = {
-    (True, 16, False): (32, 32, 4), (True, 16, True): (32, 32, 4),
+    (True, 16, False): (32, 32, 4), (True, 16, True): (32, 64, 8),
     (True, 32, False): (32, 64, 8), (True, 32, True): (32, 64, 8),
     (True, 64, False): (32, 32, 8), (True, 64, True): (32, 32, 8),
-    (True, 128, False): (16, 32, 4), (True, 128, True): (16, 32, 4),
+    (True, 128, False): (64, 16, 8), (True, 128, True): (64, 16, 8),
     (False, 16, False): (32, 32, 4), (False, 16, True): (32, 32, 4),
     (False, 32, False): (32, 64, 8), (False, 32, True): (32, 64, 8),
-    (False, 64, False): (16, 32, 4), (False, 64, True): (32, 64, 8),
-    (False, 128, False): (32, 32, 8), (False, 128, True): (32, 32, 8),
+    (False, 64, False): (32, 32, 8), (False, 64, True): (64, 16, 8),
+    (False, 128, False): (32, 16, 8), (False, 128, True): (32, 32, 8),
 }
 
 
