@@ -91,8 +91,21 @@ def _act_repr(mod) -> str:
     return "".join(", " + p for p in parts)
 
 
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype LoRA factors are kept in under compute ``dtype``: fp16 factors become fp32.
+
+    fp16 factors cannot be trained: AdamW's ``eps = 1e-8`` rounds to 0 in fp16 (at LoRA init
+    ``lora_B = 0`` makes ``dlora_A = 0``, and the first update is 0/0 = NaN), squared gradients
+    below ~2.4e-4 underflow, and updates below half an ulp are lost. So under fp16 compute the
+    factors are fp32 master weights: the kernels take fp16 activations with fp32 factors and give
+    ``W_hat`` and the output in fp16. bf16 has fp32's range and is kept.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 class _KeepDtypes:
-    """Mixin: ``module.to(bf16)`` / ``.half()`` must not cast the tensors named in ``_keep_dtypes``.
+    """Mixin: ``module.to(bf16)`` / ``.half()`` must not cast the tensors named in ``_keep_dtypes``,
+    and turns a cast of the tensors named in ``_factors`` to fp16 into fp32 (:func:`factor_dtype`).
 
     Scales stay fp32 (NUMERICS: bf16 scales never move under AdamW steps of ~1e-5) and a stored
     Phi0 keeps its format's dtype. Device moves still apply. The original (unrounded) value is
@@ -100,16 +113,21 @@ class _KeepDtypes:
     """
 
     _keep_dtypes: tuple[str, ...] = ()
+    _factors: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
         before = {}
-        for name in self._keep_dtypes:
+        for name in (*self._keep_dtypes, *self._factors):
             t = getattr(self, name, None)
             if isinstance(t, torch.Tensor):
                 before[name] = (t.data, t.dtype, None if t.grad is None else t.grad.data)
         super()._apply(fn, recurse)
         for name, (data, dtype, grad) in before.items():
             t = getattr(self, name)
+            if name in self._factors:
+                if t.dtype != torch.float16:
+                    continue
+                dtype = factor_dtype(t.dtype)
             if t.dtype != dtype:
                 t.data = data.to(device=t.device, dtype=dtype)
             if t.grad is not None and grad is not None and t.grad.dtype != dtype:
@@ -123,8 +141,8 @@ class LRQATLinear(_KeepDtypes, nn.Module):
     Tensors (``G = in // group_size``, 1 for per-channel):
         phi: buffer, ``Phi0 = phi(W0 / s0 + z)``; int8 ``[out, in]`` (fixed_point), uint8
             ``[out, in // 2]`` (packed_int) or float ``[out, in]``. Frozen.
-        lora_A: parameter ``[r, in]`` in the compute dtype.
-        lora_B: parameter ``[out, r]`` in the compute dtype (zeros at LoRA init).
+        lora_A: parameter ``[r, in]`` in the compute dtype (fp32 under fp16: :func:`factor_dtype`).
+        lora_B: parameter ``[out, r]`` like lora_A (zeros at LoRA init).
         scale: parameter float32 ``[out, G]``, initialised to ``s0``; stays fp32 under
             ``module.to(torch.bfloat16)``.
         zero_point: buffer int8 ``[out, G]`` (asymmetric) or None. Frozen.
@@ -135,6 +153,7 @@ class LRQATLinear(_KeepDtypes, nn.Module):
     """
 
     _keep_dtypes = ("scale", "phi")
+    _factors = ("lora_A", "lora_B")
 
     def __init__(
         self,
@@ -167,8 +186,8 @@ class LRQATLinear(_KeepDtypes, nn.Module):
         n_groups = in_features // g
         phi_cols = in_features // 2 if phi_format == "packed_int" else in_features
         self.register_buffer("phi", torch.zeros(out_features, phi_cols, dtype=PHI_DTYPES[phi_format], device=device))
-        self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=factor_dtype(dtype), device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=factor_dtype(dtype), device=device))
         self.scale = nn.Parameter(torch.ones(out_features, n_groups, dtype=torch.float32, device=device), requires_grad=learn_scale)
         if symmetric:
             self.register_buffer("zero_point", None)
@@ -192,7 +211,8 @@ class LRQATLinear(_KeepDtypes, nn.Module):
 
         Returns:
             An ``LRQATLinear`` on ``linear``'s device; ``lora_A``/``lora_B``/``bias`` in
-            ``config.compute_dtype`` (default ``W0``'s dtype), ``scale = s0`` in fp32.
+            ``config.compute_dtype`` (default ``W0``'s dtype; factors fp32 under fp16, see
+            :func:`factor_dtype`), ``scale = s0`` in fp32.
         """
         where = f"layer {name!r}: " if name else ""
         if not isinstance(linear, nn.Linear):
@@ -218,13 +238,13 @@ class LRQATLinear(_KeepDtypes, nn.Module):
                 raise ValueError(f"{where}init='svd' needs rank <= min(out, in) = {min(out_f, in_f)}, got rank={config.rank}")
             phi, lora_A, lora_B = svd_init(
                 x, config.rank, bits=config.bits, phi_format=config.phi_format, alpha=config.alpha,
-                steps=config.svd_steps, dtype=dtype,
+                steps=config.svd_steps, dtype=factor_dtype(dtype),
             )
         else:
             phi = encode_phi(x, config.bits, config.phi_format)
             if generator is None:
                 generator = torch.Generator().manual_seed(config.seed)
-            lora_A, lora_B = lora_init(out_f, in_f, config.rank, dtype=dtype, generator=generator)
+            lora_A, lora_B = lora_init(out_f, in_f, config.rank, dtype=factor_dtype(dtype), generator=generator)
         mod = cls(
             in_f, out_f, bits=config.bits, rank=config.rank, alpha=config.alpha, phi_format=config.phi_format,
             group_size=config.group_size, symmetric=config.symmetric, bias=linear.bias is not None,

@@ -154,6 +154,10 @@ def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9,
         groups.append({"params": scales, "lr": lr_scale, "name": "scale"})
     if not lora:
         raise ValueError("no trainable lora_A/lora_B parameters; was the model prepared?")
+    half = [p for p in lora + scales if p.dtype == torch.float16]
+    if half:
+        raise ValueError(f"{len(half)} trainable tensors are float16: AdamW cannot train fp16 tensors (eps=1e-8 rounds "
+                         "to 0, squared gradients underflow); keep them float32 (prepare(compute_dtype='float16') does)")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8)
 
 
@@ -245,6 +249,10 @@ def fit(
         "train_seconds", "tokens", "tokens_per_s", "peak_memory_gb", "resumed_from"}``.
     """
     device = device or next(iter(model.parameters())).device
+    # fp16 activations: dynamic loss scaling, so small activation gradients do not flush to zero
+    # in the fp16 backward (the trainable tensors themselves are fp32, see modules.factor_dtype)
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=fp16)
     opt = build_optimizer(model, lr, lr_scale, betas=betas, weight_decay=weight_decay)
     warmup = int(round(warmup_ratio * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(steps, warmup))
@@ -273,6 +281,8 @@ def fit(
                 p.copy_(saved[n])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -289,6 +299,7 @@ def fit(
                 "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
+                "grad_scaler": scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": history,
@@ -316,11 +327,13 @@ def fit(
                 loss = _lm_loss(model, x)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rates")
-                (loss / grad_accum).backward()
+                scaler.scale(loss / grad_accum).backward()
                 loss_sum += float(loss.detach())
+            scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else torch.tensor(float("nan"))
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
-            opt.step()
+            scaler.step(opt)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+            scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0

@@ -113,7 +113,7 @@ def test_scale_and_phi_keep_dtype_under_model_casts():
     assert layer.phi.dtype == torch.float32 and torch.equal(layer.phi, phi)
     assert layer.lora_A.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
     layer.half()
-    assert layer.scale.dtype == torch.float32 and layer.lora_B.dtype == torch.float16
+    assert layer.scale.dtype == torch.float32 and layer.lora_B.dtype == torch.float32  # factor_dtype
     seq = nn.Sequential(layer).to(torch.bfloat16)
     assert seq[0].scale.dtype == torch.float32 and isinstance(seq[0].scale, nn.Parameter)
     assert seq[0].scale.requires_grad
@@ -130,6 +130,28 @@ def test_bf16_compute_dtype_and_tiny_scale_updates_survive():
     layer(torch.randn(8, 32, dtype=torch.bfloat16)).float().square().sum().backward()
     opt.step()
     assert not torch.equal(layer.scale.detach(), before)  # a bf16 scale would not move by 1e-5
+
+
+def test_fp16_compute_keeps_fp32_factors():
+    """Under fp16 the factors are fp32 master weights (AdamW on fp16 factors made lora_A NaN at
+    the first step: eps = 1e-8 is 0 in fp16 and dlora_A = 0 at LoRA init); activations, W_hat,
+    bias and output stay fp16; a .half() cast keeps them fp32, a bf16 cast casts them."""
+    layer = LRQATLinear.from_linear(_linear(), LRQATConfig(rank=4, compute_dtype="float16"))
+    assert (layer.lora_A.dtype, layer.lora_B.dtype, layer.bias.dtype) == (torch.float32, torch.float32, torch.float16)
+    assert LRQATLinear(32, 16, rank=4, dtype=torch.float16).lora_A.dtype == torch.float32
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    y = layer(torch.randn(8, 32, dtype=torch.float16))
+    assert y.dtype == torch.float16
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B, layer.scale], lr=1e-3)
+    with torch.no_grad():
+        layer.lora_B.zero_()  # LoRA init: dlora_A = 0
+    layer(torch.randn(8, 32, dtype=torch.float16)).float().square().sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in (layer.lora_A, layer.lora_B, layer.scale))
+    layer.half()
+    assert layer.lora_A.dtype == torch.float32 and layer.bias.dtype == torch.float16
+    layer.to(torch.bfloat16)
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.scale.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -125,6 +126,27 @@ def test_bf16_training_keeps_scales_fp32_and_checkpointing_matches(workdir):
         assert not torch.equal(layer.scale.detach(), s0)  # 1e-4 steps survive in fp32
         results.append([h["loss"] for h in r["history"]])
     assert results[0] == pytest.approx(results[1], rel=1e-2)
+
+
+def test_fp16_training_tracks_fp32_training(workdir):
+    """compute_dtype float16: fp32 factors (modules.factor_dtype) and dynamic loss scaling give
+    the fp32 run's losses and gradient norms (lora_A became NaN at step 1 with fp16 factors).
+    fp16 trainable tensors are refused by the optimizer with a message."""
+    ids = tokenize(read_text(str(workdir / "train.txt")), ByteTokenizer())
+    runs = {}
+    for dt in ("float32", "float16"):
+        model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", compute_dtype=dt))
+        r = fit(model, WindowSampler(ids, 32, seed=0), steps=6, batch_size=2, lr=1e-2, lr_scale=1e-4, progress=False)
+        runs[dt] = [v for h in r["history"] for v in (h["loss"], h["grad_norm"])]
+        layer = model.model.layers[0].self_attn.q_proj
+        assert layer.lora_A.dtype == torch.float32 and layer.lora_B.abs().max() > 0
+        assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+    assert all(math.isfinite(v) for v in runs["float16"])
+    assert runs["float16"] == pytest.approx(runs["float32"], rel=2e-2)
+    layer.lora_A.data = layer.lora_A.data.half()
+    with pytest.raises(ValueError, match="float16"):
+        build_optimizer(model, 1e-3, 1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
