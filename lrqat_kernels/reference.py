@@ -259,7 +259,8 @@ def estimate_scale(
     """Range estimation for ``s0`` (and ``z`` when asymmetric), per channel or per group, in fp32.
 
     ``minmax``: symmetric ``s0 = max|w| / qmax``; asymmetric ``s0 = (max - min) / (qmax - qmin)``,
-    ``z = clip(round(qmin - min / s0))``.
+    ``z = clip(round(qmin - min / s0))``, with ``min <= 0 <= max`` (the range is widened to hold 0:
+    the grid ``s (q - z)`` with ``z`` in ``[qmin, qmax]`` always does).
     ``lp:<p>``: candidate ranges ``k / 100`` of the min-max range, k = 1..100; keep the k
     minimising ``sum |w - q(w; s)|^p`` of the RTN quantizer (first k on ties). Asymmetric
     ranges shrink about the midpoint, and each tries zero points ``round(qmin - lo / s) + {-2..2}``.
@@ -297,7 +298,11 @@ def estimate_scale(
             best_s = torch.where(better, s, best_s)
         return best_s
 
-    lo, hi = wg.amin(-1), wg.amax(-1)
+    # The grid s * (q - z), q and z in [qmin, qmax], always holds 0 (q = z): a range that does not
+    # would need z outside [qmin, qmax], and clamping z would shift the whole grid off the
+    # weights (a group in [1.0, 1.4] came out near [0, 0.4]). So the range includes 0, as
+    # act_quant_params' does.
+    lo, hi = wg.amin(-1).clamp_max(0.0), wg.amax(-1).clamp_min(0.0)
     span = (hi - lo).clamp_min(eps)
     mid = (hi + lo) / 2
 

@@ -237,6 +237,21 @@ def test_minmax_symmetric_and_asymmetric():
     assert z.flatten().tolist() == [0.0, -2.0]
 
 
+@pytest.mark.parametrize("method", ["minmax", "lp:4"])
+def test_asymmetric_range_of_a_one_signed_group_still_covers_it(method):
+    """The grid s * (q - z) always holds 0 (z in [qmin, qmax]), so the range is widened to 0: a
+    group in [1.0, 1.4] used to get z clamped to qmin and a grid near [0, 0.4] (error 1.0); every
+    weight is now within half a step, and all-equal groups (either sign) are exact."""
+    w = torch.tensor([[1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30, 1.40],
+                      [-2.0, -1.9, -1.7, -1.6, -1.5, -1.3, -1.2, -1.1],
+                      [0.7] * 8, [-0.3] * 8])
+    s, z = R.estimate_scale(w, 4, method, symmetric=False)
+    assert torch.all((-8 <= z) & (z <= 7))
+    err = (R.rtn_quantize(w, s, bits=4, zero_point=z) - w).abs()
+    assert torch.all(err <= s / 2 + 1e-6)
+    assert torch.all(err[2:] <= 1e-6)
+
+
 def test_lp_search_by_hand():
     # One outlier at 1.0 and 99 values at 0.3, 2 bits (qmax = 1), p = 2. Candidates s = k / 100.
     # For s in (0.3, 0.6): err = 99 (0.3 - s)^2 + (1 - s)^2; minimum over k is k = 31 (hand-computed:
