@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import check_bits, check_phi_dtype, check_phi_format, phi_in_features
+from .formats import check_bits, check_phi_dtype, check_phi_format, phi_in_features, qrange
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SCALE_DTYPES = (torch.float32, torch.float64)
@@ -60,8 +60,13 @@ def check_fake_quant_args(
     group_size=None,
     out_dtype=None,
     require_contiguous: bool = False,
+    check_values: bool | None = None,
 ) -> LRQATShapes:
     """Validate the arguments of ``fake_quant_weight`` and return the problem's shapes.
+
+    ``check_values``: also check ``zero_point``'s values (:func:`check_zero_point_values`); None
+    checks them on CPU only (on a GPU the check would synchronise every training step; ``merge``
+    passes True).
 
     Args:
         phi: stored Phi0 (dtype/shape per ``phi_format``), ``[out, in]`` or ``[out, in // 2]``.
@@ -107,6 +112,8 @@ def check_fake_quant_args(
             raise TypeError(f"zero_point must be an integer or float tensor, got {zero_point.dtype}")
         if tuple(zero_point.shape) != tuple(scale.shape):
             raise ValueError(f"zero_point must have scale's shape {tuple(scale.shape)}, got {tuple(zero_point.shape)}")
+        if check_values or (check_values is None and zero_point.device.type == "cpu"):
+            check_zero_point_values(zero_point, bits)
         tensors["zero_point"] = zero_point
     check_same_device(**tensors)
     if require_contiguous:
@@ -114,6 +121,20 @@ def check_fake_quant_args(
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous (row-major); call .contiguous() first")
     return LRQATShapes(out_features, in_features, rank, g, n_groups)
+
+
+def check_zero_point_values(zero_point: torch.Tensor, bits: int) -> None:
+    """NUMERICS: integer zero points in ``[qmin, qmax]``. Others would train one ``W_hat`` and
+    deploy another (the merge stores int8 zero points: 0.5 rounds to 0, 300 wraps to 44)."""
+    qmin, qmax = qrange(bits)
+    z = zero_point.detach()
+    bad = (z < qmin) | (z > qmax)
+    if z.is_floating_point():
+        bad |= ~torch.isfinite(z) | (z != z.round())
+    if bool(bad.any()):
+        v = z[bad].flatten()[0].item()
+        raise ValueError(f"zero_point must hold integers in [qmin, qmax] = [{qmin}, {qmax}] for bits={bits} "
+                         f"(NUMERICS: integer zero points), got {v!r}")
 
 
 def check_same_device(**tensors) -> None:

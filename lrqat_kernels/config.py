@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .formats import PHI_FORMATS, check_bits, check_phi_format
-from .reference import ACT_BITS
+from .reference import check_act_bits
 
 __all__ = ["LRQATConfig", "COMPUTE_DTYPES", "PRESETS", "resolve_dtype"]
 
@@ -184,9 +184,7 @@ class LRQATConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         for name in ("act_bits", "kv_bits"):
-            val = getattr(self, name)
-            if val is not None and (isinstance(val, bool) or val not in ACT_BITS):
-                raise ValueError(f"{name} must be None or one of {ACT_BITS}, got {val!r}")
+            check_act_bits(name, getattr(self, name), optional=True)
         if self.kv_bits is not None and self.act_bits is None:
             raise ValueError(
                 f"kv_bits={self.kv_bits} needs act_bits: KV-cache quantisation is part of weight-activation "

@@ -555,7 +555,7 @@ def merge_weight(
     """
     check_fake_quant_args(
         phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
-        zero_point=zero_point, group_size=group_size,
+        zero_point=zero_point, group_size=group_size, check_values=True,
     )
     _check_phi_layout(phi, phi_format)
     if not uses_kernels(phi, lora_A, scale):

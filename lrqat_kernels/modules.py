@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ._checks import check_group_size
 from .formats import PHI_DTYPES, check_bits, check_phi_format, encode_phi, pack_nibbles, qrange, unpack_nibbles
-from .reference import ACT_BITS, estimate_scale, expand_groups, lora_init, svd_init
+from .reference import check_act_bits, estimate_scale, expand_groups, lora_init, svd_init
 
 __all__ = ["ActQuantMLP", "ActQuantRMSNorm", "LRQATLinear", "QuantizedLinear"]
 
@@ -69,8 +69,7 @@ def _set_act_quant(mod: nn.Module, input_bits, output_bits, act_symmetric) -> No
     """Weight-activation settings of a layer: per-token fake quantisation of its input
     (``input_bits``) and of its output (``output_bits``: the KV cache on k/v projections)."""
     for name, val in (("input_bits", input_bits), ("output_bits", output_bits)):
-        if val is not None and (isinstance(val, bool) or val not in ACT_BITS):
-            raise ValueError(f"{name} must be None or one of {ACT_BITS}, got {val!r}")
+        check_act_bits(name, val, optional=True)
     if not isinstance(act_symmetric, bool):
         raise TypeError(f"act_symmetric must be a bool, got {act_symmetric!r}")
     mod.input_bits, mod.output_bits, mod.act_symmetric = input_bits, output_bits, act_symmetric

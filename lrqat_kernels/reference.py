@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_fake_quant_args, check_group_size, check_linear_args, check_tensor
+from ._checks import check_fake_quant_args, check_group_size, check_linear_args, check_tensor, check_zero_point_values
 from .formats import check_bits, decode_phi, encode_phi, qrange
 
 __all__ = [
@@ -197,6 +197,8 @@ def merge_weight(
         phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
         zero_point=zero_point, group_size=group_size, out_dtype=None,
     )
+    if zero_point is not None:
+        check_zero_point_values(zero_point, bits)
     if torch.isnan(w_int).any():
         raise ValueError("cannot merge: W_int contains NaN (lora_A/lora_B hold non-finite values)")
     zp = None if zero_point is None else zero_point.detach().round().to(torch.int8)
@@ -387,14 +389,21 @@ def svd_init(
 ACT_BITS = (4, 8)
 
 
+def check_act_bits(name: str, bits, *, optional: bool = False) -> None:
+    """``bits`` an int in :data:`ACT_BITS` (None too when ``optional``); 8.0 or True are refused."""
+    if optional and bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ACT_BITS:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}one of {ACT_BITS}, got {bits!r}")
+
+
 def check_act_args(x, bits, symmetric) -> None:
     check_tensor("x", x)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    if isinstance(bits, bool) or bits not in ACT_BITS:
-        raise ValueError(f"bits must be one of {ACT_BITS} for activation quantisation, got {bits!r}")
+    check_act_bits("bits", bits)
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
 

@@ -416,11 +416,18 @@ def test_dispatch_env_and_cuda_backend(monkeypatch):
     x, w_int, q, s, z, b = _case(2, 72, 64, None, False, torch.float16, device="cpu")
     monkeypatch.setenv(int4_gpu.BACKEND_ENV, "dequant")
     _check(int4_gpu.int4_linear_gpu(x, q, s, z, None, b), x, w_int, s, z, None, b)
-    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
-        int4_gpu.int4_linear_gpu(x, q, s, z, None, b, backend="cuda")
     monkeypatch.setenv(int4_gpu.BACKEND_ENV, "bogus")
     with pytest.raises(ValueError, match="int4 backend must be one of"):
         int4_gpu.int4_linear_gpu(x, q, s, z, None, b)
+    monkeypatch.delenv(int4_gpu.BACKEND_ENV)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors, no interpreter: errors naming the device
+    for backend in ("cuda", "triton", "auto"):
+        with pytest.raises(ValueError, match="int4_linear_gpu serves CUDA tensors, got x on cpu"):
+            int4_gpu.int4_linear_gpu(x, q, s, z, None, b, backend=backend)
+    with pytest.raises(ValueError, match="int4_linear_triton needs CUDA tensors"):
+        int4_linear_triton(x, q, s, z, None, b)
+    with pytest.raises(ValueError, match="int4_gpu_linear .* needs CUDA tensors"):
+        int4_gpu.int4_gpu_linear(x, int4_gpu.prepack_int4_gpu(q, s, z))
 
 
 def test_env_backend_falls_back_for_layers_it_cannot_run(monkeypatch):

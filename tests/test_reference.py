@@ -342,6 +342,9 @@ def _call(**over):
         (dict(group_size=4, scale=torch.ones(4, 1)), ValueError, "scale must be"),
         (dict(group_size=0), ValueError, "group_size must be"),
         (dict(zero_point=torch.zeros(4, 2)), ValueError, "zero_point must have scale's shape"),
+        (dict(zero_point=torch.full((4, 1), 0.5)), ValueError, r"zero_point must hold integers in \[qmin, qmax\] = \[-8, 7\]"),
+        (dict(zero_point=torch.full((4, 1), 8)), ValueError, r"zero_point must hold integers .* got 8"),
+        (dict(zero_point=torch.full((4, 1), float("nan"))), ValueError, "zero_point must hold integers"),
         (dict(alpha=float("nan")), ValueError, "alpha must be a finite"),
         (dict(scale=torch.ones(4, 1, device="meta")), ValueError, "same device"),
         (dict(phi=torch.zeros(8), lora_A=torch.zeros(2, 8)), ValueError, "phi must be 2-D"),
@@ -350,6 +353,23 @@ def _call(**over):
 def test_bad_input(over, exc, msg):
     with pytest.raises(exc, match=msg):
         _call(**over)
+
+
+@pytest.mark.parametrize("zp", [torch.full((4, 1), 0.5), torch.full((4, 1), 300.0)])
+def test_merge_refuses_zero_points_it_would_store_differently(zp):
+    """int8 storage would round 0.5 to 0 and wrap 300 to 44: a different deployed W_hat. The merge
+    checks the values on every device (training ops on CPU only, a GPU check would sync)."""
+    import lrqat_kernels
+
+    args = dict(phi=torch.zeros(4, 8), lora_A=torch.zeros(2, 8), lora_B=torch.zeros(4, 2), scale=torch.ones(4, 1))
+    kw = dict(bits=4, phi_format="fp32", alpha=1.0, zero_point=zp)
+    for merge in (R.merge_weight, lrqat_kernels.merge_weight):
+        with pytest.raises(ValueError, match="zero_point must hold integers"):
+            merge(*args.values(), **kw)
+    from lrqat_kernels._checks import check_fake_quant_args
+
+    meta = {k: v.to("meta") for k, v in args.items()}  # off CPU: no value check (no sync) unless asked
+    check_fake_quant_args(*meta.values(), **dict(kw, zero_point=zp.to("meta")))
 
 
 def test_bad_input_packed_and_fixed_point():

@@ -61,6 +61,9 @@ def test_presets_and_config_validation():
         LRQATConfig(act_bits=6)
     with pytest.raises(ValueError, match="kv_bits must be None or one of"):
         LRQATConfig(act_bits=8, kv_bits=2)
+    for kw in (dict(act_bits=8.0), dict(act_bits=8, kv_bits=4.0), dict(act_bits=True)):  # not ints: refused
+        with pytest.raises(ValueError, match="bits must be None or one of"):
+            LRQATConfig(**kw)
 
 
 class _NormCounter:

@@ -231,6 +231,9 @@ def int4_gpu_linear(x: torch.Tensor, weight: Int4GPUWeight, bias: torch.Tensor |
     Returns:
         ``[..., N]`` in x's dtype.
     """
+    if not x.is_cuda:
+        raise ValueError(f"int4_gpu_linear (the CUDA W4A16 kernel) needs CUDA tensors, got x on {x.device}; "
+                         "lrqat_kernels.int4_linear serves CPU tensors")
     _ext.require_extension("int4_gpu_linear")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -519,6 +522,9 @@ def int4_linear_gpu(
     N, K, g = check_int4_linear_args(x, qweight, scale, zero_point, group_size, bias)
     from_env = backend is None
     backend = resolve_backend(backend)
+    if not x.is_cuda and backend != "dequant" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"int4_linear_gpu serves CUDA tensors, got x on {x.device} (backend={backend!r}); "
+                         "lrqat_kernels.int4_linear serves CPU tensors (backend='dequant' runs anywhere)")
     M = x.numel() // K if K else 0
     if from_env and backend in ("cuda", "triton"):
         # $LRQAT_INT4_BACKEND applies to every layer of a model: a layer that backend cannot run

@@ -579,6 +579,9 @@ def int4_linear_triton(
     N, K, g = check_int4_linear_args(x, qweight, scale, zero_point, group_size, bias)
     if K % 2:
         raise ValueError(f"K must be even, got {K}")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(f"int4_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1 for the Triton interpreter on "
+                         f"CPU), got x on {x.device}; lrqat_kernels.int4_linear serves CPU tensors")
     per_channel = g == K
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
