@@ -297,7 +297,7 @@ def main(argv=None) -> int:
                 old = json.load(f)
             try:
                 table = int4_tuning.merge_tables(old, table)
-                print(f"# merged with {existing} (table-level versions and date are this run's)")
+                print(f"# merged with {existing} (same versions; the date is this run's)")
             except ValueError as exc:  # keep both: this run's table beside the old one
                 path = int4_tuning.write_table(table, os.path.join(RESULTS_DIR, "unmerged_tables"))
                 print(f"# --merge: cannot merge with {existing} ({exc}); this run's table is in {path}")

@@ -101,6 +101,19 @@ def test_split_k(split_k, g):
     assert _COUNTERS and all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
 
 
+def test_split_k_counters_kept_for_a_bounded_number_of_streams(monkeypatch):
+    """One counter buffer per (device, stream), least recently used dropped past _COUNTERS_MAX
+    (a server creating streams per request grew the cache without bound)."""
+    from lrqat_kernels.ops import int4_triton as it
+
+    monkeypatch.setattr(it, "_COUNTERS", type(it._COUNTERS)())
+    for i in range(it._COUNTERS_MAX + 10):  # buffers of streams seen earlier
+        it._COUNTERS[("cuda", 0, 1000 + i)] = torch.zeros(4, dtype=torch.int32)
+    buf = it._split_counters(torch.device("cpu"), 8)
+    assert len(it._COUNTERS) == it._COUNTERS_MAX and next(reversed(it._COUNTERS)) == ("cpu", None, 0)
+    assert ("cuda", 0, 1000) not in it._COUNTERS and it._split_counters(torch.device("cpu"), 8) is buf
+
+
 def _swap(cfg: Int4TritonConfig, **kw) -> Int4TritonConfig:
     return Int4TritonConfig(**{**cfg.__dict__, "swap_ab": True, **kw})
 

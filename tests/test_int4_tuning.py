@@ -396,6 +396,8 @@ def test_merge_tables():
         T.merge_tables(old, dict(new, group_size=64))
     with pytest.raises(ValueError, match="different device"):
         T.merge_tables(old, table([entry(32, 64, 1)], device="Other GPU"))
+    with pytest.raises(ValueError, match="different triton"):  # the table records one set of versions
+        T.merge_tables(old, dict(new, triton="9.9.9"))
 
 
 def test_tuner_rejects_bad_arguments(tmp_path):

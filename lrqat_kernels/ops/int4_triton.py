@@ -47,6 +47,7 @@ backend (prefill: dequantise once, then cuBLAS).
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from dataclasses import dataclass
@@ -525,7 +526,8 @@ def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sm
     return Int4TritonConfig(bm, bn, bk, split_k, num_warps, num_stages, bool(swap_ab), bool(fast_decode))
 
 
-_COUNTERS: dict = {}
+_COUNTERS: collections.OrderedDict = collections.OrderedDict()
+_COUNTERS_MAX = 64  # (device, stream) buffers kept, least recently used dropped beyond
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -533,7 +535,9 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
     Eager: one cached buffer per (device, stream). Kernels on one stream run in order and the
     reducing program zeroes its counter again, so the buffer is all zero whenever a launch starts
-    (a buffer outgrown on a stream is freed stream-ordered, after the kernels that used it).
+    (a buffer outgrown on a stream is freed stream-ordered, after the kernels that used it; so is
+    one dropped when more than ``_COUNTERS_MAX`` streams have been seen, and that stream's next
+    launch gets a fresh zeroed buffer).
     CUDA-graph capture: a fresh buffer per call, zeroed by a memset node of that graph. A cached
     buffer would be unsafe there: one created during a capture is only zeroed when that graph is
     replayed (another graph or an eager call could use it first), and a graph would keep using a
@@ -545,6 +549,9 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    _COUNTERS.move_to_end(key)
+    while len(_COUNTERS) > _COUNTERS_MAX:  # streams come and go (a server's per-request streams)
+        _COUNTERS.popitem(last=False)
     return buf
 
 

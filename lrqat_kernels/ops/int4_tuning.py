@@ -330,10 +330,12 @@ def build_table(measurements: list[dict], info: dict, *, dtype: str, group_size:
 def merge_tables(old: dict, new: dict) -> dict:
     """``new`` plus the entries of ``old`` it did not re-measure (same ``(N, K, M)``: ``new`` wins),
     sorted by shape and M: one device's table built over several tuner runs (e.g. one call per
-    group of layer shapes). Both must be valid tables for the same device, dtype and group size."""
+    group of layer shapes). Both must be valid tables for the same device, dtype and group size,
+    measured with the same torch / Triton / CUDA versions (the table records one set); ``created``
+    is ``new``'s."""
     _validate(old)
     _validate(new)
-    for key in ("device", "dtype", "group_size"):
+    for key in ("device", "sm", "dtype", "group_size", "torch", "triton", "cuda"):
         if old.get(key) != new.get(key):
             raise ValueError(f"cannot merge tables with different {key}: {old.get(key)!r} vs {new.get(key)!r}")
     fresh = {(e["N"], e["K"], e["M"]) for e in new["entries"]}
