@@ -65,8 +65,8 @@ def check_fake_quant_args(
     """Validate the arguments of ``fake_quant_weight`` and return the problem's shapes.
 
     ``check_values``: also check ``zero_point``'s values (:func:`check_zero_point_values`); None
-    checks them on CPU only (on a GPU the check would synchronise every training step; ``merge``
-    passes True).
+    checks them on CPU only, eagerly (on a GPU the check would synchronise every training step,
+    and ``torch.compile`` cannot trace it; the merges pass True).
 
     Args:
         phi: stored Phi0 (dtype/shape per ``phi_format``), ``[out, in]`` or ``[out, in // 2]``.
@@ -112,7 +112,8 @@ def check_fake_quant_args(
             raise TypeError(f"zero_point must be an integer or float tensor, got {zero_point.dtype}")
         if tuple(zero_point.shape) != tuple(scale.shape):
             raise ValueError(f"zero_point must have scale's shape {tuple(scale.shape)}, got {tuple(zero_point.shape)}")
-        if check_values or (check_values is None and zero_point.device.type == "cpu"):
+        if check_values or (check_values is None and zero_point.device.type == "cpu"
+                            and not torch.compiler.is_compiling()):  # a data-dependent branch: no trace
             check_zero_point_values(zero_point, bits)
         tensors["zero_point"] = zero_point
     check_same_device(**tensors)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .config import LRQATConfig, resolve_dtype
-from .modules import LRQATLinear, QuantizedLinear
+from .modules import LRQATLinear, QuantizedLinear, factor_dtype
 from .wa_quant import inner_attn_impl, install_activation_quantizers, restore_attn_implementation
 
 __all__ = [
@@ -536,7 +536,10 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
         if src.dtype != t.dtype:
             if not t.is_floating_point():
                 raise ValueError(f"checkpoint/model mismatch: {k} is {src.dtype} in the checkpoint, {t.dtype} in the model")
-            t.data = t.data.to(src.dtype)  # keep the saved dtype exactly (shared/tied tensors follow)
+            # keep the saved dtype exactly (shared/tied tensors follow); LoRA factors saved in fp16
+            # (older checkpoints) load as fp32 master weights, as prepare() makes them now
+            dtype = factor_dtype(src.dtype) if k.rsplit(".", 1)[-1] in LRQATLinear._factors else src.dtype
+            t.data = t.data.to(dtype)
     model.load_state_dict(tensors, strict=True)
     install_activation_quantizers(model, config)
     _freeze_and_mark(model, config, stage)

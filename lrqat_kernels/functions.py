@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import reference
 from ._checks import check_fake_quant_args, check_linear_args
 from .formats import decode_phi
+from .ops._launch import interpreting as _interpreting  # a module attribute: tests patch it
 
 __all__ = [
     "FakeQuantWeightFunction",
@@ -63,10 +64,6 @@ _FUSED_ENV = "LRQAT_FUSED_GEMM"
 # ----------------------------------------------------------------------------------------------
 # Which implementation runs
 # ----------------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _max_rank() -> int:

@@ -277,7 +277,8 @@ class LRQATLinear(_KeepDtypes, nn.Module):
         return _quant_act(y, self.output_bits, self.act_symmetric)
 
     def fake_quant_weight(self) -> torch.Tensor:
-        """``W_hat [out, in]`` in the compute dtype (differentiable)."""
+        """``W_hat [out, in]`` in the factors' dtype (differentiable): the compute dtype, fp32 under
+        fp16 (:func:`factor_dtype`; ``forward`` makes its ``W_hat`` in the input's dtype)."""
         return _op("fake_quant_weight")(self.phi, self.lora_A, self.lora_B, self.scale, **self._qargs())
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_fake_quant_args, check_group_size, check_linear_args, check_tensor, check_zero_point_values
+from ._checks import check_fake_quant_args, check_group_size, check_linear_args, check_tensor
 from .formats import check_bits, decode_phi, encode_phi, qrange
 
 __all__ = [
@@ -83,10 +83,11 @@ def quantize_z(z_grid: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return w_int, mask
 
 
-def _w_int_and_dequant(phi, lora_A, lora_B, scale, *, bits, phi_format, alpha, zero_point, group_size, out_dtype):
+def _w_int_and_dequant(phi, lora_A, lora_B, scale, *, bits, phi_format, alpha, zero_point, group_size, out_dtype,
+                       check_values=None):
     shapes = check_fake_quant_args(
         phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
-        zero_point=zero_point, group_size=group_size, out_dtype=out_dtype,
+        zero_point=zero_point, group_size=group_size, out_dtype=out_dtype, check_values=check_values,
     )
     cdt = _compute_dtype(lora_A, scale)
     z_grid = decode_phi(phi, bits, phi_format).to(cdt) + lowrank_product(lora_A, lora_B, alpha, cdt)
@@ -195,10 +196,8 @@ def merge_weight(
     """
     w_int, _ = _w_int_and_dequant(
         phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
-        zero_point=zero_point, group_size=group_size, out_dtype=None,
+        zero_point=zero_point, group_size=group_size, out_dtype=None, check_values=True,
     )
-    if zero_point is not None:
-        check_zero_point_values(zero_point, bits)
     if torch.isnan(w_int).any():
         raise ValueError("cannot merge: W_int contains NaN (lora_A/lora_B hold non-finite values)")
     zp = None if zero_point is None else zero_point.detach().round().to(torch.int8)
@@ -254,6 +253,16 @@ def _parse_method(method: str) -> float | None:
     raise ValueError(f"method must be 'minmax' or 'lp:<p>' with p > 0 (paper: p in {LP_NORMS}), got {method!r}")
 
 
+def range_with_zero(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An asymmetric range ``[lo, hi]`` widened to hold 0 (weights and activations alike).
+
+    The grid ``s * (q - z)``, q and z integers in ``[qmin, qmax]``, always holds 0 (q = z). A range
+    without 0 would need z outside ``[qmin, qmax]``, and clamping z shifts the whole grid off the
+    values (a group in [1.0, 1.4] came out near [0, 0.4]).
+    """
+    return lo.clamp_max(0.0), hi.clamp_min(0.0)
+
+
 @torch.no_grad()
 def estimate_scale(
     w: torch.Tensor, bits: int, method: str = "minmax", group_size: int | None = None, symmetric: bool = True,
@@ -300,11 +309,7 @@ def estimate_scale(
             best_s = torch.where(better, s, best_s)
         return best_s
 
-    # The grid s * (q - z), q and z in [qmin, qmax], always holds 0 (q = z): a range that does not
-    # would need z outside [qmin, qmax], and clamping z would shift the whole grid off the
-    # weights (a group in [1.0, 1.4] came out near [0, 0.4]). So the range includes 0, as
-    # act_quant_params' does.
-    lo, hi = wg.amin(-1).clamp_max(0.0), wg.amax(-1).clamp_min(0.0)
+    lo, hi = range_with_zero(wg.amin(-1), wg.amax(-1))
     span = (hi - lo).clamp_min(eps)
     mid = (hi + lo) / 2
 
@@ -394,7 +399,8 @@ def check_act_bits(name: str, bits, *, optional: bool = False) -> None:
     if optional and bits is None:
         return
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ACT_BITS:
-        raise ValueError(f"{name} must be {'None or ' if optional else ''}one of {ACT_BITS}, got {bits!r}")
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}one of {ACT_BITS} (a Python int), "
+                         f"got {bits!r}")
 
 
 def check_act_args(x, bits, symmetric) -> None:
@@ -424,8 +430,7 @@ def act_quant_params(x: torch.Tensor, bits: int, symmetric: bool):
     if symmetric:
         s = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
         return s, torch.zeros_like(s)
-    lo = xf.amin(-1, keepdim=True).clamp_max(0.0)
-    hi = xf.amax(-1, keepdim=True).clamp_min(0.0)
+    lo, hi = range_with_zero(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True))
     s = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
     return s, torch.round(qmin - lo / s)
 

@@ -14,7 +14,7 @@ Placement (paper section 4.4 / appendix B, following OmniQuant and LLM-QAT), for
   tensor alone;
 * queries and keys after RoPE, the inputs of ``Q K^T``, at ``act_bits``: an attention function
   registered with transformers' ``AttentionInterface`` as ``"lrqat_<inner>"`` wraps the model's
-  own implementation ``<inner>`` (sdpa / eager / ...) and quantises them per token and head (over
+  own implementation ``<inner>`` (sdpa or eager) and quantises them per token and head (over
   ``head_dim``). The same name is registered with ``AttentionMaskInterface`` with ``<inner>``'s mask
   function, so causal and padding masks are built exactly as for ``<inner>`` (transformers builds
   no mask for an implementation without one);
@@ -37,6 +37,8 @@ import torch.nn as nn
 from .modules import ActQuantMLP, ActQuantRMSNorm, LRQATLinear, QuantizedLinear
 
 ATTN_IMPL_PREFIX = "lrqat_"
+#: Attention implementations the q/k-quantising wrapper can run inside.
+WRAPPABLE_ATTN = ("sdpa", "eager")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Decoder layers whose forward is ``self_attn(input_layernorm(h))`` and ``mlp(post_attention_layernorm(h))``
 #: with ``mlp = down_proj(act(gate_proj(x)) * up_proj(x))`` (checked against transformers in tests).
@@ -81,18 +83,18 @@ def inner_attn_impl(name: str | None) -> str | None:
 def restore_attn_implementation(model: nn.Module, inner: str | None) -> None:
     """Give a freshly built HF model the attention implementation its checkpoint was trained with
     (``config.json`` does not keep it); ``inner`` is the wrapped one for weight-activation models.
-    An implementation this install does not have (e.g. flash-attention) keeps the model's, with a
+    One this machine cannot run (flash-attention not installed, ...) keeps the model's, with a
     warning: the numerics then differ by floating-point rounding only."""
     hf_config = getattr(model, "config", None)
     if not inner or hf_config is None or not hasattr(hf_config, "_attn_implementation"):
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS:
-        warnings.warn(f"the checkpoint was trained with attention implementation {inner!r}, which this "
-                      f"transformers install does not have; using {hf_config._attn_implementation!r}", stacklevel=3)
+    if inner == hf_config._attn_implementation:
         return
-    hf_config._attn_implementation = inner
+    try:
+        model.set_attn_implementation(inner)  # checks that the implementation can run here
+    except (ImportError, ValueError, AttributeError, TypeError) as e:
+        warnings.warn(f"the checkpoint was trained with attention implementation {inner!r}, which cannot run here "
+                      f"({type(e).__name__}: {e}); using {hf_config._attn_implementation!r}", stacklevel=3)
 
 
 def _register_attention(inner: str) -> str:
@@ -120,6 +122,7 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
         ValueError: ``kv_bits`` on a model without ``q/k/v/o_proj`` attention modules; an
             ``*Attention`` module of an HF model without those projections (naming it); a
             k/v projection that was not swapped (excluded), since its output is the KV cache.
+            The model's attention implementation must be one of :data:`WRAPPABLE_ATTN`.
     """
     if config is None or config.act_bits is None:
         return
@@ -158,6 +161,10 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
             _unfuse(m)
     if is_hf and attn:
         inner = inner_attn_impl(hf_config._attn_implementation) or "sdpa"
+        if inner not in WRAPPABLE_ATTN:
+            raise ValueError(f"act_bits: queries and keys are quantised by wrapping the model's attention, which can wrap "
+                             f"{WRAPPABLE_ATTN}, not {inner!r} (transformers' flash / flex paths key on their own name); "
+                             "load the model with attn_implementation='sdpa'")
         for _, m in attn:
             m.lrqat_inner_attn = inner
         hf_config._attn_implementation = _register_attention(inner)

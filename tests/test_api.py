@@ -393,3 +393,20 @@ def test_deepcopy_of_prepared_model():
     x = ids()
     assert torch.equal(clone(x).logits, model(x).logits)
     clone.print_trainable_parameters()
+
+
+def test_old_checkpoint_with_fp16_factors_loads_fp32_master_factors(tmp_path):
+    """Checkpoints saved before factors were kept fp32 under fp16 hold fp16 lora_A / lora_B: they load
+    as fp32 (trainable again; the saved dtype is kept for every other tensor), values unchanged."""
+    from lrqat_kernels.train import build_optimizer
+
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)).half()
+    prepare(model, LRQATConfig(rank=4, compute_dtype="float16", exclude=[]))
+    for m in (model[0], model[2]):  # as an older version saved them
+        nn.init.normal_(m.lora_B, std=0.05)
+        m.lora_A.data, m.lora_B.data = m.lora_A.data.half(), m.lora_B.data.half()
+    save_pretrained(model, str(tmp_path / "old"))
+    back = load_pretrained(str(tmp_path / "old"), model=nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)).half())
+    assert back[0].lora_A.dtype == torch.float32 and back[0].bias.dtype == torch.float16
+    assert torch.equal(back[2].lora_B, model[2].lora_B.float())
+    build_optimizer(back, 1e-3, 1e-4)

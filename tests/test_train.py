@@ -136,8 +136,13 @@ def test_fp16_training_tracks_fp32_training(workdir):
     runs = {}
     for dt in ("float32", "float16"):
         model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", compute_dtype=dt))
-        r = fit(model, WindowSampler(ids, 32, seed=0), steps=6, batch_size=2, lr=1e-2, lr_scale=1e-4, progress=False)
+        r = fit(model, WindowSampler(ids, 32, seed=0), steps=6, batch_size=2, lr=1e-2, lr_scale=1e-4, progress=False,
+                ckpt_dir=str(workdir / f"fp16-{dt}"), save_every=3)
         runs[dt] = [v for h in r["history"] for v in (h["loss"], h["grad_norm"])]
+        scaler = torch.load(str(workdir / f"fp16-{dt}" / "trainer_state.pt"), weights_only=True)["grad_scaler"]
+        assert bool(scaler) == (dt == "float16")  # loss scaling on for fp16 only (a disabled scaler saves {})
+        if scaler:
+            assert scaler["scale"] > 1
         layer = model.model.layers[0].self_attn.q_proj
         assert layer.lora_A.dtype == torch.float32 and layer.lora_B.abs().max() > 0
         assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)

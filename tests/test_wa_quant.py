@@ -294,6 +294,34 @@ def test_load_restores_the_wrapped_attention_implementation(tmp_path):
         assert torch.equal(back(x).logits, y)
 
 
+def test_attention_that_cannot_be_wrapped_is_refused():
+    """transformers' flash / flex paths key on their implementation's own name, so a wrapped
+    flash attention would fail at the first forward: refused at prepare, naming what works."""
+    model = tiny()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"can wrap \('sdpa', 'eager'\), not 'flash_attention_2'"):
+        prepare(model, LRQATConfig.preset("W4A8KV8", rank=4))
+
+
+def test_load_keeps_the_default_attention_when_the_saved_one_cannot_run(tmp_path):
+    """A checkpoint trained with flash attention loads on a machine without flash-attn: sdpa, warned."""
+    from lrqat_kernels.wa_quant import restore_attn_implementation
+
+    pytest.importorskip("transformers")
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    model = tiny()
+    with pytest.warns(UserWarning, match="'flash_attention_2', which cannot run here"):
+        restore_attn_implementation(model, "flash_attention_2")
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        model(ids())
+
+
 def test_plain_linear_model_act_only():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     prepare(model, LRQATConfig(rank=2, act_bits=8, exclude=[]))

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``, or true / yes / on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def on_device(t: torch.Tensor):

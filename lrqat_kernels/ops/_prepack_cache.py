@@ -34,7 +34,10 @@ class PrepackCache:
 
     def get(self, qweight: torch.Tensor, others: tuple, extra: tuple, build: Callable):
         sig = (_state(qweight), tuple(_state(t) for t in others), extra)
-        hit = self._entries.get(qweight)
+        try:
+            hit = self._entries.get(qweight)
+        except TypeError:  # not weak-referenceable: no caching
+            return build()
         if hit is not None and hit[0] == sig and all(
             (r is None and t is None) or (r is not None and r() is t) for r, t in zip(hit[1], others)
         ):

@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fixed_point_frac_bits, qrange
-from ._launch import on_device
+from ._launch import interpreting, on_device
 
 __all__ = [
     "FwdConfig",
@@ -103,11 +103,6 @@ _INT32_LIMIT = 2**31 - 1
 # even, in the default rounding mode (the sum lands in [2^23, 2^24), where the ulp is 1).
 _RNE_MAGIC = 12582912.0
 _RNE_LIMIT = 4194304.0  # 2^22; beyond it every fp32 is far outside any grid (|q| <= 128)
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 #: Tests set this to run the GPU tile tables under the interpreter (the exact constexprs a GPU

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from ._launch import interpreting
 from ._prepack_cache import PrepackCache
 
 __all__ = [
@@ -522,9 +523,6 @@ def int4_linear_gpu(
     N, K, g = check_int4_linear_args(x, qweight, scale, zero_point, group_size, bias)
     from_env = backend is None
     backend = resolve_backend(backend)
-    if not x.is_cuda and backend != "dequant" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"int4_linear_gpu serves CUDA tensors, got x on {x.device} (backend={backend!r}); "
-                         "lrqat_kernels.int4_linear serves CPU tensors (backend='dequant' runs anywhere)")
     M = x.numel() // K if K else 0
     if from_env and backend in ("cuda", "triton"):
         # $LRQAT_INT4_BACKEND applies to every layer of a model: a layer that backend cannot run
@@ -536,6 +534,9 @@ def int4_linear_gpu(
             backend = "auto"
     if backend == "auto":
         backend = auto_backend(x.device, M, N, K, g)
+    if not x.is_cuda and backend != "dequant" and not interpreting():
+        raise ValueError(f"int4_linear_gpu serves CUDA tensors, got x on {x.device} (backend={backend!r}); "
+                         "lrqat_kernels.int4_linear serves CPU tensors (backend='dequant' runs anywhere)")
     if backend == "cuda":
         if not x.is_cuda:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x.device}")

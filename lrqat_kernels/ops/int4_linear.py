@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .._checks import check_zero_point_values
 from ._prepack_cache import PrepackCache
 
 __all__ = [
@@ -150,13 +151,13 @@ def _group_size(K: int, scale: torch.Tensor, group_size: int | None) -> int:
 
 
 def _zero_point_int(zero_point: torch.Tensor | None) -> torch.Tensor | None:
-    """Integer zero points; floats are accepted only when they hold integers."""
-    if zero_point is None or not zero_point.is_floating_point():
-        return zero_point
-    zr = zero_point.round()
-    if zero_point.device.type == "cpu" and not torch.equal(zr, zero_point):
-        raise ValueError("zero_point must hold integers (NUMERICS.md: integer zero points)")
-    return zr.to(torch.int32)
+    """Integer zero points; floats are accepted only when they hold integers. The values (integers
+    in the INT4 grid [-8, 7]) are checked on CPU (on a GPU the check would synchronise)."""
+    if zero_point is None:
+        return None
+    if zero_point.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_zero_point_values(zero_point, 4)
+    return zero_point.round().to(torch.int32) if zero_point.is_floating_point() else zero_point
 
 
 def _flatten(x: torch.Tensor, K: int) -> torch.Tensor:

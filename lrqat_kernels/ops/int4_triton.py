@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +57,7 @@ import triton.language as tl
 
 from .fake_quant import _cast, _int_to_f32
 from .int4_gpu import check_int4_linear_args, zero_point_as_int
-from ._launch import on_device
+from ._launch import interpreting, on_device
 
 __all__ = [
     "Int4TritonConfig",
@@ -399,10 +398,6 @@ class Int4TritonConfig:
     fast_decode: bool = False
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _block_k(in_features: int, group_size: int | None, widest: int) -> int:
     """Largest of ``widest`` / 64 / 32 that divides the group (so a K tile has one scale)."""
     if group_size is None or group_size >= in_features:
@@ -468,7 +463,7 @@ def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: t
         tuned: False ignores tuning tables.
     """
     device = device if isinstance(device, torch.device) else torch.device(device)
-    interp = _interpreting()
+    interp = interpreting()
     key = None
     if tuned and device.type == "cuda":
         if device_name is None and not interp:
@@ -586,7 +581,7 @@ def int4_linear_triton(
     N, K, g = check_int4_linear_args(x, qweight, scale, zero_point, group_size, bias)
     if K % 2:
         raise ValueError(f"K must be even, got {K}")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not interpreting():
         raise ValueError(f"int4_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1 for the Triton interpreter on "
                          f"CPU), got x on {x.device}; lrqat_kernels.int4_linear serves CPU tensors")
     per_channel = g == K
@@ -618,7 +613,7 @@ def int4_linear_triton(
     else:
         ws = counters = y  # unused
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
-    ptx = x.is_cuda and torch.version.hip is None and not _interpreting()  # inline PTX allowed
+    ptx = x.is_cuda and torch.version.hip is None and not interpreting()  # inline PTX allowed
     with on_device(x2):
         _int4_w4a16_kernel[grid](
             x2, qw, s, z if z is not None else s, bias if bias is not None else s, y, ws, counters,
