@@ -5,7 +5,8 @@ step; prepacking them costs ~30x an M = 1 GEMM, so the CPU and CUDA paths keep o
 per ``qweight`` (it dies with the weight). A hit needs *the same tensor objects* as inputs, each
 unchanged since (same version counter and data pointer). Data pointers and versions alone are not
 enough: a new tensor the allocator places where a freed one lived has version 0 again, and would
-silently reuse the old scales.
+silently reuse the old scales. (So a float zero point, converted to a new integer tensor every call
+on CUDA, re-prepacks every call: pass integer zero points, as ``QuantizedLinear`` does.)
 """
 
 from __future__ import annotations

@@ -153,11 +153,11 @@ def _group_size(K: int, scale: torch.Tensor, group_size: int | None) -> int:
 def _zero_point_int(zero_point: torch.Tensor | None) -> torch.Tensor | None:
     """Integer zero points; floats are accepted only when they hold integers. The values (integers
     in the INT4 grid [-8, 7]) are checked on CPU (on a GPU the check would synchronise)."""
-    if zero_point is None:
-        return None
-    if zero_point.device.type == "cpu" and not torch.compiler.is_compiling():
+    from .int4_gpu import zero_point_as_int
+
+    if zero_point is not None and zero_point.device.type == "cpu" and not torch.compiler.is_compiling():
         check_zero_point_values(zero_point, 4)
-    return zero_point.round().to(torch.int32) if zero_point.is_floating_point() else zero_point
+    return zero_point_as_int(zero_point)
 
 
 def _flatten(x: torch.Tensor, K: int) -> torch.Tensor:
