@@ -13,6 +13,7 @@ Two-step flow (as torchao's QAT ``prepare`` / ``convert``)::
 Checkpoint directory layout (``save_pretrained``)::
 
     config.json          the HF model config (absent for plain nn.Module models)
+    generation_config.json  the HF generation defaults (EOS ids, sampling), when the model has them
     lrqat_config.json    {"format_version", "stage": "lrqat"|"quantized", "lrqat_config": {...},
                           "modules": {name: layer structure}, "tied": {alias: source}, "dtype",
                           "attn_implementation" (HF models: config.json does not keep it), ...}
@@ -29,12 +30,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import types
 
 import torch
 import torch.nn as nn
 
+from ._io import atomic_replace_dir, atomic_write_json, temp_dir_for, umask
 from .config import LRQATConfig, resolve_dtype
 from .modules import LRQATLinear, QuantizedLinear, factor_dtype
 from .wa_quant import inner_attn_impl, install_activation_quantizers, restore_attn_implementation
@@ -54,6 +55,7 @@ FORMAT_VERSION = 1
 META_FILE = "lrqat_config.json"
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 STAGES = ("lrqat", "quantized")
 
 
@@ -278,48 +280,6 @@ def _dedup_tied(state: dict) -> tuple[dict, dict]:
     return out, tied
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``, replacing an existing directory.
-
-    The old directory is renamed aside first and removed only after the new one is in place,
-    so a crash leaves either the old or the new complete checkpoint (plus a ``.old`` leftover).
-    """
-    final_dir = os.path.abspath(final_dir)
-    backup = None
-    if os.path.lexists(final_dir):
-        if not os.path.isdir(final_dir):
-            raise ValueError(f"{final_dir} exists and is not a directory")
-        backup = final_dir + f".old-{os.getpid()}"
-        if os.path.lexists(backup):
-            shutil.rmtree(backup)
-        os.replace(final_dir, backup)
-    os.replace(tmp_dir, final_dir)
-    _fsync_dir(os.path.dirname(final_dir))
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _model_dtype(model: nn.Module) -> str | None:
     for p in model.parameters():
         if p.is_floating_point():
@@ -372,19 +332,20 @@ def save_pretrained(model: nn.Module, save_directory: str, *, tokenizer=None) ->
         "attn_implementation": inner_attn_impl(getattr(hf_config, "_attn_implementation", None)) if is_hf else None,
     }
     save_directory = os.path.abspath(save_directory)
-    parent = os.path.dirname(save_directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(save_directory) + ".tmp-", dir=parent)
+    tmp = temp_dir_for(save_directory)
     try:
         if is_hf:
             hf_config.save_pretrained(tmp)
+            gen = getattr(model, "generation_config", None)
+            if gen is not None and hasattr(gen, "save_pretrained"):  # EOS ids, sampling defaults
+                gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "stage": stage})
         with open(os.path.join(tmp, WEIGHTS_FILE), "rb") as f:
             os.fsync(f.fileno())
-        _write_json(os.path.join(tmp, META_FILE), meta)  # written last: its presence marks a complete dir
-        _fsync_dir(tmp)
+        os.chmod(os.path.join(tmp, WEIGHTS_FILE), 0o666 & ~umask())  # safetensors writes it owner-only
+        atomic_write_json(os.path.join(tmp, META_FILE), meta, sort_keys=True)  # last: marks a complete dir
         atomic_replace_dir(tmp, save_directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -490,6 +451,10 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
             raise ValueError(f"corrupt checkpoint: cannot read {os.path.join(directory, HF_CONFIG_FILE)} ({e})") from e
         model = _model_from_config(AutoModelForCausalLM, hf_config, meta.get("dtype"))
         restore_attn_implementation(model, meta.get("attn_implementation"))
+        if os.path.isfile(os.path.join(directory, GENERATION_CONFIG_FILE)):
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     elif _stage(model) is not None:

@@ -123,13 +123,15 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    import torch
-
+    from ._io import atomic_write_json
     from .data import evaluate_perplexity, load_tokenizer, read_text, tokenize
-    from .train import load_causal_lm
+    from .train import check_window, load_causal_lm, resolve_device
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        raise ValueError(f"--out {a.out}: directory {os.path.dirname(os.path.abspath(a.out))} does not exist")
+    device = resolve_device(a.device)
     model = load_causal_lm(a.model, device=device)
+    check_window(model, a.seq_len)
     tok = load_tokenizer(a.model)
     ids = tokenize(read_text(a.data), tok, getattr(getattr(model, "config", None), "vocab_size", None))
     res = evaluate_perplexity(model, ids, a.seq_len, batch_size=a.batch_size, device=device, max_windows=a.max_windows)
@@ -137,8 +139,7 @@ def _cmd_eval(a) -> int:
     print(f"{res['metric']}: {res['perplexity']:.4f}  ({res['windows']} windows, {res['tokens']} predicted tokens, stage {res['stage']})")
     print(json.dumps(res))
     if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=2)
+        atomic_write_json(a.out, res)
     return 0
 
 

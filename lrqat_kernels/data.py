@@ -145,6 +145,11 @@ def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int 
     Returns:
         ``{"metric", "perplexity", "nll", "window", "windows", "tokens"}``.
     """
+    for name, v, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be None or an int >= 1, got {max_windows!r}")
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
@@ -158,7 +163,8 @@ def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int 
     try:
         for i in range(0, n, batch_size):
             x = windows[i : i + batch_size].to(device)
-            out = model(x)
+            hf = getattr(getattr(model, "config", None), "use_cache", None) is not None
+            out = model(x, use_cache=False) if hf else model(x)  # no KV cache to build
             logits = out.logits if hasattr(out, "logits") else out
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)

@@ -15,16 +15,15 @@ uninterrupted run's loss curve exactly on CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import resource
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from ._io import atomic_write, atomic_write_json
 from .api import lrqat_layers, prepare
 from .config import LRQATConfig
 from .data import WindowSampler, evaluate_perplexity, load_tokenizer, read_text, tokenize
@@ -109,6 +108,14 @@ class TrainArgs:
             raise ValueError(f"learning rates must be >= 0, got lr={self.lr}, lr_scale={self.lr_scale}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.seq_len < 2 or (self.eval_seq_len is not None and self.eval_seq_len < 2):
+            raise ValueError(f"seq_len / eval_seq_len must be >= 2 (a window predicts its tokens after the first), "
+                             f"got {self.seq_len} / {self.eval_seq_len}")
+        if self.eval_data is not None and not os.path.exists(self.eval_data):
+            raise ValueError(f"eval_data {self.eval_data} does not exist")
+        if self.resume and not os.path.isfile(os.path.join(self.out, "checkpoint", STATE_FILE)):
+            raise ValueError(f"resume: no checkpoint at {os.path.join(self.out, 'checkpoint', STATE_FILE)} "
+                             "(a different --out? --save-every 0 writes none before the end)")
 
 
 # Arguments that must agree between an interrupted run and its resumption.
@@ -177,29 +184,7 @@ def _memory_gb(device) -> float:
 
 
 def _atomic_torch_save(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_json(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".tmp-", dir=d)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -400,6 +385,21 @@ def disable_layer_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_disable()
 
 
+def resolve_device(device: str | None) -> str:
+    """``device`` (default: cuda when available, else cpu); a CUDA device without CUDA is an error."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch.cuda.is_available() is False here; use --device cpu")
+    return device
+
+
+def check_window(model: nn.Module, seq_len: int, what: str = "seq_len") -> None:
+    """A window must fit the model's context (``max_position_embeddings``, when it has one)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}")
+
+
 def load_causal_lm(model_dir: str, *, device=None):
     """A HF causal LM directory (``from_pretrained``, local files only, saved dtype) or an LR-QAT
     checkpoint (``lrqat_config.json`` present, via :func:`~lrqat_kernels.load_pretrained`)."""
@@ -427,23 +427,29 @@ def run_train(args: TrainArgs) -> dict:
 
     args.validate()
     torch.manual_seed(args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     config = args.lrqat_config()  # validates the quantization arguments before any loading
     model = load_causal_lm(args.model, device=device)  # range estimation then runs on the device
+    eval_len = args.eval_seq_len or args.seq_len
+    check_window(model, args.seq_len)
+    check_window(model, eval_len, "eval_seq_len")
     if os.path.isfile(os.path.join(args.model, META_FILE)):
         if getattr(model, "lrqat_stage", None) != "lrqat":
             raise ValueError(f"--model {args.model} is a converted (quantized) checkpoint; train from an FP or LR-QAT model")
         config = model.lrqat_config  # continue training an LR-QAT checkpoint with its own config
     else:
         prepare(model, config)
-    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
     if args.grad_checkpointing:
         enable_layer_checkpointing(model)
     tokenizer = load_tokenizer(args.model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = tokenize(read_text(args.data), tokenizer, vocab)
     sampler = WindowSampler(ids, args.seq_len, seed=args.seed)
+    eval_ids = None
+    if args.eval_data:  # read before training: a bad file must not cost the run
+        eval_ids = tokenize(read_text(args.eval_data), tokenizer, vocab)
+        if eval_ids.numel() < eval_len:
+            raise ValueError(f"eval_data {args.eval_data} has {eval_ids.numel()} tokens, fewer than one window of {eval_len}")
     run_info = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items() if k in _RESUME_KEYS}
     result = fit(
         model, sampler, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -463,16 +469,15 @@ def run_train(args: TrainArgs) -> dict:
     if result["finished"]:
         model.eval()
         out["lrqat_dir"] = save_pretrained(model, os.path.join(args.out, "lrqat"), tokenizer=tokenizer)
-        if args.eval_data:
-            eval_ids = tokenize(read_text(args.eval_data), tokenizer, vocab)
-            out["eval_lrqat"] = evaluate_perplexity(model, eval_ids, args.eval_seq_len or args.seq_len, batch_size=args.batch_size)
+        if eval_ids is not None:
+            out["eval_lrqat"] = evaluate_perplexity(model, eval_ids, eval_len, batch_size=args.batch_size)
         if args.convert:
             if args.grad_checkpointing:
                 disable_layer_checkpointing(model)
             convert(model)
             out["quantized_dir"] = save_pretrained(model, os.path.join(args.out, "quantized"), tokenizer=tokenizer)
-            if args.eval_data:
-                out["eval_quantized"] = evaluate_perplexity(model, eval_ids, args.eval_seq_len or args.seq_len, batch_size=args.batch_size)
-    _atomic_write_json(out, os.path.join(args.out, "results.json"))
+            if eval_ids is not None:
+                out["eval_quantized"] = evaluate_perplexity(model, eval_ids, eval_len, batch_size=args.batch_size)
+    atomic_write_json(os.path.join(args.out, "results.json"), out)
     return out
 

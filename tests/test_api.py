@@ -260,7 +260,7 @@ def test_save_load_round_trip_both_stages(tmp_path, arch, tie):
                                                                      range_method="minmax")))
     x = ids(seed=3)
     path = save_pretrained(model, str(tmp_path / "lrqat"))
-    assert sorted(os.listdir(path)) == ["config.json", "lrqat_config.json", "model.safetensors"]
+    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", "lrqat_config.json", "model.safetensors"]
     loaded = load_pretrained(path)
     assert type(loaded) is type(model) and loaded.lrqat_stage == "lrqat" and loaded.lrqat_config == model.lrqat_config
     _assert_same_state(model, loaded)
@@ -410,3 +410,24 @@ def test_old_checkpoint_with_fp16_factors_loads_fp32_master_factors(tmp_path):
     assert back[0].lora_A.dtype == torch.float32 and back[0].bias.dtype == torch.float16
     assert torch.equal(back[2].lora_B, model[2].lora_B.float())
     build_optimizer(back, 1e-3, 1e-4)
+
+
+def test_checkpoints_keep_generation_config_and_default_permissions(tmp_path):
+    """generation_config.json (EOS ids such as Llama-3's <|eot_id|>, sampling defaults) round-trips,
+    and a checkpoint gets the permissions a plain write would (umask), not mkstemp's owner-only."""
+    from transformers import GenerationConfig
+
+    model = tiny_hf("llama")
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], do_sample=True, temperature=0.6)
+    prepare(model, LRQATConfig(rank=4))
+    old = os.umask(0o022)
+    try:
+        path = save_pretrained(model, str(tmp_path / "ck"))
+    finally:
+        os.umask(old)
+    back = load_pretrained(path)
+    g = back.generation_config
+    assert (g.eos_token_id, g.do_sample, g.temperature) == ([2, 7], True, 0.6)
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    for name in os.listdir(path):
+        assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o644, name

@@ -168,6 +168,8 @@ def test_cli_train_eval_convert(workdir, tmp_path, capsys):
     e_l, e_q = res["eval_lrqat"], res["eval_quantized"]
     assert e_q["perplexity"] == pytest.approx(e_l["perplexity"], rel=1e-5)
     assert os.path.isfile(out / "lrqat" / "lrqat_tokenizer.json")
+    for d in ("lrqat", "quantized"):  # training turns the KV cache off only while it runs
+        assert json.loads((out / d / "config.json").read_text())["use_cache"] is True
     capsys.readouterr()
 
     assert main(["eval", "--model", str(out / "lrqat"), "--data", str(workdir / "heldout.txt"), "--seq-len", "32"]) == 0
@@ -222,6 +224,23 @@ def test_cli_bad_input(workdir, tmp_path, capsys):
     assert rc == 2 and "does not divide" in capsys.readouterr().err
     rc = main(["convert", "--model", str(workdir / "model"), "--out", str(tmp_path / "c")])
     assert rc == 2 and "lrqat_config.json" in capsys.readouterr().err
+    # checked before any training (a bad eval file used to fail after the last step, losing the run)
+    for extra, msg in ((("--eval-data", str(tmp_path / "typo.txt")), "does not exist"),
+                       (("--seq-len", "1"), "must be >= 2"), (("--seq-len", "65"), "max_position_embeddings=64"),
+                       (("--resume",), "resume: no checkpoint"), (("--device", "cuda"), "is_available() is False")):
+        if extra[0] == "--device" and torch.cuda.is_available():
+            continue
+        rc = _train(workdir, tmp_path / "o4", *extra)
+        assert rc == 2 and msg in capsys.readouterr().err, extra
+        assert not (tmp_path / "o4" / "lrqat").exists()
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    rc = _train(workdir, tmp_path / "o5", "--eval-data", str(short))
+    assert rc == 2 and "fewer than one window" in capsys.readouterr().err
+    for extra, msg in ((("--seq-len", "1"), "seq_len must be an int >= 2"), (("--seq-len", "32", "--batch-size", "0"), "batch_size must be"),
+                       (("--out", str(tmp_path / "nodir" / "x.json")), "does not exist")):
+        rc = main(["eval", "--model", str(workdir / "model"), "--data", str(workdir / "heldout.txt"), *extra])
+        assert rc == 2 and msg in capsys.readouterr().err, extra
 
 
 def test_demo_quick(tmp_path):

@@ -41,10 +41,11 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from .._io import atomic_write_json
 
 __all__ = [
     "TABLE_VERSION",
@@ -352,15 +353,6 @@ def write_table(table: dict, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / table_filename(table["device"])
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, table, indent=1)
     clear_cache()
     return path
