@@ -119,6 +119,30 @@ gpu_tests() {
   run_logged gpu_tests "$PY" -m pytest -q -p no:cacheprovider --durations=15 -rs -m gpu tests ${PYTEST_ARGS:-}
   # shellcheck disable=SC2086
   run_logged int4_gpu_tests "$PY" -m pytest -q -p no:cacheprovider -rs -m "not gpu" tests/test_int4_gpu.py ${PYTEST_ARGS:-}
+  # The never-run CUDA kernel under compute-sanitizer once (illegal instructions, out-of-bounds or
+  # misaligned accesses, shared-memory races): its sm_90 cp.async encodings were questioned in review.
+  local san; san="$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)"
+  if [[ -n "$san" ]]; then
+    for tool in memcheck racecheck; do
+      run_logged "sanitizer_$tool" "$san" --tool "$tool" --error-exitcode 9 "$PY" -c '
+import torch
+from lrqat_kernels.formats import pack_nibbles
+from lrqat_kernels.ops import int4_gpu
+assert int4_gpu.cuda_kernel_available(), "no CUDA kernel built"
+for M, g, zp in ((1, 128, False), (32, 64, True), (64, None, False)):
+    N, K = 512, 1024
+    w = torch.randint(-8, 8, (N, K), dtype=torch.int8, device="cuda")
+    G = 1 if g is None else K // g
+    s = torch.rand(N, G, device="cuda") * 0.01 + 0.001
+    z = torch.randint(-8, 8, (N, G), dtype=torch.int8, device="cuda") if zp else None
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    y = int4_gpu.int4_linear_gpu(x, pack_nibbles(w), s, z, g, backend="cuda")
+    torch.cuda.synchronize()
+    print(M, g, zp, tuple(y.shape), float(y.float().abs().sum()))'
+    done
+  else
+    log "compute-sanitizer not found: sanitizer step skipped"
+  fi
 }
 
 tests() {

@@ -100,6 +100,13 @@ __device__ __forceinline__ void cp_async16_hint(void* smem, const void* gmem, ui
                : "memory");
 }
 
+// 16-byte async copy, no cache hint (the scales and zero points: re-read by every split-K CTA
+// and M-block of a strip, so the default evict_normal; an explicit evict_normal policy would be a
+// no-op, and the policy operand's sm_90 SASS matched a reported ptxas miscompile, marlin#44).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+
 // 16-byte async copy that writes zeros instead when !valid (src-size 0 reads nothing).
 __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
   const int src_size = valid ? 16 : 0;
@@ -279,8 +286,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
   const int row0 = mb * P::kBM;
   const int gmask = (1 << p.group_log2) - 1;
   const uint64_t policy = make_l2_policy(p.evict_first);  // the weight stream's
-  // Scales and zero points are re-read by every split-K CTA and M-block of the strip: evict_normal.
-  const uint64_t keep_policy = make_l2_policy(false);
   const T* x = static_cast<const T*>(p.x);
   const uint8_t* scale_bytes = static_cast<const uint8_t*>(p.scale);
 
@@ -322,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
       const int cc = tid % kSChunks;
       const uint8_t* src =
           scale_bytes + ((static_cast<int64_t>(g0 + r) * p.n_pad + strip * kStripN) * sizeof(ScaleT)) + 16 * cc;
-      cp_async16_hint(sS + r * P::kSRowBytes + 16 * cc, src, keep_policy);
+      cp_async16(sS + r * P::kSRowBytes + 16 * cc, src);
     }
     if (p.zero_point != nullptr) {
       constexpr int kZChunks = kStripN / 16;
@@ -331,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) int4_gpu_gemm_kerne
         const int r = zt / kZChunks;
         const int cc = zt % kZChunks;
         const int8_t* src = p.zero_point + static_cast<int64_t>(g0 + r) * p.n_pad + strip * kStripN + 16 * cc;
-        cp_async16_hint(sZ + r * kStripN + 16 * cc, src, keep_policy);
+        cp_async16(sZ + r * kStripN + 16 * cc, src);
       }
     }
   };

@@ -404,7 +404,9 @@ def _cached_prepack(qweight, scale, zero_point, group_size, scale_dtype) -> Int4
     def build():
         return prepack_int4_gpu(qweight, scale, zero_point, group_size, scale_dtype=scale_dtype)
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (qweight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Under CUDA-graph capture the prepack kernels are only recorded: a cached copy would hold
+        # uninitialised memory for eager calls until that graph is replayed.
         return build()
     return _PREPACK_CACHE.get(qweight, (scale, zero_point), (group_size, scale_dtype), build)
 

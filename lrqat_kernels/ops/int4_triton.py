@@ -604,17 +604,21 @@ def int4_linear_triton(
         z = z.contiguous()
     k_tiles = triton.cdiv(K, cfg.block_k)
     split = max(1, min(cfg.split_k, k_tiles))
+    if x.is_cuda and torch.version.hip is not None:
+        # The in-launch split-K reduction's ordering (fence + barrier + one thread's acq_rel
+        # atomic) is argued for NVIDIA's memory model only; ROCm runs unsplit until tested there.
+        split = 1
     k_tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, k_tiles_per_split)  # no empty split
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if split > 1:
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device, triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n))
-    else:
-        ws = counters = y  # unused
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
     ptx = x.is_cuda and torch.version.hip is None and not interpreting()  # inline PTX allowed
-    with on_device(x2):
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    with on_device(x2):  # x's device current: the capture check and the buffers follow its stream
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        if split > 1:
+            ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+            counters = _split_counters(x.device, triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n))
+        else:
+            ws = counters = y  # unused
         _int4_w4a16_kernel[grid](
             x2, qw, s, z if z is not None else s, bias if bias is not None else s, y, ws, counters,
             M, N, K,
