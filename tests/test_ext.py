@@ -200,7 +200,8 @@ def test_load_extension_never_raises(monkeypatch):
 
 
 def test_import_without_extension():
-    """A Python-only install imports, reports why, and raises only when a native op is called."""
+    """A Python-only install imports, reports why, raises only when a native op is called, and
+    still runs converted INT4 layers on CPU (dequantise + F.linear, with a warning)."""
     code = "\n".join(
         [
             "import sys, torch",
@@ -218,6 +219,19 @@ def test_import_without_extension():
             "    assert 'pip install --no-build-isolation' in str(e)",
             "else:",
             "    raise AssertionError('pack_nibbles_native ran without the extension')",
+            # a converted model still runs on CPU: int4_linear falls back to dequantise + F.linear
+            "import warnings",
+            "from lrqat_kernels import LRQATConfig, LRQATLinear, QuantizedLinear",
+            "torch.manual_seed(0)",
+            "layer = LRQATLinear.from_linear(torch.nn.Linear(64, 24), LRQATConfig(rank=4, group_size=32, symmetric=False))",
+            "q = QuantizedLinear.from_lrqat(layer)",
+            "x = torch.randn(5, 64)",
+            "with warnings.catch_warnings(record=True) as caught:",
+            "    warnings.simplefilter('always')",
+            "    y = q(x)",
+            "assert any('dequantises and calls F.linear' in str(c.message) for c in caught), caught",
+            "ref = torch.nn.functional.linear(x, q.dequantize(torch.float32), q.bias)",
+            "assert torch.equal(y, ref), (y - ref).abs().max()",
             "print('ok')",
         ]
     )

@@ -162,6 +162,27 @@ def test_prepack_cache_never_reuses_a_freed_scales_copy(lrqat_ext):
     assert il._cached_prepack(qw, s, il._zero_point_int(zf), 32, zf) is p1
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_results_do_not_depend_on_the_thread_count(lrqat_ext, isa, dtype):
+    """The row split follows at::get_num_threads(); the kernel (and so the fp32 summation order) of
+    a row must not: with 2 threads and 64 columns, a 1-2 row tail task of M = 7 / 8 / 13 / 14 ran
+    the decode kernel on AVX-512 and differed from a 1-thread run by up to 1e-3."""
+    threads = torch.get_num_threads()
+    qw = pack_nibbles(torch.randint(-8, 8, (64, 512), dtype=torch.int8, generator=torch.Generator().manual_seed(1)))
+    packed = int4_prepack_cpu(qw, torch.rand(64, 1) + 0.5)
+    try:
+        for M in (3, 7, 8, 13, 14):
+            x = torch.randn(M, 512, generator=torch.Generator().manual_seed(M)).to(dtype)
+            ys = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                ys.append(int4_linear_prepacked(x, packed, isa=isa))
+            assert all(torch.equal(ys[0], y) for y in ys[1:]), (M, [(ys[0] - y).abs().max() for y in ys[1:]])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_per_channel_group_spellings(lrqat_ext):
     w_int, scale, _ = _make(33, 96, -1, False)
     qw = pack_nibbles(w_int)

@@ -573,7 +573,10 @@ void gemm_avx512(const GemmParams& p, int64_t p0, int64_t p1, int64_t m0, int64_
   if (p0 >= p1 || m0 >= m1) return;
   const Luts l = make_luts();
   const bool zp = p.zz != nullptr;
-  if (m1 - m0 <= kSmallMaxRows) {
+  // The problem's M picks the kernel, not this task's rows: the small and large kernels sum in
+  // different orders (fp32 x), so a 1-2 row tail task of a larger M (its row split follows the
+  // thread count) would make results depend on at::get_num_threads().
+  if (p.M <= kSmallMaxRows) {
     zp ? small_dispatch<true>(p, l, p0, p1, m0, m1) : small_dispatch<false>(p, l, p0, p1, m0, m1);
   } else if (p.x_type == kXBF16) {
     zp ? large_bf16<true>(p, l, p0, p1, m0, m1, scratch) : large_bf16<false>(p, l, p0, p1, m0, m1, scratch);

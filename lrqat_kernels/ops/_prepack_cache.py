@@ -7,6 +7,10 @@ unchanged since (same version counter and data pointer). Data pointers and versi
 enough: a new tensor the allocator places where a freed one lived has version 0 again, and would
 silently reuse the old scales. (So a float zero point, converted to a new integer tensor every call
 on CUDA, re-prepacks every call: pass integer zero points, as ``QuantizedLinear`` does.)
+
+Not seen: writes through ``tensor.data`` (``w.data.copy_(...)``) bump no version counter and keep
+the data pointer, so the cached copy stays. Update weights in place under ``torch.no_grad()``
+(``w.copy_(...)``), or assign new tensors.
 """
 
 from __future__ import annotations

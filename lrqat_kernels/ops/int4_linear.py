@@ -10,8 +10,8 @@ device        what runs
 ============ ======================================================================================
 CPU           the C++ kernels (``csrc/int4_cpu/``): AVX-512 (vdpbf16ps for bf16 x), AVX2 + FMA, or
               portable scalar code, chosen at run time, on a prepacked copy of the weight. Eager
-              calls cache that copy per ``qweight`` (weakly, invalidated by in-place updates);
-              under ``torch.compile`` the op ``lrqat::int4_linear`` prepacks on every call. To
+              calls cache that copy per ``qweight`` (weakly, invalidated by in-place updates but
+              not by writes through ``.data``); under ``torch.compile`` the op ``lrqat::int4_linear`` prepacks on every call. To
               manage the copy yourself: :func:`int4_prepack_cpu` once, then
               :func:`int4_linear_prepacked` (what the benchmark times).
 CUDA          ``torch.ops.lrqat.int4_linear`` if the extension has a CUDA kernel for it; else the
@@ -49,6 +49,7 @@ bias, isa)``. ``group_size`` is -1 for per-channel scales in the ops.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -255,6 +256,13 @@ def _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend=None):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_no_extension() -> None:
+    warnings.warn("lrqat_kernels._C is not built (" + (_ext.extension_error() or "a Python-only install") + "): "
+                  "int4_linear on CPU dequantises and calls F.linear (same results, slower); "
+                  "build the package with its extension for the INT4 CPU GEMM", stacklevel=3)
+
+
 # ---- public API ----------------------------------------------------------------------------
 
 
@@ -302,8 +310,10 @@ def int4_linear(
         return _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend)
     if x.device.type != "cpu":
         y = _dequant_linear(x2, qweight, scale, zero_point, g, bias)
+    elif not _ext.has_extension():  # a Python-only install: exact, slower
+        _warn_no_extension()
+        y = _dequant_linear(x2, qweight, scale, zero_point, g, bias)
     else:
-        _ext.require_extension("int4_linear")
         isa = _check_isa(isa)
         if torch.compiler.is_compiling():  # traced: the op prepacks inside (a fake exists for it)
             if isa == "auto":
