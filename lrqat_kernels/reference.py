@@ -452,10 +452,11 @@ def fake_quant_activation(x: torch.Tensor, bits: int = 8, symmetric: bool = Fals
     check_act_args(x, bits, symmetric)
     qmin, qmax = qrange(bits)
     s, z = act_quant_params(x, bits, symmetric)
-    xf = x.float()
-    q = torch.round(xf / s + z)
-    q = torch.where(q < qmin, qmin, torch.where(q > qmax, qmax, q))  # keeps NaN
-    return _StraightThrough.apply(x, (s * (q - z)).to(x.dtype))
+    with torch.no_grad():  # no graph: the straight-through step passes the gradient to x alone
+        q = torch.round(x.float() / s + z)
+        q = torch.where(q < qmin, qmin, torch.where(q > qmax, qmax, q))  # keeps NaN
+        x_hat = (s * (q - z)).to(x.dtype)
+    return _StraightThrough.apply(x, x_hat)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -580,7 +581,7 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
     gf = gate.float()
     sig = torch.sigmoid(gf)
     grad = grad.to(gate.dtype)
-    d_up = grad * (gf * sig).to(gate.dtype)
+    d_up = grad * F.silu(gate)  # the forward's own silu (gate * sigma(gate) rounds 1 ulp off in fp16)
     d_a = (grad * up).float()
     d_gate = d_a * sig * (1 + gf * (1 - sig))  # autograd's order of silu_backward
     return d_gate.to(gate.dtype), d_up

@@ -422,3 +422,16 @@ def test_gpu_kernel_matches_reference_exactly(n, dtype):
     for bits, sym in ((8, False), (8, True), (4, False), (4, True)):
         got = AQ.act_fake_quant_forward(x, bits, sym)
         assert torch.equal(got, R.fake_quant_activation(x, bits, sym)), (bits, sym)
+
+
+def test_reference_straight_through_saves_nothing():
+    """The straight-through step passes the gradient to x alone: no graph behind x_hat (it used to
+    keep two activation-sized masks and run dead backward nodes on the eager CPU path)."""
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = R.fake_quant_activation(x, 8, False)
+    assert saved == []
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
