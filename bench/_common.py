@@ -84,13 +84,15 @@ def peak_memory(fn: Callable, device: torch.device, *, setup: Callable | None = 
         return torch.cuda.max_memory_allocated(device) - base
     if device.type != "cpu":
         return None
-    # CPU: Linux's peak resident set size, reset just before the call (clear_refs "5" resets
-    # VmHWM). With glibc's mmap threshold pinned at 64 KiB, every tensor above it is mmap'd and
-    # unmapped on free, so the RSS follows tensor memory instead of the heap's high-water mark.
-    # Only for this measurement: timed later with every allocation an mmap + page faults, CPU
-    # cases ran ~3x slower than the first one, so the threshold goes back to glibc's dynamic
-    # maximum (32 MiB, where the default threshold settles once large blocks are freed).
+    # CPU: growth of Linux's peak resident set size over the call, from a trimmed heap
+    # (clear_refs "5" resets VmHWM; malloc_trim returns free heap pages, which the call would
+    # otherwise reuse unseen). With glibc's mmap threshold at 64 KiB every tensor above it is
+    # mmap'd and unmapped on free, so the RSS follows tensor memory; it includes allocator
+    # overhead, so compare providers, not bytes. Only for this measurement: timed with every
+    # allocation an mmap + page faults, CPU cases ran ~3x slower, so the threshold goes back to
+    # glibc's dynamic maximum (32 MiB, where the default settles once large blocks are freed).
     _set_mmap_threshold(1 << 16)
+    _malloc_trim()  # free heap pages go back to the OS: reusing them would not show in the RSS
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -101,6 +103,16 @@ def peak_memory(fn: Callable, device: torch.device, *, setup: Callable | None = 
         return None
     finally:
         _set_mmap_threshold(32 << 20)
+
+
+def _malloc_trim() -> None:
+    """``malloc_trim(0)`` (glibc; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _set_mmap_threshold(nbytes: int) -> None:
