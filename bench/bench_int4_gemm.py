@@ -255,6 +255,13 @@ def main(argv=None) -> int:
     print(f"# x {args.dtype}, group {args.group}, CUDA-kernel scales {scale_dtype}")
 
     rows = []
+    # One CSV, appended run after run (device column). It is rewritten whole (atomically) after each
+    # shape, so rows of older runs keep their values under a header that has gained columns, and a
+    # run killed by a time limit keeps the shapes it finished.
+    old_rows = []
+    if args.csv and not args.quick and os.path.exists(args.csv):
+        with open(args.csv, newline="") as f:
+            old_rows = list(csv.DictReader(f))
     t_start = time.monotonic()
     for name, N, K in shapes:
         if args.budget_s and time.monotonic() - t_start > args.budget_s:
@@ -294,22 +301,21 @@ def main(argv=None) -> int:
                                  auto_backend=auto_choice(layer, M) if prov == "lrqat_auto" else ""))
         del layer
         torch.cuda.empty_cache()
+        if args.csv and not args.quick and rows:
+            append_csv(args.csv, rows, old_rows)
+            print(f"# {len(rows)} rows of this run in {args.csv}")
 
     if args.quick or not rows:
         return 0
-    if args.csv:
-        # One CSV, appended run after run (device column); rewritten whole (atomically) so rows of
-        # older runs keep their values under a header that has gained columns.
-        old_rows = []
-        if os.path.exists(args.csv):
-            with open(args.csv, newline="") as f:
-                old_rows = list(csv.DictReader(f))
-        columns = list(dict.fromkeys([*(old_rows[0] if old_rows else {}), *rows[0]]))
-        write_csv(args.csv, old_rows + rows, columns)
-        print(f"\n# appended {len(rows)} rows to {args.csv}")
     if args.plot:
         plot(rows, args.plot, info)
     return 0
+
+
+def append_csv(path: str, rows: list[dict], old_rows: list[dict]) -> None:
+    """Write ``old_rows + rows`` to ``path`` atomically, under a header that holds both's columns."""
+    columns = list(dict.fromkeys([*(old_rows[0] if old_rows else {}), *rows[0]]))
+    write_csv(path, old_rows + rows, columns)
 
 
 def plot(rows, path: str, info: dict) -> None:

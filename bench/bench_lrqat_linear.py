@@ -1,6 +1,10 @@
 """Benchmark of the LR-QAT linear layer ``y = x @ W_hat^T + b`` (forward, backward, both).
 
 Providers
+    linear       the baseline: the bf16 ``F.linear`` that LR-QAT replaces, weight trainable (the same
+                 three GEMMs as LR-QAT: y, dx and the weight-shaped dW; no quantiser). The
+                 ``vs_linear`` column is each provider's time over this one's for the same shape,
+                 tokens and mode (the "fwd+bwd within 1.15x of a bf16 linear" target).
     eager        ``reference.lrqat_linear``: plain autograd over eager ops (keeps weight-sized
                  intermediates: mask, W_int, expanded scale, W_hat).
     eager_ckpt   the same under ``torch.utils.checkpoint`` (the LR-QAT authors' way: nothing
@@ -34,6 +38,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
@@ -57,26 +62,32 @@ LLAMA2_7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 16, 4096]
 SMALL_SHAPES = [(512, 512), (1376, 512), (512, 1376)]
 SMALL_TOKENS = [1, 16, 512]
-PROVIDERS = ["eager", "eager_ckpt", "compile", "lrqat", "lrqat_fused"]
+PROVIDERS = ["linear", "eager", "eager_ckpt", "compile", "lrqat", "lrqat_fused"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 COLUMNS = ["date", "device", "torch", "triton", "provider", "mode", "out_features", "in_features", "tokens",
            "dtype", "phi_format", "bits", "rank", "group_size", "median_ms", "p20_ms", "p80_ms", "reps",
-           "gbps", "pct_roofline", "tflops", "peak_mem_mb", "saved_mb", "note"]
+           "gbps", "pct_roofline", "tflops", "vs_linear", "peak_mem_mb", "saved_mb", "note"]
 
 
-def make_layer(out, inn, tokens, args, device):
+def make_layer(out, inn, tokens, args, device, provider="lrqat"):
+    """The tensors one provider reads: LR-QAT's (phi, lora_A, lora_B, scale) or the baseline's weight."""
     gen = torch.Generator().manual_seed(0)
     dtype = DTYPES[args.dtype]
     qmin, qmax = qrange(args.bits)
     g = inn if args.group_size is None else args.group_size
-    phi = encode_phi(torch.rand(out, inn, generator=gen) * (qmax - qmin) + qmin, args.bits, args.phi_format)
-    lay = dict(
-        phi=phi.to(device),
-        lora_A=(torch.randn(args.rank, inn, generator=gen) / inn**0.5).to(dtype).to(device).requires_grad_(True),
-        lora_B=(torch.randn(out, args.rank, generator=gen) * 0.01).to(dtype).to(device).requires_grad_(True),
-        scale=(torch.rand(out, inn // g, generator=gen) * 0.01 + 0.01).to(device).requires_grad_(True),
+    if provider == "linear":
+        lay = dict(weight=(torch.randn(out, inn, generator=gen) / inn**0.5).to(dtype).to(device).requires_grad_(True))
+    else:
+        phi = encode_phi(torch.rand(out, inn, generator=gen) * (qmax - qmin) + qmin, args.bits, args.phi_format)
+        lay = dict(
+            phi=phi.to(device),
+            lora_A=(torch.randn(args.rank, inn, generator=gen) / inn**0.5).to(dtype).to(device).requires_grad_(True),
+            lora_B=(torch.randn(out, args.rank, generator=gen) * 0.01).to(dtype).to(device).requires_grad_(True),
+            scale=(torch.rand(out, inn // g, generator=gen) * 0.01 + 0.01).to(device).requires_grad_(True),
+        )
+    lay.update(
         bias=torch.zeros(out, dtype=dtype, device=device).requires_grad_(True),
         x=torch.randn(tokens, inn, generator=gen).to(dtype).to(device).requires_grad_(True),
         dy=torch.randn(tokens, out, generator=gen).to(dtype).to(device),
@@ -86,6 +97,8 @@ def make_layer(out, inn, tokens, args, device):
 
 
 def provider_fn(name, kw):
+    if name == "linear":
+        return lambda L: F.linear(L["x"], L["weight"], L["bias"])
     if name == "eager":
         return lambda L: reference.lrqat_linear(L["x"], L["phi"], L["lora_A"], L["lora_B"], L["scale"], L["bias"], **kw)
     if name == "eager_ckpt":
@@ -106,13 +119,12 @@ def provider_fn(name, kw):
 
 
 def min_bytes(lay, mode):
-    """Minimum HBM traffic of the op: every input read once, every output written once."""
+    """Minimum HBM traffic of the op: every input read once, every output (and gradient) written once."""
     nb = lambda t: t.numel() * t.element_size()  # noqa: E731
-    params = nb(lay["phi"]) + nb(lay["lora_A"]) + nb(lay["lora_B"]) + nb(lay["scale"]) + nb(lay["bias"])
-    fwd = params + nb(lay["x"]) + nb(lay["dy"])  # y has dy's size
-    bwd = params + nb(lay["x"]) + nb(lay["dy"]) + nb(lay["x"]) + nb(lay["lora_A"]) + nb(lay["lora_B"]) \
-        + nb(lay["scale"]) + nb(lay["bias"])
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    params = [lay[k] for k in ("phi", "lora_A", "lora_B", "scale", "weight", "bias") if k in lay]
+    read = sum(nb(t) for t in params) + nb(lay["x"]) + nb(lay["dy"])  # y has dy's size
+    grads = nb(lay["x"]) + sum(nb(t) for t in params if t.requires_grad)
+    return {"fwd": read, "bwd": read + grads, "fwd+bwd": 2 * read + grads}[mode]
 
 
 def flops(out, inn, tokens, mode):
@@ -127,7 +139,7 @@ def zero_grads(lay):
 
 
 def bench_one(provider, mode, out, inn, tokens, args, device):
-    lay, kw = make_layer(out, inn, tokens, args, device)
+    lay, kw = make_layer(out, inn, tokens, args, device, provider)
     fn = provider_fn(provider, kw)
     dy = lay["dy"]
 
@@ -171,6 +183,15 @@ def bench_one(provider, mode, out, inn, tokens, args, device):
     return row
 
 
+def add_vs_linear(rows):
+    """Set ``vs_linear`` = median / the ``linear`` row's median (same shape, tokens, mode), in place."""
+    key = lambda r: (r["out_features"], r["in_features"], r["tokens"], r["mode"])  # noqa: E731
+    base = {key(r): r["median_ms"] for r in rows if r["provider"] == "linear" and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r and key(r) in base:
+            r["vs_linear"] = r["median_ms"] / base[key(r)]
+
+
 def parse_shapes(s):
     return [tuple(int(v) for v in item.lower().split("x")) for item in s.split(",") if item]
 
@@ -206,6 +227,8 @@ def main(argv=None):
               f"!! saved-for-backward) carry over; the lrqat provider runs its eager-math CPU fallback.\n{bar}")
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
 
+    path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"lrqat_linear_{'cuda' if on_gpu else 'cpu'}.csv")
     rows = []
     for out, inn in shapes:
         for t in tokens:
@@ -221,17 +244,16 @@ def main(argv=None):
                     print(f"  {provider:11} {mode:7} {out}x{inn} T={t:<5} "
                           + (f"{r['median_ms']:9.3f} ms" if "median_ms" in r else r["note"]), flush=True)
             torch._dynamo.reset()
+            add_vs_linear(rows)
+            write_csv(path, rows, COLUMNS)  # after every shape x tokens: a run cut short keeps what it measured
 
     print()
     print(format_table(rows, [
         ("provider", "provider", ""), ("mode", "mode", ""), ("out_features", "out", ""), ("in_features", "in", ""),
         ("tokens", "T", ""), ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"),
         ("gbps", "GB/s", ".2f"), ("pct_roofline", "%HBM", ".2f"), ("tflops", "TFLOP/s", ".3f"),
-        ("peak_mem_mb", "peak MiB", ".1f"), ("saved_mb", "saved MiB", ".2f"),
+        ("vs_linear", "x linear", ".2f"), ("peak_mem_mb", "peak MiB", ".1f"), ("saved_mb", "saved MiB", ".2f"),
     ]))
-    path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"lrqat_linear_{'cuda' if on_gpu else 'cpu'}.csv")
-    write_csv(path, rows, COLUMNS)
     print(f"\nwrote {path}" + ("" if on_gpu else "   (CPU times: not GPU timings)"))
 
 
