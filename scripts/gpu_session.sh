@@ -247,12 +247,22 @@ bench_train() {
 SESSION_SHAPES="llama2-7b.gate_up,llama2-7b.down,llama2-7b.qkvo"  # the 4096x11008-class targets
 # Not marked gpu, but on a CUDA machine they run the training kernels on the GPU (DEVICE = "cuda").
 KERNEL_TEST_FILES="tests/test_fake_quant.py tests/test_lrqat_linear.py tests/test_norm_act_quant.py tests/test_swiglu_act_quant.py tests/test_act_quant.py"
+test_opts() {  # -> XD: xdist workers and a per-test timeout, where the plugins are installed
+  # A per-test timeout turns a hung kernel (the never-run CUDA kernel's split-K waits on a counter)
+  # into one failed test: the worker is replaced and the others go on, instead of the step's cap
+  # ending them all.
+  XD=()
+  "$PY" -c 'import xdist' 2>/dev/null && XD+=(-n "${LRQAT_TEST_WORKERS:-8}")
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && XD+=(--timeout 60)
+  return 0
+}
+
 session() {
-  local xd=(); "$PY" -c 'import xdist' 2>/dev/null && xd=(-n "${LRQAT_TEST_WORKERS:-8}")
+  local XD; test_opts
   build
   # 1. Correctness on the hardware: the CUDA W4A16 kernel, the Triton W4A16 and act-quant kernels.
   # shellcheck disable=SC2086
-  STEP_CAP=120 run_logged gpu_tests "$PY" -m pytest -q -p no:cacheprovider "${xd[@]}" --durations=15 -rs -m gpu tests ${PYTEST_ARGS:-}
+  STEP_CAP=120 run_logged gpu_tests "$PY" -m pytest -q -p no:cacheprovider "${XD[@]}" --durations=15 -rs -m gpu tests ${PYTEST_ARGS:-}
   # 2. #7: the activation quantiser against the HBM roofline (eager for the ratio; no compile provider:
   #    inductor's compile time would eat the call).
   STEP_CAP=50 run_logged bench_act_quant "$PY" bench/bench_act_quant.py --sections quant --providers eager,triton
@@ -260,7 +270,7 @@ session() {
   STEP_CAP=130 run_logged bench_int4_gemm "$PY" bench/bench_int4_gemm.py --shapes "$SESSION_SHAPES" --budget-s 90
   # 4. The training kernels (fake quant fwd/bwd, LR-QAT linear, fused norm / SwiGLU quantisers) on the GPU.
   # shellcheck disable=SC2086
-  STEP_CAP=110 run_logged kernel_tests "$PY" -m pytest -q -p no:cacheprovider "${xd[@]}" --durations=15 -rs -m "not gpu" $KERNEL_TEST_FILES ${PYTEST_ARGS:-}
+  STEP_CAP=110 run_logged kernel_tests "$PY" -m pytest -q -p no:cacheprovider "${XD[@]}" --durations=15 -rs -m "not gpu" $KERNEL_TEST_FILES ${PYTEST_ARGS:-}
   # 5. The LR-QAT linear vs the bf16 linear it replaces (fwd and fwd+bwd; CSV after each case group).
   STEP_CAP=70 run_logged bench_lrqat_linear "$PY" bench/bench_lrqat_linear.py \
     --providers linear,lrqat,lrqat_fused --modes fwd,fwd+bwd --reps 10 --max-seconds 1.5
@@ -272,7 +282,7 @@ session() {
 # again, so it checks the carried _C again; bench_int4_gemm.csv rows of the first call come back
 # with that call, not this one).
 more() {
-  local xd=(); "$PY" -c 'import xdist' 2>/dev/null && xd=(-n "${LRQAT_TEST_WORKERS:-8}")
+  local XD; test_opts
   local ignore=(); for f in $KERNEL_TEST_FILES; do ignore+=(--ignore "$f"); done
   build
   STEP_CAP=170 run_logged tune_int4_gemm "$PY" bench/tune_int4_gemm.py --quick --budget-s 140
@@ -281,7 +291,7 @@ more() {
     --shapes llama3-8b.gate_up,llama3-8b.down,llama3-8b.kv --budget-s 60
   # The rest of the suite on CUDA (workflow, training, weight-activation models), not gpu-marked.
   # shellcheck disable=SC2086
-  STEP_CAP=100 run_logged rest_tests "$PY" -m pytest -q -p no:cacheprovider "${xd[@]}" -rs -m "not gpu" "${ignore[@]}" tests ${PYTEST_ARGS:-}
+  STEP_CAP=100 run_logged rest_tests "$PY" -m pytest -q -p no:cacheprovider "${XD[@]}" -rs -m "not gpu" "${ignore[@]}" tests ${PYTEST_ARGS:-}
   STEP_CAP=45 sanitizer racecheck
 }
 
