@@ -17,7 +17,11 @@ Checkpoint directory layout (``save_pretrained``)::
     lrqat_config.json    {"format_version", "stage": "lrqat"|"quantized", "lrqat_config": {...},
                           "modules": {name: layer structure}, "tied": {alias: source}, "dtype",
                           "attn_implementation" (HF models: config.json does not keep it), ...}
-    model.safetensors    every tensor of ``model.state_dict()`` (tied duplicates stored once)
+    lrqat_model.safetensors  every tensor of ``model.state_dict()`` (tied duplicates stored once).
+                         Not ``model.safetensors``: HF's ``from_pretrained`` would load that file
+                         into the floating-point architecture, initialise every swapped linear at
+                         random and only log it; without it, HF refuses the directory. Older
+                         checkpoints with ``model.safetensors`` still load here.
 
 Plain ``nn.Module`` models (not HF) save the same way without ``config.json``; load them by
 passing a freshly built FP skeleton: ``load_pretrained(dir, model=build_model())``. The skeleton's
@@ -53,7 +57,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 META_FILE = "lrqat_config.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "lrqat_model.safetensors"
+LEGACY_WEIGHTS_FILE = "model.safetensors"  # checkpoints written before the rename; read, never written
 HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 STAGES = ("lrqat", "quantized")
@@ -156,15 +161,47 @@ def prepare(model: nn.Module, config: LRQATConfig | None = None) -> nn.Module:
             f"(the model's nn.Linear layers: {linears[:8]}{' ...' if len(linears) > 8 else ''})"
         )
     _validate_targets(targets, config)
+    _untie_swapped_head(model, targets)
     gen = torch.Generator().manual_seed(config.seed)
     for name, lin in targets:
         _set_submodule(model, name, LRQATLinear.from_linear(lin, config, generator=gen, name=name))
     install_activation_quantizers(model, config)
     dtype = config.torch_compute_dtype
     if dtype is not None:
-        model.to(dtype)
+        cast_floating(model, dtype)
     _freeze_and_mark(model, config, "lrqat")
     return model
+
+
+def cast_floating(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, except floating non-persistent buffers, which keep their dtype.
+
+    Those buffers are derived state that no checkpoint holds, such as RoPE's ``inv_freq``: HF's
+    ``from_pretrained(dtype=bf16)`` computes it in fp32 and keeps it so. Cast to bf16 it is rounded
+    before the rotary code's ``.float()``, and the rotation angle ``position * inv_freq`` is off by
+    up to ~5 rad at position 4096 (head_dim 128). The LR-QAT modules keep their own dtypes as
+    ever (``_KeepDtypes``).
+    """
+    keep = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
+            if name in mod._non_persistent_buffers_set and buf is not None and buf.is_floating_point()]
+    model.to(dtype)
+    for mod, name, buf in keep:
+        mod._buffers[name] = buf.to(device=mod._buffers[name].device)
+    return model
+
+
+def _untie_swapped_head(model: nn.Module, targets) -> None:
+    """Tell an HF config that its output embedding is no longer tied when ``prepare`` swaps it.
+
+    The swap unties it already (the LR-QAT layer has no ``weight``), but ``tie_weights()``, which
+    HF calls from ``resize_token_embeddings`` and others, would follow ``tie_word_embeddings`` and
+    give the layer a ``weight`` again: saved, it made the checkpoint unloadable.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    cfg = getattr(model, "config", None)
+    if head is not None and getattr(cfg, "tie_word_embeddings", False) and any(lin is head for _, lin in targets):
+        cfg.tie_word_embeddings = False
 
 
 @torch.no_grad()
@@ -292,7 +329,7 @@ def save_pretrained(model: nn.Module, save_directory: str, *, tokenizer=None) ->
 
     Writes ``config.json`` (HF config, when ``model.config`` has ``to_dict``), ``lrqat_config.json``
     (LR-QAT config, stage, swapped-module structure, tied-weight aliases) and
-    ``model.safetensors`` into a temporary sibling directory, then renames it to
+    ``lrqat_model.safetensors`` into a temporary sibling directory, then renames it to
     ``save_directory``: an interrupted save never leaves a half-written checkpoint.
 
     Args:
@@ -391,8 +428,8 @@ def _read_tensors(path: str) -> dict:
         raise ValueError(f"corrupt checkpoint: cannot read {path} ({type(e).__name__}: {e}); the file is truncated or damaged") from e
 
 
-def _model_from_config(auto_cls, hf_config, dtype_name):
-    """``auto_cls.from_config`` in the saved dtype, skipping the random init every tensor is loaded over."""
+def _model_from_config(from_config, hf_config, dtype_name):
+    """``from_config(hf_config)`` in the saved dtype, skipping the random init every tensor is loaded over."""
     import contextlib
 
     try:
@@ -407,21 +444,33 @@ def _model_from_config(auto_cls, hf_config, dtype_name):
         model = None
         if dtype is not None:
             try:
-                model = auto_cls.from_config(hf_config, dtype=dtype)
+                model = from_config(hf_config, dtype=dtype)
             except TypeError:
                 model = None
         if model is None:
-            model = auto_cls.from_config(hf_config)
+            model = from_config(hf_config)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied embeddings / head as the config says (skipped init may not tie)
     return model
 
 
+def _hf_from_config(model_class: str | None):
+    """How to build the saved HF class from its config: the class transformers exports under
+    ``model_class`` (``LlamaForSequenceClassification``, ``LlamaModel``, ...), else
+    ``AutoModelForCausalLM`` (checkpoints that do not record it)."""
+    import transformers
+
+    cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and hasattr(cls, "_from_config"):
+        return cls._from_config
+    return transformers.AutoModelForCausalLM.from_config
+
+
 def load_pretrained(directory: str, model: nn.Module | None = None, *, device=None) -> nn.Module:
     """Load a checkpoint written by :func:`save_pretrained` (either stage).
 
-    HF checkpoints rebuild the model with ``AutoModelForCausalLM.from_config`` from
-    ``config.json``; plain ``nn.Module`` checkpoints need ``model=``: a freshly built
+    HF checkpoints rebuild the saved class (``LlamaForCausalLM``, ``LlamaModel``, ...; else
+    ``AutoModelForCausalLM``) from ``config.json``; plain ``nn.Module`` checkpoints need ``model=``: a freshly built
     floating-point skeleton of the same architecture. The LR-QAT layers are swapped in
     structurally (no range estimation) and every tensor is loaded strictly: missing or extra
     keys, shape or dtype-kind mismatches raise ValueError naming them.
@@ -432,7 +481,8 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
         device: optional device to move the loaded model to.
 
     Returns:
-        The model, in the saved stage, dtype and trainable/frozen state.
+        The model, in the saved stage, dtype and trainable/frozen state, in eval mode (as HF's
+        ``from_pretrained``: dropout off; ``lrqat train`` / :func:`train.fit` call ``train()``).
     """
     meta = read_meta(directory)
     stage = meta["stage"]
@@ -443,13 +493,13 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
                 f"{directory} holds a non-HF model ({meta.get('model_class')}); pass model= a freshly built "
                 "floating-point skeleton of the same architecture: load_pretrained(dir, model=skeleton)"
             )
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         try:
             hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
         except Exception as e:  # noqa: BLE001  (transformers raises several types for a bad config)
             raise ValueError(f"corrupt checkpoint: cannot read {os.path.join(directory, HF_CONFIG_FILE)} ({e})") from e
-        model = _model_from_config(AutoModelForCausalLM, hf_config, meta.get("dtype"))
+        model = _model_from_config(_hf_from_config(meta.get("model_class")), hf_config, meta.get("dtype"))
         restore_attn_implementation(model, meta.get("attn_implementation"))
         if os.path.isfile(os.path.join(directory, GENERATION_CONFIG_FILE)):
             from transformers import GenerationConfig
@@ -462,7 +512,7 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
 
     dtype = resolve_dtype(meta.get("dtype")) if meta.get("dtype") in ("float32", "bfloat16", "float16") else None
     if dtype is not None:
-        model.to(dtype)
+        cast_floating(model, dtype)
     for name, spec in meta["modules"].items():
         try:
             old = model.get_submodule(name)
@@ -478,7 +528,10 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
         new = _build_module(spec, name).to(old.weight.device)
         _set_submodule(model, name, new)
 
-    tensors = _read_tensors(os.path.join(directory, WEIGHTS_FILE))
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.isfile(weights) and os.path.isfile(os.path.join(directory, LEGACY_WEIGHTS_FILE)):
+        weights = os.path.join(directory, LEGACY_WEIGHTS_FILE)
+    tensors = _read_tensors(weights)
     for alias, src in (meta.get("tied") or {}).items():
         if src in tensors and alias not in tensors:
             tensors[alias] = tensors[src]
@@ -514,4 +567,4 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
             p.requires_grad_(n in trainable)
     if device is not None:
         model.to(device)
-    return model
+    return model.eval()

@@ -260,7 +260,7 @@ def test_save_load_round_trip_both_stages(tmp_path, arch, tie):
                                                                      range_method="minmax")))
     x = ids(seed=3)
     path = save_pretrained(model, str(tmp_path / "lrqat"))
-    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", "lrqat_config.json", "model.safetensors"]
+    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", "lrqat_config.json", "lrqat_model.safetensors"]
     loaded = load_pretrained(path)
     assert type(loaded) is type(model) and loaded.lrqat_stage == "lrqat" and loaded.lrqat_config == model.lrqat_config
     _assert_same_state(model, loaded)
@@ -299,11 +299,11 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     model = prepare(plain_model(), LRQATConfig(rank=4))
     target = tmp_path / "ck"
     save_pretrained(model, str(target))
-    first = (target / "model.safetensors").read_bytes()
+    first = (target / "lrqat_model.safetensors").read_bytes()
     train_a_bit(model)
     save_pretrained(model, str(target))  # replaces an existing checkpoint
-    assert (target / "model.safetensors").read_bytes() != first
-    second = (target / "model.safetensors").read_bytes()
+    assert (target / "lrqat_model.safetensors").read_bytes() != first
+    second = (target / "lrqat_model.safetensors").read_bytes()
 
     import safetensors.torch
 
@@ -313,7 +313,7 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(model, str(target))
-    assert (target / "model.safetensors").read_bytes() == second  # old checkpoint intact
+    assert (target / "lrqat_model.safetensors").read_bytes() == second  # old checkpoint intact
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary leftovers
     with pytest.raises(ValueError, match="prepare"):
         save_pretrained(plain_model(), str(tmp_path / "fp"))
@@ -334,7 +334,7 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         return str(d)
 
     def truncate(d):
-        p = d / "model.safetensors"
+        p = d / "lrqat_model.safetensors"
         p.write_bytes(p.read_bytes()[: 1000])
 
     with pytest.raises(ValueError, match="truncated or damaged"):
@@ -344,21 +344,21 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         load_pretrained(variant("nometa", lambda d: (d / "lrqat_config.json").unlink()))
     with pytest.raises(ValueError, match="weights file"):
-        load_pretrained(variant("noweights", lambda d: (d / "model.safetensors").unlink()))
+        load_pretrained(variant("noweights", lambda d: (d / "lrqat_model.safetensors").unlink()))
 
     def drop_key(d):
-        t = load_file(str(d / "model.safetensors"))
+        t = load_file(str(d / "lrqat_model.safetensors"))
         del t["model.layers.0.self_attn.q_proj.lora_A"]
         t["extra.tensor"] = torch.zeros(2)
-        save_file(t, str(d / "model.safetensors"))
+        save_file(t, str(d / "lrqat_model.safetensors"))
 
     with pytest.raises(ValueError, match=r"missing keys \['model.layers.0.self_attn.q_proj.lora_A'\].*unexpected keys \['extra.tensor'\]"):
         load_pretrained(variant("keys", drop_key))
 
     def reshape(d):
-        t = load_file(str(d / "model.safetensors"))
+        t = load_file(str(d / "lrqat_model.safetensors"))
         t["model.layers.0.self_attn.q_proj.scale"] = torch.ones(3, 1)
-        save_file(t, str(d / "model.safetensors"))
+        save_file(t, str(d / "lrqat_model.safetensors"))
 
     with pytest.raises(ValueError, match="q_proj.scale has shape"):
         load_pretrained(variant("shape", reshape))
@@ -431,3 +431,117 @@ def test_checkpoints_keep_generation_config_and_default_permissions(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o755
     for name in os.listdir(path):
         assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o644, name
+
+
+# --- HF integration: derived buffers, train/eval mode, foreign loaders, other classes, tied heads ---
+
+
+def _bf16_from_pretrained(tmp_path, arch="llama"):
+    """A bf16 model as HF's from_pretrained(dtype=bf16) makes it: RoPE's inv_freq stays fp32."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_hf(arch).save_pretrained(str(tmp_path / "fp"))
+    return AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp"), dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
+def test_rope_inv_freq_keeps_fp32_through_prepare_save_load(tmp_path, compute_dtype):
+    """prepare's and load's casts leave derived fp32 buffers alone (bf16 inv_freq: RoPE phase off by
+    radians at long positions), and a bf16 model round-trips bit-exactly."""
+    model = _bf16_from_pretrained(tmp_path)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # HF's own convention, the baseline
+    prepare(model, LRQATConfig(rank=4, compute_dtype=compute_dtype))
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    loaded = load_pretrained(save_pretrained(model, str(tmp_path / "ck")))
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    x = ids(1, 48, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_cast_floating_keeps_only_non_persistent_float_buffers():
+    from lrqat_kernels.api import cast_floating
+
+    m = nn.Linear(4, 4)
+    m.register_buffer("derived", torch.rand(3), persistent=False)
+    m.register_buffer("stored", torch.rand(3))
+    m.register_buffer("index", torch.arange(3), persistent=False)
+    derived = m.derived.clone()
+    cast_floating(m, torch.bfloat16)
+    assert m.weight.dtype == m.stored.dtype == torch.bfloat16
+    assert m.derived.dtype == torch.float32 and torch.equal(m.derived, derived)
+    assert m.index.dtype == torch.int64
+
+
+def test_load_returns_eval_mode_like_from_pretrained(tmp_path):
+    """Dropout must be off in a loaded model: a Qwen2 with attention dropout gave other logits on
+    every call (and other greedy tokens) when load left it in training mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.5, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = convert(prepare(Qwen2ForCausalLM(cfg).eval(), LRQATConfig(rank=4)))
+    loaded = load_pretrained(save_pretrained(model, str(tmp_path / "q")))
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    x = ids(seed=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("stage", ["lrqat", "quantized"])
+def test_hf_from_pretrained_refuses_an_lrqat_checkpoint(tmp_path, stage):
+    """HF's loader would build the FP architecture and initialise every swapped linear at random,
+    only logging it: the weights file is named so that it finds none and refuses."""
+    from transformers import AutoModelForCausalLM
+
+    model = prepare(tiny_hf(), LRQATConfig(rank=4))
+    if stage == "quantized":
+        convert(model)
+    path = save_pretrained(model, str(tmp_path / stage))
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+def test_checkpoint_with_the_old_weights_name_loads(tmp_path):
+    model = convert(train_a_bit(prepare(tiny_hf(), LRQATConfig(rank=4))))
+    path = save_pretrained(model, str(tmp_path / "old"))
+    os.rename(os.path.join(path, "lrqat_model.safetensors"), os.path.join(path, "model.safetensors"))
+    loaded = load_pretrained(path)
+    x = ids(seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaForSequenceClassification", "LlamaModel"])
+def test_save_load_other_hf_classes(tmp_path, cls_name):
+    """load_pretrained builds the saved class (it used AutoModelForCausalLM for every checkpoint and
+    failed on a missing 'score' / 'layers.0...' module)."""
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    torch.manual_seed(0)
+    model = prepare(cls(tiny_hf().config).eval(), LRQATConfig(rank=4))
+    loaded = load_pretrained(save_pretrained(model, str(tmp_path / "c")))
+    assert type(loaded) is cls
+    x = ids(1, 16, seed=1)  # one row: the classification head needs a pad token for more
+    with torch.no_grad():
+        out_a, out_b = model(x), loaded(x)
+    a = out_a.logits if cls_name.endswith("Classification") else out_a.last_hidden_state
+    b = out_b.logits if cls_name.endswith("Classification") else out_b.last_hidden_state
+    assert torch.equal(a, b)
+
+
+def test_swapped_tied_head_survives_tie_weights(tmp_path):
+    """With the tied head targeted (exclude=[]), a later tie_weights() (resize_token_embeddings and
+    others call it) gave the LR-QAT head a `weight` back, and the checkpoint no longer loaded."""
+    model = prepare(tiny_hf(tie=True), LRQATConfig(rank=4, exclude=[]))
+    assert isinstance(model.lm_head, LRQATLinear) and model.config.tie_word_embeddings is False
+    model.tie_weights()
+    assert not any(k.startswith("lm_head.weight") for k in model.state_dict())
+    loaded = load_pretrained(save_pretrained(model, str(tmp_path / "t")))
+    x = ids(seed=6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
