@@ -89,6 +89,7 @@ lines = [
     f"python={platform.python_version_tuple()[0]}.{platform.python_version_tuple()[1]}",
     "arch_list=$TORCH_CUDA_ARCH_LIST",
     "so=$SO",
+    "commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +uncommitted)",
 ]
 with open(sys.argv[1] + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -114,7 +114,9 @@ if torch.cuda.is_available():
 else:
     print("NO CUDA DEVICE VISIBLE")
 EOF
-    git -C "$ROOT" log -1 --format='commit %H %s' 2>/dev/null || true
+    git -C "$ROOT" log -1 --format='commit %H %s' 2>/dev/null || true  # the device's copy may have no .git
+    echo "native_hash $(bash "$ROOT/scripts/native_hash.sh")"
+    [[ -f "$ROOT/lrqat_kernels/_C.device-stamp" ]] && sed 's/^/carried stamp: /' "$ROOT/lrqat_kernels/_C.device-stamp"
   } | tee "$DEST/versions.txt"
 }
 
