@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
 import lrqat_kernels as lk  # noqa: E402
 from lrqat_kernels import functions, reference  # noqa: E402
 from lrqat_kernels.formats import encode_phi, qrange  # noqa: E402
+from lrqat_kernels.modules import factor_dtype  # noqa: E402
 
 LLAMA2_7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 16, 4096]
@@ -67,7 +68,7 @@ MODES = ["fwd", "bwd", "fwd+bwd"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 COLUMNS = ["date", "device", "torch", "triton", "provider", "mode", "out_features", "in_features", "tokens",
-           "dtype", "phi_format", "bits", "rank", "group_size", "median_ms", "p20_ms", "p80_ms", "reps",
+           "dtype", "factor_dtype", "phi_format", "bits", "rank", "group_size", "median_ms", "p20_ms", "p80_ms", "reps",
            "gbps", "pct_roofline", "tflops", "vs_linear", "peak_mem_mb", "saved_mb", "note"]
 
 
@@ -77,14 +78,16 @@ def make_layer(out, inn, tokens, args, device, provider="lrqat"):
     dtype = DTYPES[args.dtype]
     qmin, qmax = qrange(args.bits)
     g = inn if args.group_size is None else args.group_size
+    # LoRA factors as LRQATLinear keeps them (fp32 master weights under 16-bit compute), unless asked
+    fdt = factor_dtype(dtype) if getattr(args, "factor_dtype", "auto") == "auto" else DTYPES[args.factor_dtype]
     if provider == "linear":
         lay = dict(weight=(torch.randn(out, inn, generator=gen) / inn**0.5).to(dtype).to(device).requires_grad_(True))
     else:
         phi = encode_phi(torch.rand(out, inn, generator=gen) * (qmax - qmin) + qmin, args.bits, args.phi_format)
         lay = dict(
             phi=phi.to(device),
-            lora_A=(torch.randn(args.rank, inn, generator=gen) / inn**0.5).to(dtype).to(device).requires_grad_(True),
-            lora_B=(torch.randn(out, args.rank, generator=gen) * 0.01).to(dtype).to(device).requires_grad_(True),
+            lora_A=(torch.randn(args.rank, inn, generator=gen) / inn**0.5).to(fdt).to(device).requires_grad_(True),
+            lora_B=(torch.randn(out, args.rank, generator=gen) * 0.01).to(fdt).to(device).requires_grad_(True),
             scale=(torch.rand(out, inn // g, generator=gen) * 0.01 + 0.01).to(device).requires_grad_(True),
         )
     lay.update(
@@ -159,6 +162,7 @@ def bench_one(provider, mode, out, inn, tokens, args, device):
         setup = None
 
     row = dict(provider=provider, mode=mode, out_features=out, in_features=inn, tokens=tokens, dtype=args.dtype,
+               factor_dtype="" if provider == "linear" else str(lay["lora_A"].dtype).replace("torch.", ""),
                phi_format=args.phi_format, bits=args.bits, rank=args.rank,
                group_size="channel" if args.group_size is None else args.group_size)
     t = time_fn(run, device, setup=setup, warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
@@ -204,6 +208,8 @@ def main(argv=None):
     p.add_argument("--providers", type=lambda s: s.split(","), default=None)
     p.add_argument("--modes", type=lambda s: s.split(","), default=MODES)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--factor-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="lora_A / lora_B dtype (auto: what LRQATLinear keeps, fp32 under 16-bit compute)")
     p.add_argument("--phi-format", default="packed_int")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--rank", type=int, default=32)

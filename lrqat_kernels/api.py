@@ -35,12 +35,13 @@ import json
 import os
 import shutil
 import types
+import warnings
 
 import torch
 import torch.nn as nn
 
 from ._io import atomic_replace_dir, atomic_write_json, temp_dir_for, umask
-from .config import LRQATConfig, resolve_dtype
+from .config import LRQATConfig, name_matches, resolve_dtype
 from .modules import LRQATLinear, QuantizedLinear, factor_dtype
 from .wa_quant import inner_attn_impl, install_activation_quantizers, restore_attn_implementation
 
@@ -70,8 +71,43 @@ STAGES = ("lrqat", "quantized")
 
 
 def find_target_linears(model: nn.Module, config: LRQATConfig) -> list[tuple[str, nn.Linear]]:
-    """``(name, module)`` of every ``nn.Linear`` in ``model`` that ``config`` targets, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and config.matches(n)]
+    """``(name, module)`` of every ``nn.Linear`` in ``model`` that ``config`` targets, in module order.
+
+    Only plain ``nn.Linear`` is swapped. A subclass is read by its owner or library in ways a swap
+    breaks (``nn.MultiheadAttention`` reads ``out_proj.weight`` itself; quantised or adapter
+    linears of other libraries are not float layers): targeted subclasses are skipped with a
+    warning naming them. An ``nn.Linear`` registered under two names is refused (swapping by name
+    would quantise one name and leave the other in floating point).
+    """
+    if isinstance(model, nn.Linear):
+        raise ValueError("prepare() takes a model that contains nn.Linear layers, not an nn.Linear itself: wrap it "
+                         "(nn.Sequential(linear)) or build the layer with LRQATLinear.from_linear(linear, config)")
+    names_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear) and n:
+            names_of.setdefault(id(m), []).append(n)
+    targets, skipped = [], []
+    for n, m in model.named_modules():
+        if not (isinstance(m, nn.Linear) and n and config.matches(n)):
+            continue
+        if type(m) is not nn.Linear:
+            skipped.append(f"{n} ({type(m).__name__})")
+            continue
+        if len(names_of[id(m)]) > 1:
+            raise ValueError(f"layer {n!r} is one nn.Linear registered under several names {names_of[id(m)]}: prepare() "
+                             "swaps layers by name and would leave the other names in floating point; give each name "
+                             "its own module, or exclude all of them")
+        targets.append((n, m))
+    if skipped:
+        warnings.warn(f"prepare(): {len(skipped)} targeted layer(s) are nn.Linear subclasses and stay in floating point "
+                      f"(their owners read them directly): {skipped[:6]}{' ...' if len(skipped) > 6 else ''}", stacklevel=3)
+    if config.target_modules is not None:
+        linears = [n for names in names_of.values() for n in names]
+        unused = [k for k in config.target_modules if not any(name_matches(n, k) for n in linears)]
+        if unused:
+            warnings.warn(f"prepare(): target_modules entries {unused} match no nn.Linear of the model (a typo?)",
+                          stacklevel=3)
+    return targets
 
 
 def lrqat_layers(model: nn.Module) -> list[tuple[str, LRQATLinear]]:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .formats import PHI_FORMATS, check_bits, check_phi_format
-from .reference import check_act_bits
+from .reference import check_act_bits, parse_range_method
 
 __all__ = ["LRQATConfig", "COMPUTE_DTYPES", "PRESETS", "resolve_dtype"]
 
@@ -158,15 +158,7 @@ class LRQATConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
         self.alpha = float(self.alpha)
-        if self.range_method != "minmax":
-            ok = isinstance(self.range_method, str) and self.range_method.startswith("lp:")
-            if ok:
-                try:
-                    ok = float(self.range_method[3:]) > 0
-                except ValueError:
-                    ok = False
-            if not ok:
-                raise ValueError(f"range_method must be 'minmax' or 'lp:<p>' with p > 0 (e.g. 'lp:4'), got {self.range_method!r}")
+        parse_range_method(self.range_method, "range_method")
         if self.init not in ("lora", "svd"):
             raise ValueError(f"init must be 'lora' or 'svd', got {self.init!r}")
         if isinstance(self.svd_steps, bool) or not isinstance(self.svd_steps, int) or self.svd_steps < 1:
@@ -201,11 +193,11 @@ class LRQATConfig:
 
     def matches(self, name: str) -> bool:
         """True when module ``name`` is a target (``target_modules``) and not excluded."""
-        if any(_name_matches(name, k) for k in self.exclude):
+        if any(name_matches(name, k) for k in self.exclude):
             return False
         if self.target_modules is None:
             return True
-        return any(_name_matches(name, k) for k in self.target_modules)
+        return any(name_matches(name, k) for k in self.target_modules)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -246,7 +238,8 @@ class LRQATConfig:
         return cls.from_dict(d)
 
 
-def _name_matches(name: str, key: str) -> bool:
+def name_matches(name: str, key: str) -> bool:
+    """Whether module ``name`` matches a ``target_modules`` / ``exclude`` key: equal, a dotted suffix, or a full regex match."""
     if name == key or name.endswith("." + key):
         return True
     try:

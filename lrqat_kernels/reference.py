@@ -47,6 +47,7 @@ __all__ = [
 
 LP_NORMS = (2.0, 2.4, 3.0, 3.5, 4.0, 5.0)
 LP_CANDIDATES = 100
+LP_MAX = 32.0  # largest p accepted: the search sums |err|^p in fp64 over errors normalised to the range
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -240,7 +241,12 @@ def rtn_quantize(
     return (expand_groups(scale.float(), g) * q).to(w.dtype)
 
 
-def _parse_method(method: str) -> float | None:
+def parse_range_method(method: str, name: str = "method") -> float | None:
+    """``"minmax"`` -> None; ``"lp:<p>"`` -> p, a finite number in (0, LP_MAX]; else ValueError naming ``name``.
+
+    ``lp:inf`` or a p of 64 would make every candidate's ``sum |err|^p`` underflow to 0, and the
+    search would keep its first candidate, 1 % of the range (the paper uses p in ``LP_NORMS``).
+    """
     if method == "minmax":
         return None
     if isinstance(method, str) and method.startswith("lp:"):
@@ -248,9 +254,10 @@ def _parse_method(method: str) -> float | None:
             p = float(method[3:])
         except ValueError:
             p = None
-        if p is not None and p > 0:
+        if p is not None and math.isfinite(p) and 0 < p <= LP_MAX:
             return p
-    raise ValueError(f"method must be 'minmax' or 'lp:<p>' with p > 0 (paper: p in {LP_NORMS}), got {method!r}")
+    raise ValueError(f"{name} must be 'minmax' or 'lp:<p>' with 0 < p <= {LP_MAX:g} (paper: p in {LP_NORMS}), "
+                     f"got {method!r}")
 
 
 def range_with_zero(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,52 +296,65 @@ def estimate_scale(
     if not w.is_floating_point():
         raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
     check_bits(bits)
-    p = _parse_method(method)
+    if not torch.isfinite(w).all():
+        raise ValueError("w holds NaN or Inf values: no range can be estimated for them")
+    p = parse_range_method(method)
     g = check_group_size(group_size, w.shape[1])
     qmin, qmax = qrange(bits)
     wg = w.detach().float().reshape(w.shape[0], w.shape[1] // g, g)
-    eps = 1e-8
+    eps = 1e-8  # the scale of an all-zero row or group (any scale is exact there)
     if symmetric:
-        amax = wg.abs().amax(-1).clamp_min(eps)
+        amax = wg.abs().amax(-1)
         if p is None:
-            return amax / qmax
-        best_err = torch.full_like(amax, float("inf"))
-        best_s = amax / qmax
+            return amax.clamp_min(eps) / qmax
+        # The search runs on the row normalised to max |w| = 1, in fp64: which candidate wins does
+        # not depend on the row's magnitude, and sum |err|^p neither underflows (large p, tiny
+        # weights) nor overflows (huge weights) as it did in fp32.
+        unit = torch.where(amax > 0, amax, 1.0)
+        wn = (wg / unit[..., None]).double()
+        best_err = torch.full_like(amax, float("inf"), dtype=torch.float64)
+        best_t = torch.ones_like(amax)
         for k in range(1, LP_CANDIDATES + 1):
-            s = (amax * (k / LP_CANDIDATES) / qmax).clamp_min(eps)
-            q = torch.round(wg / s[..., None]).clamp(qmin, qmax)
-            err = (wg - q * s[..., None]).abs().pow(p).sum(-1)
+            t = k / LP_CANDIDATES / qmax
+            q = torch.round(wn / t).clamp(qmin, qmax)
+            err = (wn - q * t).abs().pow(p).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-        return best_s
+            best_t = torch.where(better, torch.full_like(best_t, k / LP_CANDIDATES), best_t)
+        return torch.where(amax > 0, amax * best_t / qmax, eps / qmax)
 
     lo, hi = range_with_zero(wg.amin(-1), wg.amax(-1))
-    span = (hi - lo).clamp_min(eps)
-    mid = (hi + lo) / 2
+    span = hi - lo
 
     def zp_for(s, lo_k):
         return torch.round(qmin - lo_k / s).clamp(qmin, qmax)
 
     if p is None:
-        s = span / (qmax - qmin)
+        s = span.clamp_min(eps) / (qmax - qmin)
         return s, zp_for(s, lo)
-    best_err = torch.full_like(span, float("inf"))
-    best_s = span / (qmax - qmin)
-    best_z = zp_for(best_s, lo)
+    # Normalised to span = 1 in fp64, as the symmetric search; z = round(qmin - lo / s) does not
+    # change under the normalisation.
+    unit = torch.where(span > 0, span, 1.0)
+    wn, lo_n, hi_n = (wg / unit[..., None]).double(), (lo / unit).double(), (hi / unit).double()
+    mid = (hi_n + lo_n) / 2
+    best_err = torch.full_like(lo_n, float("inf"))
+    best_frac = torch.ones_like(lo_n)
+    best_z = zp_for(torch.full_like(lo_n, 1.0 / (qmax - qmin)), lo_n)
     for k in range(1, LP_CANDIDATES + 1):
-        half = span * (k / LP_CANDIDATES) / 2
-        s = (2 * half / (qmax - qmin)).clamp_min(eps)
-        z0 = zp_for(s, mid - half)
+        frac = k / LP_CANDIDATES
+        s = frac / (qmax - qmin)
+        z0 = zp_for(s, mid - frac / 2)
         for dz in (-2, -1, 0, 1, 2):
             z = (z0 + dz).clamp(qmin, qmax)
-            q = torch.round(wg / s[..., None] + z[..., None]).clamp(qmin, qmax)
-            err = (wg - (q - z[..., None]) * s[..., None]).abs().pow(p).sum(-1)
+            q = torch.round(wn / s + z[..., None]).clamp(qmin, qmax)
+            err = (wn - (q - z[..., None]) * s).abs().pow(p).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
+            best_frac = torch.where(better, torch.full_like(best_frac, frac), best_frac)
             best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+    s = torch.where(span > 0, span * best_frac.float() / (qmax - qmin), eps / (qmax - qmin))
+    z = torch.where(span > 0, best_z.float(), zp_for(s, lo))
+    return s, z
 
 
 def lora_init(out_features: int, in_features: int, rank: int, *, dtype=torch.float32, device=None, generator=None):

@@ -171,7 +171,7 @@ def test_prepare_target_and_exclude_and_bf16():
     assert swapped == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.lora_A.dtype == torch.bfloat16 and layer.scale.dtype == torch.float32
+    assert layer.lora_A.dtype == torch.float32 and layer.scale.dtype == torch.float32  # fp32 masters
     model.to(torch.bfloat16)
     assert layer.scale.dtype == torch.float32
     model(ids())
@@ -545,3 +545,44 @@ def test_swapped_tied_head_survives_tie_weights(tmp_path):
     x = ids(seed=6)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+# --- targeting: subclasses, shared modules, a bare linear, typos ---
+
+
+class _WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_linear_subclasses_are_skipped_with_a_warning():
+    """nn.MultiheadAttention's out_proj (an nn.Linear subclass it reads .weight of) was swapped and
+    the first forward failed with "'LRQATLinear' object has no attribute 'weight'"."""
+    torch.manual_seed(0)
+    model = _WithAttention()
+    with pytest.warns(UserWarning, match=r"attn.out_proj \(NonDynamicallyQuantizableLinear\)"):
+        prepare(model, LRQATConfig(rank=2))
+    assert isinstance(model.proj, LRQATLinear) and type(model.attn.out_proj) is not LRQATLinear
+    assert model(torch.randn(2, 3, 16)).shape == (2, 3, 16)
+
+
+def test_one_linear_under_two_names_is_refused():
+    """named_modules() lists a shared module once: only one of its names was swapped, the other
+    stayed in floating point (and went into the checkpoint)."""
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    with pytest.raises(ValueError, match=r"registered under several names \['0', '2'\]"):
+        prepare(model, LRQATConfig(rank=2))
+    assert type(model[0]) is nn.Linear  # untouched
+
+
+def test_bare_linear_and_unmatched_target_entries():
+    with pytest.raises(ValueError, match="not an nn.Linear itself"):
+        prepare(nn.Linear(8, 8), LRQATConfig(rank=2))
+    with pytest.warns(UserWarning, match=r"\['qproj'\] match no nn.Linear"):
+        prepare(tiny_hf(), LRQATConfig(rank=2, target_modules=["q_proj", "qproj"]))

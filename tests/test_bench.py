@@ -46,7 +46,7 @@ def test_lrqat_linear_bench_minimum_bytes(provider):
     bl = _load("bench_lrqat_linear")
 
     class Args:
-        dtype, bits, phi_format, rank, group_size = "bf16", 4, "packed_int", 4, None
+        dtype, bits, phi_format, rank, group_size, factor_dtype = "bf16", 4, "packed_int", 4, None, "auto"
 
     out, inn, t = 24, 40, 3
     lay, _ = bl.make_layer(out, inn, t, Args, torch.device("cpu"), provider)
@@ -54,8 +54,8 @@ def test_lrqat_linear_bench_minimum_bytes(provider):
     if provider == "linear":
         params = trainable = 2 * out * inn + b
     else:
-        lora = 2 * 4 * inn + 2 * out * 4
-        params = out * inn // 2 + lora + 4 * out + b  # nibbles, bf16 factors, fp32 per-channel scale
+        lora = 4 * 4 * inn + 4 * out * 4
+        params = out * inn // 2 + lora + 4 * out + b  # nibbles, fp32 master factors, fp32 per-channel scale
         trainable = lora + 4 * out + b
     assert bl.min_bytes(lay, "fwd") == params + x + y
     assert bl.min_bytes(lay, "bwd") == params + x + y + x + trainable

@@ -103,6 +103,28 @@ def test_lrqat_linear_matches_fp64_reference(case, fused):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_gemm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit_activations_with_fp32_master_factors(dtype, fused):
+    """What LRQATLinear runs under a 16-bit compute dtype (modules.factor_dtype): x, bias, W_hat and
+    y in bf16 / fp16, lora_A / lora_B fp32; gradients come back in each leaf's dtype."""
+    phi, A, B, s, zp, bias = make_layer(24, 96, 5, 4, "packed_int", 32, torch.float32, zero_point=True, seed=7)
+    bias = bias.to(dtype)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(8)).to(dtype).to(DEVICE)
+    kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA, group_size=32, zero_point=zp)
+    fn = lk.lrqat_linear if not fused else functions.lrqat_linear_fused
+    y, grads = run(fn, x, phi, A, B, s, bias, kw)
+    y_e, grads_e = run(reference.lrqat_linear, x, phi, A, B, s, bias, kw)
+    y_t, grads_t = run(reference.lrqat_linear, x, phi, A, B, s, bias, kw, out_dtype=torch.float64, cast=torch.float64)
+    assert y.dtype == dtype
+    assert_close_2x("y", y, y_e, y_t)
+    for name, k, e, t, want in zip(("x", "lora_A", "lora_B", "scale", "bias"), grads, grads_e, grads_t,
+                                   (dtype, torch.float32, torch.float32, torch.float32, dtype)):
+        assert k.dtype == e.dtype == want, name
+        assert_close_2x(name, k, e, t)
+
+
+@needs_kernels
 def test_env_var_selects_the_fused_path(monkeypatch):
     phi, A, B, s, zp, bias = make_layer(20, 64, 3, 4, "packed_int", 32, torch.float32, seed=3)
     x = torch.randn(4, 64, device=DEVICE)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lrqat_kernels import reference as R
+from lrqat_kernels.config import LRQATConfig
 from lrqat_kernels.formats import decode_phi, encode_phi, qrange
 
 FQ = dict(alpha=1.0)
@@ -280,6 +281,62 @@ def test_lp_beats_minmax_and_asymmetric_search():
     e_a = (R.rtn_quantize(w + 0.5, s_a, bits=2, zero_point=z, group_size=16) - w - 0.5).abs().pow(2.4).sum()
     e_m = (R.rtn_quantize(w + 0.5, s_m, bits=2, zero_point=z_m, group_size=16) - w - 0.5).abs().pow(2.4).sum()
     assert e_a < e_m
+
+
+@pytest.mark.parametrize("method", ["lp:inf", "lp:64", "lp:0", "lp:-2", "lp:nan", "lp:", "l2", 4])
+def test_range_method_must_be_a_usable_lp(method):
+    """lp:inf / lp:64 made every candidate's fp32 sum |err|^p underflow to 0, and the search kept
+    its first candidate: 1 % of the range, nearly every weight clipped, no warning."""
+    with pytest.raises(ValueError, match="range_method must be 'minmax' or 'lp:<p>'"):
+        LRQATConfig(range_method=method).validate()
+    with pytest.raises(ValueError, match="method must be"):
+        R.estimate_scale(torch.randn(4, 8), 4, method)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("magnitude", [1e-7, 0.02, 1e9])
+def test_lp_search_is_exhaustive_and_scale_free(symmetric, magnitude):
+    """The lp search keeps the best of its candidates (brute force in fp64 here) at any magnitude:
+    fp32 sums overflowed at 1e9 (44x the best error), and a 1e-8 floor on candidate scales made
+    rows under ~1e-6 worse than minmax; p = 32 still separates the candidates."""
+    torch.manual_seed(11)
+    w0 = torch.randn(6, 32, dtype=torch.float64)
+    w0[:, 3] *= 6  # outliers
+    bits, qmin, qmax = 4, -8, 7
+    for p in (2.0, 5.0, 32.0):
+        got = R.estimate_scale((w0 * magnitude).float(), bits, f"lp:{p}", symmetric=symmetric)
+        w = (w0 * magnitude).float().double()
+        best = []
+        for row in w:
+            lo, hi = min(row.min().item(), 0.0), max(row.max().item(), 0.0)
+            errs = []
+            for k in range(1, 101):
+                if symmetric:
+                    s = row.abs().max().item() * k / 100 / qmax
+                    zs = [0.0]
+                else:
+                    half = (hi - lo) * k / 100 / 2
+                    s = 2 * half / (qmax - qmin)
+                    z0 = min(max(round(qmin - ((hi + lo) / 2 - half) / s), qmin), qmax)
+                    zs = [min(max(z0 + d, qmin), qmax) for d in (-2, -1, 0, 1, 2)]
+                for z in zs:
+                    q = torch.clamp(torch.round(row / s + z), qmin, qmax)
+                    errs.append((((row - (q - z) * s).abs() / magnitude) ** p).sum().item())
+            best.append(min(errs))
+        s_got, z_got = (got, torch.zeros_like(got)) if symmetric else got
+        q = torch.clamp(torch.round(w / s_got.double() + z_got.double()), qmin, qmax)
+        err = (((w - (q - z_got.double()) * s_got.double()).abs() / magnitude) ** p).sum(-1)
+        torch.testing.assert_close(err, torch.tensor(best, dtype=torch.float64), rtol=1e-4, atol=0)
+        if p == 32.0 and symmetric:
+            assert torch.all(s_got * qmax > 0.3 * w.abs().amax(-1, keepdim=True).float())
+
+
+def test_estimate_scale_refuses_nan_and_inf():
+    for bad in (float("nan"), float("inf")):
+        w = torch.randn(3, 8)
+        w[1, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            R.estimate_scale(w, 4, "lp:4")
 
 
 def test_rtn_quantize():
