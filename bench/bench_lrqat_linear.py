@@ -78,7 +78,7 @@ def make_layer(out, inn, tokens, args, device, provider="lrqat"):
     dtype = DTYPES[args.dtype]
     qmin, qmax = qrange(args.bits)
     g = inn if args.group_size is None else args.group_size
-    # LoRA factors as LRQATLinear keeps them (fp32 master weights under 16-bit compute), unless asked
+    # LoRA factors as LRQATLinear keeps them (modules.factor_dtype: fp32 under fp16), unless asked
     fdt = factor_dtype(dtype) if getattr(args, "factor_dtype", "auto") == "auto" else DTYPES[args.factor_dtype]
     if provider == "linear":
         lay = dict(weight=(torch.randn(out, inn, generator=gen) / inn**0.5).to(dtype).to(device).requires_grad_(True))
@@ -209,7 +209,7 @@ def main(argv=None):
     p.add_argument("--modes", type=lambda s: s.split(","), default=MODES)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--factor-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                   help="lora_A / lora_B dtype (auto: what LRQATLinear keeps, fp32 under 16-bit compute)")
+                   help="lora_A / lora_B dtype (auto: what LRQATLinear keeps, fp32 under fp16)")
     p.add_argument("--phi-format", default="packed_int")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--rank", type=int, default=32)

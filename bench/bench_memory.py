@@ -12,7 +12,7 @@ multiplied by 32 layers.
 Counted, per category:
   weights      Phi0 buffers (fixed_point: 1 B/weight, packed_int: 0.5 B/weight) + frozen bf16
                norms + frozen bf16 embeddings and LM head
-  trainable    lora_A, lora_B (fp32 master weights under bf16 compute) + scales (fp32)
+  trainable    lora_A, lora_B (bf16) + scales (fp32)
   gradients    one per trainable parameter, in its dtype
   optimizer    AdamW: 2 fp32 states per trainable parameter (exp_avg, exp_avg_sq)
   activations  tensors saved for backward (see above)

@@ -91,24 +91,26 @@ def _act_repr(mod) -> str:
 
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype LoRA factors are kept in under compute ``dtype``: fp32 under any 16-bit dtype.
+    """The dtype LoRA factors are kept in under compute ``dtype``: fp16 factors become fp32.
 
-    The factors are fp32 master weights, as in mixed-precision training; the kernels build
-    ``C = B @ A`` in fp32 whatever the factors' dtype (NUMERICS: ``Z`` in fp32 inside kernels), and
-    give ``W_hat`` and the output in the compute dtype, so this costs a few KB of factor reads.
-    fp16 factors cannot be trained at all: AdamW's ``eps = 1e-8`` rounds to 0 in fp16 (at LoRA
-    init ``lora_B = 0`` makes ``dlora_A = 0``, and the first update is 0/0 = NaN), and squared
-    gradients below ~2.4e-4 underflow. bf16 factors train, but an update below half an ulp is
-    lost: at lr 1e-4 only 4 % of ``lora_A`` moved in two AdamW steps (lr 1e-5: 0.2 %), against all
-    of it in fp32, and the paper's linear decay to 0 ends every run in that regime. Their AdamW states
-    would be bf16 as well.
+    fp16 factors cannot be trained: AdamW's ``eps = 1e-8`` rounds to 0 in fp16 (at LoRA init
+    ``lora_B = 0`` makes ``dlora_A = 0``, and the first update is 0/0 = NaN), squared gradients
+    below ~2.4e-4 underflow, and updates below half an ulp are lost. So under fp16 compute the
+    factors are fp32 master weights: the kernels take fp16 activations with fp32 factors and give
+    ``W_hat`` and the output in fp16.
+
+    bf16 factors are kept: the kernels build ``B @ A`` from them on tensor cores (exact products,
+    fp32 sums), while fp32 factors take IEEE FMA dots, 2r FMAs a weight, which at r = 32 would
+    make the memory-bound fake-quant forward ~2x slower than its HBM time on an H100 (a model,
+    not a timing). Their small AdamW updates are kept by :func:`lrqat_kernels.train.fit`'s fp32
+    master copies (an update under half a bf16 ulp is otherwise lost).
     """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class _KeepDtypes:
     """Mixin: ``module.to(bf16)`` / ``.half()`` must not cast the tensors named in ``_keep_dtypes``,
-    and turns a cast of the tensors named in ``_factors`` to a 16-bit dtype into fp32 (:func:`factor_dtype`).
+    and turns a cast of the tensors named in ``_factors`` to fp16 into fp32 (:func:`factor_dtype`).
 
     Scales stay fp32 (NUMERICS: bf16 scales never move under AdamW steps of ~1e-5) and a stored
     Phi0 keeps its format's dtype. Device moves still apply. The original (unrounded) value is
@@ -128,7 +130,7 @@ class _KeepDtypes:
         for name, (data, dtype, grad) in before.items():
             t = getattr(self, name)
             if name in self._factors:
-                if t.dtype not in (torch.float16, torch.bfloat16):
+                if t.dtype != torch.float16:
                     continue
                 dtype = factor_dtype(t.dtype)
             if t.dtype != dtype:
@@ -144,7 +146,7 @@ class LRQATLinear(_KeepDtypes, nn.Module):
     Tensors (``G = in // group_size``, 1 for per-channel):
         phi: buffer, ``Phi0 = phi(W0 / s0 + z)``; int8 ``[out, in]`` (fixed_point), uint8
             ``[out, in // 2]`` (packed_int) or float ``[out, in]``. Frozen.
-        lora_A: parameter ``[r, in]``, fp32 master weights under a 16-bit compute dtype (:func:`factor_dtype`).
+        lora_A: parameter ``[r, in]`` in the compute dtype (fp32 under fp16: :func:`factor_dtype`).
         lora_B: parameter ``[out, r]`` like lora_A (zeros at LoRA init).
         scale: parameter float32 ``[out, G]``, initialised to ``s0``; stays fp32 under
             ``module.to(torch.bfloat16)``.

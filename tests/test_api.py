@@ -171,7 +171,7 @@ def test_prepare_target_and_exclude_and_bf16():
     assert swapped == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.lora_A.dtype == torch.float32 and layer.scale.dtype == torch.float32  # fp32 masters
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.scale.dtype == torch.float32
     model.to(torch.bfloat16)
     assert layer.scale.dtype == torch.float32
     model(ids())

@@ -54,8 +54,8 @@ def test_lrqat_linear_bench_minimum_bytes(provider):
     if provider == "linear":
         params = trainable = 2 * out * inn + b
     else:
-        lora = 4 * 4 * inn + 4 * out * 4
-        params = out * inn // 2 + lora + 4 * out + b  # nibbles, fp32 master factors, fp32 per-channel scale
+        lora = 2 * 4 * inn + 2 * out * 4
+        params = out * inn // 2 + lora + 4 * out + b  # nibbles, bf16 factors, fp32 per-channel scale
         trainable = lora + 4 * out + b
     assert bl.min_bytes(lay, "fwd") == params + x + y
     assert bl.min_bytes(lay, "bwd") == params + x + y + x + trainable

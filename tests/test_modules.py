@@ -111,7 +111,7 @@ def test_scale_and_phi_keep_dtype_under_model_casts():
     layer.to(torch.bfloat16)
     assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale.detach(), s)  # exact, no bf16 round trip
     assert layer.phi.dtype == torch.float32 and torch.equal(layer.phi, phi)
-    assert layer.lora_A.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16  # factor_dtype
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
     layer.half()
     assert layer.scale.dtype == torch.float32 and layer.lora_B.dtype == torch.float32  # factor_dtype
     seq = nn.Sequential(layer).to(torch.bfloat16)
@@ -121,30 +121,21 @@ def test_scale_and_phi_keep_dtype_under_model_casts():
     assert q.scale.dtype == torch.float32 and q.qweight.dtype == torch.uint8
 
 
-def test_bf16_compute_dtype_and_tiny_updates_survive():
-    """Scales and LoRA factors are fp32 under bf16 compute: an AdamW step of 1e-5 moves every
-    element (bf16 factors kept ~0.2 % of such updates, a bf16 scale none), while the layer's
-    W_hat and output stay bf16."""
+def test_bf16_compute_dtype_and_tiny_scale_updates_survive():
     lin = _linear()
     layer = LRQATLinear.from_linear(lin, LRQATConfig(rank=4, compute_dtype="bfloat16"))
-    assert layer.scale.dtype == layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
-    assert layer.bias.dtype == torch.bfloat16
-    torch.nn.init.normal_(layer.lora_B, std=0.05)
-    before = [t.detach().clone() for t in (layer.scale, layer.lora_A, layer.lora_B)]
-    opt = torch.optim.AdamW([layer.scale, layer.lora_A, layer.lora_B], lr=1e-5)
-    y = layer(torch.randn(8, 32, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16
-    y.float().square().sum().backward()
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.scale.dtype == torch.float32
+    before = layer.scale.detach().clone()
+    opt = torch.optim.AdamW([layer.scale], lr=1e-5)
+    layer(torch.randn(8, 32, dtype=torch.bfloat16)).float().square().sum().backward()
     opt.step()
-    for b, t in zip(before, (layer.scale, layer.lora_A, layer.lora_B)):
-        moved = (t.detach() != b).float().mean().item()
-        assert moved > 0.99, moved
+    assert not torch.equal(layer.scale.detach(), before)  # a bf16 scale would not move by 1e-5
 
 
 def test_fp16_compute_keeps_fp32_factors():
     """Under fp16 the factors are fp32 master weights (AdamW on fp16 factors made lora_A NaN at
     the first step: eps = 1e-8 is 0 in fp16 and dlora_A = 0 at LoRA init); activations, W_hat,
-    bias and output stay fp16; .half() and bf16 casts keep them fp32."""
+    bias and output stay fp16; a .half() cast keeps them fp32, a bf16 cast casts them."""
     layer = LRQATLinear.from_linear(_linear(), LRQATConfig(rank=4, compute_dtype="float16"))
     assert (layer.lora_A.dtype, layer.lora_B.dtype, layer.bias.dtype) == (torch.float32, torch.float32, torch.float16)
     assert LRQATLinear(32, 16, rank=4, dtype=torch.float16).lora_A.dtype == torch.float32
@@ -160,7 +151,7 @@ def test_fp16_compute_keeps_fp32_factors():
     layer.half()
     assert layer.lora_A.dtype == torch.float32 and layer.bias.dtype == torch.float16
     layer.to(torch.bfloat16)
-    assert layer.lora_A.dtype == torch.float32 and layer.scale.dtype == torch.float32
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.scale.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
