@@ -10,6 +10,7 @@ shared cluster others must be able to read a checkpoint as they can read an HF o
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -68,11 +69,31 @@ def atomic_write(path: str | os.PathLike, write: Callable, *, binary: bool = Fal
     return path
 
 
+def json_safe(obj):
+    """A copy of ``obj`` (dicts, lists, tuples, scalars) with every non-finite float (NaN, +-inf) as None:
+    JSON has no NaN / Infinity (``json.dump`` writes bare ``NaN``, which strict parsers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj, *, indent: int = 2, sort_keys: bool = False) -> str:
-    """:func:`atomic_write` of ``obj`` as JSON (and a final newline)."""
+    """:func:`atomic_write` of ``obj`` as strict JSON (and a final newline).
+
+    A non-finite float is refused (ValueError naming ``path``; nothing is written): pass the
+    object through :func:`json_safe` first to write them as null.
+    """
 
     def write(f):
-        json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+        try:
+            text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=False)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: {e} (NaN / Infinity are not JSON; write null, see json_safe)") from None
+        f.write(text)
         f.write("\n")
 
     return atomic_write(path, write)

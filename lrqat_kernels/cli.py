@@ -25,31 +25,48 @@ def _optional_int(v: str):
     return None if v.lower() in ("none", "per-channel", "pc", "0") else int(v)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` except for a None default (the help text says what not giving it means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None and action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# Quantization options whose default is None, "not given": the documented default for an FP --model,
+# the checkpoint's own value for an LR-QAT --model (a differing value given is an error).
+_KEEP = "; an LR-QAT --model: its own"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrqat", description="Low-Rank Quantization-Aware Training (LR-QAT) of LLMs")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="LR-QAT training of a HF causal LM", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="LR-QAT training of a HF causal LM", formatter_class=_HelpFormatter)
     t.add_argument("--model", required=True, help="HF model directory or an LR-QAT checkpoint")
     t.add_argument("--data", required=True, help="a text file or a directory of .txt files")
     t.add_argument("--out", required=True, help="output directory (checkpoint/, lrqat/, quantized/, results.json)")
     q = t.add_argument_group("quantization")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=_optional_int, default=None, help="None = per-channel")
-    q.add_argument("--asymmetric", action="store_true", help="frozen integer zero point per channel/group")
-    q.add_argument("--rank", type=int, default=32)
-    q.add_argument("--alpha", type=float, default=1.0)
-    q.add_argument("--phi-format", default="fixed_point", choices=["fixed_point", "packed_int", "bf16", "fp16", "fp32"])
-    q.add_argument("--range-method", default="lp:4", help="'minmax' or 'lp:<p>'")
-    q.add_argument("--init", default="lora", choices=["lora", "svd"])
-    q.add_argument("--svd-steps", type=int, default=1)
-    q.add_argument("--compute-dtype", default=None, help="float32 / bfloat16 / float16 (default: the model's)")
+    q.add_argument("--bits", type=int, default=None, help="weight bits (default: 4" + _KEEP + ")")
+    q.add_argument("--group-size", type=_optional_int, default=None, help="None = per-channel (the default)")
+    q.add_argument("--asymmetric", action="store_true", default=None,
+                   help="frozen integer zero point per channel/group (default: symmetric" + _KEEP + ")")
+    q.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 32" + _KEEP + ")")
+    q.add_argument("--alpha", type=float, default=None, help="(default: 1.0" + _KEEP + ")")
+    q.add_argument("--phi-format", default=None, choices=["fixed_point", "packed_int", "bf16", "fp16", "fp32"],
+                   help="storage of the frozen Phi0 (default: fixed_point" + _KEEP + ")")
+    q.add_argument("--range-method", default=None, help="'minmax' or 'lp:<p>' (default: lp:4" + _KEEP + ")")
+    q.add_argument("--init", default=None, choices=["lora", "svd"], help="(default: lora" + _KEEP + ")")
+    q.add_argument("--svd-steps", type=int, default=None, help="(default: 1" + _KEEP + ")")
+    q.add_argument("--compute-dtype", default=None, help="float32 / bfloat16 / float16 (default: the model's" + _KEEP + ")")
     q.add_argument("--exclude", nargs="*", default=["lm_head"], help="module names never quantized")
     q.add_argument("--target-modules", nargs="*", default=None, help="default: every nn.Linear")
     q.add_argument("--act-bits", type=int, default=None, choices=[4, 8],
-                   help="weight-activation LR-QAT: per-token activation bits (linear inputs, Q/K after RoPE)")
-    q.add_argument("--kv-bits", type=int, default=None, choices=[4, 8], help="KV-cache bits (k/v projection outputs)")
-    q.add_argument("--no-fuse-act-quant", action="store_true",
+                   help="weight-activation LR-QAT: per-token activation bits (linear inputs, Q/K after RoPE; "
+                        "default: none, weight-only" + _KEEP + ")")
+    q.add_argument("--kv-bits", type=int, default=None, choices=[4, 8], help="KV-cache bits (k/v projection outputs; default: none" + _KEEP + ")")
+    q.add_argument("--no-fuse-act-quant", action="store_true", default=None,
                    help="with --act-bits: every linear quantises its own input (default: q/k/v and gate/up "
                         "inputs once in the RMSNorm making them, down_proj's in the SwiGLU)")
     o = t.add_argument_group("optimisation")
@@ -60,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--grad-accum", type=int, default=1)
     o.add_argument("--seq-len", type=int, default=256)
     o.add_argument("--warmup-ratio", type=float, default=0.1)
-    o.add_argument("--max-grad-norm", type=float, default=1.0)
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="L2 gradient clipping (0 = off)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--grad-checkpointing", action="store_true", help="layer-level gradient checkpointing")
     o.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -100,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(a) -> int:
     from .train import TrainArgs, run_train
 
-    args = TrainArgs(
-        model=a.model, data=a.data, out=a.out, bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
+    args = TrainArgs(  # None: not given (see TrainArgs.resolved)
+        model=a.model, data=a.data, out=a.out, bits=a.bits, group_size=a.group_size,
+        symmetric=False if a.asymmetric else None,
         rank=a.rank, alpha=a.alpha, phi_format=a.phi_format, range_method=a.range_method, init=a.init,
         svd_steps=a.svd_steps, compute_dtype=a.compute_dtype, lr=a.lr, lr_scale=a.lr_scale, steps=a.steps,
         batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.seq_len, warmup_ratio=a.warmup_ratio,
@@ -109,11 +127,11 @@ def _cmd_train(a) -> int:
         grad_checkpointing=a.grad_checkpointing, eval_data=a.eval_data, eval_seq_len=a.eval_seq_len,
         convert=a.convert, stop_after=a.stop_after, device=a.device, progress=not a.no_progress,
         exclude=list(a.exclude), target_modules=a.target_modules, act_bits=a.act_bits, kv_bits=a.kv_bits,
-        fuse_act_quant=not a.no_fuse_act_quant,
+        fuse_act_quant=False if a.no_fuse_act_quant else None,
     )
     res = run_train(args)
-    summary = {k: res.get(k) for k in ("steps_done", "finished", "final_loss", "tokens_per_s", "train_seconds",
-                                       "peak_memory_gb", "resumed_from", "lrqat_dir", "quantized_dir")}
+    summary = {k: res.get(k) for k in ("steps_done", "finished", "skipped_steps", "final_loss", "tokens", "tokens_per_s",
+                                       "train_seconds", "peak_memory_gb", "resumed_from", "lrqat_dir", "quantized_dir")}
     for k in ("eval_lrqat", "eval_quantized"):
         if k in res:
             summary[k] = res[k]
@@ -123,7 +141,7 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from ._io import atomic_write_json
+    from ._io import atomic_write_json, json_safe
     from .data import evaluate_perplexity, load_tokenizer, read_text, tokenize
     from .train import check_window, load_causal_lm, resolve_device
 
@@ -139,7 +157,7 @@ def _cmd_eval(a) -> int:
     print(f"{res['metric']}: {res['perplexity']:.4f}  ({res['windows']} windows, {res['tokens']} predicted tokens, stage {res['stage']})")
     print(json.dumps(res))
     if a.out:
-        atomic_write_json(a.out, res)
+        atomic_write_json(a.out, json_safe(res))
     return 0
 
 
@@ -178,6 +196,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"lrqat {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged
+        print(f"lrqat {args.command}: error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write failed (disk full, permissions, a file where a directory goes, ...)
+        print(f"lrqat {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ uninterrupted run's loss curve exactly on CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import resource
 import time
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, atomic_write_json
+from ._io import atomic_write, atomic_write_json, json_safe
 from .api import lrqat_layers, prepare
 from .config import LRQATConfig
 from .data import WindowSampler, evaluate_perplexity, load_tokenizer, read_text, tokenize
@@ -42,22 +43,50 @@ __all__ = [
 STATE_FILE = "trainer_state.pt"
 
 
+# Quantization arguments whose ``None`` in :class:`TrainArgs` means "not given": the documented
+# default below for an FP ``--model``, the checkpoint's own value for an LR-QAT ``--model``.
+# ``act_bits`` / ``kv_bits`` / ``compute_dtype`` (None: weight-only / the model's dtype) are
+# "not given" when None too.
+_QUANT_DEFAULTS = {
+    "bits": 4, "symmetric": True, "rank": 32, "alpha": 1.0, "phi_format": "fixed_point", "range_method": "lp:4",
+    "init": "lora", "svd_steps": 1, "fuse_act_quant": True,
+}
+_QUANT_OPTIONAL = ("act_bits", "kv_bits", "compute_dtype")
+# None / the default is a value of its own for these: they count as given when they differ from the default.
+_QUANT_IF_CHANGED = {"group_size": None, "exclude": ["lm_head"], "target_modules": None, "learn_scale": True}
+_FLAG = {"symmetric": "--asymmetric", "fuse_act_quant": "--no-fuse-act-quant", "learn_scale": "learn_scale"}
+
+
+def _check_optim_args(lr, lr_scale, max_grad_norm) -> None:
+    for name, v in (("lr", lr), ("lr_scale", lr_scale), ("max_grad_norm", max_grad_norm)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            what = " (0 = no clipping)" if name == "max_grad_norm" else ""
+            raise ValueError(f"{name} must be a finite number >= 0{what}, got {v!r}")
+
+
 @dataclass
 class TrainArgs:
-    """Arguments of ``lrqat train`` (see ``lrqat train --help``)."""
+    """Arguments of ``lrqat train`` (see ``lrqat train --help``).
+
+    The quantization fields left at ``None`` are resolved by :meth:`resolved`: the documented
+    defaults (``bits=4``, ``symmetric=True``, ``rank=32``, ``alpha=1.0``, ``phi_format="fixed_point"``,
+    ``range_method="lp:4"``, ``init="lora"``, ``svd_steps=1``, ``fuse_act_quant=True``) for an FP
+    ``model``, the checkpoint's own config for an LR-QAT ``model``, where a given value that differs
+    from the checkpoint's is an error.
+    """
 
     model: str
     data: str
     out: str
-    bits: int = 4
+    bits: int | None = None
     group_size: int | None = None
-    symmetric: bool = True
-    rank: int = 32
-    alpha: float = 1.0
-    phi_format: str = "fixed_point"
-    range_method: str = "lp:4"
-    init: str = "lora"
-    svd_steps: int = 1
+    symmetric: bool | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    phi_format: str | None = None
+    range_method: str | None = None
+    init: str | None = None
+    svd_steps: int | None = None
     compute_dtype: str | None = None
     learn_scale: bool = True
     lr: float = 1e-3
@@ -84,16 +113,48 @@ class TrainArgs:
     target_modules: list[str] | None = None
     act_bits: int | None = None
     kv_bits: int | None = None
-    fuse_act_quant: bool = True
+    fuse_act_quant: bool | None = None
 
     def lrqat_config(self) -> LRQATConfig:
+        """The :class:`LRQATConfig` of these arguments (fields left at None get the documented defaults)."""
+        q = {k: (d if getattr(self, k) is None else getattr(self, k)) for k, d in _QUANT_DEFAULTS.items()}
         return LRQATConfig(
-            bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, rank=self.rank, alpha=self.alpha,
-            phi_format=self.phi_format, range_method=self.range_method, init=self.init, svd_steps=self.svd_steps,
-            target_modules=self.target_modules, exclude=list(self.exclude), learn_scale=self.learn_scale,
-            compute_dtype=self.compute_dtype, seed=self.seed, act_bits=self.act_bits, kv_bits=self.kv_bits,
-            fuse_act_quant=self.fuse_act_quant,
+            **q, group_size=self.group_size, target_modules=self.target_modules, exclude=list(self.exclude),
+            learn_scale=self.learn_scale, compute_dtype=self.compute_dtype, seed=self.seed, act_bits=self.act_bits,
+            kv_bits=self.kv_bits,
         )
+
+    def resolved(self, checkpoint: LRQATConfig | None = None, model_dtype: str | None = None) -> "TrainArgs":
+        """A copy with every quantization field set to the value training uses.
+
+        Without ``checkpoint`` (an FP ``--model``): the documented defaults fill the fields left at
+        None. With the :class:`LRQATConfig` of an LR-QAT checkpoint: its values, and a ValueError
+        naming the flag when one given here differs from it (training continues a checkpoint with
+        its own quantization; ``model_dtype`` is its dtype, compared with a given ``compute_dtype``
+        when the checkpoint kept the model's).
+        """
+        given = self.lrqat_config()  # validates (and normalises, e.g. compute_dtype aliases) what was given
+        if checkpoint is None:
+            return dataclasses.replace(self, **{k: getattr(given, k) for k in _QUANT_DEFAULTS},
+                                       compute_dtype=given.compute_dtype)
+        explicit = [k for k in (*_QUANT_DEFAULTS, *_QUANT_OPTIONAL) if getattr(self, k) is not None]
+        explicit += [k for k, d in _QUANT_IF_CHANGED.items() if getattr(self, k) != d]
+        for k in explicit:
+            mine, theirs = getattr(given, k), getattr(checkpoint, k)
+            if k == "compute_dtype" and theirs is None:
+                theirs = model_dtype
+            if mine != theirs:
+                flag = _FLAG.get(k, "--" + k.replace("_", "-"))
+                raise ValueError(
+                    f"{flag}: got {k}={mine!r} but the LR-QAT checkpoint --model {self.model} has {k}={theirs!r}; "
+                    "training continues a checkpoint with its own quantization config: drop the flag, or train "
+                    "from the FP model to change it"
+                )
+        keep = {k: getattr(checkpoint, k) for k in (*_QUANT_DEFAULTS, *_QUANT_OPTIONAL, *_QUANT_IF_CHANGED)}
+        if self.compute_dtype is not None:
+            keep["compute_dtype"] = given.compute_dtype
+        keep["exclude"] = list(keep["exclude"])
+        return dataclasses.replace(self, **keep)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
@@ -104,8 +165,7 @@ class TrainArgs:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr < 0 or self.lr_scale < 0:
-            raise ValueError(f"learning rates must be >= 0, got lr={self.lr}, lr_scale={self.lr_scale}")
+        _check_optim_args(self.lr, self.lr_scale, self.max_grad_norm)
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
         if self.seq_len < 2 or (self.eval_seq_len is not None and self.eval_seq_len < 2):
@@ -113,9 +173,30 @@ class TrainArgs:
                              f"got {self.seq_len} / {self.eval_seq_len}")
         if self.eval_data is not None and not os.path.exists(self.eval_data):
             raise ValueError(f"eval_data {self.eval_data} does not exist")
+        _check_out_dir(self.out)
         if self.resume and not os.path.isfile(os.path.join(self.out, "checkpoint", STATE_FILE)):
             raise ValueError(f"resume: no checkpoint at {os.path.join(self.out, 'checkpoint', STATE_FILE)} "
                              "(a different --out? --save-every 0 writes none before the end)")
+
+
+def _check_out_dir(out: str) -> None:
+    """``out`` must be a directory or creatable, and what training writes in it must be writable
+    (checked before training: a failing save after the last step loses the run)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"out {out} exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out {out} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out {out} cannot be written: no write permission on {parent}")
+    for sub in ("checkpoint", "lrqat", "quantized"):
+        if os.path.lexists(os.path.join(path, sub)) and not os.path.isdir(os.path.join(path, sub)):
+            raise ValueError(f"out {out}: {os.path.join(path, sub)} exists and is not a directory")
+    if os.path.isdir(os.path.join(path, "results.json")):
+        raise ValueError(f"out {out}: {os.path.join(path, 'results.json')} is a directory")
 
 
 # Arguments that must agree between an interrupted run and its resumption.
@@ -141,9 +222,16 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int):
 def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9, 0.95), weight_decay: float = 0.0):
     """AdamW with two parameter groups: ``lora`` (lora_A, lora_B) at ``lr``, ``scale`` at ``lr_scale``.
 
-    Parameters of a group whose learning rate is 0 are frozen (``requires_grad=False``), which
-    is the paper's ``0*`` setting (``s = s0``).
+    The scales' ``requires_grad`` is set by this call: on when ``lr_scale > 0`` and the model's
+    ``lrqat_config.learn_scale``, off otherwise (``lr_scale = 0`` is the paper's ``0*`` setting,
+    ``s = s0``). A frozen state left by an earlier call, or saved in a checkpoint trained with
+    ``lr_scale = 0``, does not stick. (A model without ``lrqat_config`` keeps its scales' state
+    when ``lr_scale > 0``.)
     """
+    config = getattr(model, "lrqat_config", None)
+    learn = lr_scale > 0 and (config is None or bool(getattr(config, "learn_scale", True)))
+    for _, layer in lrqat_layers(model):
+        layer.scale.requires_grad_(learn and (config is not None or layer.scale.requires_grad))
     lora, scales, other = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -152,7 +240,7 @@ def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9,
         (lora if leaf in ("lora_A", "lora_B") else scales if leaf == "scale" else other).append(p)
     if other:
         raise ValueError(f"unexpected trainable parameters outside lora_A/lora_B/scale: {len(other)} tensors")
-    if lr_scale == 0:
+    if lr_scale == 0:  # scales outside LRQATLinear layers (none in practice) freeze too
         for p in scales:
             p.requires_grad_(False)
         scales = []
@@ -181,6 +269,15 @@ def _memory_gb(device) -> float:
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (peak RSS)
+
+
+def _base_dtype(model: nn.Module) -> str | None:
+    """The dtype name of the model's frozen floating tensors (LoRA factors and scales may be fp32 in a
+    bf16 / fp16 model)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and name.rsplit(".", 1)[-1] not in ("lora_A", "lora_B", "scale"):
+            return str(p.dtype).replace("torch.", "")
+    return None
 
 
 def _atomic_torch_save(obj, path: str) -> None:
@@ -229,10 +326,19 @@ def fit(
         run_info: JSON-able dict stored in the checkpoint and compared on resume.
         step_hook: optional callable ``(seconds_of_the_step) -> None`` run after every step.
 
+    With fp16 loss scaling, a step whose gradients overflowed is skipped by the GradScaler (the
+    scale shrinks): as HF's Trainer, it does not advance the learning-rate schedule, and its
+    history row has ``"skipped": True`` (``grad_norm`` None).
+
     Returns:
-        ``{"history": [{"step", "loss", "lr", "lr_scale", "grad_norm", "tokens_per_s"}], "steps_done",
-        "train_seconds", "tokens", "tokens_per_s", "peak_memory_gb", "resumed_from"}``.
+        ``{"history": [{"step", "loss", "lr", "lr_scale", "grad_norm", "tokens_per_s", "skipped"}],
+        "steps_done", "finished", "skipped_steps", "train_seconds", "tokens", "tokens_per_s",
+        "peak_memory_gb", "resumed_from"}``. ``grad_norm`` is None without clipping
+        (``max_grad_norm=0``) or when not finite. ``tokens`` / ``train_seconds`` / ``tokens_per_s``
+        cover the whole run, across resumptions (checkpoints written before they were stored count
+        from the resumption); ``peak_memory_gb`` is this call's.
     """
+    _check_optim_args(lr, lr_scale, max_grad_norm)
     device = device or next(iter(model.parameters())).device
     # fp16 activations: dynamic loss scaling, so small activation gradients do not flush to zero
     # in the fp16 backward (the trainable tensors themselves are fp32, see modules.factor_dtype)
@@ -245,6 +351,7 @@ def fit(
     params = [p for _, p in trainable]
     history: list[dict] = []
     start = 0
+    tokens_before, seconds_before = 0, 0.0  # of the run before a resumption
     resumed_from = None
     state_path = None if ckpt_dir is None else os.path.join(ckpt_dir, STATE_FILE)
     fingerprint = phi_fingerprint(model)
@@ -273,6 +380,7 @@ def fit(
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         history = list(state["history"])
         start = resumed_from = int(state["step"])
+        tokens_before, seconds_before = int(state.get("tokens", 0)), float(state.get("train_seconds", 0.0))
 
     def save_state(step_done: int) -> None:
         if state_path is None:
@@ -290,6 +398,8 @@ def fit(
                 "history": history,
                 "fingerprint": fingerprint,
                 "run_info": run_info,
+                "tokens": tokens_before + steps_run * tokens_per_step,
+                "train_seconds": seconds_before + (time.perf_counter() - t_start),
             },
             state_path,
         )
@@ -315,11 +425,14 @@ def fit(
                 scaler.scale(loss / grad_accum).backward()
                 loss_sum += float(loss.detach())
             scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else torch.tensor(float("nan"))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm > 0 else None
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
+            scale_before = scaler.get_scale() if fp16 else None
             scaler.step(opt)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
             scaler.update()
-            sched.step()
+            skipped = fp16 and scaler.get_scale() < scale_before
+            if not skipped:  # as HF's Trainer: a skipped step does not advance the schedule
+                sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             rec = {
@@ -327,8 +440,9 @@ def fit(
                 "loss": loss_sum / grad_accum,
                 "lr": lrs.get("lora", 0.0),
                 "lr_scale": lrs.get("scale", 0.0),
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_step / dt,
+                "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
+                "skipped": bool(skipped),
             }
             history.append(rec)
             steps_run += 1
@@ -338,7 +452,7 @@ def fit(
                 bar.update(1)
                 if (step + 1) % log_every == 0 or step + 1 == steps:
                     bar.set_postfix(
-                        loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                        loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
                         mem=f"{_memory_gb(device):.2f}GB",
                     )
             done = step + 1
@@ -350,12 +464,13 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t_start
-    n_tok = steps_run * tokens_per_step
+    elapsed = seconds_before + (time.perf_counter() - t_start)
+    n_tok = tokens_before + steps_run * tokens_per_step
     return {
         "history": history,
         "steps_done": history[-1]["step"] if history else start,
         "finished": bool(history) and history[-1]["step"] == steps,
+        "skipped_steps": sum(bool(h.get("skipped")) for h in history),
         "train_seconds": elapsed,
         "tokens": n_tok,
         "tokens_per_s": n_tok / elapsed if elapsed > 0 else 0.0,
@@ -428,7 +543,7 @@ def run_train(args: TrainArgs) -> dict:
     args.validate()
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    config = args.lrqat_config()  # validates the quantization arguments before any loading
+    args.lrqat_config()  # validates the quantization arguments before any loading
     model = load_causal_lm(args.model, device=device)  # range estimation then runs on the device
     eval_len = args.eval_seq_len or args.seq_len
     check_window(model, args.seq_len)
@@ -436,8 +551,12 @@ def run_train(args: TrainArgs) -> dict:
     if os.path.isfile(os.path.join(args.model, META_FILE)):
         if getattr(model, "lrqat_stage", None) != "lrqat":
             raise ValueError(f"--model {args.model} is a converted (quantized) checkpoint; train from an FP or LR-QAT model")
-        config = model.lrqat_config  # continue training an LR-QAT checkpoint with its own config
+        # continue training an LR-QAT checkpoint with its own config (a differing flag is an error)
+        args = args.resolved(model.lrqat_config, _base_dtype(model))
+        config = model.lrqat_config
     else:
+        args = args.resolved()
+        config = args.lrqat_config()
         prepare(model, config)
     if args.grad_checkpointing:
         enable_layer_checkpointing(model)
@@ -478,6 +597,7 @@ def run_train(args: TrainArgs) -> dict:
             out["quantized_dir"] = save_pretrained(model, os.path.join(args.out, "quantized"), tokenizer=tokenizer)
             if eval_ids is not None:
                 out["eval_quantized"] = evaluate_perplexity(model, eval_ids, eval_len, batch_size=args.batch_size)
+    out = json_safe(out)  # null, not NaN / Infinity, for missing or non-finite values
     atomic_write_json(os.path.join(args.out, "results.json"), out)
     return out
 

@@ -15,6 +15,7 @@ import lrqat_kernels
 from lrqat_kernels import LRQATConfig, load_pretrained, prepare
 from lrqat_kernels.cli import main
 from lrqat_kernels.data import ByteTokenizer, WindowSampler, evaluate_perplexity, load_tokenizer, read_text, tokenize
+from lrqat_kernels.modules import factor_dtype
 from lrqat_kernels.train import build_optimizer, enable_layer_checkpointing, fit, linear_warmup_decay
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -122,7 +123,9 @@ def test_bf16_training_keeps_scales_fp32_and_checkpointing_matches(workdir):
         s0 = model.model.layers[0].self_attn.q_proj.scale.detach().clone()
         r = fit(model, WindowSampler(ids, 32, seed=0), steps=3, batch_size=2, lr=1e-2, lr_scale=1e-4, progress=False)
         layer = model.model.layers[0].self_attn.q_proj
-        assert layer.scale.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
+        # fp32 scales; LoRA factors in modules.factor_dtype's dtype; the model computes in bf16
+        assert layer.scale.dtype == torch.float32 and layer.lora_A.dtype == factor_dtype(torch.bfloat16)
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
         assert not torch.equal(layer.scale.detach(), s0)  # 1e-4 steps survive in fp32
         results.append([h["loss"] for h in r["history"]])
     assert results[0] == pytest.approx(results[1], rel=1e-2)
@@ -204,6 +207,133 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(workdir, tmp_path):
     ma, mb = load_pretrained(str(full / "lrqat")), load_pretrained(str(cut / "lrqat"))
     for k, v in ma.state_dict().items():
         assert torch.equal(mb.state_dict()[k], v), k
+    # tokens / train_seconds / tokens_per_s cover the whole run, not the last invocation only
+    assert b["tokens"] == a["tokens"] == 6 * 2 * 32 and partial["tokens"] == 3 * 2 * 32
+    assert b["train_seconds"] > partial["train_seconds"] > 0
+    assert b["tokens_per_s"] == pytest.approx(b["tokens"] / b["train_seconds"])
+
+
+def test_resume_of_a_checkpoint_without_running_totals(workdir, tmp_path):
+    """Checkpoints written before tokens / train_seconds were stored resume, counting from the resumption."""
+    ids = tokenize(read_text(str(workdir / "train.txt")), ByteTokenizer())
+    ckpt = str(tmp_path / "ckpt")
+
+    def run(**kw):
+        model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax"))
+        return fit(model, WindowSampler(ids, 16, seed=0), steps=4, batch_size=2, lr=1e-2, lr_scale=1e-3, progress=False,
+                   ckpt_dir=ckpt, **kw)
+
+    assert run(stop_after=2)["tokens"] == 2 * 2 * 16
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    assert state["tokens"] == 2 * 2 * 16 and state["train_seconds"] > 0
+    del state["tokens"], state["train_seconds"]
+    torch.save(state, os.path.join(ckpt, "trainer_state.pt"))
+    r = run(resume=True)
+    assert r["finished"] and r["resumed_from"] == 2 and r["tokens"] == 2 * 2 * 16
+
+
+def test_fp16_overflow_skipped_steps_do_not_advance_the_schedule(workdir, tmp_path, monkeypatch):
+    """fp16: a step the GradScaler skips (overflowed gradients; forced here by a huge initial loss
+    scale) does not advance the LR schedule, as HF's Trainer; it is marked and counted, and a resume
+    in the middle of the skips reproduces the uninterrupted run."""
+    import warnings
+
+    class BigScale(torch.amp.GradScaler):
+        def __init__(self, *a, **k):
+            k.setdefault("init_scale", 2.0**30)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", BigScale)
+    ids = tokenize(read_text(str(workdir / "train.txt")), ByteTokenizer())
+    ckpt = str(tmp_path / "ckpt")
+
+    def run(**kw):
+        model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", compute_dtype="float16"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fit(model, WindowSampler(ids, 16, seed=0), steps=12, batch_size=2, lr=1e-2, lr_scale=1e-3,
+                       warmup_ratio=0.25, progress=False, **kw)
+
+    r = run()
+    skipped = [h for h in r["history"] if h["skipped"]]
+    good = [h for h in r["history"] if not h["skipped"]]
+    assert skipped and good and r["skipped_steps"] == len(skipped) and r["history"][0]["skipped"]
+    assert all(h["grad_norm"] is None for h in skipped) and all(h["grad_norm"] > 0 for h in good)
+    f = linear_warmup_decay(12, 3)  # the k-th applied step gets the k-th value: the warm-up is not lost
+    assert [h["lr"] for h in good] == pytest.approx([1e-2 * f(k) for k in range(len(good))])
+    assert good[0]["lr"] == pytest.approx(1e-2 / 3)
+    cut = run(ckpt_dir=ckpt, stop_after=2)
+    assert [h["skipped"] for h in cut["history"]] == [h["skipped"] for h in r["history"][:2]]
+    res = run(ckpt_dir=ckpt, resume=True)
+    assert res["skipped_steps"] == r["skipped_steps"]
+    key = ("step", "loss", "lr", "lr_scale", "grad_norm", "skipped")
+    assert [[h[k] for k in key] for h in res["history"]] == [[h[k] for k in key] for h in r["history"]]
+
+
+def test_results_json_is_strict_json(workdir, tmp_path):
+    """--max-grad-norm 0 (no clipping): grad_norm is null, not a bare NaN; the writer refuses NaN."""
+    out = tmp_path / "run"
+    assert _train(workdir, out, "--max-grad-norm", "0", "--steps", "2") == 0
+
+    def strict(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    res = json.loads((out / "results.json").read_text(), parse_constant=strict)
+    assert [h["grad_norm"] for h in res["history"]] == [None, None]
+    from lrqat_kernels._io import atomic_write_json, json_safe
+
+    with pytest.raises(ValueError, match="bad.json"):
+        atomic_write_json(tmp_path / "bad.json", {"x": [1.0, float("nan")]})
+    assert not (tmp_path / "bad.json").exists()
+    assert json_safe({"a": (float("inf"), 2.0), "b": float("nan"), "c": "x"}) == {"a": [None, 2.0], "b": None, "c": "x"}
+
+
+def test_continue_training_an_lrqat_checkpoint(workdir, tmp_path, capsys):
+    """`lrqat train --model <LR-QAT checkpoint>`: it trains with the checkpoint's config, recorded as
+    such in results.json; a quantization flag given with another value is an error (a flag left
+    at its default is not); --lr-scale > 0 trains the scales a --lr-scale 0 run had frozen."""
+    first = tmp_path / "first"
+    assert _train(workdir, first, "--bits", "3", "--lr-scale", "0", "--steps", "2") == 0
+    ckpt = first / "lrqat"
+    assert not any(p.requires_grad for n, p in load_pretrained(str(ckpt)).named_parameters() if n.endswith("scale"))
+    capsys.readouterr()
+
+    def cont(out, *extra):
+        return main(["train", "--model", str(ckpt), "--data", str(workdir / "train.txt"), "--out", str(tmp_path / out),
+                     "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--no-progress", *extra])
+
+    for extra, msg in ((("--bits", "4"), "--bits: got bits=4"), (("--act-bits", "8"), "--act-bits: got act_bits=8"),
+                       (("--compute-dtype", "bfloat16"), "--compute-dtype: got compute_dtype='bfloat16'"),
+                       (("--rank", "8"), "has rank=4"), (("--asymmetric",), "--asymmetric")):
+        assert cont("bad", *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and "LR-QAT checkpoint" in err, (extra, err)
+        assert not (tmp_path / "bad" / "results.json").exists()
+    # the same values as the checkpoint's are fine (compute_dtype: the model's dtype when it kept it)
+    assert cont("same", "--bits", "3", "--rank", "4", "--compute-dtype", "float32", "--lr-scale", "0") == 0
+    assert cont("second", "--lr-scale", "1e-2") == 0
+    res = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert res["lrqat_config"]["bits"] == 3 and res["args"]["bits"] == 3 and res["args"]["rank"] == 4
+    assert res["args"]["range_method"] == res["lrqat_config"]["range_method"] == "minmax"
+    assert all(h["lr_scale"] > 0 for h in res["history"])
+    s0 = load_pretrained(str(ckpt)).model.layers[0].self_attn.q_proj.scale
+    s1 = load_pretrained(str(tmp_path / "second" / "lrqat")).model.layers[0].self_attn.q_proj.scale
+    assert s1.requires_grad and not torch.equal(s0, s1)
+
+
+def test_build_optimizer_sets_the_scales_trainability_from_each_call():
+    """lr_scale=0 froze the scales for good: a later call (a second fit, or a checkpoint saved with
+    them frozen) with lr_scale > 0 silently left them at s0."""
+    model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax"))
+    scales = [p for n, p in model.named_parameters() if n.endswith("scale")]
+    assert [g["name"] for g in build_optimizer(model, 1e-3, 0.0).param_groups] == ["lora"]
+    assert not any(p.requires_grad for p in scales)
+    opt = build_optimizer(model, 1e-3, 1e-5)
+    assert [g["name"] for g in opt.param_groups] == ["lora", "scale"] and all(p.requires_grad for p in scales)
+    frozen = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", learn_scale=False))
+    assert [g["name"] for g in build_optimizer(frozen, 1e-3, 1e-5).param_groups] == ["lora"]
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number >= 0"):
+        fit(model, None, steps=1, batch_size=1, lr=1e-3, lr_scale=0.0, max_grad_norm=-1.0)
 
 
 def test_resume_refuses_changed_arguments(workdir, tmp_path, capsys):
@@ -237,10 +367,45 @@ def test_cli_bad_input(workdir, tmp_path, capsys):
     short.write_text("tiny")
     rc = _train(workdir, tmp_path / "o5", "--eval-data", str(short))
     assert rc == 2 and "fewer than one window" in capsys.readouterr().err
+    # non-finite learning rates and clipping norms (inf trained, then failed; negative / nan disabled clipping)
+    for extra, msg in ((("--lr", "inf"), "lr must be a finite number >= 0, got inf"),
+                       (("--lr", "nan"), "lr must be a finite number >= 0, got nan"),
+                       (("--lr-scale", "inf"), "lr_scale must be a finite number >= 0, got inf"),
+                       (("--max-grad-norm", "-1"), "max_grad_norm must be a finite number >= 0"),
+                       (("--max-grad-norm", "nan"), "max_grad_norm must be a finite number >= 0")):
+        rc = _train(workdir, tmp_path / "o6", *extra)
+        assert rc == 2 and msg in capsys.readouterr().err, extra
+        assert not (tmp_path / "o6" / "results.json").exists()
     for extra, msg in ((("--seq-len", "1"), "seq_len must be an int >= 2"), (("--seq-len", "32", "--batch-size", "0"), "batch_size must be"),
                        (("--out", str(tmp_path / "nodir" / "x.json")), "does not exist")):
         rc = main(["eval", "--model", str(workdir / "model"), "--data", str(workdir / "heldout.txt"), *extra])
         assert rc == 2 and msg in capsys.readouterr().err, extra
+
+
+def test_cli_out_must_be_a_directory_and_runtime_errors_are_reported(workdir, tmp_path, capsys, monkeypatch):
+    """--out naming an existing file failed only at the save after training (FileExistsError
+    traceback); OSError and FloatingPointError (divergence) reach the user as messages."""
+    import lrqat_kernels.train as train_mod
+
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    for out, msg in ((f, "exists and is not a directory"), (f / "sub", "is not a directory")):
+        rc = _train(workdir, out, "--steps", "200")
+        assert rc == 2 and msg in capsys.readouterr().err, out
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "lrqat").write_text("x")
+    assert _train(workdir, tmp_path / "o") == 2 and "lrqat exists and is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+    for exc, code, msg in ((OSError(28, "No space left on device"), 1, "No space left on device"),
+                           (FloatingPointError("loss is nan at step 3; lower the learning rates"), 1, "training diverged: loss is nan")):
+        def boom(args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(train_mod, "run_train", boom)
+        assert _train(workdir, tmp_path / "x") == code
+        err = capsys.readouterr().err
+        assert err.startswith("lrqat train: error: ") and msg in err
 
 
 def test_demo_quick(tmp_path):
