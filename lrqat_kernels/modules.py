@@ -102,8 +102,9 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     bf16 factors are kept: the kernels build ``B @ A`` from them on tensor cores (exact products,
     fp32 sums), while fp32 factors take IEEE FMA dots, 2r FMAs a weight, which at r = 32 would
     make the memory-bound fake-quant forward ~2x slower than its HBM time on an H100 (a model,
-    not a timing). Their small AdamW updates are kept by :func:`lrqat_kernels.train.fit`'s fp32
-    master copies (an update under half a bf16 ulp is otherwise lost).
+    not a timing). Their small AdamW updates are kept by fp32 master copies on the optimizer
+    side (:class:`lrqat_kernels.train.MasterWeights`, used by ``fit``): an update under half a
+    bf16 ulp is otherwise lost.
     """
     return torch.float32 if dtype == torch.float16 else dtype
 

@@ -33,6 +33,7 @@ __all__ = [
     "TrainArgs",
     "fit",
     "build_optimizer",
+    "MasterWeights",
     "linear_warmup_decay",
     "run_train",
     "load_causal_lm",
@@ -219,8 +220,69 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int):
     return fn
 
 
-def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9, 0.95), weight_decay: float = 0.0):
+class MasterWeights:
+    """fp32 master copies of the bf16 trainable tensors: the optimizer steps these.
+
+    Stepped in bf16, an update under half an ulp of the tensor is lost: with bf16 LoRA factors at
+    lr 1e-4 only 4 % of ``lora_A`` moved in two AdamW steps (lr 1e-5: 0.2 %), so the tail of every
+    linearly decayed run did next to nothing, and AdamW's moments were bf16 too. The model keeps
+    its bf16 factors (the kernels build ``B @ A`` from them on tensor cores, and the merge uses the
+    same values); after each step they take the masters' values, rounded to nearest. fp32 tensors
+    (scales, fp16-compute factors) are their own masters.
+
+    Args:
+        params: the model's trainable tensors, in optimizer order.
+    """
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.masters = [p.detach().float().clone() if p.dtype == torch.bfloat16 else p for p in self.params]
+        self._of = {id(p): m for p, m in zip(self.params, self.masters)}
+
+    def master(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the optimizer holds for model tensor ``p``."""
+        return self._of[id(p)]
+
+    @property
+    def pairs(self):
+        return [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+
+    def pull_grads(self) -> None:
+        """Model gradients -> the masters' ``.grad`` (fp32)."""
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """The masters' values, rounded, into the model's tensors."""
+        for p, m in self.pairs:
+            p.copy_(m)
+
+    def zero_grad(self) -> None:
+        for p, m in self.pairs:
+            p.grad = None
+            m.grad = None
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [m.detach().cpu().clone() for _, m in self.pairs]
+
+    @torch.no_grad()
+    def load_state_dict(self, state: list[torch.Tensor] | None) -> None:
+        """Masters from a checkpoint, or (``None``: a checkpoint of before master weights) the model's values."""
+        pairs = self.pairs
+        if state is not None and len(state) != len(pairs):
+            raise ValueError(f"cannot resume: the checkpoint holds {len(state)} master tensors, the model {len(pairs)}")
+        for i, (p, m) in enumerate(pairs):
+            m.copy_(p if state is None else state[i])
+
+
+def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9, 0.95), weight_decay: float = 0.0,
+                    master_weights: bool = True):
     """AdamW with two parameter groups: ``lora`` (lora_A, lora_B) at ``lr``, ``scale`` at ``lr_scale``.
+
+    With ``master_weights`` (default) bf16 trainable tensors are stepped through fp32 copies
+    (:class:`MasterWeights`, at ``optimizer.lrqat_masters``; :func:`fit` moves gradients and
+    values between them); the optimizer's groups then hold the copies.
 
     The scales' ``requires_grad`` is set by this call: on when ``lr_scale > 0`` and the model's
     ``lrqat_config.learn_scale``, off otherwise (``lr_scale = 0`` is the paper's ``0*`` setting,
@@ -253,7 +315,15 @@ def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9,
     if half:
         raise ValueError(f"{len(half)} trainable tensors are float16: AdamW cannot train fp16 tensors (eps=1e-8 rounds "
                          "to 0, squared gradients underflow); keep them float32 (prepare(compute_dtype='float16') does)")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8)
+    masters = MasterWeights(lora + scales) if master_weights else None
+    if masters is not None and masters.pairs:
+        for g in groups:
+            g["params"] = [masters.master(p) for p in g["params"]]
+    else:
+        masters = None
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8)
+    opt.lrqat_masters = masters
+    return opt
 
 
 def phi_fingerprint(model: nn.Module) -> list:
@@ -312,6 +382,7 @@ def fit(
     run_info: dict | None = None,
     log_every: int = 1,
     step_hook=None,
+    master_weights: bool = True,
 ) -> dict:
     """Train the prepared ``model`` (a HF causal LM) on ``sampler``'s windows.
 
@@ -325,6 +396,7 @@ def fit(
         stop_after: stop after this many optimizer steps in this call (simulates an interruption).
         run_info: JSON-able dict stored in the checkpoint and compared on resume.
         step_hook: optional callable ``(seconds_of_the_step) -> None`` run after every step.
+        master_weights: step bf16 trainable tensors through fp32 copies (:class:`MasterWeights`).
 
     With fp16 loss scaling, a step whose gradients overflowed is skipped by the GradScaler (the
     scale shrinks): as HF's Trainer, it does not advance the learning-rate schedule, and its
@@ -344,11 +416,12 @@ def fit(
     # in the fp16 backward (the trainable tensors themselves are fp32, see modules.factor_dtype)
     fp16 = any(p.dtype == torch.float16 for p in model.parameters())
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=fp16)
-    opt = build_optimizer(model, lr, lr_scale, betas=betas, weight_decay=weight_decay)
+    opt = build_optimizer(model, lr, lr_scale, betas=betas, weight_decay=weight_decay, master_weights=master_weights)
+    masters = opt.lrqat_masters
+    opt_params = [p for g in opt.param_groups for p in g["params"]]
     warmup = int(round(warmup_ratio * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(steps, warmup))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in trainable]
     history: list[dict] = []
     start = 0
     tokens_before, seconds_before = 0, 0.0  # of the run before a resumption
@@ -371,6 +444,8 @@ def fit(
         with torch.no_grad():
             for n, p in trainable:
                 p.copy_(saved[n])
+        if masters is not None:
+            masters.load_state_dict(state.get("masters"))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if state.get("grad_scaler"):
@@ -391,6 +466,7 @@ def fit(
                 "samples": step_done * grad_accum * batch_size,
                 "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
                 "optimizer": opt.state_dict(),
+                "masters": None if masters is None else masters.state_dict(),
                 "scheduler": sched.state_dict(),
                 "grad_scaler": scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
@@ -424,8 +500,10 @@ def fit(
                     raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rates")
                 scaler.scale(loss / grad_accum).backward()
                 loss_sum += float(loss.detach())
+            if masters is not None:
+                masters.pull_grads()
             scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm > 0 else None
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, max_grad_norm)) if max_grad_norm > 0 else None
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
             scale_before = scaler.get_scale() if fp16 else None
             scaler.step(opt)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
@@ -433,6 +511,9 @@ def fit(
             skipped = fp16 and scaler.get_scale() < scale_before
             if not skipped:  # as HF's Trainer: a skipped step does not advance the schedule
                 sched.step()
+            if masters is not None:
+                masters.push()
+                masters.zero_grad()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             rec = {

@@ -463,3 +463,47 @@ def test_train_weight_activation_flags(workdir, tmp_path):
         assert attn.o_proj.input_bits == 8 and attn.k_proj.output_bits == 4 and attn.q_proj.output_bits is None
         # q/k/v inputs are quantised once, by the norm feeding them (fuse_act_quant, the default)
         assert attn.q_proj.input_bits is None and m.model.layers[0].input_layernorm.output_bits == 8
+
+
+def test_bf16_factors_train_through_fp32_master_weights(workdir, tmp_path):
+    """bf16 LoRA factors stepped in bf16 lose every update under half an ulp (lora_A ~ 0.1 here: half
+    an ulp is 2.4e-4 to 4.9e-4, an AdamW step at lr 1e-4 is <= ~1e-4); through fp32 masters every
+    step counts and the bf16 factors take the masters' rounded values. A resumed run equals the
+    uninterrupted one (the masters are in the checkpoint)."""
+    ids = tokenize(read_text(str(workdir / "train.txt")), ByteTokenizer())
+
+    def new_model():
+        return prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", compute_dtype="bfloat16"))
+
+    def run(model, master_weights=True, **kw):
+        return fit(model, WindowSampler(ids, 16, seed=0), steps=10, batch_size=2, lr=1e-4, lr_scale=1e-5,
+                   warmup_ratio=0.0, progress=False, master_weights=master_weights, **kw)
+
+    def lora_a(model):
+        return torch.cat([p.detach().float().flatten() for n, p in model.named_parameters() if n.endswith("lora_A")])
+
+    a0 = lora_a(new_model())
+    with_masters, without = new_model(), new_model()
+    r = run(with_masters)
+    run(without, master_weights=False)
+    assert with_masters.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.bfloat16
+    moved = lambda m: (lora_a(m) != a0).float().mean().item()  # noqa: E731
+    assert moved(without) < moved(with_masters), (moved(without), moved(with_masters))
+
+    part = new_model()
+    run(part, ckpt_dir=str(tmp_path), stop_after=6)
+    state = torch.load(os.path.join(tmp_path, "trainer_state.pt"), weights_only=True)
+    # masters: the bf16 trainable tensors in optimizer order (lora_A, lora_B of each layer; scales are fp32)
+    names = [n for n, p in part.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
+    assert len(state["masters"]) == len(names) and all(m.dtype == torch.float32 for m in state["masters"])
+    params = dict(part.named_parameters())
+    a_masters = torch.cat([m.flatten() for n, m in zip(names, state["masters"]) if n.endswith("lora_A")])
+    assert (a_masters != a0).float().mean().item() > 0.9  # every step counted in the masters
+    for n, m in zip(names, state["masters"]):
+        assert torch.equal(params[n].detach(), m.to(torch.bfloat16)), n  # the model holds their rounded values
+
+    resumed = new_model()
+    r2 = run(resumed, ckpt_dir=str(tmp_path), resume=True)
+    assert [h["loss"] for h in r2["history"]] == [h["loss"] for h in r["history"]]
+    for (n, p), (_, q) in zip(with_masters.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
