@@ -14,7 +14,8 @@ Counted, per category:
                norms + frozen bf16 embeddings and LM head
   trainable    lora_A, lora_B (bf16) + scales (fp32)
   gradients    one per trainable parameter, in its dtype
-  optimizer    AdamW: 2 fp32 states per trainable parameter (exp_avg, exp_avg_sq)
+  optimizer    AdamW: 2 fp32 states per trainable parameter (exp_avg, exp_avg_sq), plus the fp32
+               master copy of every bf16 one (train.MasterWeights)
   activations  tensors saved for backward (see above)
   transient    the largest temporary of the backward: max(one W_hat + one dL/dW_hat of the
                largest linear in bf16 (what the recomputing Function materialises, one layer at
@@ -183,19 +184,21 @@ def measure_head(cfg, seq: int) -> dict:
 
 def layer_param_bytes(layer) -> dict:
     phi, frozen, lora, scale = 0, 0, 0, 0
-    lora_n, scale_n = 0, 0
+    lora_n, scale_n, master_n = 0, 0, 0
     for m in layer.modules():
         if isinstance(m, LRQATLinear):
             phi += _bytes([m.phi]) + (0 if m.zero_point is None else _bytes([m.zero_point]))
             lora += _bytes([m.lora_A, m.lora_B])
             lora_n += m.lora_A.numel() + m.lora_B.numel()
+            if m.lora_A.dtype == torch.bfloat16:
+                master_n += m.lora_A.numel() + m.lora_B.numel()
             scale += _bytes([m.scale])
             scale_n += m.scale.numel()
             if m.bias is not None:
                 frozen += _bytes([m.bias])
     lrqat_ids = {id(t) for m in layer.modules() if isinstance(m, LRQATLinear) for t in m.parameters(recurse=False)}
     frozen += _bytes([p for p in layer.parameters() if id(p) not in lrqat_ids])
-    return {"phi": phi, "frozen": frozen, "lora": lora, "scale": scale, "trainable_n": lora_n + scale_n}
+    return {"phi": phi, "frozen": frozen, "lora": lora, "scale": scale, "trainable_n": lora_n + scale_n, "master_n": master_n}
 
 
 def main(argv=None) -> list[dict]:
@@ -226,7 +229,7 @@ def main(argv=None) -> list[dict]:
                 weights = L * (pb["phi"] + pb["frozen"]) + head["weights_bytes"]
                 trainable = L * (pb["lora"] + pb["scale"])
                 grads = trainable
-                optim = L * pb["trainable_n"] * 2 * 4
+                optim = L * (pb["trainable_n"] * 2 * 4 + pb["master_n"] * 4)
                 if ckpt:
                     acts = L * m["input_bytes"] + m["saved_bytes"] + head["saved_bytes"]
                 else:

@@ -358,5 +358,5 @@ def test_memory_bench_quick(tmp_path, capsys):
     assert key[("packed_int", "current", False)]["weights_bytes"] < cur["weights_bytes"]
     assert key[("fixed_point", "current", True)]["activations_bytes"] < cur["activations_bytes"]
     for r in rows:
-        assert 2 * r["trainable_bytes"] <= r["optimizer_bytes"] <= 4 * r["trainable_bytes"]  # 8 B per bf16 (2 B) or fp32 (4 B) param
+        assert 2 * r["trainable_bytes"] <= r["optimizer_bytes"] <= 6 * r["trainable_bytes"]  # 8 B per fp32 (4 B) param, 12 B per bf16 (2 B) one: two fp32 states + its fp32 master
     assert "TOTAL" in capsys.readouterr().out
