@@ -13,7 +13,8 @@ Counted, per category:
   weights      Phi0 buffers (fixed_point: 1 B/weight, packed_int: 0.5 B/weight) + frozen bf16
                norms + frozen bf16 embeddings and LM head
   trainable    lora_A, lora_B (bf16) + scales (fp32)
-  gradients    one per trainable parameter, in its dtype
+  gradients    one per trainable parameter, in its dtype (fp32 for the bf16 ones: they live on the
+               master copies, the bf16 gradients are freed when moved there)
   optimizer    AdamW: 2 fp32 states per trainable parameter (exp_avg, exp_avg_sq), plus the fp32
                master copy of every bf16 one (train.MasterWeights)
   activations  tensors saved for backward (see above)
@@ -228,7 +229,7 @@ def main(argv=None) -> list[dict]:
             for ckpt in (False, True):
                 weights = L * (pb["phi"] + pb["frozen"]) + head["weights_bytes"]
                 trainable = L * (pb["lora"] + pb["scale"])
-                grads = trainable
+                grads = trainable + L * pb["master_n"] * 2  # bf16 ones: fp32 gradients on the masters
                 optim = L * (pb["trainable_n"] * 2 * 4 + pb["master_n"] * 4)
                 if ckpt:
                     acts = L * m["input_bytes"] + m["saved_bytes"] + head["saved_bytes"]

@@ -191,10 +191,14 @@ def prepare(model: nn.Module, config: LRQATConfig | None = None) -> nn.Module:
         raise ValueError(f"model is already prepared (stage {stage!r}); prepare() applies to a floating-point model once")
     targets = find_target_linears(model, config)
     if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        subclasses = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and type(m) is not nn.Linear]
         raise ValueError(
             f"no target layers: no nn.Linear matches target_modules={config.target_modules} minus exclude={config.exclude} "
-            f"(the model's nn.Linear layers: {linears[:8]}{' ...' if len(linears) > 8 else ''})"
+            f"(the model's nn.Linear layers: {linears[:8]}{' ...' if len(linears) > 8 else ''}"
+            + (f"; nn.Linear subclasses, never swapped: {subclasses[:4]}{' ...' if len(subclasses) > 4 else ''}"
+               if subclasses else "") + ")"
         )
     _validate_targets(targets, config)
     _untie_swapped_head(model, targets)

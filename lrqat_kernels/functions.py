@@ -360,7 +360,9 @@ class LRQATLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, phi, lora_A, lora_B, scale, zero_point)
         ctx.meta = (bits, phi_format, alpha, out_dtype, fused_gemm)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y2d.reshape(*x.shape[:-1], phi.shape[0])
+        # [tokens, out]: the caller reshapes (a view returned from a Function cannot be modified in
+        # place, and models do y += ... on a linear's output)
+        return y2d
 
     @staticmethod
     def backward(ctx, dy):
@@ -461,8 +463,9 @@ def _lrqat_linear(x, phi, lora_A, lora_B, scale, bias, bits, phi_format, alpha, 
     )
     check_linear_args(x, bias, shapes, lora_A.dtype, phi.device)
     _check_phi_layout(phi, phi_format)
-    return LRQATLinearFunction.apply(x, phi, lora_A, lora_B, scale, zero_point, bias, bits, phi_format, float(alpha),
-                                     out_dtype, fused_gemm)
+    y2d = LRQATLinearFunction.apply(x, phi, lora_A, lora_B, scale, zero_point, bias, bits, phi_format, float(alpha),
+                                    out_dtype, fused_gemm)
+    return y2d.reshape(*x.shape[:-1], phi.shape[0])
 
 
 def lrqat_linear(

@@ -34,6 +34,7 @@ __all__ = [
     "fit",
     "build_optimizer",
     "MasterWeights",
+    "MasterAdamW",
     "linear_warmup_decay",
     "run_train",
     "load_causal_lm",
@@ -151,9 +152,9 @@ class TrainArgs:
                     "training continues a checkpoint with its own quantization config: drop the flag, or train "
                     "from the FP model to change it"
                 )
+        # The checkpoint's values, given or not (a given one equals them): a run and its --resume with
+        # and without a redundant flag record the same config.
         keep = {k: getattr(checkpoint, k) for k in (*_QUANT_DEFAULTS, *_QUANT_OPTIONAL, *_QUANT_IF_CHANGED)}
-        if self.compute_dtype is not None:
-            keep["compute_dtype"] = given.compute_dtype
         keep["exclude"] = list(keep["exclude"])
         return dataclasses.replace(self, **keep)
 
@@ -238,6 +239,7 @@ class MasterWeights:
         self.params = list(params)
         self.masters = [p.detach().float().clone() if p.dtype == torch.bfloat16 else p for p in self.params]
         self._of = {id(p): m for p, m in zip(self.params, self.masters)}
+        self.pulled = False  # gradients already moved for the coming step (by fit, before clipping)
 
     def master(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor the optimizer holds for model tensor ``p``."""
@@ -248,9 +250,11 @@ class MasterWeights:
         return [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
 
     def pull_grads(self) -> None:
-        """Model gradients -> the masters' ``.grad`` (fp32)."""
+        """Model gradients -> the masters' ``.grad`` (fp32); the model's bf16 gradients are freed."""
         for p, m in self.pairs:
             m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        self.pulled = True
 
     @torch.no_grad()
     def push(self) -> None:
@@ -262,6 +266,7 @@ class MasterWeights:
         for p, m in self.pairs:
             p.grad = None
             m.grad = None
+        self.pulled = False
 
     def state_dict(self) -> list[torch.Tensor]:
         return [m.detach().cpu().clone() for _, m in self.pairs]
@@ -276,13 +281,42 @@ class MasterWeights:
             m.copy_(p if state is None else state[i])
 
 
+class MasterAdamW(torch.optim.AdamW):
+    """AdamW over :class:`MasterWeights`: a drop-in optimizer for the model's own tensors.
+
+    ``step()`` moves the model's gradients to the fp32 copies (unless the caller did, to clip or
+    unscale them first: :func:`fit`), steps the copies and writes their rounded values back into
+    the model; ``zero_grad()`` clears both. A plain ``loss.backward(); opt.step(); opt.zero_grad()``
+    loop trains the bf16 factors as fit does. ``param_groups`` hold the copies (LR schedulers
+    and ``clip_grad_norm_`` over them work as usual).
+    """
+
+    def __init__(self, groups, masters: MasterWeights, **kw):
+        for g in groups:
+            g["params"] = [masters.master(p) for p in g["params"]]
+        super().__init__(groups, **kw)
+        self.lrqat_masters = masters
+
+    def step(self, closure=None):
+        if not self.lrqat_masters.pulled:
+            self.lrqat_masters.pull_grads()
+        loss = super().step(closure)
+        self.lrqat_masters.push()
+        self.lrqat_masters.pulled = False
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        self.lrqat_masters.zero_grad()
+
+
 def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9, 0.95), weight_decay: float = 0.0,
                     master_weights: bool = True):
     """AdamW with two parameter groups: ``lora`` (lora_A, lora_B) at ``lr``, ``scale`` at ``lr_scale``.
 
-    With ``master_weights`` (default) bf16 trainable tensors are stepped through fp32 copies
-    (:class:`MasterWeights`, at ``optimizer.lrqat_masters``; :func:`fit` moves gradients and
-    values between them); the optimizer's groups then hold the copies.
+    With ``master_weights`` (default) and bf16 trainable tensors, a :class:`MasterAdamW`: the
+    tensors are stepped through fp32 copies (``optimizer.lrqat_masters``), its groups hold the
+    copies, and a plain backward / step / zero_grad loop works as with AdamW.
 
     The scales' ``requires_grad`` is set by this call: on when ``lr_scale > 0`` and the model's
     ``lrqat_config.learn_scale``, off otherwise (``lr_scale = 0`` is the paper's ``0*`` setting,
@@ -315,14 +349,12 @@ def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9,
     if half:
         raise ValueError(f"{len(half)} trainable tensors are float16: AdamW cannot train fp16 tensors (eps=1e-8 rounds "
                          "to 0, squared gradients underflow); keep them float32 (prepare(compute_dtype='float16') does)")
+    kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8)
     masters = MasterWeights(lora + scales) if master_weights else None
     if masters is not None and masters.pairs:
-        for g in groups:
-            g["params"] = [masters.master(p) for p in g["params"]]
-    else:
-        masters = None
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8)
-    opt.lrqat_masters = masters
+        return MasterAdamW(groups, masters, **kw)
+    opt = torch.optim.AdamW(groups, **kw)
+    opt.lrqat_masters = None
     return opt
 
 
@@ -501,7 +533,7 @@ def fit(
                 scaler.scale(loss / grad_accum).backward()
                 loss_sum += float(loss.detach())
             if masters is not None:
-                masters.pull_grads()
+                masters.pull_grads()  # clipping (and unscaling) act on the fp32 copies' gradients
             scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients
             grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, max_grad_norm)) if max_grad_norm > 0 else None
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
@@ -511,9 +543,6 @@ def fit(
             skipped = fp16 and scaler.get_scale() < scale_before
             if not skipped:  # as HF's Trainer: a skipped step does not advance the schedule
                 sched.step()
-            if masters is not None:
-                masters.push()
-                masters.zero_grad()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             rec = {

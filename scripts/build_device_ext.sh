@@ -70,7 +70,9 @@ STAMP="lrqat_kernels/_C.device-stamp"
 rm -f "$STAMP"  # never leave a stamp that vouches for an older .so
 echo "[device-ext] compiling $SO (CUDA_HOME=$CUDA_HOME, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
 t0=$SECONDS
-"$PY" setup.py -q build_ext --inplace
+# --force: setuptools' own up-to-date check looks at the .cpp/.cu files only, not the headers or
+# setup.py that native_hash.sh covers; ninja keeps the rebuild incremental anyway.
+"$PY" setup.py -q build_ext --inplace --force
 echo "[device-ext] compiled in $((SECONDS - t0)) s"
 (cd /tmp && PYTHONPATH="$ROOT" "$PY" -c '
 import lrqat_kernels, torch

@@ -139,6 +139,12 @@ if not os.path.isfile(stamp.get("so", "")):
 if bad:
     print("carried prebuilt _C does not match, compiling here instead:", "; ".join(bad))
     sys.exit(1)
+if torch.cuda.is_available():
+    major, minor = torch.cuda.get_device_capability()
+    archs = {a.strip().split("+")[0] for a in stamp.get("arch_list", "").split(";") if a.strip()}
+    if f"{major}.{minor}" not in archs:
+        print(f"carried prebuilt _C has no cubin for this GPU (sm_{major}{minor}; built for {sorted(archs)}), compiling here instead")
+        sys.exit(1)
 from lrqat_kernels import _ext
 from lrqat_kernels.ops.int4_gpu import cuda_kernel_available
 if not (_ext.has_extension() and cuda_kernel_available()):
@@ -253,9 +259,13 @@ test_opts() {  # -> XD: xdist workers and a per-test timeout, where the plugins 
   # A per-test timeout turns a hung kernel (the never-run CUDA kernel's split-K waits on a counter)
   # into one failed test: the worker is replaced and the others go on, instead of the step's cap
   # ending them all.
+  # pytest-timeout's default (signal) method cannot interrupt a thread blocked in a CUDA sync; its
+  # thread method ends the process, which xdist replaces: only with xdist (alone it would end the run).
   XD=()
-  "$PY" -c 'import xdist' 2>/dev/null && XD+=(-n "${LRQAT_TEST_WORKERS:-8}")
-  "$PY" -c 'import pytest_timeout' 2>/dev/null && XD+=(--timeout 60)
+  if "$PY" -c 'import xdist' 2>/dev/null; then
+    XD+=(-n "${LRQAT_TEST_WORKERS:-8}")
+    "$PY" -c 'import pytest_timeout' 2>/dev/null && XD+=(--timeout 120 --timeout-method thread)
+  fi
   return 0
 }
 

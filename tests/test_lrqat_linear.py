@@ -290,3 +290,21 @@ def test_fused_gemm_builds_the_same_w_hat(dtype, group_size):
     y = fl.fused_linear_forward(torch.eye(128, dtype=dtype, device=DEVICE), phi, A, B, s, zp, None, **kw)
     dx = fl.fused_linear_dx(torch.eye(40, dtype=dtype, device=DEVICE), phi, A, B, s, zp, **kw)
     assert torch.equal(y.T, w) and torch.equal(dx, w)
+
+
+@pytest.mark.parametrize("lead", [(4,), (2, 3)], ids=["2d", "3d"])
+def test_output_can_be_modified_in_place(lead):
+    """The Function returned a reshape view of its result: `y = lin(x); y += 1` then failed in the
+    backward ("Output 0 of LRQATLinearFunction is a view and is being modified inplace")."""
+    phi, A, B, s, zp, bias = make_layer(16, 32, 4, 4, "packed_int", 16, torch.float32, zero_point=True, seed=2)
+    x = torch.randn(*lead, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA, group_size=16, zero_point=zp)
+    grads = []
+    for fn in (lk.lrqat_linear, reference.lrqat_linear):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, s, bias)]
+        y = fn(leaves[0], phi, leaves[1], leaves[2], leaves[3], leaves[4], **kw)
+        y += 1.0
+        (y * y).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for k, e in zip(*grads):
+        torch.testing.assert_close(k, e, rtol=1e-4, atol=1e-5)

@@ -507,3 +507,22 @@ def test_bf16_factors_train_through_fp32_master_weights(workdir, tmp_path):
     assert [h["loss"] for h in r2["history"]] == [h["loss"] for h in r["history"]]
     for (n, p), (_, q) in zip(with_masters.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_build_optimizer_works_in_a_plain_loop_with_master_weights():
+    """build_optimizer's fp32 copies of bf16 factors are stepped by a plain backward / step /
+    zero_grad loop too (they were only fed by fit: lora_A never moved in a user's own loop)."""
+    model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", compute_dtype="bfloat16"))
+    opt = build_optimizer(model, 1e-2, 1e-4)
+    layer = model.model.layers[0].self_attn.q_proj
+    a0, b0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    x = torch.randint(0, 256, (2, 16))
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert layer.lora_A.grad is None and layer.lora_B.grad is None
+    assert not torch.equal(layer.lora_A, a0) and not torch.equal(layer.lora_B, b0)
+    masters = opt.lrqat_masters
+    assert torch.equal(layer.lora_A.detach(), masters.master(layer.lora_A).to(torch.bfloat16))
+    assert masters.master(layer.scale) is layer.scale  # fp32 tensors are their own masters
