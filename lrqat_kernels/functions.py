@@ -142,8 +142,9 @@ def _eager_bwd(grad, phi, lora_A, lora_B, scale, zero_point, bits, phi_format, a
     dz = torch.where(mask, s * gf, torch.zeros((), dtype=cdt, device=gf.device)) * (alpha / lora_A.shape[0])
     centered = w_int if zero_point is None else w_int - reference.expand_groups(zero_point.to(cdt), g)
     d_s = (gf * centered).reshape(gf.shape[0], scale.shape[1], g).sum(-1)
-    d_b = dz @ lora_A.to(cdt).T
-    d_a = lora_B.to(cdt).T @ dz
+    with reference.no_autocast(dz):  # the factor gradients in the compute dtype, as the kernels give them
+        d_b = dz @ lora_A.to(cdt).T
+        d_a = lora_B.to(cdt).T @ dz
     return d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_s.to(scale.dtype)
 
 
@@ -370,7 +371,7 @@ class LRQATLinearFunction(torch.autograd.Function):
         bits, phi_format, alpha, out_dtype, fused_gemm = ctx.meta
         needs = ctx.needs_input_grad
         in_features = lora_A.shape[1]
-        dy2d = dy.reshape(-1, phi.shape[0]).to(out_dtype).contiguous()
+        dy2d = dy.reshape(x.shape[:-1].numel(), phi.shape[0]).to(out_dtype).contiguous()  # out may be 0
         d_x = d_a = d_b = d_s = d_bias = None
         if needs[0]:
             if fused_gemm:
@@ -454,17 +455,29 @@ def fake_quant_weight(
     return FakeQuantWeightFunction.apply(phi, lora_A, lora_B, scale, zero_point, bits, phi_format, float(alpha), out_dtype)
 
 
+def _autocast_out_dtype(x) -> torch.dtype | None:
+    """The dtype ``nn.Linear`` would compute an fp32 ``x`` in under ``torch.autocast``, else None."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type not in ("cpu", "cuda"):
+        return None
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def _lrqat_linear(x, phi, lora_A, lora_B, scale, bias, bits, phi_format, alpha, zero_point, group_size, out_dtype,
                   fused_gemm):
-    out_dtype = out_dtype or (x.dtype if isinstance(x, torch.Tensor) else None)
+    # Under torch.autocast an fp32 x computes like nn.Linear there: W_hat, the GEMM and y in the
+    # autocast dtype; C, Z and W_int stay fp32 (NUMERICS), and autocast is off inside the ops, so
+    # every path (eager, Triton, fused) returns what its fake says.
+    out_dtype = out_dtype or _autocast_out_dtype(x) or (x.dtype if isinstance(x, torch.Tensor) else None)
     shapes = check_fake_quant_args(
         phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
         zero_point=zero_point, group_size=group_size, out_dtype=out_dtype,
     )
     check_linear_args(x, bias, shapes, lora_A.dtype, phi.device)
     _check_phi_layout(phi, phi_format)
-    y2d = LRQATLinearFunction.apply(x, phi, lora_A, lora_B, scale, zero_point, bias, bits, phi_format, float(alpha),
-                                    out_dtype, fused_gemm)
+    with reference.no_autocast(x):
+        y2d = LRQATLinearFunction.apply(x, phi, lora_A, lora_B, scale, zero_point, bias, bits, phi_format,
+                                        float(alpha), out_dtype, fused_gemm)
     return y2d.reshape(*x.shape[:-1], phi.shape[0])
 
 

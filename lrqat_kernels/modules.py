@@ -480,6 +480,10 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         """``lrqat_kernels.int4_linear`` when it exists and takes this layer, else None."""
         if not self.use_int4_kernel or not self.packed:
             return None
+        # The INT4 GEMMs have no autograd: a gradient through this layer (a trainable layer in
+        # front of it) takes the exact dequantise path, or it would be dropped without an error.
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return None
         import lrqat_kernels
 
         fn = getattr(lrqat_kernels, "int4_linear", None)

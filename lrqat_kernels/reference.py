@@ -59,10 +59,27 @@ def expand_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=1)
 
 
+def no_autocast(t: torch.Tensor):
+    """A context that turns ``torch.autocast`` off for ``t``'s device (a no-op where it is off).
+
+    NUMERICS computes ``C``, ``Z`` and ``W_int`` in fp32; inside an autocast region the matmul
+    ``B @ A`` would run in bf16, and the training forward's integers would differ from the merge's
+    (a review counted 317 of 131k ``W_int`` entries off in a trained layer).
+    """
+    import contextlib
+
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 def lowrank_product(lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float, dtype=torch.float32) -> torch.Tensor:
-    """``C = (lora_B @ lora_A) * (alpha / r)`` in ``dtype``. lora_A ``[r, in]``, lora_B ``[out, r]`` -> ``[out, in]``."""
+    """``C = (lora_B @ lora_A) * (alpha / r)`` in ``dtype`` (autocast or not). lora_A ``[r, in]``,
+    lora_B ``[out, r]`` -> ``[out, in]``."""
     r = lora_A.shape[0]
-    return (lora_B.to(dtype) @ lora_A.to(dtype)) * (alpha / r)
+    with no_autocast(lora_A):
+        return (lora_B.to(dtype) @ lora_A.to(dtype)) * (alpha / r)
 
 
 def quantize_z(z_grid: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +108,11 @@ def _w_int_and_dequant(phi, lora_A, lora_B, scale, *, bits, phi_format, alpha, z
         zero_point=zero_point, group_size=group_size, out_dtype=out_dtype, check_values=check_values,
     )
     cdt = _compute_dtype(lora_A, scale)
-    z_grid = decode_phi(phi, bits, phi_format).to(cdt) + lowrank_product(lora_A, lora_B, alpha, cdt)
+    # Phi0 and z are frozen (NUMERICS): no gradient reaches them, even when a caller's tensor asks for one
+    z_grid = decode_phi(phi.detach(), bits, phi_format).to(cdt) + lowrank_product(lora_A, lora_B, alpha, cdt)
     w_int, _ = quantize_z(z_grid, bits)
     s = expand_groups(scale.to(cdt), shapes.group_size)
-    centered = w_int if zero_point is None else w_int - expand_groups(zero_point.to(cdt), shapes.group_size)
+    centered = w_int if zero_point is None else w_int - expand_groups(zero_point.detach().to(cdt), shapes.group_size)
     return w_int, s * centered
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lrqat_kernels as lk
 from lrqat_kernels import functions, reference
@@ -308,3 +309,38 @@ def test_output_can_be_modified_in_place(lead):
         grads.append([t.grad for t in leaves])
     for k, e in zip(*grads):
         torch.testing.assert_close(k, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_gemm"])
+def test_autocast_keeps_the_integer_grid_fp32(fused):
+    """Under torch.autocast the eager B @ A ran in bf16: the training forward's W_int differed from
+    the merge's (317 of 131k entries in a review's trained layer), and the fused path returned a
+    dtype its fake did not say. Now C / Z / W_int are fp32 whatever the region, and an fp32 x
+    computes like nn.Linear under autocast (W_hat, GEMM and y in bf16)."""
+    phi, A, B, s, zp, bias = make_layer(40, 64, 8, 4, "fixed_point", 32, torch.float32, zero_point=True, seed=5)
+    B = B * 0.5  # C of a few grid units: many Z near a rounding boundary
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    kw = dict(bits=4, phi_format="fixed_point", alpha=ALPHA, group_size=32, zero_point=zp)
+    w_int = lk.merge_weight(phi, A, B, s, **kw)[0]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        assert torch.equal(lk.merge_weight(phi, A, B, s, **kw)[0], w_int)
+        assert torch.equal(reference.fake_quant_weight(phi, A, B, s, **kw), reference.fake_quant_weight(phi, A, B, s, **kw))
+        w_ac = reference.fake_quant_weight(phi, A, B, s, **kw)
+        fn = lk.lrqat_linear if not fused else functions.lrqat_linear_fused
+        y = fn(x, phi, A, B, s, bias, **kw)
+    assert torch.equal(w_ac, reference.fake_quant_weight(phi, A, B, s, **kw))
+    assert y.dtype == torch.bfloat16
+    w = reference.fake_quant_weight(phi, A, B, s, out_dtype=torch.bfloat16, **kw)
+    want = F.linear(x.to(torch.bfloat16).float(), w.float(), bias.to(torch.bfloat16).float())
+    torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+
+
+def test_zero_output_features_backward():
+    """out_features = 0 passed the checks and the forward, then the backward's reshape(-1, 0) failed."""
+    phi, A, B, s, zp, bias = make_layer(0, 32, 4, 4, "packed_int", None, torch.float32, seed=1)
+    x = torch.randn(3, 32, device=DEVICE, requires_grad=True)
+    A.requires_grad_(True)
+    y = lk.lrqat_linear(x, phi, A, B, s, None, bits=4, phi_format="packed_int", alpha=ALPHA)
+    assert y.shape == (3, 0)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(A.grad, torch.zeros_like(A))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import lrqat_kernels
 from lrqat_kernels import LRQATConfig, LRQATLinear, QuantizedLinear
@@ -360,3 +361,19 @@ def test_memory_bench_quick(tmp_path, capsys):
     for r in rows:
         assert 2 * r["trainable_bytes"] <= r["optimizer_bytes"] <= 6 * r["trainable_bytes"]  # 8 B per fp32 (4 B) param, 12 B per bf16 (2 B) one: two fp32 states + its fp32 master
     assert "TOTAL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_gradients_flow_through_a_quantized_linear(group_size):
+    """The INT4 kernel path has no autograd: the gradient of a trainable layer in front of a
+    converted one was dropped (None) with only a torch warning; it now takes the dequantise path."""
+    torch.manual_seed(0)
+    front = nn.Linear(32, 32)
+    q = QuantizedLinear.from_lrqat(LRQATLinear.from_linear(_linear(out_f=16, in_f=32), LRQATConfig(rank=4, group_size=group_size)))
+    x = torch.randn(5, 32)
+    q(front(x)).square().sum().backward()
+    want = torch.autograd.grad(F.linear(front(x), q.dequantize(), q.bias).square().sum(), front.weight)[0]
+    assert front.weight.grad is not None
+    torch.testing.assert_close(front.weight.grad, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference keeps the INT4 kernel
+        assert q._kernel(x) is not None or not q.packed

@@ -459,3 +459,17 @@ def test_bad_input_linear_and_estimators():
         R.svd_init(torch.randn(4, 4), 5, bits=4, phi_format="fp32")
     with pytest.raises(ValueError, match="rank must be"):
         R.lora_init(4, 4, 0)
+
+
+def test_reference_sends_no_gradient_to_phi_or_zero_point():
+    """NUMERICS: Phi0 and z are frozen. The oracle gave them gradients when the caller's tensors
+    required grad (functions.py returns None for them)."""
+    torch.manual_seed(3)
+    phi = (torch.rand(6, 16) * 10 - 5).requires_grad_(True)
+    zp = torch.randint(-3, 3, (6, 2)).float().requires_grad_(True)
+    A, B = torch.randn(2, 16, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    s = (torch.rand(6, 2) * 0.1 + 0.01).requires_grad_(True)
+    w = R.fake_quant_weight(phi, A, B, s, bits=4, phi_format="fp32", alpha=1.0, zero_point=zp, group_size=8)
+    w.square().sum().backward()
+    assert phi.grad is None and zp.grad is None
+    assert A.grad is not None and B.grad is not None and s.grad is not None
