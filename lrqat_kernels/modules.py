@@ -480,9 +480,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         """``lrqat_kernels.int4_linear`` when it exists and takes this layer, else None."""
         if not self.use_int4_kernel or not self.packed:
             return None
-        # The INT4 GEMMs have no autograd: a gradient through this layer (a trainable layer in
-        # front of it) takes the exact dequantise path, or it would be dropped without an error.
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # fp64: the exact dequantise path
             return None
         import lrqat_kernels
 

@@ -306,6 +306,10 @@ def int4_linear(
     x2 = _flatten(x, K)
     g = _group_size(K, scale, group_size)
     zero_point_in, zero_point = zero_point, _zero_point_int(zero_point)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        # The INT4 GEMMs have no autograd: a gradient that must flow through this layer (a trainable
+        # layer in front) takes the exact, differentiable dequantise path instead of being dropped.
+        return _dequant_linear(x2, qweight, scale, zero_point, g, bias).reshape(*x.shape[:-1], qweight.shape[0])
     if x.device.type == "cuda":
         return _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend)
     if x.device.type != "cpu":
