@@ -49,13 +49,13 @@ STATE_FILE = "trainer_state.pt"
 # default below for an FP ``--model``, the checkpoint's own value for an LR-QAT ``--model``.
 # ``act_bits`` / ``kv_bits`` / ``compute_dtype`` (None: weight-only / the model's dtype) are
 # "not given" when None too.
-_QUANT_DEFAULTS = {
-    "bits": 4, "symmetric": True, "rank": 32, "alpha": 1.0, "phi_format": "fixed_point", "range_method": "lp:4",
-    "init": "lora", "svd_steps": 1, "fuse_act_quant": True,
-}
+_CONFIG_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(LRQATConfig)}  # one source of the defaults: LRQATConfig
+_QUANT_DEFAULTS = {k: _CONFIG_DEFAULTS[k] for k in ("bits", "symmetric", "rank", "alpha", "phi_format", "range_method",
+                                                    "init", "svd_steps", "fuse_act_quant")}
 _QUANT_OPTIONAL = ("act_bits", "kv_bits", "compute_dtype")
 # None / the default is a value of its own for these: they count as given when they differ from the default.
-_QUANT_IF_CHANGED = {"group_size": None, "exclude": ["lm_head"], "target_modules": None, "learn_scale": True}
+_QUANT_IF_CHANGED = {k: _CONFIG_DEFAULTS[k] for k in ("group_size", "exclude", "target_modules", "learn_scale")}
 _FLAG = {"symmetric": "--asymmetric", "fuse_act_quant": "--no-fuse-act-quant", "learn_scale": "learn_scale"}
 
 
