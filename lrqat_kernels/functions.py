@@ -343,7 +343,9 @@ class LRQATLinearFunction(torch.autograd.Function):
         dL/ds      = sum over the channel/group of G * (W_int - z)
         dL/dbias   = sum over tokens of dy2
 
-    The last four come from one pass of the backward kernel over ``G``. With ``fused_gemm`` the
+    ``forward`` returns ``y2`` ``[tokens, out]`` (``x`` flattened to ``[tokens, in]``); callers
+    reshape it (:func:`lrqat_linear`), so the output is not a view the caller could not modify in
+    place. The last four come from one pass of the backward kernel over ``G``. With ``fused_gemm`` the
     forward is one dequant-GEMM, ``dL/dx`` another, and the backward kernel forms ``G`` tiles
     from ``dy2`` and ``x2`` itself: no weight-sized tensor at all.
     """

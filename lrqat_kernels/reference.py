@@ -64,7 +64,9 @@ def no_autocast(t: torch.Tensor):
 
     NUMERICS computes ``C``, ``Z`` and ``W_int`` in fp32; inside an autocast region the matmul
     ``B @ A`` would run in bf16, and the training forward's integers would differ from the merge's
-    (a review counted 317 of 131k ``W_int`` entries off in a trained layer).
+    (a review counted 317 of 131k ``W_int`` entries off in a trained layer). Only the forward is
+    covered: call ``backward()`` outside the autocast region, as torch advises (inside it, this
+    oracle's own ``B @ A`` backward would run in bf16; the package's Functions do not).
     """
     import contextlib
 

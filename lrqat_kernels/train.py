@@ -239,7 +239,6 @@ class MasterWeights:
         self.params = list(params)
         self.masters = [p.detach().float().clone() if p.dtype == torch.bfloat16 else p for p in self.params]
         self._of = {id(p): m for p, m in zip(self.params, self.masters)}
-        self.pulled = False  # gradients already moved for the coming step (by fit, before clipping)
 
     def master(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor the optimizer holds for model tensor ``p``."""
@@ -249,12 +248,18 @@ class MasterWeights:
     def pairs(self):
         return [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
 
+    @torch.no_grad()
     def pull_grads(self) -> None:
-        """Model gradients -> the masters' ``.grad`` (fp32); the model's bf16 gradients are freed."""
+        """Add the model's gradients into the masters' fp32 ``.grad`` and free them: after every
+        micro-batch, accumulation happens in fp32; a second call without a new backward is a no-op."""
         for p, m in self.pairs:
-            m.grad = None if p.grad is None else p.grad.float()
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)
             p.grad = None
-        self.pulled = True
 
     @torch.no_grad()
     def push(self) -> None:
@@ -266,7 +271,6 @@ class MasterWeights:
         for p, m in self.pairs:
             p.grad = None
             m.grad = None
-        self.pulled = False
 
     def state_dict(self) -> list[torch.Tensor]:
         return [m.detach().cpu().clone() for _, m in self.pairs]
@@ -284,11 +288,14 @@ class MasterWeights:
 class MasterAdamW(torch.optim.AdamW):
     """AdamW over :class:`MasterWeights`: a drop-in optimizer for the model's own tensors.
 
-    ``step()`` moves the model's gradients to the fp32 copies (unless the caller did, to clip or
-    unscale them first: :func:`fit`), steps the copies and writes their rounded values back into
-    the model; ``zero_grad()`` clears both. A plain ``loss.backward(); opt.step(); opt.zero_grad()``
-    loop trains the bf16 factors as fit does. ``param_groups`` hold the copies (LR schedulers
-    and ``clip_grad_norm_`` over them work as usual).
+    ``step(closure=None)`` runs the closure, adds the model's gradients into the fp32 copies
+    (:meth:`MasterWeights.pull_grads`; :func:`fit` does it after every micro-batch), steps the
+    copies and writes their rounded values back into the model; ``zero_grad()`` clears both.
+    ``state_dict()`` holds the copies too (``"lrqat_masters"``), so a resume from it is exact. A
+    plain ``loss.backward(); opt.step(); opt.zero_grad()`` loop trains the bf16 factors as ``fit``
+    does. ``param_groups`` hold the copies (LR schedulers work as usual); clip the model's
+    parameters before ``step()`` (as HF's Trainer does), or call ``pull_grads()`` first and clip
+    the groups' tensors (as ``fit`` does).
     """
 
     def __init__(self, groups, masters: MasterWeights, **kw):
@@ -297,17 +304,38 @@ class MasterAdamW(torch.optim.AdamW):
         super().__init__(groups, **kw)
         self.lrqat_masters = masters
 
+    def pull_grads(self) -> None:
+        self.lrqat_masters.pull_grads()
+
     def step(self, closure=None):
-        if not self.lrqat_masters.pulled:
-            self.lrqat_masters.pull_grads()
-        loss = super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.lrqat_masters.pull_grads()
+        # AdamW's own step, not the hook-running wrapper torch puts on it once an AdamW exists:
+        # this class's step (wrapped the same way) already ran the hooks
+        adamw_step = torch.optim.AdamW.step
+        if getattr(adamw_step, "hooked", False):
+            adamw_step = adamw_step.__wrapped__
+        adamw_step(self)
         self.lrqat_masters.push()
-        self.lrqat_masters.pulled = False
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none)
         self.lrqat_masters.zero_grad()
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["lrqat_masters"] = self.lrqat_masters.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("lrqat_masters", None)
+        self.lrqat_masters.load_state_dict(masters)  # None (an AdamW state): the model's values
+        super().load_state_dict(state_dict)
 
 
 def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9, 0.95), weight_decay: float = 0.0,
@@ -476,9 +504,7 @@ def fit(
         with torch.no_grad():
             for n, p in trainable:
                 p.copy_(saved[n])
-        if masters is not None:
-            masters.load_state_dict(state.get("masters"))
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # MasterAdamW: its fp32 copies too
         sched.load_state_dict(state["scheduler"])
         if state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
@@ -498,7 +524,6 @@ def fit(
                 "samples": step_done * grad_accum * batch_size,
                 "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
                 "optimizer": opt.state_dict(),
-                "masters": None if masters is None else masters.state_dict(),
                 "scheduler": sched.state_dict(),
                 "grad_scaler": scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
@@ -531,10 +556,10 @@ def fit(
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rates")
                 scaler.scale(loss / grad_accum).backward()
+                if masters is not None:
+                    masters.pull_grads()  # accumulate the micro-batches in fp32, not in the bf16 .grad
                 loss_sum += float(loss.detach())
-            if masters is not None:
-                masters.pull_grads()  # clipping (and unscaling) act on the fp32 copies' gradients
-            scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients
+            scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients (masters: their fp32 ones)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, max_grad_norm)) if max_grad_norm > 0 else None
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
             scale_before = scaler.get_scale() if fp16 else None

@@ -374,3 +374,12 @@ def test_int4_linear_passes_gradients_through(lrqat_ext):
     y.square().sum().backward()
     w_hat = s.repeat_interleave(32, 1) * w.float()
     torch.testing.assert_close(x.grad, 2 * (x.detach() @ w_hat.T) @ w_hat, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_linear_passes_scale_gradients_through(lrqat_ext):
+    torch.manual_seed(4)
+    w = torch.randint(-8, 8, (8, 32), dtype=torch.int8)
+    s = (torch.rand(8, 1) * 0.05 + 0.01).requires_grad_(True)
+    x = torch.randn(3, 32)
+    int4_linear(x, pack_nibbles(w), s).sum().backward()
+    torch.testing.assert_close(s.grad, (x.sum(0) @ w.float().T)[:, None], rtol=1e-4, atol=1e-4)

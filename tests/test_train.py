@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import copy
 import os
 import subprocess
 import sys
@@ -495,11 +496,12 @@ def test_bf16_factors_train_through_fp32_master_weights(workdir, tmp_path):
     state = torch.load(os.path.join(tmp_path, "trainer_state.pt"), weights_only=True)
     # masters: the bf16 trainable tensors in optimizer order (lora_A, lora_B of each layer; scales are fp32)
     names = [n for n, p in part.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
-    assert len(state["masters"]) == len(names) and all(m.dtype == torch.float32 for m in state["masters"])
+    masters = state["optimizer"]["lrqat_masters"]
+    assert len(masters) == len(names) and all(m.dtype == torch.float32 for m in masters)
     params = dict(part.named_parameters())
-    a_masters = torch.cat([m.flatten() for n, m in zip(names, state["masters"]) if n.endswith("lora_A")])
+    a_masters = torch.cat([m.flatten() for n, m in zip(names, masters) if n.endswith("lora_A")])
     assert (a_masters != a0).float().mean().item() > 0.9  # every step counted in the masters
-    for n, m in zip(names, state["masters"]):
+    for n, m in zip(names, masters):
         assert torch.equal(params[n].detach(), m.to(torch.bfloat16)), n  # the model holds their rounded values
 
     resumed = new_model()
@@ -526,3 +528,51 @@ def test_build_optimizer_works_in_a_plain_loop_with_master_weights():
     masters = opt.lrqat_masters
     assert torch.equal(layer.lora_A.detach(), masters.master(layer.lora_A).to(torch.bfloat16))
     assert masters.master(layer.scale) is layer.scale  # fp32 tensors are their own masters
+
+
+def test_master_adamw_closure_state_dict_and_hooks():
+    """step(closure) pulled the gradients before running the closure (the factors never moved);
+    opt.state_dict() lacked the fp32 copies (a resume from it rebuilt them from rounded bf16
+    values); step hooks ran twice."""
+    def new():
+        torch.manual_seed(0)
+        model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax", compute_dtype="bfloat16"))
+        return model, build_optimizer(model, 1e-3, 1e-4)
+
+    x = torch.randint(0, 256, (2, 16))
+    model, opt = new()
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append(1))
+    a0 = model.model.layers[0].self_attn.q_proj.lora_B.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        assert torch.isfinite(opt.step(closure))
+    assert len(calls) == 3
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.lora_B, a0)
+
+    # resume from model + optimizer state dicts: the same next steps as continuing
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # state_dict() holds references to the live AdamW state
+    assert len(saved_opt["lrqat_masters"]) == len(opt.lrqat_masters.pairs)
+    for _ in range(2):
+        opt.step(closure)
+    model2, opt2 = new()
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+
+    def closure2():
+        opt2.zero_grad()
+        loss = model2(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt2.step(closure2)
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(p, q), n

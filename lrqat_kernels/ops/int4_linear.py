@@ -306,7 +306,7 @@ def int4_linear(
     x2 = _flatten(x, K)
     g = _group_size(K, scale, group_size)
     zero_point_in, zero_point = zero_point, _zero_point_int(zero_point)
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, scale, zero_point_in)):
         # The INT4 GEMMs have no autograd: a gradient that must flow through this layer (a trainable
         # layer in front) takes the exact, differentiable dequantise path instead of being dropped.
         return _dequant_linear(x2, qweight, scale, zero_point, g, bias).reshape(*x.shape[:-1], qweight.shape[0])
