@@ -293,12 +293,12 @@ def main(argv=None) -> int:
     if args.merge:
         existing = os.path.join(args.out_dir, int4_tuning.table_filename(table["device"]))
         if os.path.exists(existing):
-            with open(existing) as f:
-                old = json.load(f)
             try:
+                with open(existing) as f:
+                    old = json.load(f)
                 table = int4_tuning.merge_tables(old, table)
                 print(f"# merged with {existing} (same versions; the date is this run's)")
-            except ValueError as exc:  # keep both: this run's table beside the old one
+            except (OSError, ValueError) as exc:  # keep both: this run's table beside the old one (unreadable too)
                 path = int4_tuning.write_table(table, os.path.join(RESULTS_DIR, "unmerged_tables"))
                 print(f"# --merge: cannot merge with {existing} ({exc}); this run's table is in {path}")
                 return 1

@@ -32,9 +32,9 @@ def entry(N, K, M, backend="triton", **c) -> dict:
     return dict(N=N, K=K, M=M, backend=backend, config=cfg(**c), us={"triton": 1.0})
 
 
-def table(entries, device=NAME) -> dict:
+def table(entries, device=NAME, group_size=128) -> dict:
     return dict(version=T.TABLE_VERSION, device=device, sm="90", created="2026-11-25", torch="", triton="", cuda="",
-                dtype="bf16", group_size=128, entries=entries)
+                dtype="bf16", group_size=group_size, entries=entries)
 
 
 @pytest.fixture
@@ -69,6 +69,31 @@ def test_lookup_rules(tuning_dir):
     e, exact = T.lookup(NAME, 64, 4096, 4000)
     assert (e.N, e.K, e.M, exact) == (4096, 4096, 64, False)
     assert T.lookup("Other GPU", 1, 4096, 4096) is None
+    # Only the table's group size, and only shapes within a factor of 4 of a tuned one.
+    assert T.lookup(NAME, 1, 11008, 4096, 128) is not None and T.lookup(NAME, 1, 11008, 4096, 32) is None
+    assert T.lookup(NAME, 1, 128256, 4096) is None and T.lookup(NAME, 1, 64, 64) is None
+    assert T.lookup(NAME, 1, 16384, 4096) is not None  # 4096 x 4096 within 4x
+
+
+def test_validation_refuses_ambiguous_tables(tuning_dir):
+    for bad, msg in ((dict(table([entry(64, 64, 1)]), version=True), "version"),
+                     (table([entry(64, 64, 1), entry(64, 64, 1, bm=32)]), "two entries"),
+                     (table([entry(64, 64, 1, warps=64)]), "num_warps"),
+                     (dict(table([entry(64, 64, 1)]), group_size=None), "group_size")):
+        with pytest.raises(ValueError, match=msg):
+            T._validate(bad)
+
+
+def test_build_table_keeps_points_where_triton_failed():
+    """A point whose Triton configs all failed their check was left out, and a neighbouring
+    "triton" entry then decided it."""
+    ok = dict(block_m=16, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4)
+    meas = [dict(N=4096, K=4096, M=1, triton=[(ok, 5.0)], dequant=9.0),
+            dict(N=4096, K=4096, M=16, triton=[], dequant=7.0),
+            dict(N=4096, K=4096, M=256, triton=[(ok, 5.0)], dequant=None)]
+    tbl = T.build_table(meas, dict(device=NAME, sm="90"), dtype="bf16", group_size=128)
+    by_m = {e["M"]: e for e in tbl["entries"]}
+    assert sorted(by_m) == [1, 16, 256] and by_m[16]["backend"] == "dequant" and "triton" not in by_m[16]["us"]
 
 
 def test_triton_config_takes_swap_ab_and_fast_decode_from_the_table(tuning_dir):
@@ -93,13 +118,13 @@ def test_triton_config_uses_the_table(tuning_dir):
                              entry(11008, 4096, 1024, bm=128, bn=128, bk=64, split=1, warps=8, stages=3)]))
     got = int4_triton_config(5, 11008, 4096, 128, "cuda", device_name=NAME)
     assert got == int4_gpu_cfg(32, 128, 128, 3, 8, 3)  # exact shape: the tuned split-K too
-    # A group of 64 caps BLOCK_K: the tuned split no longer describes this kernel -> the fill rule.
-    got = int4_triton_config(5, 11008, 4096, 64, "cuda", device_name=NAME)
+    # The table was measured with groups of 128: a layer with groups of 64 (or per-channel) keeps
+    # the heuristics (it used to take the g=128 tiles and, at the exact shape, their split-K).
     rule = int4_triton_config(5, 11008, 4096, 64, "cuda", tuned=False)
-    tiles = 1 * -(-11008 // 128)
-    assert (got.block_m, got.block_n, got.block_k) == (32, 128, 64)
-    assert got.split_k == min(-(-4 * 132 // tiles), 16)
+    assert int4_triton_config(5, 11008, 4096, 64, "cuda", device_name=NAME) == rule
     assert (rule.block_m, rule.block_n, rule.split_k) == (16, 64, min(-(-4 * 132 // -(-11008 // 64)), 16))
+    assert int4_triton_config(5, 11008, 4096, 4096, "cuda", device_name=NAME) == \
+        int4_triton_config(5, 11008, 4096, 4096, "cuda", tuned=False)
     # Nearest shape: tuned tiles, split-K by the rule for this shape.
     got = int4_triton_config(5, 14336, 4096, 128, "cuda", device_name=NAME)
     assert (got.block_m, got.block_n, got.split_k) == (32, 128, min(-(-4 * 132 // (14336 // 128)), 16))
@@ -131,7 +156,7 @@ def _layer(M, N, K, g, seed=0):
 
 def test_auto_backend_follows_the_table(tuning_dir, monkeypatch):
     write(tuning_dir, table([entry(64, 128, 1, "dequant", bk=32), entry(64, 128, 40, "triton", bk=32),
-                             entry(64, 128, 200, "cuda", bk=32)]))
+                             entry(64, 128, 200, "cuda", bk=32)], group_size=32))
     monkeypatch.setattr(int4_gpu, "_device_name", lambda device: NAME)
     cpu = torch.device("cpu")
     assert int4_gpu.auto_backend(cpu, 1, 64, 128, 32) == "dequant"  # the rule would say triton
@@ -164,7 +189,7 @@ def test_auto_backend_follows_the_table(tuning_dir, monkeypatch):
 @pytest.mark.parametrize("content, problem", [
     ("{not json", "Expecting property name"),
     (json.dumps(table([])), "entries must be a non-empty list"),
-    (json.dumps(dict(table([entry(64, 128, 1)]), version=99)), "version must be 1"),
+    (json.dumps(dict(table([entry(64, 128, 1)]), version=99)), "version must be the integer 1"),
     (json.dumps(table([entry(64, 128, 1, "bogus")])), "entries[0].backend must be one of"),
     (json.dumps(table([entry(64, 128, 1, bm=12)])), "entries[0].config.block_m must be a power of two"),
     (json.dumps(table([entry(64, 128, 1, split=0)])), "entries[0].config.split_k must be an integer in [1, 64]"),
@@ -223,7 +248,7 @@ def test_dequant_backend_takes_its_row_chunk_from_the_table(tuning_dir, monkeypa
     """An entry's ``dequant_chunk_n`` applies to its exact layer shape only (a chunk is a buffer
     size for one K); other shapes and untuned GPUs dequantise the whole weight."""
     write(tuning_dir, table([dict(entry(64, 128, 200, "dequant", bk=32), dequant_chunk_n=16),
-                             entry(64, 128, 1000, "dequant", bk=32)]))
+                             entry(64, 128, 1000, "dequant", bk=32)], group_size=32))
     assert T.lookup(NAME, 200, 64, 128)[0].dequant_chunk_n == 16
     monkeypatch.setattr(int4_gpu, "_device_name", lambda device: NAME)
     chunks = []
@@ -245,10 +270,10 @@ def test_dequant_chunk_keeps_its_bytes_for_other_shapes(tuning_dir, monkeypatch)
     write(tuning_dir, table([dict(entry(4096, 1024, 512, "dequant", bk=32), dequant_chunk_n=1024)]))
     monkeypatch.setattr(int4_gpu, "_device_name", lambda device: NAME)
     cpu = torch.device("cpu")
-    assert int4_gpu._dequant_chunk(cpu, 512, 4096, 1024) == 1024  # the tuned shape
-    assert int4_gpu._dequant_chunk(cpu, 512, 4096, 2048) == 512  # twice the K: half the rows
-    assert int4_gpu._dequant_chunk(cpu, 512, 5000, 3000) == 256  # 341 rows -> a multiple of 256
-    assert int4_gpu._dequant_chunk(cpu, 512, 400, 1024) is None  # not smaller than N
+    assert int4_gpu._dequant_chunk(cpu, 512, 4096, 1024, 128) == 1024  # the tuned shape
+    assert int4_gpu._dequant_chunk(cpu, 512, 4096, 2048, 128) == 512  # twice the K: half the rows
+    assert int4_gpu._dequant_chunk(cpu, 512, 5000, 3000, 128) == 256  # 341 rows -> a multiple of 256
+    assert int4_gpu._dequant_chunk(cpu, 512, 400, 1024, 128) is None  # not smaller than N
 
 
 def test_dequant_chunk_candidates():
@@ -264,10 +289,11 @@ def test_build_table_picks_the_fastest():
     meas = [
         dict(N=64, K=128, M=1, triton=[(a, 10.0), (b, 8.0), (c, None)], dequant=30.0, cublas=25.0, cuda=5.0),
         dict(N=64, K=128, M=4096, triton=[(a, 90.0), (c, 70.0)], dequant=60.0, cublas=55.0, cuda=None),
-        dict(N=64, K=128, M=16, triton=[], dequant=1.0),  # every config failed: no entry
+        dict(N=64, K=128, M=16, triton=[], dequant=1.0),  # every config failed: a dequant entry all the same
     ]
     tbl = T.build_table(meas, info, dtype="bf16", group_size=128)
-    e1, e2 = tbl["entries"]
+    e1, e2, e3 = tbl["entries"]
+    assert (e3["M"], e3["backend"], e3["us"]) == (16, "dequant", {"dequant": 1.0})
     assert (e1["M"], e1["backend"], e1["config"]) == (1, "triton", b)  # the CUDA kernel may not win
     assert e1["us"] == {"triton": 8.0, "dequant": 30.0, "cuda": 5.0, "cublas": 25.0}
     assert (e2["M"], e2["backend"], e2["config"]) == (4096, "dequant", c)

@@ -435,7 +435,7 @@ def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
         return rule
     from .int4_tuning import lookup
 
-    hit = lookup(name, M, N, K)
+    hit = lookup(name, M, N, K, g)
     if hit is None:
         return rule
     backend = hit[0].backend
@@ -446,7 +446,7 @@ def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
     return backend
 
 
-def _dequant_chunk(device: torch.device, M: int, N: int, K: int) -> int | None:
+def _dequant_chunk(device: torch.device, M: int, N: int, K: int, g: int) -> int | None:
     """The "dequant" backend's ``chunk_n`` for ``(M, N, K)`` from the tuning table's entry for it
     (None: one whole ``W_hat``). A chunk is a buffer size: for a layer looked up from another
     shape's entry it keeps that entry's bytes (``chunk_n * K_entry / K`` rows, a multiple of 256),
@@ -456,7 +456,7 @@ def _dequant_chunk(device: torch.device, M: int, N: int, K: int) -> int | None:
         return None
     from .int4_tuning import lookup
 
-    hit = lookup(name, M, N, K)
+    hit = lookup(name, M, N, K, g)
     if hit is None or hit[0].dequant_chunk_n is None:
         return None
     entry, exact = hit
@@ -556,7 +556,7 @@ def int4_linear_gpu(
 
         return int4_linear_triton(x, qweight, scale, zero_point, group_size, bias)
     return dequant_linear(x, qweight, scale, zero_point, None if g == K else g, bias,
-                          chunk_n=_dequant_chunk(x.device, M, N, K))
+                          chunk_n=_dequant_chunk(x.device, M, N, K, g))
 
 
 # ---- fake impls ---------------------------------------------------------------------------

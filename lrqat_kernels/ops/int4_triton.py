@@ -484,7 +484,7 @@ def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4
     if key is not None:
         from .int4_tuning import lookup
 
-        hit = lookup(key[0], M, N, K)
+        hit = lookup(key[0], M, N, K, group_size)
         if hit is not None:
             entry, exact = hit
             c = entry.config
@@ -493,19 +493,29 @@ def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4
                 split_k = c["split_k"]
             return _finish(M, N, K, c["block_m"], c["block_n"], bk, c["num_warps"], c["num_stages"],
                            split_k, device_type, sms, interp, c.get("swap_ab", False), c.get("fast_decode", False))
-    # (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages); ptxas -v on sm_80 / sm_90 with
-    # the JIT's usual 16-divisibility specialisation: <= 255 registers and no spills for every
-    # variant (tests/test_int4_triton.py compiles each).
-    if M <= 16:
-        bm, bn, bk_max, num_warps, num_stages = 16, 64, 128, 4, 4
-    elif M <= 32:
-        bm, bn, bk_max, num_warps, num_stages = 32, 64, 128, 4, 4
-    elif M <= 64:
-        bm, bn, bk_max, num_warps, num_stages = 64, 64, 64, 8, 4
-    else:
-        bm, bn, bk_max, num_warps, num_stages = 64, 128, 64, 8, 4
+    bm, bn, bk_max, num_warps, num_stages = _heuristic_tiles(M)
     return _finish(M, N, K, bm, bn, _block_k(K, group_size, bk_max), num_warps, num_stages, split_k, device_type,
                    sms, interp)
+
+
+def _heuristic_tiles(M: int) -> tuple[int, int, int, int, int]:
+    """The built-in tiles without a tuning table: (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps,
+    num_stages); ptxas -v on sm_80 / sm_90 with the JIT's usual 16-divisibility specialisation:
+    <= 255 registers and no spills for every variant (tests/test_int4_triton.py compiles each)."""
+    if M <= 16:
+        return 16, 64, 128, 4, 4
+    if M <= 32:
+        return 32, 64, 128, 4, 4
+    if M <= 64:
+        return 64, 64, 64, 8, 4
+    return 64, 128, 64, 8, 4
+
+
+def heuristic_config_dict(M: int, N: int, K: int, group_size: int) -> dict:
+    """The built-in tiles for ``(M, N, K)`` as a tuning-table ``config`` (split-K 1)."""
+    bm, bn, bk_max, num_warps, num_stages = _heuristic_tiles(M)
+    return dict(block_m=bm, block_n=bn, block_k=_block_k(K, group_size, bk_max), split_k=1, num_warps=num_warps,
+                num_stages=num_stages)
 
 
 def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sms, interp,

@@ -107,8 +107,11 @@ def _validate(table: dict) -> list[TunedEntry]:
     """The table's entries, or ValueError naming the first problem."""
     if not isinstance(table, dict):
         raise ValueError("top level must be a JSON object")
-    if table.get("version") != TABLE_VERSION:
-        raise ValueError(f"version must be {TABLE_VERSION}, got {table.get('version')!r}")
+    if type(table.get("version")) is not int or table.get("version") != TABLE_VERSION:
+        raise ValueError(f"version must be the integer {TABLE_VERSION}, got {table.get('version')!r}")
+    g = table.get("group_size")
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        raise ValueError(f"group_size must be a positive integer (what the table was measured with), got {g!r}")
     raw = table.get("entries")
     if not isinstance(raw, list) or not raw:
         raise ValueError("entries must be a non-empty list")
@@ -137,6 +140,8 @@ def _validate(table: dict) -> list[TunedEntry]:
                     raise ValueError(f"{where}.config.{key} must be an integer in [1, 64], got {v!r}")
             elif not _pow2(v):
                 raise ValueError(f"{where}.config.{key} must be a power of two, got {v!r}")
+        if cfg["num_warps"] > 32 or max(cfg["block_m"], cfg["block_n"], cfg["block_k"]) > 512:
+            raise ValueError(f"{where}.config: num_warps <= 32 and blocks <= 512, got {cfg}")
         if cfg["block_m"] < 8 or cfg["block_n"] < 16 or cfg["block_k"] < 32:
             raise ValueError(f"{where}.config: block_m >= 8, block_n >= 16 and block_k >= 32 (tensor-core tiles), "
                              f"got {cfg}")
@@ -147,28 +152,35 @@ def _validate(table: dict) -> list[TunedEntry]:
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or not 1 <= chunk < e["N"]):
             raise ValueError(f"{where}.dequant_chunk_n must be null or an integer in [1, N), got {chunk!r}")
         entries.append(TunedEntry(e["N"], e["K"], e["M"], e["backend"], dict(cfg), dict(us), chunk))
+    seen = set()
+    for e in entries:
+        if (e.N, e.K, e.M) in seen:
+            raise ValueError(f"two entries for N={e.N}, K={e.K}, M={e.M}")
+        seen.add((e.N, e.K, e.M))
     return entries
 
 
 @functools.lru_cache(maxsize=None)
-def _load(device_name: str, search: tuple[str, ...]) -> tuple[TunedEntry, ...] | None:
+def _load(device_name: str, search: tuple[str, ...]) -> tuple[int, tuple[TunedEntry, ...]] | None:
     for path in map(Path, search):
         if not path.is_file():
             continue
         try:
-            entries = _validate(json.loads(path.read_text()))
+            table = json.loads(path.read_text())
+            entries = _validate(table)
         except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             warnings.warn(f"lrqat_kernels: ignoring the int4 tuning table {path}: {exc}; "
                           "using the built-in heuristics", RuntimeWarning, stacklevel=3)
             continue
-        return tuple(entries)
+        return table["group_size"], tuple(entries)
     return None
 
 
 def load_table(device_name: str) -> tuple[TunedEntry, ...] | None:
     """The validated entries of ``device_name``'s table (first readable one found), or None. Cached
     per device name and search path (:func:`clear_cache` after writing a table)."""
-    return _load(device_name, tuple(str(p) for p in table_paths(device_name)))
+    loaded = _load(device_name, tuple(str(p) for p in table_paths(device_name)))
+    return None if loaded is None else loaded[1]
 
 
 _GENERATION = 0
@@ -192,20 +204,34 @@ def _shape_distance(e: TunedEntry, N: int, K: int) -> float:
     return abs(math.log(e.N / N)) + abs(math.log(e.K / K))
 
 
-def lookup(device_name: str, M: int, N: int, K: int) -> tuple[TunedEntry, bool] | None:
+#: The farthest a layer shape may be from a tuned one, in ``|log N ratio| + |log K ratio|``, for
+#: that entry to decide it: one factor of 4 (LLaMA's q/k/v/o, gate/up, down and 7B/8B shapes
+#: are within it of each other). Farther layers (a 128k-vocabulary head, tiny test layers) keep the
+#: built-in heuristics instead of a crossover and tiles measured for another size class.
+MAX_SHAPE_DISTANCE = math.log(4.0) + 1e-9
+
+
+def lookup(device_name: str, M: int, N: int, K: int, group_size: int | None = None) -> tuple[TunedEntry, bool] | None:
     """The entry that decides ``(M, N, K)`` on ``device_name``, and whether its shape is exactly
-    ``[N, K]``; None without a table. Cached (a decode step asks the same question per layer)."""
-    return _lookup(M, N, K, cache_key(device_name))
+    ``[N, K]``; None without a table, for a ``group_size`` other than the table's (``None``: not
+    checked), or for a shape farther than :data:`MAX_SHAPE_DISTANCE` from every tuned one. Cached
+    (a decode step asks the same question per layer)."""
+    return _lookup(M, N, K, group_size, cache_key(device_name))
 
 
 @functools.lru_cache(maxsize=65536)
-def _lookup(M: int, N: int, K: int, key: tuple) -> tuple[TunedEntry, bool] | None:
-    entries = load_table(key[0])
-    if not entries:
+def _lookup(M: int, N: int, K: int, group_size: int | None, key: tuple) -> tuple[TunedEntry, bool] | None:
+    loaded = _load(key[0], tuple(str(p) for p in table_paths(key[0])))
+    if loaded is None:
         return None
+    table_group, entries = loaded
+    if group_size is not None and group_size != table_group:
+        return None  # measured with other groups: their tiles and crossover do not carry over
     best = min(_shape_distance(e, N, K) for e in entries)
+    if best > MAX_SHAPE_DISTANCE:
+        return None
     same = sorted((e for e in entries if _shape_distance(e, N, K) == best), key=lambda e: e.M)
-    # Entries of one shape (the nearest, ties broken by the first tuned): N, K of same[0].
+    # Entries of one shape (the nearest; ties broken by the shape with the smallest tuned M): N, K of same[0].
     same = [e for e in same if (e.N, e.K) == (same[0].N, same[0].K)]
     chosen = next((e for e in same if e.M >= M), same[-1])
     return chosen, (chosen.N, chosen.K) == (N, K)
@@ -306,10 +332,18 @@ def build_table(measurements: list[dict], info: dict, *, dtype: str, group_size:
     entries = []
     for m in measurements:
         timed = [(us, cfg) for cfg, us in m["triton"] if us is not None and math.isfinite(us)]
-        if not timed:
+        if timed:
+            t_us, t_cfg = min(timed, key=lambda t: t[0])
+            options = {"triton": t_us}
+        elif m.get("dequant") is not None or (allow_cuda and m.get("cuda") is not None):
+            # No Triton config passed its check here: still an entry, so a neighbouring "triton"
+            # entry cannot decide this point. Its config is the built-in default (used only if a
+            # caller forces Triton on this shape).
+            from .int4_triton import heuristic_config_dict
+
+            t_us, t_cfg, options = None, heuristic_config_dict(m["M"], m["N"], m["K"], group_size), {}
+        else:
             continue
-        t_us, t_cfg = min(timed, key=lambda t: t[0])
-        options = {"triton": t_us}
         if m.get("dequant") is not None:
             options["dequant"] = m["dequant"]
         if allow_cuda and m.get("cuda") is not None:
