@@ -116,8 +116,10 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="all", help="comma-separated shape names (bench_int4_gemm.SHAPES) or 'all'")
-    ap.add_argument("--out-dir", default=str(int4_tuning.PACKAGE_TUNING_DIR), help="where the table is written")
-    ap.add_argument("--csv", default=os.path.join(RESULTS_DIR, "int4_tune_cuda.csv"), help="'' for none")
+    ap.add_argument("--out-dir", default=None,
+                    help="where the table is written (default: the package's tuned/ for cuda; required for cpu)")
+    ap.add_argument("--csv", default=None, help="'' for none (default: bench/results/int4_tune_cuda.csv for cuda, "
+                                                "none for cpu)")
     ap.add_argument("--rep-ms", type=int, default=20, help="do_bench repetition time per candidate (ms)")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--custom-shapes", default="", help="'NxK,...' instead of --shapes (tests: tiny layers)")
@@ -169,6 +171,13 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--device cpu runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
+    # A CPU smoke run must not drop a table into the package or overwrite the GPU CSV meant to be committed.
+    if args.out_dir is None:
+        if args.device == "cpu":
+            ap.error("--device cpu needs --out-dir (its table must not land in the package's tuned/)")
+        args.out_dir = str(int4_tuning.PACKAGE_TUNING_DIR)
+    if args.csv is None:
+        args.csv = os.path.join(RESULTS_DIR, "int4_tune_cuda.csv") if args.device == "cuda" else ""
     if args.device == "cuda" and not torch.cuda.is_available():
         print("tune_int4_gemm: no CUDA device (torch.cuda.is_available() is False): nothing was tuned or "
               "written. Run this on the GPU the table is for.")
