@@ -545,12 +545,15 @@ def test_master_adamw_closure_state_dict_and_hooks():
     opt.register_step_pre_hook(lambda *a: calls.append(1))
     a0 = model.model.layers[0].self_attn.q_proj.lora_B.detach().clone()
 
-    def closure():
-        opt.zero_grad()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        return loss
+    def closure_of(model, opt):
+        def closure():
+            opt.zero_grad()
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            return loss
+        return closure
 
+    closure = closure_of(model, opt)
     for _ in range(3):
         assert torch.isfinite(opt.step(closure))
     assert len(calls) == 3
@@ -566,13 +569,7 @@ def test_master_adamw_closure_state_dict_and_hooks():
     model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
 
-    def closure2():
-        opt2.zero_grad()
-        loss = model2(input_ids=x, labels=x).loss
-        loss.backward()
-        return loss
-
     for _ in range(2):
-        opt2.step(closure2)
+        opt2.step(closure_of(model2, opt2))
     for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
         assert torch.equal(p, q), n
