@@ -206,6 +206,8 @@ def test_report_and_warnings(exported):
     assert not any(x.startswith(("8-bit", "group_size")) for x in rep["warnings"])
     _, _, rep = exported("mistral-w4-g32-asym-head")
     assert not any("asymmetric" in x for x in rep["warnings"])  # asym 4-bit: Marlin takes it
+    assert any(x.startswith("quantised output head lm_head:") for x in rep["warnings"])
+    assert not any(x.startswith("quantised output head") for x in exported("llama-w4-ch-sym")[2]["warnings"])
     _, _, rep = exported("mixed")
     assert rep["readers"]["transformers"] == "AutoModelForCausalLM.from_pretrained(dir)"  # symmetric
     assert any(x.startswith("group_size 16") and "1 layer (model.layers.1.mlp.down_proj)" in x for x in rep["warnings"])
@@ -230,6 +232,13 @@ def test_tied_head_written_as_hf_writes_it(exported, tmp_path):
                 assert json.load(f)["tie_word_embeddings"] is False
         assert got == want, name
         assert rep["tied_head_omitted"] == ("lm_head.weight" if name == "llama-w3-g32-asym-tied" else None)
+    # shared storage, but the config says untied: both names written (safetensors refuses shared tensors)
+    model = converted("llama", tie=True)
+    model.config.tie_word_embeddings = False
+    with pytest.warns(UserWarning):
+        export(model, str(tmp_path / "untied"), "compressed-tensors")
+    T = _tensors(str(tmp_path / "untied"))
+    assert torch.equal(T["lm_head.weight"], T["model.embed_tokens.weight"])
 
 
 # -- 3: transformers loads the export; logits equal the converted model's ------------------------

@@ -141,7 +141,7 @@ def quantization_config(layers: list[QuantLayer], ignore: list[str], version: st
     }
 
 
-def _validate(qc: dict, layers: list[QuantLayer], QuantizationConfig) -> None:
+def _validate(qc: dict, QuantizationConfig) -> None:
     """Parse ``qc`` with compressed-tensors' own model; every scheme must read back as written."""
     try:
         parsed = QuantizationConfig.model_validate(qc)
@@ -274,7 +274,8 @@ def _write_weights(entries, sdt: torch.dtype, out_dir: str, skip: set[str]) -> t
     return files, total
 
 
-def _warnings(model, layers: list[QuantLayer], ignore: list[str], model_dtype: torch.dtype | None) -> list[str]:
+def _warnings(model, layers: list[QuantLayer], ignore: list[str], model_dtype: torch.dtype | None,
+              quantised_head: str | None) -> list[str]:
     """One line per reason vLLM would refuse or degrade the checkpoint (facts sheet 1.6)."""
     reasons: dict[str, list[str]] = {}
 
@@ -295,6 +296,10 @@ def _warnings(model, layers: list[QuantLayer], ignore: list[str], model_dtype: t
             add(f"shape not a multiple of out {_MARLIN_OUT} / in {_MARLIN_IN}: vLLM's Marlin kernel refuses it "
                 "(also after a tensor-parallel split); other kernels are slower or fp16-only", l.name)
     out = [f"{reason}: {_names(names)}" for reason, names in reasons.items()]
+    if quantised_head is not None:
+        out.append(f"quantised output head {quantised_head}: vLLM builds the head as a ParallelLMHead, which its "
+                   "compressed-tensors integration does not quantise (source read, not run): it would look for a dense "
+                   "weight; keep lm_head excluded (the LRQATConfig default) to serve with vLLM")
 
     # Sibling projections vLLM fuses (qkv_proj, gate_up_proj) must share one scheme.
     status = {l.name: f"{l.bits}-bit g={l.group_size} {'sym' if l.symmetric else 'asym'}" for l in layers}
@@ -380,7 +385,7 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
     quantised = {l.name for l in layers}
     ignore = _high_precision_linears(model, quantised)
     qc = quantization_config(layers, ignore, version)
-    _validate(qc, layers, QuantizationConfig)
+    _validate(qc, QuantizationConfig)
 
     cfg_path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -408,7 +413,8 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
     odd_bits = sorted({l.bits for l in layers if 32 % l.bits})
     reads_since = (_DENSE_LAYOUT_SINCE if odd_bits else
                    _PACKED_ZP_SINCE if any(not l.symmetric for l in layers) else _PACK_QUANTIZED_SINCE)
-    warns = _warnings(model, layers, ignore, _model_dtype(model))
+    warns = _warnings(model, layers, ignore, _model_dtype(model),
+                      head_key.rpartition(".")[0] if how == "quantised" else None)
     if rounding["inexact"]:
         warns.insert(0, f"weight_scale stored in {rounding['dtype']}: {rounding['inexact']} of {rounding['total']} "
                         f"scales rounded (max relative error {rounding['max_rel_error']:.3g}); the checkpoint "
