@@ -89,6 +89,8 @@ class QuantLayer:
     def check(self) -> None:
         """Raise :class:`ExportError` when the integers leave the grid (a packer would spill them
         into the neighbouring field) or the tensors disagree in shape."""
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
+            raise ExportError(f"layer {self.name}: bits must be in 2..8, got {self.bits!r}")
         qmin, qmax = qrange(self.bits)
         n_groups = self.in_features // self.group
         if self.in_features % self.group:
@@ -150,7 +152,7 @@ def pack_bitstream(u: torch.Tensor, bits: int) -> torch.Tensor:
     ``i*bits % 32``; a code that crosses a word boundary puts its low bits at the top of one word
     and its high bits at the bottom of the next). Rows are zero-padded to a multiple of 32 codes,
     then cut to ``ceil(cols * bits / 32)`` words: the compressed-tensors (>= 0.18) and GPTQ (along
-    their axes) layout for every ``bits`` in 1..8 (``tests/test_export.py::test_bitstream_*``).
+    their axes) layout for every ``bits`` in 1..8 (``tests/test_export.py::test_bitstream_matches_bit_by_bit_reference``).
 
     Args:
         u: integer ``[..., cols]`` with values in ``[0, 2^bits)`` (checked).
@@ -168,18 +170,19 @@ def pack_bitstream(u: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, cols = u.shape
     n_words = math.ceil(cols * bits / 32)
     rows = u.reshape(-1, cols).to(torch.int64)
-    pad = (-cols) % 32
-    out = torch.empty(rows.shape[0], n_words, dtype=torch.int32)
-    shifts = torch.arange(bits, dtype=torch.int64)
-    weights = torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64)
-    chunk = max(1, (1 << 22) // max(1, cols + pad))  # rows per step: bounded temporaries
-    for r0 in range(0, rows.shape[0], chunk):
-        r = torch.nn.functional.pad(rows[r0:r0 + chunk], (0, pad))
-        stream = ((r.unsqueeze(-1) >> shifts) & 1).reshape(r.shape[0], -1, 32)  # [rows, words, 32] bits
-        words = (stream * weights).sum(-1)  # exact in int64: < 2^32
-        words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-        out[r0:r0 + chunk] = words[:, :n_words].to(torch.int32)
-    return out.reshape(*lead, n_words)
+    if 32 % bits == 0:  # whole codes per word: word w holds codes w*k .. w*k+k-1, code j at bit j*bits
+        k = 32 // bits
+        r = torch.nn.functional.pad(rows, (0, (-cols) % k)).reshape(rows.shape[0], -1, k)
+        words = (r << (torch.arange(k, dtype=torch.int64) * bits)).sum(-1)
+    else:  # codes cross words: low bits into word p // 32, the rest into the next (bits never overlap: add == or)
+        pos = torch.arange(cols, dtype=torch.int64) * bits
+        word, off = pos // 32, pos % 32
+        words = torch.zeros(rows.shape[0], n_words + 1, dtype=torch.int64)
+        words.scatter_add_(1, word.expand_as(rows), (rows << off) & 0xFFFFFFFF)
+        words.scatter_add_(1, (word + 1).expand_as(rows), rows >> (32 - off))
+    words = words[:, :n_words]
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # uint32 -> int32 bits
+    return words.to(torch.int32).reshape(*lead, n_words)
 
 
 def unpack_bitstream(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
