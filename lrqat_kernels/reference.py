@@ -290,6 +290,27 @@ def range_with_zero(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, t
     return lo.clamp_max(0.0), hi.clamp_min(0.0)
 
 
+def _lp_row_chunks(rows: torch.Tensor, elems: int = 1 << 16):
+    """``(start, stop)`` row ranges of about ``elems`` values: each range's temporaries stay in
+    cache across the candidates (the search is memory-bound when it sweeps the whole matrix)."""
+    n = max(1, elems // max(1, rows.shape[1]))
+    return [(r0, min(r0 + n, rows.shape[0])) for r0 in range(0, rows.shape[0], n)]
+
+
+def _lp_sum(err: torch.Tensor, p: float) -> torch.Tensor:
+    """``sum |err|^p`` over the last dim; integer ``p`` by products (``pow`` with a non-integer
+    exponent costs an exp and a log a value; the L^4 search of a 135M model took minutes)."""
+    d = err.abs_()
+    if p == 4.0:
+        d.mul_(d)
+        d.mul_(d)
+    elif p == 2.0:
+        d.mul_(d)
+    else:
+        d.pow_(p)
+    return d.sum(-1)
+
+
 @torch.no_grad()
 def estimate_scale(
     w: torch.Tensor, bits: int, method: str = "minmax", group_size: int | None = None, symmetric: bool = True,
@@ -331,16 +352,21 @@ def estimate_scale(
         # not depend on the row's magnitude, and sum |err|^p neither underflows (large p, tiny
         # weights) nor overflows (huge weights) as it did in fp32.
         unit = torch.where(amax > 0, amax, 1.0)
-        wn = (wg / unit[..., None]).double()
-        best_err = torch.full_like(amax, float("inf"), dtype=torch.float64)
-        best_t = torch.ones_like(amax)
-        for k in range(1, LP_CANDIDATES + 1):
-            t = k / LP_CANDIDATES / qmax
-            q = torch.round(wn / t).clamp(qmin, qmax)
-            err = (wn - q * t).abs().pow(p).sum(-1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_t = torch.where(better, torch.full_like(best_t, k / LP_CANDIDATES), best_t)
+        wn = (wg / unit[..., None]).double().reshape(-1, g)
+        best_t = torch.empty(wn.shape[0], dtype=torch.float32)
+        for r0, r1 in _lp_row_chunks(wn):
+            rows = wn[r0:r1]
+            best_err = torch.full((r1 - r0,), float("inf"), dtype=torch.float64)
+            best = torch.ones(r1 - r0, dtype=torch.float32)
+            for k in range(1, LP_CANDIDATES + 1):
+                t = k / LP_CANDIDATES / qmax
+                q = torch.round(rows / t).clamp_(qmin, qmax)
+                err = _lp_sum(rows - q * t, p)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, torch.full_like(best, k / LP_CANDIDATES), best)
+            best_t[r0:r1] = best
+        best_t = best_t.reshape(amax.shape)
         return torch.where(amax > 0, amax * best_t / qmax, eps / qmax)
 
     lo, hi = range_with_zero(wg.amin(-1), wg.amax(-1))
@@ -355,23 +381,29 @@ def estimate_scale(
     # Normalised to span = 1 in fp64, as the symmetric search; z = round(qmin - lo / s) does not
     # change under the normalisation.
     unit = torch.where(span > 0, span, 1.0)
-    wn, lo_n, hi_n = (wg / unit[..., None]).double(), (lo / unit).double(), (hi / unit).double()
+    wn = (wg / unit[..., None]).double().reshape(-1, g)
+    lo_n, hi_n = (lo / unit).double().reshape(-1), (hi / unit).double().reshape(-1)
     mid = (hi_n + lo_n) / 2
-    best_err = torch.full_like(lo_n, float("inf"))
     best_frac = torch.ones_like(lo_n)
     best_z = zp_for(torch.full_like(lo_n, 1.0 / (qmax - qmin)), lo_n)
-    for k in range(1, LP_CANDIDATES + 1):
-        frac = k / LP_CANDIDATES
-        s = frac / (qmax - qmin)
-        z0 = zp_for(s, mid - frac / 2)
-        for dz in (-2, -1, 0, 1, 2):
-            z = (z0 + dz).clamp(qmin, qmax)
-            q = torch.round(wn / s + z[..., None]).clamp(qmin, qmax)
-            err = (wn - (q - z[..., None]) * s).abs().pow(p).sum(-1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_frac = torch.where(better, torch.full_like(best_frac, frac), best_frac)
-            best_z = torch.where(better, z, best_z)
+    for r0, r1 in _lp_row_chunks(wn):
+        rows, mid_r = wn[r0:r1], mid[r0:r1]
+        best_err = torch.full((r1 - r0,), float("inf"), dtype=torch.float64)
+        frac_r, z_r = best_frac[r0:r1], best_z[r0:r1]
+        for k in range(1, LP_CANDIDATES + 1):
+            frac = k / LP_CANDIDATES
+            s = frac / (qmax - qmin)
+            z0 = zp_for(s, mid_r - frac / 2)
+            for dz in (-2, -1, 0, 1, 2):
+                z = (z0 + dz).clamp(qmin, qmax)
+                q = torch.round(rows / s + z[:, None]).clamp_(qmin, qmax)
+                err = _lp_sum(rows - (q - z[:, None]) * s, p)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                frac_r = torch.where(better, torch.full_like(frac_r, frac), frac_r)
+                z_r = torch.where(better, z, z_r)
+        best_frac[r0:r1], best_z[r0:r1] = frac_r, z_r
+    best_frac, best_z = best_frac.reshape(span.shape), best_z.reshape(span.shape)
     s = torch.where(span > 0, span * best_frac.float() / (qmax - qmin), eps / (qmax - qmin))
     z = torch.where(span > 0, best_z.float(), zp_for(s, lo))
     return s, z
