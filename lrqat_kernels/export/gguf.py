@@ -245,7 +245,7 @@ def _encode_layer(layer: QuantLayer, perm: np.ndarray | None, want: str, allow_i
     if want in ("F32", "F16"):
         arr = w_hat if want == "F32" else w_hat.astype(np.float16)
         err = np.abs(arr.astype(np.float32) - w_hat)
-        bad = int((err != 0).sum()) + int((~np.isfinite(arr)).sum())
+        bad = int(((err != 0) | ~np.isfinite(arr)).sum())
         reason = None if bad == 0 else f"{bad} weights of s * (W_int - z) are not fp16 values"
         if reason and not allow_inexact:
             raise ExportError(f"layer {layer.name}: gguf_type='F16' changes weights: {reason}; "
@@ -645,10 +645,12 @@ def write(model, layers: list[QuantLayer], dense: dict[str, torch.Tensor], out_d
     file_type = _file_type(counts, dense_info.get("token_embd.weight", "F32"))
     w.add_file_type(int(getattr(gguf.LlamaFileType, file_type)))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
 
     all_scales = torch.cat([l.scale.reshape(-1) for l in layers]) if layers else torch.empty(0)
     return {
