@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf / gptq: write a weight the format cannot hold exactly (fp16 scales) and report the error")
     x.add_argument("--gguf-type", default=None, choices=["auto", "Q4_0", "Q8_0", "F32", "F16"],
                    help="gguf: tensor type of quantised layers (default: auto, the smallest exact one)")
+    x.add_argument("--gptq-format", default=None, choices=["gptq_v2", "gptq"],
+                   help="gptq: checkpoint_format (default gptq_v2; gptq = v1, symmetric only)")
     x.add_argument("--drop-activation-quant", action="store_true",
                    help="export a weight-activation model's weights only (served with 16-bit activations)")
 
@@ -200,11 +202,14 @@ def _cmd_convert(a) -> int:
 def _cmd_export(a) -> int:
     from .export import export
 
-    opts = {"scale_dtype": a.scale_dtype, "allow_inexact": a.allow_inexact, "gguf_type": a.gguf_type}
-    fmt_opts = {"compressed-tensors": ("scale_dtype",), "gguf": ("allow_inexact", "gguf_type"), "gptq": ("allow_inexact",)}
+    opts = {"scale_dtype": a.scale_dtype, "allow_inexact": a.allow_inexact, "gguf_type": a.gguf_type,
+            "checkpoint_format": a.gptq_format}
+    fmt_opts = {"compressed-tensors": ("scale_dtype",), "gguf": ("allow_inexact", "gguf_type"),
+                "gptq": ("allow_inexact", "checkpoint_format")}
     for k, v in opts.items():
         if v is not None and k not in fmt_opts[a.format]:
-            raise ValueError(f"--{k.replace('_', '-')} does not apply to --format {a.format}")
+            flag = "--gptq-format" if k == "checkpoint_format" else f"--{k.replace('_', '-')}"
+            raise ValueError(f"{flag} does not apply to --format {a.format}")
     rep = export(a.model, a.out, a.format, tokenizer=a.tokenizer, overwrite=a.overwrite,
                  drop_activation_quant=a.drop_activation_quant, **{k: v for k, v in opts.items() if v is not None})
     for w in rep.get("warnings", []):
