@@ -360,6 +360,24 @@ def test_asymmetric_8bit_outside_int8_is_refused(tmp_path, tokenizer):
         export(model, tmp_path / "out", format="gguf", tokenizer=tokenizer, gguf_type="Q4_0")
 
 
+def test_forced_q4_0_requantises_an_asymmetric_model(tmp_path, tokenizer):
+    """gguf_type='Q4_0' + allow_inexact on asymmetric 4-bit layers: W_hat re-quantised per block
+    of 32 (d = -m / 8, m the value of largest magnitude); the report's error is what the reader
+    sees, at most one step (amax / 8: the +amax side clips at 7)."""
+    model = _model("llama", 4, 64, symmetric=False)
+    with pytest.warns(UserWarning, match=r"14 of 14 layers written as Q4_0 \(not exact\)"):
+        rep = export(model, tmp_path / "out", format="gguf", tokenizer=tokenizer, gguf_type="Q4_0", allow_inexact=True)
+    tensors, _ = _read(tmp_path / "out" / "model.gguf")
+    expected = _expected_tensors(model)
+    for name, info in rep["layers"].items():
+        got, want = _dequant(tensors[name]).astype(np.float64), expected[name].numpy().astype(np.float64)
+        assert tensors[name].tensor_type.name == "Q4_0" and "asymmetric" in info["reason"]
+        assert info["max_abs_error"] == float(np.abs(got - want).max())
+        blocks_amax = np.maximum(np.abs(want.reshape(want.shape[0], -1, 32)).max(-1, keepdims=True), 1e-30)
+        ratio = float((np.abs(got - want).reshape(want.shape[0], -1, 32) / blocks_amax).max())
+        assert ratio <= 1 / 8 * (1 + 8 * 2.0 ** -11), ratio  # one step, d rounded to fp16
+
+
 def test_unknown_arch_option_type_and_missing_tokenizer(tmp_path, tokenizer):
     model = _model("llama", 4, 32)
     with pytest.raises(ExportError, match=r"unknown option\(s\) foo; allowed: gguf_type, allow_inexact"):
