@@ -40,7 +40,13 @@ if [[ "$fresh" == "1" ]]; then
   echo "[setup] lrqat_kernels is installed (editable) and _C is up to date: no rebuild"
 else
   echo "[setup] building lrqat_kernels (CUDA_HOME=${CUDA_HOME:-<none>}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  echo "[setup] (llama-cpp-python, a test dependency, compiles llama.cpp the first time: ~10 min on 2 cores)"
+  if ! "$PY" -c 'import llama_cpp' 2>/dev/null; then
+    # A test dependency (the GGUF export tests run llama.cpp itself). Its own isolated build: the
+    # editable install below builds without isolation, which llama-cpp-python's backend needs.
+    echo "[setup] installing llama-cpp-python (compiles llama.cpp the first time: ~10 min on 2 cores; pip caches the wheel)"
+    "$PY" -m pip install --progress-bar off "llama-cpp-python>=0.3.16" 2>&1 | grep --line-buffered -v '^WARNING: Location' || true
+    "$PY" -c 'import llama_cpp'
+  fi
   # pip's own lines show progress (a quiet pip looked hung for minutes); its exit status decides.
   (cd "$ROOT" && set +e +o pipefail
    "$PY" -m pip install --progress-bar off --no-build-isolation -e ".[test,bench,hf,export]" 2>&1 \
