@@ -1,6 +1,6 @@
 """``LRQATConfig``: what :func:`lrqat_kernels.prepare` swaps in and how it initialises it.
 
-Defaults follow the paper (section 3, appendix B) and ``../shared/design/NUMERICS.md``:
+Defaults follow the paper (section 3, appendix B) and ``docs/NUMERICS.md``:
 W4 per-channel symmetric, rank 32, ``alpha = 1``, ``Phi0`` stored as fixed point (Q4.4),
 ``s0`` from the L^4 range estimator, LoRA initialisation, every ``nn.Linear`` except ``lm_head``.
 """

@@ -1,7 +1,7 @@
 """Storage formats for the frozen base ``Phi0`` and for deployed integer weights.
 
 This module is the single source of truth for the integer grid, the fixed-point code and the
-nibble order (``../shared/design/NUMERICS.md``). Every other path (reference, Triton, C++/CUDA)
+nibble order (``docs/NUMERICS.md``). Every other path (reference, Triton, C++/CUDA)
 imports these rules or is tested against them.
 
 Formats of ``Phi0 = phi(W0 / s0 + z)`` (``[out, in]`` logical shape):

@@ -1,6 +1,6 @@
 """Eager PyTorch reference of the LR-QAT math (the oracle every fast path is tested against).
 
-Plain PyTorch, no Triton. Follows ``../shared/design/NUMERICS.md`` literally:
+Plain PyTorch, no Triton. Follows ``docs/NUMERICS.md`` literally:
 
     C     = (lora_B @ lora_A) * (alpha / r)            fp32, [out, in], grid units
     Z     = decode_phi(Phi0) + C
