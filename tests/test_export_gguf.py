@@ -409,6 +409,32 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, tokenizer):
     assert rep["vocab"]["pre"] == "default"
 
 
+def test_byte_fallback_bpe_needs_allow_inexact(tmp_path):
+    """A LLaMA-2-style tokenizer.json (BPE with byte fallback, no tokenizer.model) can only go into
+    GGUF as a SentencePiece vocab without merge ranks (what llama.cpp's converter writes; llama.cpp
+    0.3.36 then split 2 of 3 probe sentences differently from HF): refused, or written with a warning."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([_corpus()[:50_000]], trainer=trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials,
+                                                                            show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    model = _model("llama", 4, 32)
+    with pytest.raises(ExportError, match="byte-fallback BPE tokenizer.json without a usable tokenizer.model"):
+        export(model, tmp_path / "out", format="gguf", tokenizer=hf)
+    with pytest.warns(UserWarning, match="llama.cpp may split text into other tokens than HF"):
+        rep = export(model, tmp_path / "out", format="gguf", tokenizer=hf, allow_inexact=True)
+    _, fields = _read(tmp_path / "out" / "model.gguf")
+    assert fields["tokenizer.ggml.model"] == "llama" and rep["vocab"]["source"] == "LlamaHfVocab"
+    assert fields["tokenizer.ggml.tokens"][:3] == ["<unk>", "<s>", "</s>"]
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and rep["exact"]  # the weights are still exact
+
+
 def test_cli_export_from_a_checkpoint(tmp_path, tokenizer, capsys):
     """`lrqat export --format gguf` on a saved converted checkpoint with its tokenizer: the same
     file as the API on the loaded model; --allow-inexact / --gguf-type reach the writer."""

@@ -512,10 +512,18 @@ def _add_vocab(w, out_dir: str, gguf_arch: str, n_vocab: int, allow_inexact: boo
     if model_json.get("type") != "BPE":
         raise ExportError(f"tokenizer model {model_json.get('type')!r} is not supported (BPE or SentencePiece)")
     if model_json.get("byte_fallback"):
+        # llama.cpp's converter writes such a tokenizer.json as a SentencePiece vocab with placeholder
+        # scores (gguf.LlamaHfVocab); llama.cpp's SPM tokenizer then merges by those scores, not by
+        # HF's merge ranks (tests/test_export_gguf.py::test_byte_fallback_bpe_needs_allow_inexact).
         if gguf_arch != "llama":
             raise ExportError(f"a byte-fallback BPE tokenizer is written for the llama arch only, got {gguf_arch}")
+        what = ("the tokenizer is a byte-fallback BPE tokenizer.json without a usable tokenizer.model: GGUF holds it "
+                "as a SentencePiece vocab without merge ranks, so llama.cpp may split text into other tokens than HF")
+        if not allow_inexact:
+            raise ExportError(f"{what}; pass allow_inexact=True to write it anyway (warning), or provide "
+                              "tokenizer.model with the sentencepiece package installed")
         try:
-            return _add_llama_vocab(w, out_dir, n_vocab, gguf.LlamaHfVocab(Path(out_dir))), []
+            return _add_llama_vocab(w, out_dir, n_vocab, gguf.LlamaHfVocab(Path(out_dir))), [what]
         except (FileNotFoundError, TypeError) as e:
             raise ExportError(f"byte-fallback BPE tokenizer not readable as llama.cpp's 'llama' vocab: {e}") from e
     return _add_bpe_vocab(w, out_dir, n_vocab, allow_inexact)
