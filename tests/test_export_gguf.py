@@ -15,20 +15,18 @@ store ``d`` in fp16, and the refusal tests show what happens otherwise.
 from __future__ import annotations
 
 import json
-import math
 import os
 
+import gguf  # the [test] extra: a missing package fails the file, never skips it
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="the [export] extra (gguf) is needed")
-
-import lrqat_kernels  # noqa: E402
-from export_models import converted, tiny_hf  # noqa: E402
-from lrqat_kernels.export import ExportError, export  # noqa: E402
-from lrqat_kernels.export.gguf import llama_cpp_logits, llama_cpp_perplexity  # noqa: E402
-from lrqat_kernels.modules import QuantizedLinear  # noqa: E402
+import lrqat_kernels
+from export_models import converted, tiny_hf
+from lrqat_kernels.export import ExportError, export
+from lrqat_kernels.export.gguf import llama_cpp_logits, llama_cpp_perplexity
+from lrqat_kernels.modules import QuantizedLinear
 
 VOCAB = 400  # the test tokenizer's size; every model here uses it
 N_THREADS = 1  # llama.cpp threads: tiny models, shared CPU
