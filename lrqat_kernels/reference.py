@@ -297,6 +297,34 @@ def _lp_row_chunks(rows: torch.Tensor, elems: int = 1 << 16):
     return [(r0, min(r0 + n, rows.shape[0])) for r0 in range(0, rows.shape[0], n)]
 
 
+def _lp_run(search, rows: torch.Tensor) -> None:
+    """Run ``search(r0, r1)`` over the row ranges of ``rows``.
+
+    On the CPU each range runs single-threaded and the ranges are spread over the intra-op
+    thread count with a thread pool (torch ops release the GIL): OpenMP's fork/join on every
+    small op made 2 threads 10-20x slower than 1 on a loaded 2-core machine. On an accelerator
+    the whole matrix is one range (few, large launches).
+    """
+    if rows.device.type != "cpu":
+        search(0, rows.shape[0])
+        return
+    chunks = _lp_row_chunks(rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads > 1 and len(chunks) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+                for f in [pool.submit(search, r0, r1) for r0, r1 in chunks]:
+                    f.result()
+        else:
+            for r0, r1 in chunks:
+                search(r0, r1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _lp_sum(err: torch.Tensor, p: float) -> torch.Tensor:
     """``sum |err|^p`` over the last dim; integer ``p`` by products (``pow`` with a non-integer
     exponent costs an exp and a log a value; the L^4 search of a 135M model took minutes)."""
@@ -353,11 +381,12 @@ def estimate_scale(
         # weights) nor overflows (huge weights) as it did in fp32.
         unit = torch.where(amax > 0, amax, 1.0)
         wn = (wg / unit[..., None]).double().reshape(-1, g)
-        best_t = torch.empty(wn.shape[0], dtype=torch.float32)
-        for r0, r1 in _lp_row_chunks(wn):
+        best_t = torch.empty(wn.shape[0], dtype=torch.float32, device=wn.device)
+
+        def search(r0, r1):
             rows = wn[r0:r1]
-            best_err = torch.full((r1 - r0,), float("inf"), dtype=torch.float64)
-            best = torch.ones(r1 - r0, dtype=torch.float32)
+            best_err = torch.full((r1 - r0,), float("inf"), dtype=torch.float64, device=wn.device)
+            best = torch.ones(r1 - r0, dtype=torch.float32, device=wn.device)
             for k in range(1, LP_CANDIDATES + 1):
                 t = k / LP_CANDIDATES / qmax
                 q = torch.round(rows / t).clamp_(qmin, qmax)
@@ -366,6 +395,8 @@ def estimate_scale(
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, torch.full_like(best, k / LP_CANDIDATES), best)
             best_t[r0:r1] = best
+
+        _lp_run(search, wn)
         best_t = best_t.reshape(amax.shape)
         return torch.where(amax > 0, amax * best_t / qmax, eps / qmax)
 
@@ -386,9 +417,10 @@ def estimate_scale(
     mid = (hi_n + lo_n) / 2
     best_frac = torch.ones_like(lo_n)
     best_z = zp_for(torch.full_like(lo_n, 1.0 / (qmax - qmin)), lo_n)
-    for r0, r1 in _lp_row_chunks(wn):
+
+    def search(r0, r1):
         rows, mid_r = wn[r0:r1], mid[r0:r1]
-        best_err = torch.full((r1 - r0,), float("inf"), dtype=torch.float64)
+        best_err = torch.full((r1 - r0,), float("inf"), dtype=torch.float64, device=wn.device)
         frac_r, z_r = best_frac[r0:r1], best_z[r0:r1]
         for k in range(1, LP_CANDIDATES + 1):
             frac = k / LP_CANDIDATES
@@ -403,6 +435,8 @@ def estimate_scale(
                 frac_r = torch.where(better, torch.full_like(frac_r, frac), frac_r)
                 z_r = torch.where(better, z, z_r)
         best_frac[r0:r1], best_z[r0:r1] = frac_r, z_r
+
+    _lp_run(search, wn)
     best_frac, best_z = best_frac.reshape(span.shape), best_z.reshape(span.shape)
     s = torch.where(span > 0, span * best_frac.float() / (qmax - qmin), eps / (qmax - qmin))
     z = torch.where(span > 0, best_z.float(), zp_for(s, lo))
