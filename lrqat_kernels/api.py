@@ -244,28 +244,53 @@ def _untie_swapped_head(model: nn.Module, targets) -> None:
         cfg.tie_word_embeddings = False
 
 
+_SCALE_GRIDS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 @torch.no_grad()
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, scale_dtype: str | None = None) -> nn.Module:
     """Fuse every :class:`LRQATLinear` into a :class:`QuantizedLinear`, in place.
 
     ``W_int`` comes from ``lrqat_kernels.merge_weight`` (the training forward's code path on the
     layer's device), so it is bit-identical to the integers the training forward used and the
     converted model's outputs match the prepared model's.
 
+    Args:
+        model: a model returned by :func:`prepare` (trained).
+        scale_dtype: None (default) keeps the trained fp32 scales. ``"float16"`` / ``"bfloat16"``
+            rounds each scale to the nearest value of that type (still stored as fp32), so that
+            formats storing fp16 scales (GGUF, GPTQ) hold the converted model exactly; ``W_int``
+            is unchanged and ``W_hat`` moves by at most 2^-11 (fp16) / 2^-8 (bf16) relative.
+            A scale the type cannot hold (overflow, or underflow to 0) is an error naming the layer.
+
     Returns:
         ``model`` with ``model.lrqat_stage = "quantized"``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if scale_dtype is not None and scale_dtype not in _SCALE_GRIDS:
+        raise ValueError(f"scale_dtype must be None, 'float16' or 'bfloat16', got {scale_dtype!r}")
     layers = lrqat_layers(model)
     if not layers:
         stage = _stage(model)
         if stage == "quantized":
             raise ValueError("model is already converted (stage 'quantized')")
         raise ValueError("convert() needs a model prepared with lrqat_kernels.prepare(); it has no LRQATLinear layers")
+    converted = []
     for name, layer in layers:
         q = QuantizedLinear.from_lrqat(layer)
+        if scale_dtype is not None:
+            r = q.scale.to(_SCALE_GRIDS[scale_dtype]).float()
+            if not torch.isfinite(r).all() or (r == 0).any():
+                raise ValueError(f"layer {name!r}: a scale in [{float(q.scale.min()):.3g}, {float(q.scale.max()):.3g}] "
+                                 f"overflows or flushes to 0 in {scale_dtype}; convert with scale_dtype=None")
+            converted.append((q, r))
+        else:
+            converted.append((q, None))
         q.train(layer.training)
+    for (name, _), (q, r) in zip(layers, converted):  # swap only once every layer converted: no half-converted model
+        if r is not None:
+            q.scale.copy_(r)
         _set_submodule(model, name, q)
     config = getattr(model, "lrqat_config", None)
     _freeze_and_mark(model, config, "quantized")

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="fuse an LR-QAT checkpoint into INT-b QuantizedLinear layers")
     c.add_argument("--model", required=True, help="LR-QAT checkpoint (stage 'lrqat')")
     c.add_argument("--out", required=True)
+    c.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
+                   help="round the trained fp32 scales to this type's grid (still stored fp32) so GGUF / GPTQ "
+                        "exports, which store fp16 scales, are exact (W_int unchanged; W_hat moves <= 2^-11 relative)")
 
     x = sub.add_parser("export", help="export a converted (or LR-QAT) checkpoint for vLLM / llama.cpp / GPTQ stacks",
                        formatter_class=_HelpFormatter)
@@ -193,7 +196,7 @@ def _cmd_convert(a) -> int:
     model = load_pretrained(a.model)
     if getattr(model, "lrqat_stage", None) != "lrqat":
         raise ValueError(f"{a.model} is not an LR-QAT checkpoint (stage {getattr(model, 'lrqat_stage', None)!r}); nothing to convert")
-    convert(model)
+    convert(model, scale_dtype=a.scale_dtype)
     path = save_pretrained(model, a.out, tokenizer=load_tokenizer(a.model))
     print(f"converted {a.model} -> {path}")
     return 0

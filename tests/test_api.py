@@ -586,3 +586,31 @@ def test_bare_linear_and_unmatched_target_entries():
         prepare(nn.Linear(8, 8), LRQATConfig(rank=2))
     with pytest.warns(UserWarning, match=r"\['qproj'\] match no nn.Linear"):
         prepare(tiny_hf(), LRQATConfig(rank=2, target_modules=["q_proj", "qproj"]))
+
+
+@pytest.mark.parametrize("scale_dtype,tiny", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_convert_rounds_scales_to_a_grid_and_keeps_w_int(scale_dtype, tiny):
+    """convert(scale_dtype=): every scale becomes its nearest fp16 / bf16 value (stored fp32),
+    W_int is the plain convert's; a scale the type cannot hold is refused, nothing converted."""
+    m = lrqat_kernels.prepare(tiny_hf("llama"), lrqat_kernels.LRQATConfig(bits=4, group_size=32, rank=4))
+    train_a_bit(m)
+    plain = lrqat_kernels.convert(copy.deepcopy(m))
+    rounded = lrqat_kernels.convert(copy.deepcopy(m), scale_dtype=scale_dtype)
+    qa, qb = dict(plain.named_modules()), dict(rounded.named_modules())
+    changed = 0
+    for name, q in qa.items():
+        if isinstance(q, lrqat_kernels.QuantizedLinear):
+            assert torch.equal(q.w_int, qb[name].w_int)
+            assert qb[name].scale.dtype == torch.float32
+            assert torch.equal(qb[name].scale, q.scale.to(tiny).float())
+            changed += int((qb[name].scale != q.scale).sum())
+    assert changed > 0
+    if scale_dtype == "float16":  # bf16 has fp32's exponent range
+        bad = copy.deepcopy(m)
+        with torch.no_grad():
+            next(layer for _, layer in lrqat_kernels.api.lrqat_layers(bad)).scale.fill_(1e-30)
+        with pytest.raises(ValueError, match="overflows or flushes to 0 in float16"):
+            lrqat_kernels.convert(bad, scale_dtype=scale_dtype)
+        assert getattr(bad, "lrqat_stage", None) == "lrqat" and lrqat_kernels.api.lrqat_layers(bad)
+    with pytest.raises(ValueError, match="scale_dtype must be None"):
+        lrqat_kernels.convert(copy.deepcopy(m), scale_dtype="int8")

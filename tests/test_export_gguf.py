@@ -604,3 +604,23 @@ def test_llama_cpp_perplexity_within_2_percent(llama_cpp, trained):
     assert theirs["tokens"] == ours["tokens"] == 48 * (seq - 1)
     assert ours["perplexity"] < VOCAB / 4  # the model learned something: the check has teeth
     assert abs(theirs["perplexity"] / ours["perplexity"] - 1) < 0.02
+
+
+def test_convert_with_fp16_scales_exports_exactly(tmp_path, tokenizer):
+    """convert(scale_dtype="float16") puts the trained scales on the fp16 grid: the GGUF export is
+    exact (Q4_0, no allow_inexact) and equals the converted model's W_hat."""
+    from export_models import tiny_hf
+
+    model = tiny_hf("llama", vocab=VOCAB)
+    model.config.bos_token_id = model.config.eos_token_id = 0
+    cfg = lrqat_kernels.LRQATConfig(bits=4, group_size=32, rank=4, phi_format="fp32", range_method="minmax")
+    lrqat_kernels.prepare(model, cfg)
+    with torch.no_grad():
+        for _, layer in lrqat_kernels.api.lrqat_layers(model):
+            layer.scale.mul_(1 + 2.0 ** -20)  # trained scales: not fp16 values
+    lrqat_kernels.convert(model, scale_dtype="float16")
+    rep = export(model, tmp_path / "out", format="gguf", tokenizer=tokenizer)
+    assert all(info["type"] == "Q4_0" for info in rep["layers"].values())
+    got = {name: _dequant(t) for name, t in _read(tmp_path / "out" / "model.gguf")[0].items()}
+    for name, want in _expected_tensors(model).items():
+        assert np.array_equal(got[name], want.numpy()), name
