@@ -9,6 +9,7 @@ shared cluster others must be able to read a checkpoint as they can read an HF o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -67,6 +68,17 @@ def atomic_write(path: str | os.PathLike, write: Callable, *, binary: bool = Fal
         raise
     fsync_dir(directory)
     return path
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk_size`` (1 MB) chunks: memory stays flat for any size."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def json_safe(obj):

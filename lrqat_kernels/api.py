@@ -16,7 +16,8 @@ Checkpoint directory layout (``save_pretrained``)::
     generation_config.json  the HF generation defaults (EOS ids, sampling), when the model has them
     lrqat_config.json    {"format_version", "stage": "lrqat"|"quantized", "lrqat_config": {...},
                           "modules": {name: layer structure}, "tied": {alias: source}, "dtype",
-                          "attn_implementation" (HF models: config.json does not keep it), ...}
+                          "attn_implementation" (HF models: config.json does not keep it),
+                          "sha256": {file: hex digest} of the weights and config files, ...}
     lrqat_model.safetensors  every tensor of ``model.state_dict()`` (tied duplicates stored once).
                          Not ``model.safetensors``: HF's ``from_pretrained`` would load that file
                          into the floating-point architecture, initialise every swapped linear at
@@ -27,6 +28,15 @@ Plain ``nn.Module`` models (not HF) save the same way without ``config.json``; l
 passing a freshly built FP skeleton: ``load_pretrained(dir, model=build_model())``. The skeleton's
 ``nn.Linear`` layers named in the checkpoint are swapped structurally (no range estimation)
 and every tensor is then loaded strictly.
+
+Integrity: ``lrqat_config.json`` (written last) records in ``"sha256"`` the digests of
+``lrqat_model.safetensors``, ``config.json``, ``generation_config.json`` and of its own content
+(the JSON with that one entry left out, normalised); the weights file's header records the
+digest of the JSON's content without the record, which tells a lost record from an old
+checkpoint. ``load_pretrained`` checks them all (files hashed in 1 MB chunks), so a truncated or
+bit-flipped weights file (a flip in the tensor data, which safetensors does not notice) or a
+damaged but still parseable JSON is a ValueError naming the file, never a wrong model.
+Checkpoints written before these records load unchecked.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ._io import atomic_replace_dir, atomic_write_json, temp_dir_for, umask
+from ._io import atomic_replace_dir, atomic_write_json, sha256_file, temp_dir_for, umask
 from .config import LRQATConfig, name_matches, resolve_dtype
 from .modules import LRQATLinear, QuantizedLinear, factor_dtype
 from .wa_quant import inner_attn_impl, install_activation_quantizers, restore_attn_implementation
@@ -63,6 +73,10 @@ LEGACY_WEIGHTS_FILE = "model.safetensors"  # checkpoints written before the rena
 HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 STAGES = ("lrqat", "quantized")
+# lrqat_config.json's record of the files' sha256, and the weights header's key for the JSON's own digest
+SHA256_KEY = "sha256"
+META_DIGEST_KEY = "lrqat_config_sha256"
+_HASHED_FILES = (WEIGHTS_FILE, HF_CONFIG_FILE, GENERATION_CONFIG_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,10 +457,13 @@ def save_pretrained(model: nn.Module, save_directory: str, *, tokenizer=None) ->
                 gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "stage": stage})
+        save_file(state, os.path.join(tmp, WEIGHTS_FILE),
+                  metadata={"format": "pt", "stage": stage, META_DIGEST_KEY: _json_digest(_without_record(meta))})
         with open(os.path.join(tmp, WEIGHTS_FILE), "rb") as f:
             os.fsync(f.fileno())
         os.chmod(os.path.join(tmp, WEIGHTS_FILE), 0o666 & ~umask())  # safetensors writes it owner-only
+        meta[SHA256_KEY] = {f: sha256_file(os.path.join(tmp, f)) for f in _HASHED_FILES if os.path.isfile(os.path.join(tmp, f))}
+        meta[SHA256_KEY][META_FILE] = _self_digest(meta)
         atomic_write_json(os.path.join(tmp, META_FILE), meta, sort_keys=True)  # last: marks a complete dir
         atomic_replace_dir(tmp, save_directory)
     except BaseException:
@@ -469,6 +486,7 @@ def read_meta(directory: str) -> dict:
         raise ValueError(f"corrupt checkpoint: {path} is not valid JSON ({e})") from e
     if not isinstance(meta, dict):
         raise ValueError(f"corrupt checkpoint: {path} must hold a JSON object")
+    _check_meta_digest(directory, meta)  # before its fields are trusted
     for key in ("format_version", "stage", "modules"):
         if key not in meta:
             raise ValueError(f"corrupt checkpoint: {path} lacks {key!r}")
@@ -479,6 +497,70 @@ def read_meta(directory: str) -> dict:
     if not isinstance(meta["modules"], dict) or not meta["modules"]:
         raise ValueError(f"corrupt checkpoint: {path} lists no LR-QAT modules")
     return meta
+
+
+def _json_digest(obj) -> str:
+    """sha256 of ``obj`` as JSON normalises it (tuples as lists, keys as strings; sorted, compact):
+    the same digest before saving and after reading back."""
+    import hashlib
+
+    body = json.loads(json.dumps(obj, allow_nan=False))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _without_record(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != SHA256_KEY}
+
+
+def _self_digest(meta: dict) -> str:
+    """Digest of ``lrqat_config.json``'s content with its own entry of the sha256 record left out."""
+    record = meta.get(SHA256_KEY)
+    return _json_digest({**meta, SHA256_KEY: {k: v for k, v in record.items() if k != META_FILE}})
+
+
+def _check_meta_digest(directory: str, meta: dict) -> None:
+    """``lrqat_config.json`` as saved: its self digest, or (the record lost) no digest in the weights header."""
+    path = os.path.join(directory, META_FILE)
+    record = meta.get(SHA256_KEY)
+    if record is not None:
+        if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+            raise ValueError(f"corrupt checkpoint: {path} has a damaged {SHA256_KEY!r} record")
+    if isinstance(record, dict) and META_FILE in record:
+        if _self_digest(meta) != record[META_FILE]:
+            raise ValueError(f"corrupt checkpoint: {path} was damaged or edited after saving (its content differs "
+                             f"from its recorded sha256)")
+        return
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        return  # a legacy model.safetensors checkpoint, or no weights (reported when loading)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights, framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"corrupt checkpoint: cannot read {weights} ({type(e).__name__}: {e}); the file is truncated or damaged") from e
+    if header.get(META_DIGEST_KEY) is not None:  # saved with a record: it was lost
+        raise ValueError(f"corrupt checkpoint: {path} was damaged or edited after saving (its {SHA256_KEY!r} record "
+                         f"is missing or incomplete)")
+
+
+def verify_checkpoint(directory: str, meta: dict | None = None) -> None:
+    """Check a checkpoint's files against the sha256 record of its ``lrqat_config.json`` (see the
+    module docstring): ValueError naming the damaged file. Checkpoints written before the record
+    pass unchecked. ``meta``: the checkpoint's :func:`read_meta` (read when not given)."""
+    if meta is None:
+        meta = read_meta(directory)  # checks the JSON itself
+    record = meta.get(SHA256_KEY) or {}
+    for name in sorted((n for n in record if n != META_FILE), key=lambda n: n != WEIGHTS_FILE):
+        path = os.path.join(directory, name)
+        if os.path.basename(name) != name or not os.path.isfile(path):
+            what = "weights file" if name == WEIGHTS_FILE else "file"
+            raise ValueError(f"corrupt checkpoint: the {what} {path} recorded in {META_FILE} is missing")
+        if sha256_file(path) != record[name]:
+            raise ValueError(f"corrupt checkpoint: {path} is truncated or damaged (its sha256 differs from the one "
+                             f"recorded in {META_FILE}); save or copy the checkpoint again")
 
 
 def _read_tensors(path: str) -> dict:
@@ -550,6 +632,7 @@ def load_pretrained(directory: str, model: nn.Module | None = None, *, device=No
         ``from_pretrained``: dropout off; ``lrqat train`` / :func:`train.fit` call ``train()``).
     """
     meta = read_meta(directory)
+    verify_checkpoint(directory, meta)  # a damaged file is an error here, never a wrong model
     stage = meta["stage"]
     config = None if meta.get("lrqat_config") is None else LRQATConfig.from_dict(meta["lrqat_config"])
     if model is None:

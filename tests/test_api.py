@@ -319,6 +319,22 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
         save_pretrained(plain_model(), str(tmp_path / "fp"))
 
 
+def _drop_sha256_record(d):
+    """Make a checkpoint directory look written before lrqat_config.json recorded the files' sha256
+    (and the weights header the JSON's digest)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    meta = json.loads((d / "lrqat_config.json").read_text())
+    del meta["sha256"]
+    (d / "lrqat_config.json").write_text(json.dumps(meta))
+    w = d / "lrqat_model.safetensors"
+    if w.exists():
+        with safe_open(str(w), framework="pt") as f:
+            header = {k: v for k, v in (f.metadata() or {}).items() if k != "lrqat_config_sha256"}
+        save_file(load_file(str(w)), str(w), metadata=header)
+
+
 def test_corrupt_and_mismatched_checkpoints(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -351,6 +367,7 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         del t["model.layers.0.self_attn.q_proj.lora_A"]
         t["extra.tensor"] = torch.zeros(2)
         save_file(t, str(d / "lrqat_model.safetensors"))
+        _drop_sha256_record(d)  # the strict loader's checks, past the checksum (a checkpoint without one)
 
     with pytest.raises(ValueError, match=r"missing keys \['model.layers.0.self_attn.q_proj.lora_A'\].*unexpected keys \['extra.tensor'\]"):
         load_pretrained(variant("keys", drop_key))
@@ -359,6 +376,7 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         t = load_file(str(d / "lrqat_model.safetensors"))
         t["model.layers.0.self_attn.q_proj.scale"] = torch.ones(3, 1)
         save_file(t, str(d / "lrqat_model.safetensors"))
+        _drop_sha256_record(d)
 
     with pytest.raises(ValueError, match="q_proj.scale has shape"):
         load_pretrained(variant("shape", reshape))
@@ -367,6 +385,7 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         meta = json.loads((d / "lrqat_config.json").read_text())
         meta["stage"] = "trained"
         (d / "lrqat_config.json").write_text(json.dumps(meta))
+        _drop_sha256_record(d)  # a hand-edited checkpoint without the record: the field check
 
     with pytest.raises(ValueError, match="stage"):
         load_pretrained(variant("stage", bad_stage))
@@ -509,6 +528,7 @@ def test_checkpoint_with_the_old_weights_name_loads(tmp_path):
     model = convert(train_a_bit(prepare(tiny_hf(), LRQATConfig(rank=4))))
     path = save_pretrained(model, str(tmp_path / "old"))
     os.rename(os.path.join(path, "lrqat_model.safetensors"), os.path.join(path, "model.safetensors"))
+    _drop_sha256_record(tmp_path / "old")  # written before the weights' sha256 was recorded too
     loaded = load_pretrained(path)
     x = ids(seed=4)
     with torch.no_grad():

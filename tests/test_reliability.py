@@ -1,0 +1,202 @@
+"""Faults users meet (issue 22): damaged checkpoints, missing optional packages, interrupted
+training, CLI defaults and refusals. docs/RELIABILITY.md lists what each test tries."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lrqat_kernels
+from lrqat_kernels import LRQATConfig, load_pretrained, prepare, save_pretrained
+from lrqat_kernels.cli import main
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+@pytest.fixture(autouse=True)
+def _eager_cpu_path(monkeypatch):
+    """Run the eager CPU path (tests/conftest.py enables the Triton interpreter for kernel tests)."""
+    functions = getattr(lrqat_kernels, "functions", None)
+    if functions is not None and hasattr(functions, "_interpreting"):
+        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+
+
+def _tiny_llama(seed=0, vocab=256, max_pos=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=max_pos)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny HF model dir (no tokenizer), an LR-QAT checkpoint of it (lora_B moved off zero) and text."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("rel")
+    _tiny_llama().save_pretrained(str(d / "model"))
+    model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    save_pretrained(model, str(d / "lrqat"))
+    keys = sorted(topics)
+    (d / "train.txt").write_text("\n\n".join(topics[k] for k in keys[:6])[:12000])
+    (d / "heldout.txt").write_text(topics[keys[20]][:4000])
+    return d
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _one_line_error(capsys, prefix):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------- checksums (item 6)
+#
+# Rule: save_pretrained records the sha256 of the weights, config.json, generation_config.json and of
+# lrqat_config.json's own content; load_pretrained checks them, so a damaged checkpoint is a one-line
+# ValueError naming the file, never a wrong model (lrqat eval / convert: one line, exit status 2).
+
+
+def _flip(path, pos, bit=0x01):
+    b = bytearray(path.read_bytes())
+    b[pos] ^= bit
+    path.write_bytes(bytes(b))
+
+
+def test_checksum_truncated_or_bit_flipped_weights_are_refused(workdir, tmp_path):
+    good = workdir / "lrqat"
+    d = _copy(good, tmp_path / "ck")
+    w = d / "lrqat_model.safetensors"
+    original = w.read_bytes()
+    n_header = int.from_bytes(original[:8], "little")
+    data_start = 8 + n_header
+    # a flip in the middle of the tensor data: safetensors itself loads it without a word
+    from safetensors.torch import load_file
+
+    _flip(w, data_start + (len(original) - data_start) // 2)
+    assert len(load_file(str(w))) > 0
+    cases = 0
+    for pos in [data_start + (len(original) - data_start) // 2] + [round(i * (len(original) - 1) / 47) for i in range(48)]:
+        w.write_bytes(original)
+        _flip(w, pos)
+        with pytest.raises(ValueError) as e:
+            load_pretrained(str(d))
+        assert str(w) in str(e.value) and "\n" not in str(e.value), (pos, e.value)
+        cases += 1
+    for size in (0, 7, 8, data_start - 1, data_start, (len(original) + data_start) // 2, len(original) - 1):
+        w.write_bytes(original[:size])
+        with pytest.raises(ValueError, match="truncated or damaged") as e:
+            load_pretrained(str(d))
+        assert str(w) in str(e.value) and "\n" not in str(e.value), size
+        cases += 1
+    w.write_bytes(original + b"\0")  # appended bytes too
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_pretrained(str(d))
+    w.write_bytes(original)
+    ref, back = load_pretrained(str(good)), load_pretrained(str(d))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert cases == 56
+
+
+def test_checksum_damaged_json_is_refused_at_every_byte(workdir, tmp_path):
+    """Every single-bit flip (bit 0) of lrqat_config.json, and of config.json at sampled positions,
+    is refused naming the file; a parseable edit (alpha 1.0 -> 2.0) loaded a wrong model before."""
+    d = _copy(workdir / "lrqat", tmp_path / "ck")
+    meta_path = d / "lrqat_config.json"
+    original = meta_path.read_bytes()
+    meta = json.loads(original)
+    assert set(meta["sha256"]) == {"lrqat_model.safetensors", "config.json", "generation_config.json", "lrqat_config.json"}
+    fd = os.open(meta_path, os.O_RDWR)  # flip in place (rewriting the file 9000 times is the slow part)
+    try:
+        for pos in range(len(original)):
+            os.pwrite(fd, bytes([original[pos] ^ 0x01]), pos)
+            with pytest.raises(ValueError) as e:
+                load_pretrained(str(d))
+            os.pwrite(fd, original[pos:pos + 1], pos)
+            msg = str(e.value)
+            assert str(meta_path) in msg and "\n" not in msg, (pos, original[max(0, pos - 20):pos + 20], msg)
+    finally:
+        os.close(fd)
+    assert meta_path.read_bytes() == original
+    edited = dict(meta, lrqat_config=dict(meta["lrqat_config"], alpha=2.0))
+    meta_path.write_text(json.dumps(edited, indent=2, sort_keys=True))
+    with pytest.raises(ValueError, match="damaged or edited after saving"):
+        load_pretrained(str(d))
+    lost = {k: v for k, v in meta.items() if k != "sha256"}  # the record itself lost: the weights header knows
+    meta_path.write_text(json.dumps(lost))
+    with pytest.raises(ValueError, match="record is missing"):
+        load_pretrained(str(d))
+    meta_path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_pretrained(str(d))
+    meta_path.write_bytes(original)
+    cfg = d / "config.json"
+    cfg_original = cfg.read_bytes()
+    for i in range(16):
+        cfg.write_bytes(cfg_original)
+        _flip(cfg, round(i * (len(cfg_original) - 1) / 15))
+        with pytest.raises(ValueError) as e:
+            load_pretrained(str(d))
+        assert str(cfg) in str(e.value) and "\n" not in str(e.value)
+    cfg.write_bytes(cfg_original)
+    assert load_pretrained(str(d)).lrqat_stage == "lrqat"
+
+
+def test_checksum_checkpoint_without_the_record_still_loads(workdir, tmp_path):
+    """Checkpoints saved before the record (no "sha256", no digest in the weights header) load unchecked."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(workdir / "lrqat", tmp_path / "old")
+    meta = json.loads((d / "lrqat_config.json").read_text())
+    del meta["sha256"]
+    (d / "lrqat_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    w = str(d / "lrqat_model.safetensors")
+    with safe_open(w, framework="pt") as f:
+        header = f.metadata()
+    assert "lrqat_config_sha256" in header
+    save_file(load_file(w), w, metadata={"format": "pt", "stage": header["stage"]})
+    ref, back = load_pretrained(str(workdir / "lrqat")), load_pretrained(str(d))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_checksum_cli_eval_and_convert_print_one_line_and_exit_2(workdir, tmp_path, capsys):
+    d = _copy(workdir / "lrqat", tmp_path / "ck")
+    w = d / "lrqat_model.safetensors"
+    size = w.stat().st_size
+    _flip(w, size - size // 3)
+    data = str(workdir / "heldout.txt")
+    assert main(["eval", "--model", str(d), "--data", data, "--seq-len", "32"]) == 2
+    line = _one_line_error(capsys, "lrqat eval: error: corrupt checkpoint: ")
+    assert str(w) in line
+    assert main(["convert", "--model", str(d), "--out", str(tmp_path / "int4")]) == 2
+    assert str(w) in _one_line_error(capsys, "lrqat convert: error: corrupt checkpoint: ")
+    assert not (tmp_path / "int4").exists()
+    d2 = _copy(workdir / "lrqat", tmp_path / "ck2")
+    m = d2 / "lrqat_config.json"
+    m.write_text(m.read_text().replace('"rank": 4', '"rank": 5'))
+    assert main(["convert", "--model", str(d2), "--out", str(tmp_path / "int4")]) == 2
+    assert str(m) in _one_line_error(capsys, "lrqat convert: error: corrupt checkpoint: ")
+    assert main(["eval", "--model", str(d2), "--data", data, "--seq-len", "32"]) == 2
+    assert str(m) in _one_line_error(capsys, "lrqat eval: error: corrupt checkpoint: ")
