@@ -3,13 +3,14 @@
 Subcommands:
   lrqat train   --model DIR --data FILE_OR_DIR --out DIR [...]   LR-QAT training (paper appendix B defaults)
   lrqat eval    --model DIR --data FILE [--seq-len N]            perplexity on non-overlapping windows
-  lrqat convert --model LRQAT_DIR --out DIR                      fuse to INT-b (QuantizedLinear)
+  lrqat convert --model LRQAT_DIR --out DIR [--overwrite]        fuse to INT-b (QuantizedLinear)
   lrqat export  --model DIR --format FMT --out DIR               compressed-tensors / gguf / gptq for serving
   lrqat demo    [--out runs/demo] [--quick]                      the end-to-end demo on pydoc topics
 
 ``--model`` is a HF model directory (``from_pretrained``, local files only) or a checkpoint
 written by ``lrqat`` (``lrqat_config.json`` present). Text is tokenised with the model
-directory's tokenizer when it has one, else byte-level (ids = UTF-8 bytes; vocab >= 256).
+directory's tokenizer when it has one, else byte-level (ids = UTF-8 bytes; vocab >= 256; a model
+with vocab_size > 256 and no tokenizer files is refused unless --byte-tokens).
 """
 
 from __future__ import annotations
@@ -90,19 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-seq-len", type=int, default=None)
     r.add_argument("--convert", action="store_true", help="also write the fused INT-b model to <out>/quantized")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--byte-tokens", action="store_true",
+                   help="allow the byte-level fallback (no tokenizer files in --model) for a model with vocab_size > 256")
 
     e = sub.add_parser("eval", help="perplexity on non-overlapping windows of held-out text")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
-    e.add_argument("--seq-len", type=int, default=256, help="window length in tokens")
+    e.add_argument("--seq-len", type=int, default=None,
+                   help="window length in tokens (default: 256, or the model's max_position_embeddings when smaller)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--device", default=None)
     e.add_argument("--out", default=None, help="also write the JSON result to this file")
+    e.add_argument("--byte-tokens", action="store_true",
+                   help="allow the byte-level fallback (no tokenizer files in --model) for a model with vocab_size > 256")
 
     c = sub.add_parser("convert", help="fuse an LR-QAT checkpoint into INT-b QuantizedLinear layers")
     c.add_argument("--model", required=True, help="LR-QAT checkpoint (stage 'lrqat')")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     c.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
                    help="round the trained fp32 scales to this type's grid (still stored fp32) so GGUF / GPTQ "
                         "exports, which store fp16 scales, are exact (W_int unchanged; W_hat moves <= 2^-11 relative)")
@@ -155,7 +162,7 @@ def _cmd_train(a) -> int:
         grad_checkpointing=a.grad_checkpointing, eval_data=a.eval_data, eval_seq_len=a.eval_seq_len,
         convert=a.convert, stop_after=a.stop_after, device=a.device, progress=not a.no_progress,
         exclude=list(a.exclude), target_modules=a.target_modules, act_bits=a.act_bits, kv_bits=a.kv_bits,
-        fuse_act_quant=False if a.no_fuse_act_quant else None,
+        fuse_act_quant=False if a.no_fuse_act_quant else None, byte_tokens=a.byte_tokens,
     )
     res = run_train(args)
     summary = {k: res.get(k) for k in ("steps_done", "finished", "skipped_steps", "final_loss", "tokens", "tokens_per_s",
@@ -170,17 +177,23 @@ def _cmd_train(a) -> int:
 
 def _cmd_eval(a) -> int:
     from ._io import atomic_write_json, json_safe
-    from .data import evaluate_perplexity, load_tokenizer, read_text, tokenize
+    from .data import check_byte_fallback, evaluate_perplexity, load_tokenizer, read_text, tokenize
     from .train import check_window, load_causal_lm, resolve_device
 
     if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         raise ValueError(f"--out {a.out}: directory {os.path.dirname(os.path.abspath(a.out))} does not exist")
     device = resolve_device(a.device)
     model = load_causal_lm(a.model, device=device)
-    check_window(model, a.seq_len)
+    seq_len = a.seq_len
+    if seq_len is None:  # the default fits the model (an explicit value too large stays an error)
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        seq_len = min(256, limit) if isinstance(limit, int) and limit >= 2 else 256
+    check_window(model, seq_len)
     tok = load_tokenizer(a.model)
-    ids = tokenize(read_text(a.data), tok, getattr(getattr(model, "config", None), "vocab_size", None))
-    res = evaluate_perplexity(model, ids, a.seq_len, batch_size=a.batch_size, device=device, max_windows=a.max_windows)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    check_byte_fallback(tok, vocab, a.model, a.byte_tokens)
+    ids = tokenize(read_text(a.data), tok, vocab)
+    res = evaluate_perplexity(model, ids, seq_len, batch_size=a.batch_size, device=device, max_windows=a.max_windows)
     res.update(model=a.model, data=a.data, stage=getattr(model, "lrqat_stage", None) or "fp", tokenizer=getattr(tok, "name", type(tok).__name__))
     print(f"{res['metric']}: {res['perplexity']:.4f}  ({res['windows']} windows, {res['tokens']} predicted tokens, stage {res['stage']})")
     print(json.dumps(res))
@@ -193,6 +206,12 @@ def _cmd_convert(a) -> int:
     from .api import convert, load_pretrained, save_pretrained
     from .data import load_tokenizer
 
+    out = os.path.abspath(a.out)
+    if os.path.lexists(out):  # as lrqat export: an existing --out is replaced only when asked to
+        if not a.overwrite:
+            raise ValueError(f"--out {a.out} exists; pass --overwrite to replace it")
+        if not os.path.isdir(out):
+            raise ValueError(f"--out {a.out} exists and is not a directory")
     model = load_pretrained(a.model)
     if getattr(model, "lrqat_stage", None) != "lrqat":
         raise ValueError(f"{a.model} is not an LR-QAT checkpoint (stage {getattr(model, 'lrqat_stage', None)!r}); nothing to convert")

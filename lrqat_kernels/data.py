@@ -4,7 +4,9 @@ Tokeniser: the model directory's HF tokenizer when it has one (``tokenizer.json`
 ``tokenizer_config.json`` or ``tokenizer.model``), else :class:`ByteTokenizer`, a byte-level
 fallback: token id = UTF-8 byte value (0..255), no special tokens, so the model's
 ``vocab_size`` must be >= 256. A model directory written by this package with the byte
-tokenizer carries ``lrqat_tokenizer.json`` (``{"type": "byte"}``).
+tokenizer carries ``lrqat_tokenizer.json`` (``{"type": "byte"}``). The fallback on a model whose
+vocabulary is larger than 256 is almost surely a model directory without its tokenizer files:
+``lrqat eval`` / ``lrqat train`` refuse it unless ``--byte-tokens`` (:func:`check_byte_fallback`).
 
 Batches are contiguous windows of ``seq_len`` tokens from the token stream, cut at
 non-overlapping offsets; their order is a permutation drawn from ``seed + epoch``, so the
@@ -23,6 +25,7 @@ import torch
 __all__ = [
     "ByteTokenizer",
     "load_tokenizer",
+    "check_byte_fallback",
     "read_text",
     "tokenize",
     "WindowSampler",
@@ -38,6 +41,9 @@ class ByteTokenizer:
 
     vocab_size = 256
     name = "byte"
+
+    def __init__(self, fallback: bool = False):
+        self.fallback = fallback  # True: chosen because the model directory has no tokenizer files
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -63,7 +69,20 @@ def load_tokenizer(model_dir: str | None):
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return ByteTokenizer()
+    return ByteTokenizer(fallback=True)
+
+
+def check_byte_fallback(tokenizer, vocab_size: int | None, model_dir: str, allow: bool = False) -> None:
+    """Refuse the byte-level fallback (no tokenizer files in ``model_dir``) for a model whose
+    ``vocab_size`` exceeds 256, unless ``allow`` (``--byte-tokens``): such a model was trained on
+    another tokenizer, and its perplexity on (or training with) UTF-8 bytes means nothing."""
+    if (isinstance(tokenizer, ByteTokenizer) and getattr(tokenizer, "fallback", False) and not allow
+            and isinstance(vocab_size, int) and vocab_size > 256):
+        raise ValueError(
+            f"--model {model_dir} has no tokenizer files ({', '.join(_HF_TOKENIZER_FILES)}) and its vocab_size="
+            f"{vocab_size} > 256: the byte-level fallback would feed it UTF-8 bytes as token ids; copy the model's "
+            "tokenizer files into the directory, or pass --byte-tokens if the model really reads bytes"
+        )
 
 
 def read_text(path: str) -> str:

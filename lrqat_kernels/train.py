@@ -27,7 +27,7 @@ import torch.nn as nn
 from ._io import atomic_write, atomic_write_json, json_safe
 from .api import lrqat_layers, prepare
 from .config import LRQATConfig
-from .data import WindowSampler, evaluate_perplexity, load_tokenizer, read_text, tokenize
+from .data import WindowSampler, check_byte_fallback, evaluate_perplexity, load_tokenizer, read_text, tokenize
 
 __all__ = [
     "TrainArgs",
@@ -117,6 +117,7 @@ class TrainArgs:
     act_bits: int | None = None
     kv_bits: int | None = None
     fuse_act_quant: bool | None = None
+    byte_tokens: bool = False  # allow the byte-level fallback for a model with vocab_size > 256
 
     def lrqat_config(self) -> LRQATConfig:
         """The :class:`LRQATConfig` of these arguments (fields left at None get the documented defaults)."""
@@ -719,6 +720,9 @@ def run_train(args: TrainArgs) -> dict:
     eval_len = args.eval_seq_len or args.seq_len
     check_window(model, args.seq_len)
     check_window(model, eval_len, "eval_seq_len")
+    tokenizer = load_tokenizer(args.model)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    check_byte_fallback(tokenizer, vocab, args.model, args.byte_tokens)  # before the (long) prepare
     if os.path.isfile(os.path.join(args.model, META_FILE)):
         if getattr(model, "lrqat_stage", None) != "lrqat":
             raise ValueError(f"--model {args.model} is a converted (quantized) checkpoint; train from an FP or LR-QAT model")
@@ -731,8 +735,6 @@ def run_train(args: TrainArgs) -> dict:
         prepare(model, config)
     if args.grad_checkpointing:
         enable_layer_checkpointing(model)
-    tokenizer = load_tokenizer(args.model)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = tokenize(read_text(args.data), tokenizer, vocab)
     sampler = WindowSampler(ids, args.seq_len, seed=args.seed)
     eval_ids = None

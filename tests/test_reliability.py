@@ -57,6 +57,10 @@ def workdir(tmp_path_factory):
     return d
 
 
+TRAIN = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--rank", "4", "--lr", "1e-2", "--lr-scale", "1e-3",
+         "--range-method", "minmax", "--no-progress"]
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -64,7 +68,8 @@ def _copy(src, dst):
 
 def _one_line_error(capsys, prefix):
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    # transformers' own progress bars (loading an FP --model, saving one) are not ours
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and not x.startswith(("Loading weights", "Writing model shards"))]
     assert len(lines) == 1 and lines[0].startswith(prefix), err
     return lines[0]
 
@@ -200,3 +205,89 @@ def test_checksum_cli_eval_and_convert_print_one_line_and_exit_2(workdir, tmp_pa
     assert str(m) in _one_line_error(capsys, "lrqat convert: error: corrupt checkpoint: ")
     assert main(["eval", "--model", str(d2), "--data", data, "--seq-len", "32"]) == 2
     assert str(m) in _one_line_error(capsys, "lrqat eval: error: corrupt checkpoint: ")
+
+
+# ------------------------------------------------------------------------------ lrqat eval --seq-len (item 2)
+#
+# Rule: without --seq-len, lrqat eval uses min(256, the model's max_position_embeddings); an explicit
+# value the model cannot take stays an error.
+
+
+def test_eval_default_seq_len_fits_the_model(workdir, tmp_path, capsys):
+    short = tmp_path / "short"
+    _tiny_llama(max_pos=32).save_pretrained(str(short))
+    data = str(workdir / "heldout.txt")
+    assert main(["eval", "--model", str(short), "--data", data]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["window"] == 32
+    long = tmp_path / "long"
+    _tiny_llama(max_pos=512).save_pretrained(str(long))
+    assert main(["eval", "--model", str(long), "--data", data, "--max-windows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["window"] == 256
+    assert main(["eval", "--model", str(short), "--data", data, "--seq-len", "33"]) == 2
+    assert "seq_len=33 exceeds the model's max_position_embeddings=32" in _one_line_error(capsys, "lrqat eval: error: ")
+
+
+# --------------------------------------------------------------------------- lrqat convert --out (item 3)
+#
+# Rule: lrqat convert refuses an existing --out unless --overwrite (as lrqat export); lrqat train --out
+# is a run directory with its own rules (train._check_out_dir: it may exist, --resume reads it).
+
+
+def test_convert_refuses_an_existing_out_unless_overwrite(workdir, tmp_path, capsys):
+    out = tmp_path / "int4"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["convert", "--model", str(workdir / "lrqat"), "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in _one_line_error(capsys, "lrqat convert: error: ")
+    assert os.listdir(out) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", "--model", str(workdir / "lrqat"), "--out", str(empty)]) == 2
+    capsys.readouterr()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["convert", "--model", str(workdir / "lrqat"), "--out", str(a_file), "--overwrite"]) == 2
+    assert "not a directory" in _one_line_error(capsys, "lrqat convert: error: ")
+    assert main(["convert", "--model", str(workdir / "lrqat"), "--out", str(out), "--overwrite"]) == 0
+    assert "notes.txt" not in os.listdir(out) and load_pretrained(str(out)).lrqat_stage == "quantized"
+    fresh = tmp_path / "new" / "int4"
+    assert main(["convert", "--model", str(workdir / "lrqat"), "--out", str(fresh)]) == 0
+    assert load_pretrained(str(fresh)).lrqat_stage == "quantized"
+
+
+def test_train_out_may_exist_as_before(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "train.txt"), "--out", str(out),
+                 *TRAIN[2:], "--steps", "2"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.json").is_file() and (out / "lrqat").is_dir()
+
+
+# ----------------------------------------------------------------------- byte-level fallback (item 4)
+#
+# Rule: lrqat eval / train refuse the byte-level fallback (no tokenizer files in --model) for a model
+# with vocab_size > 256 unless --byte-tokens; an explicit byte tokenizer (lrqat_tokenizer.json) is used.
+
+
+def test_byte_fallback_on_a_large_vocab_is_refused_unless_byte_tokens(workdir, tmp_path, capsys):
+    from lrqat_kernels.data import ByteTokenizer
+
+    big = tmp_path / "big"
+    _tiny_llama(vocab=300).save_pretrained(str(big))
+    data = str(workdir / "heldout.txt")
+    assert main(["eval", "--model", str(big), "--data", data, "--seq-len", "32"]) == 2
+    line = _one_line_error(capsys, "lrqat eval: error: ")
+    assert "vocab_size=300 > 256" in line and "--byte-tokens" in line
+    assert main(["eval", "--model", str(big), "--data", data, "--seq-len", "32", "--byte-tokens"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokenizer"] == "byte"
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(big), "--data", str(workdir / "train.txt"), "--out", str(out), *TRAIN]) == 2
+    assert "vocab_size=300 > 256" in _one_line_error(capsys, "lrqat train: error: ")
+    assert not (out / "checkpoint").exists() and not (out / "results.json").exists()
+    # a checkpoint that carries the byte tokenizer explicitly (lrqat_tokenizer.json) is not a fallback
+    ck = save_pretrained(prepare(_tiny_llama(vocab=300), LRQATConfig(rank=4, range_method="minmax")), str(tmp_path / "ck"),
+                         tokenizer=ByteTokenizer())
+    assert main(["eval", "--model", ck, "--data", data, "--seq-len", "32"]) == 0
+    # vocab 256 (the byte vocabulary): the fallback is what it is for
+    assert main(["eval", "--model", str(workdir / "model"), "--data", data, "--seq-len", "32"]) == 0
