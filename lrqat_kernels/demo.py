@@ -122,15 +122,17 @@ def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True, step_
 
 
 @torch.no_grad()
-def rtn_model(model: nn.Module, bits: int, range_method: str = "lp:4", exclude=("lm_head",)) -> nn.Module:
-    """Copy of ``model`` with every targeted ``nn.Linear`` weight replaced by its RTN quantization."""
+def rtn_model(model: nn.Module, bits: int, range_method: str = "lp:4", exclude=("lm_head",),
+              group_size: int | None = None) -> nn.Module:
+    """Copy of ``model`` with every targeted ``nn.Linear`` weight replaced by its RTN quantization
+    (symmetric, per channel or per group of ``group_size`` input columns)."""
     from .reference import estimate_scale, rtn_quantize
 
     m = copy.deepcopy(model)
     for name, mod in m.named_modules():
         if isinstance(mod, nn.Linear) and not any(name == e or name.endswith("." + e) for e in exclude):
-            s0 = estimate_scale(mod.weight, bits, range_method)
-            mod.weight.copy_(rtn_quantize(mod.weight, s0, bits=bits))
+            s0 = estimate_scale(mod.weight, bits, range_method, group_size=group_size)
+            mod.weight.copy_(rtn_quantize(mod.weight, s0, bits=bits, group_size=group_size))
     return m
 
 

