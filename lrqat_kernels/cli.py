@@ -262,6 +262,35 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+# Packages a command may need that `pip install -e .` does not install (or may lack): a missing one is
+# a one-line error saying what to install, exit status 1, never a traceback; the demo's plot and the
+# progress bars go without them instead (demo._can_plot, train.progress_bar).
+# Test: tests/test_reliability.py::test_cli_missing_optional_package_is_one_line_saying_what_to_install
+_OPTIONAL_PACKAGES = {
+    "transformers": "pip install transformers (the [hf] extra)",
+    "tokenizers": "pip install tokenizers",
+    "sentencepiece": "pip install sentencepiece",
+    "safetensors": "pip install safetensors",
+    "tqdm": "pip install tqdm",
+    "matplotlib": "pip install matplotlib",
+    "numpy": "pip install numpy (the [export] extra)",
+    "gguf": "pip install gguf (the [export] extra)",
+    "compressed_tensors": "pip install 'compressed-tensors>=0.18' (the [export] extra)",
+    "llama_cpp": "pip install llama-cpp-python",
+}
+
+
+def _missing_package(e: BaseException) -> str | None:
+    """The package of :data:`_OPTIONAL_PACKAGES` whose absence raised ``e`` (or its cause), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in _OPTIONAL_PACKAGES:
+            return e.name.split(".")[0]
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv=None) -> int:
     """Entry point of the ``lrqat`` console script. Returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -276,6 +305,13 @@ def main(argv=None) -> int:
         return 1
     except OSError as e:  # a write failed (disk full, permissions, a file where a directory goes, ...)
         print(f"lrqat {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        pkg = _missing_package(e)
+        if pkg is None:
+            raise
+        print(f"lrqat {args.command}: error: this needs the package {pkg}, which is not installed: "
+              f"{_OPTIONAL_PACKAGES[pkg]}", file=sys.stderr)
         return 1
 
 

@@ -13,7 +13,8 @@ Steps (fixed seeds, deterministic on a given machine):
      forward's bit for bit and that the perplexity is unchanged (exactly on the dequantise path;
      to ~1e-8 relative through the deployment GEMM ``int4_linear``, whose fp32 sums run in
      another order);
-  5. print a table, write ``results.json``, ``demo.png`` and the INT4 checkpoint ``int4_model/``
+  5. print a table, write ``results.json``, ``demo.png`` (when matplotlib is installed; else a
+     one-line note) and the INT4 checkpoint ``int4_model/``
      under ``--out`` (``runs/demo``).
 
 Model: LLaMA architecture, hidden 128, 4 layers, 4 heads, MLP 352, context 128 (0.82 M params);
@@ -34,6 +35,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -83,7 +85,7 @@ def build_model(s: dict):
 
 def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True, step_hook=None) -> list[float]:
     """Plain FP pretraining: AdamW (0.9, 0.95), weight decay, 5 % warm-up, linear decay to 0."""
-    from .train import linear_warmup_decay
+    from .train import linear_warmup_decay, progress_bar
 
     steps = s["fp_steps"]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -94,11 +96,7 @@ def pretrain_fp(model: nn.Module, sampler, s: dict, progress: bool = True, step_
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(steps, max(1, steps // 20)))
     losses = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="FP pretraining", dynamic_ncols=True)
+    bar = progress_bar(total=steps, desc="FP pretraining", dynamic_ncols=True) if progress else None
     model.train()
     for step in range(steps):
         t0 = time.perf_counter()
@@ -242,6 +240,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
     s["qat_steps"] = dict(s["qat_steps"])
     if overrides:
         s.update(overrides)
+    plot = plot and _can_plot()  # told now, not after minutes of training
     prev_threads = torch.get_num_threads()
     try:
         train_text, held_text = demo_texts()
@@ -341,7 +340,8 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool 
             _plot(result, os.path.join(out_dir, "demo.png"))
         if progress:
             print(format_table(result))
-            print(f"[demo] wrote {out_dir}/results.json, demo.png, int4_model/ in {result['timings_s']['total_s']:.0f} s")
+            print(f"[demo] wrote {out_dir}/results.json, {'demo.png, ' if plot else ''}int4_model/ in "
+                  f"{result['timings_s']['total_s']:.0f} s")
         return result
     finally:
         torch.set_num_threads(prev_threads)
@@ -367,6 +367,22 @@ def format_table(result: dict) -> str:
     for p in result["phi_formats"]:
         lines.append(f"{p['phi_format']:<12} {p['bytes_per_weight']:>12} {p['phi0_bytes_this_model']:>12,}")
     return "\n".join(lines)
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib can draw ``demo.png``; if not, a one-line note on stderr. Rule: a missing
+    optional package never costs the work (the plot step after minutes of training raised
+    ModuleNotFoundError); tests/test_reliability.py::test_demo_without_matplotlib_skips_the_plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as e:
+        print(f"[demo] note: no demo.png: matplotlib cannot be imported ({e}); pip install matplotlib for the plot",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _plot(result: dict, path: str) -> None:

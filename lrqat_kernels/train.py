@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_causal_lm",
     "phi_fingerprint",
     "enable_layer_checkpointing",
+    "progress_bar",
 ]
 
 STATE_FILE = "trainer_state.pt"
@@ -412,6 +414,23 @@ def _base_dtype(model: nn.Module) -> str | None:
     return None
 
 
+_NO_TQDM_NOTED = False
+
+
+def progress_bar(**kwargs):
+    """``tqdm.auto.tqdm(**kwargs)``, or None when tqdm is not installed (noted once on stderr): a
+    missing progress bar must not cost a run that has already spent its set-up."""
+    global _NO_TQDM_NOTED
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if not _NO_TQDM_NOTED:
+            print("lrqat: note: tqdm is not installed, so no progress bars (pip install tqdm)", file=sys.stderr)
+            _NO_TQDM_NOTED = True
+        return None
+    return tqdm(**kwargs)
+
+
 def _atomic_torch_save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
@@ -576,11 +595,7 @@ def fit(
 
     model.train()
     tokens_per_step = batch_size * grad_accum * sampler.seq_len
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True)
+    bar = progress_bar(total=steps, initial=start, desc=desc, dynamic_ncols=True) if progress else None
     t_start = time.perf_counter()
     steps_run = 0
     try:

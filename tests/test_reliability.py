@@ -291,3 +291,97 @@ def test_byte_fallback_on_a_large_vocab_is_refused_unless_byte_tokens(workdir, t
     assert main(["eval", "--model", ck, "--data", data, "--seq-len", "32"]) == 0
     # vocab 256 (the byte vocabulary): the fallback is what it is for
     assert main(["eval", "--model", str(workdir / "model"), "--data", data, "--seq-len", "32"]) == 0
+
+
+# ------------------------------------------------------------------ missing optional packages (item 1)
+#
+# Rule: a missing optional package never costs the work. The demo skips demo.png with a one-line note
+# (demo._can_plot, checked before training), progress bars go without tqdm (train.progress_bar), and a
+# CLI command that needs a missing package (transformers, ...) stops with one line saying what to
+# install, exit status 1 (cli._OPTIONAL_PACKAGES). Test-only packages (hypothesis) are never imported
+# by the package.
+
+
+def _block(monkeypatch, name):
+    """Make ``import name`` (and its submodules) raise ModuleNotFoundError for this test."""
+    for m in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_demo_without_matplotlib_skips_the_plot(tmp_path, monkeypatch, capsys):
+    from lrqat_kernels.demo import run_demo
+
+    _block(monkeypatch, "matplotlib")
+    out = tmp_path / "demo"
+    res = run_demo(str(out), quick=True, progress=False, threads=1,
+                   overrides={"fp_steps": 2, "qat_steps": {4: 1, 3: 1}, "wa_presets": (), "eval_windows": 2})
+    assert res["rows"] and json.loads((out / "results.json").read_text())["rows"]
+    assert (out / "int4_model").is_dir() and not (out / "demo.png").exists()
+    notes = [x for x in capsys.readouterr().err.splitlines() if "matplotlib" in x]
+    assert len(notes) == 1 and notes[0].startswith("[demo] note: no demo.png") and "pip install matplotlib" in notes[0]
+
+
+def test_training_without_tqdm_runs_without_progress_bars(workdir, monkeypatch, capsys):
+    import lrqat_kernels.train as train_mod
+    from lrqat_kernels.data import ByteTokenizer, WindowSampler, read_text, tokenize
+    from lrqat_kernels.train import fit
+
+    monkeypatch.setattr(train_mod, "_NO_TQDM_NOTED", False, raising=False)
+    _block(monkeypatch, "tqdm")
+    ids = tokenize(read_text(str(workdir / "train.txt")), ByteTokenizer())
+    for _ in range(2):
+        model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax"))
+        res = fit(model, WindowSampler(ids, 16, seed=0), steps=2, batch_size=2, lr=1e-2, lr_scale=1e-3, progress=True)
+        assert res["finished"]
+    notes = [x for x in capsys.readouterr().err.splitlines() if "tqdm" in x]
+    assert notes == ["lrqat: note: tqdm is not installed, so no progress bars (pip install tqdm)"]  # once
+
+
+def test_cli_missing_optional_package_is_one_line_saying_what_to_install(workdir, tmp_path, monkeypatch, capsys):
+    _block(monkeypatch, "transformers")
+    data = str(workdir / "heldout.txt")
+    for argv in (["eval", "--model", str(workdir / "model"), "--data", data, "--seq-len", "32"],
+                 ["train", "--model", str(workdir / "model"), "--data", str(workdir / "train.txt"), "--out", str(tmp_path / "r"), *TRAIN],
+                 ["convert", "--model", str(workdir / "lrqat"), "--out", str(tmp_path / "int4")],
+                 ["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress", "--no-plot"]):
+        assert main(argv) == 1, argv
+        line = _one_line_error(capsys, f"lrqat {argv[0]}: error: this needs the package transformers, which is not installed")
+        assert line.endswith("pip install transformers (the [hf] extra)")
+    assert not (tmp_path / "r" / "results.json").exists() and not (tmp_path / "int4").exists()
+    # a module of the package itself (or of any package not on the list) missing is a bug: its traceback stays
+    import lrqat_kernels.train as train_mod
+
+    def broken(args):
+        raise ModuleNotFoundError("No module named 'lrqat_kernels.nope'", name="lrqat_kernels.nope")
+
+    monkeypatch.setattr(train_mod, "run_train", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(["train", "--model", str(workdir / "model"), "--data", data, "--out", str(tmp_path / "r"), *TRAIN])
+
+
+def test_package_imports_without_optional_packages():
+    """`import lrqat_kernels` and the CLI's modules need none of the optional packages; the package never
+    imports a test-only one (hypothesis, pytest)."""
+    import ast
+
+    blocked = ["transformers", "matplotlib", "tqdm", "numpy", "gguf", "compressed_tensors", "llama_cpp", "hypothesis", "pytest"]
+    code = ("import sys\n"
+            f"for m in {blocked!r}: sys.modules[m] = None\n"
+            "import lrqat_kernels, lrqat_kernels.cli, lrqat_kernels.api, lrqat_kernels.train, lrqat_kernels.data\n"
+            "import lrqat_kernels.demo, lrqat_kernels.export\n"
+            "from lrqat_kernels.cli import build_parser\n"
+            "build_parser()\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)  # the Triton interpreter (tests' conftest) imports numpy; a user's run does not
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "lrqat_kernels")):
+        for f in files:
+            if f.endswith(".py"):
+                tree = ast.parse(open(os.path.join(dirpath, f), encoding="utf-8").read())
+                for node in ast.walk(tree):
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                    assert not any(n.split(".")[0] in ("hypothesis", "pytest") for n in names), (f, names)
