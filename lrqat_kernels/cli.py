@@ -306,6 +306,12 @@ def main(argv=None) -> int:
     except OSError as e:  # a write failed (disk full, permissions, a file where a directory goes, ...)
         print(f"lrqat {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: training saved its last finished step (TrainingInterrupted)
+        if hasattr(e, "exit_status"):
+            print(f"lrqat {args.command}: {e}", file=sys.stderr)
+            return e.exit_status
+        print(f"lrqat {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ImportError as e:
         pkg = _missing_package(e)
         if pkg is None:

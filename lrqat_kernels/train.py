@@ -18,7 +18,9 @@ import dataclasses
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +45,7 @@ __all__ = [
     "phi_fingerprint",
     "enable_layer_checkpointing",
     "progress_bar",
+    "TrainingInterrupted",
 ]
 
 STATE_FILE = "trainer_state.pt"
@@ -414,6 +417,66 @@ def _base_dtype(model: nn.Module) -> str | None:
     return None
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """:func:`fit` stopped by SIGINT (Ctrl-C) or SIGTERM with a checkpoint directory: the checkpoint
+    holds the last finished step, so a resume continues exactly. ``exit_status``: 128 + signal
+    number (130 for SIGINT, 143 for SIGTERM), what ``lrqat train`` exits with."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: str):
+        self.signum, self.step, self.steps, self.checkpoint = signum, step, steps, checkpoint
+        self.exit_status = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step} of {steps}; {checkpoint} holds "
+                         "it: run the same command with --resume to continue")
+
+
+class _Stop(BaseException):
+    """Raised by :class:`_Interrupts`' handler to leave a step being computed."""
+
+
+class _Interrupts:
+    """SIGINT / SIGTERM handlers for :func:`fit`'s loop (main thread only; the previous handlers come
+    back afterwards). A signal leaves a step at once while its gradients are computed (nothing the
+    checkpoint holds has changed yet); while a step is applied (optimizer, scheduler, history) or a
+    checkpoint written it is held until that is done, so the state saved is always that of the last
+    finished step. Rule and test: tests/test_reliability.py::test_sigterm_and_sigint_during_train_*."""
+
+    def __init__(self):
+        self.signum = None
+        self.held = True
+        self.previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):
+                pass
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if not self.held:
+            self.held = True
+            raise _Stop()
+
+    def release(self) -> None:
+        """From here a signal stops the step at once (one already received: now)."""
+        self.held = False
+        if self.signum is not None:
+            self.held = True
+            raise _Stop()
+
+    def hold(self) -> None:
+        self.held = True
+
+
 _NO_TQDM_NOTED = False
 
 
@@ -429,6 +492,11 @@ def progress_bar(**kwargs):
             _NO_TQDM_NOTED = True
         return None
     return tqdm(**kwargs)
+
+
+def _rng_states():
+    """``(cpu, cuda)`` RNG states, as a checkpoint stores them."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
 def _atomic_torch_save(obj, path: str) -> None:
@@ -506,7 +574,9 @@ def fit(
             samples ``(i * grad_accum + j) * batch_size ...``.
         steps: optimizer steps of the whole run (the schedule spans them).
         ckpt_dir: where ``trainer_state.pt`` is written every ``save_every`` steps (and when
-            ``stop_after`` interrupts), and read from when ``resume``.
+            ``stop_after`` or a signal interrupts), and read from when ``resume``. With it, SIGINT
+            (Ctrl-C) and SIGTERM save the last finished step there and raise
+            :class:`TrainingInterrupted` (a ``KeyboardInterrupt``); without it they act as usual.
         stop_after: stop after this many optimizer steps in this call (simulates an interruption).
         run_info: JSON-able dict stored in the checkpoint and compared on resume.
         step_hook: optional callable ``(seconds_of_the_step) -> None`` run after every step.
@@ -571,9 +641,10 @@ def fit(
         start = resumed_from = int(state["step"])
         tokens_before, seconds_before = int(state.get("tokens", 0)), float(state.get("train_seconds", 0.0))
 
-    def save_state(step_done: int) -> None:
+    def save_state(step_done: int, rng=None) -> None:
         if state_path is None:
             return
+        rng_cpu, rng_cuda = rng if rng is not None else _rng_states()
         _atomic_torch_save(
             {
                 "step": step_done,
@@ -582,8 +653,8 @@ def fit(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "grad_scaler": scaler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rng_cpu": rng_cpu,
+                "rng_cuda": rng_cuda,
                 "history": history,
                 "fingerprint": fingerprint,
                 "run_info": run_info,
@@ -598,57 +669,74 @@ def fit(
     bar = progress_bar(total=steps, initial=start, desc=desc, dynamic_ncols=True) if progress else None
     t_start = time.perf_counter()
     steps_run = 0
+    done, rng_done = start, _rng_states()  # steps finished (of the whole run) and the RNG state after them
+    interrupts = _Interrupts() if state_path is not None else None  # SIGINT / SIGTERM: save, then stop
     try:
-        for step in range(start, steps):
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for micro in range(grad_accum):
-                x = sampler.batch((step * grad_accum + micro) * batch_size, batch_size).to(device)
-                loss = (loss_fn or _lm_loss)(model, x)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rates")
-                scaler.scale(loss / grad_accum).backward()
-                if masters is not None:
-                    masters.pull_grads()  # accumulate the micro-batches in fp32, not in the bf16 .grad
-                loss_sum += float(loss.detach())
-            scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients (masters: their fp32 ones)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, max_grad_norm)) if max_grad_norm > 0 else None
-            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
-            scale_before = scaler.get_scale() if fp16 else None
-            scaler.step(opt)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
-            scaler.update()
-            skipped = fp16 and scaler.get_scale() < scale_before
-            if not skipped:  # as HF's Trainer: a skipped step does not advance the schedule
-                sched.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            rec = {
-                "step": step + 1,
-                "loss": loss_sum / grad_accum,
-                "lr": lrs.get("lora", 0.0),
-                "lr_scale": lrs.get("scale", 0.0),
-                "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
-                "skipped": bool(skipped),
-            }
-            history.append(rec)
-            steps_run += 1
-            if step_hook is not None:
-                step_hook(dt)
-            if bar is not None:
-                bar.update(1)
-                if (step + 1) % log_every == 0 or step + 1 == steps:
-                    bar.set_postfix(
-                        loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
-                        mem=f"{_memory_gb(device):.2f}GB",
-                    )
-            done = step + 1
-            if save_every and done % save_every == 0 and done < steps:
-                save_state(done)
-            if stop_after is not None and steps_run >= stop_after and done < steps:
-                save_state(done)
-                break
+        if interrupts is not None:
+            interrupts.install()
+        try:
+            for step in range(start, steps):
+                if interrupts is not None:
+                    interrupts.release()  # a signal from here to hold() leaves this step unapplied
+                t0 = time.perf_counter()
+                loss_sum = 0.0
+                for micro in range(grad_accum):
+                    x = sampler.batch((step * grad_accum + micro) * batch_size, batch_size).to(device)
+                    loss = (loss_fn or _lm_loss)(model, x)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rates")
+                    scaler.scale(loss / grad_accum).backward()
+                    if masters is not None:
+                        masters.pull_grads()  # accumulate the micro-batches in fp32, not in the bf16 .grad
+                    loss_sum += float(loss.detach())
+                scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients (masters: their fp32 ones)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, max_grad_norm)) if max_grad_norm > 0 else None
+                if interrupts is not None:
+                    interrupts.hold()  # the step is applied whole (a signal now waits for the next release)
+                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
+                scale_before = scaler.get_scale() if fp16 else None
+                scaler.step(opt)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+                scaler.update()
+                skipped = fp16 and scaler.get_scale() < scale_before
+                if not skipped:  # as HF's Trainer: a skipped step does not advance the schedule
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                rec = {
+                    "step": step + 1,
+                    "loss": loss_sum / grad_accum,
+                    "lr": lrs.get("lora", 0.0),
+                    "lr_scale": lrs.get("scale", 0.0),
+                    "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                    "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
+                    "skipped": bool(skipped),
+                }
+                history.append(rec)
+                steps_run += 1
+                done, rng_done = step + 1, _rng_states()
+                if step_hook is not None:
+                    step_hook(dt)
+                if bar is not None:
+                    bar.update(1)
+                    if (step + 1) % log_every == 0 or step + 1 == steps:
+                        bar.set_postfix(
+                            loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
+                            mem=f"{_memory_gb(device):.2f}GB",
+                        )
+                if save_every and done % save_every == 0 and done < steps:
+                    save_state(done)
+                if stop_after is not None and steps_run >= stop_after and done < steps:
+                    save_state(done)
+                    break
+        except _Stop:
+            pass
+        if interrupts is not None and interrupts.signum is not None:  # save the last finished step, stop
+            interrupts.hold()
+            save_state(done, rng_done)
+            raise TrainingInterrupted(interrupts.signum, done, steps, os.path.dirname(state_path))
     finally:
+        if interrupts is not None:
+            interrupts.restore()
         if bar is not None:
             bar.close()
     elapsed = seconds_before + (time.perf_counter() - t_start)

@@ -385,3 +385,143 @@ def test_package_imports_without_optional_packages():
                     names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
                     assert not any(n.split(".")[0] in ("hypothesis", "pytest") for n in names), (f, names)
+
+
+# ------------------------------------------------------------- SIGTERM / SIGINT during training (item 5)
+#
+# Rule: with a checkpoint directory (lrqat train: always <out>/checkpoint), SIGINT and SIGTERM during
+# train.fit save the last finished step and raise TrainingInterrupted; lrqat train prints one line and
+# exits 128 + signal (130 / 143), and --resume then continues exactly: the loss history and the trained
+# tensors equal the uninterrupted run's. A signal while gradients are computed leaves that step
+# unapplied at once; one while a step is applied or saved waits for it.
+
+_SLOW_TRAIN = """
+import sys, time
+import lrqat_kernels.train as t
+_loss, calls = t._lm_loss, [0]
+def loss(model, x):  # announces each forward, then leaves the parent time to signal mid-step
+    calls[0] += 1
+    print("FORWARD", calls[0], flush=True)
+    time.sleep(0.3)
+    return _loss(model, x)
+t._lm_loss = loss
+from lrqat_kernels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_argv(workdir, out, *extra):
+    return ["train", "--model", str(workdir / "model"), "--data", str(workdir / "train.txt"), "--out", str(out), *TRAIN, *extra]
+
+
+def _same_run(a_dir, b_dir):
+    a = json.loads((a_dir / "results.json").read_text())
+    b = json.loads((b_dir / "results.json").read_text())
+    assert b["finished"] and len(a["history"]) == len(b["history"]) == 6
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert (ha["step"], ha["loss"], ha["lr"], ha["lr_scale"], ha["grad_norm"]) == \
+            (hb["step"], hb["loss"], hb["lr"], hb["lr_scale"], hb["grad_norm"])
+    ma, mb = load_pretrained(str(a_dir / "lrqat")), load_pretrained(str(b_dir / "lrqat"))
+    for k, v in ma.state_dict().items():
+        assert torch.equal(mb.state_dict()[k], v), k
+    return b
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # the eager CPU path: module fixtures run before _eager_cpu_path
+        if hasattr(getattr(lrqat_kernels, "functions", None), "_interpreting"):
+            mp.setattr(lrqat_kernels.functions, "_interpreting", lambda: False)
+        assert main(_train_argv(workdir, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_during_train_save_the_last_step_and_resume_exactly(workdir, uninterrupted, tmp_path, sig, status):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)  # the eager CPU path, as in this process (_eager_cpu_path)
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, *_train_argv(workdir, out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 240
+        for line in p.stdout:  # the second forward: step 1 is done (and logged)
+            if line.split() == ["FORWARD", "2"]:
+                break
+            assert time.monotonic() < deadline, "no second forward"
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and not x.startswith(("Loading weights",))]
+    assert p.returncode == status, err[-3000:]
+    name = signal.Signals(sig).name
+    assert lines and lines[-1].startswith(f"lrqat train: interrupted by {name} after step "), err[-3000:]
+    assert "Traceback" not in err
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 1 and f"after step 1 of 6; {out / 'checkpoint'} holds it" in lines[-1]
+    assert not (out / "results.json").exists() and not (out / "lrqat").exists()
+    assert main(_train_argv(workdir, out, "--resume")) == 0
+    assert _same_run(uninterrupted, out)["resumed_from"] == 1
+
+
+def test_signal_while_a_step_is_applied_waits_for_it(workdir, tmp_path):
+    """In process: SIGTERM sent from the step hook (a step being applied) is taken after that step, and
+    SIGINT sent inside a forward leaves that step unapplied; each resume equals the uninterrupted fit."""
+    from lrqat_kernels.data import ByteTokenizer, WindowSampler, read_text, tokenize
+    from lrqat_kernels.train import TrainingInterrupted, _lm_loss, fit
+
+    ids = tokenize(read_text(str(workdir / "train.txt")), ByteTokenizer())
+
+    def run(ckpt=None, **kw):
+        model = prepare(_tiny_llama(), LRQATConfig(rank=4, range_method="minmax"))
+        res = fit(model, WindowSampler(ids, 16, seed=0), steps=5, batch_size=2, lr=1e-2, lr_scale=1e-3, progress=False,
+                  ckpt_dir=ckpt, **kw)
+        return model, res
+
+    def same(a, b):
+        (ma, ra), (mb, rb) = a, b
+        assert [(h["step"], h["loss"], h["grad_norm"]) for h in ra["history"]] == \
+            [(h["step"], h["loss"], h["grad_norm"]) for h in rb["history"]]
+        for (n, p), (_, q) in zip(ma.named_parameters(), mb.named_parameters()):
+            assert torch.equal(p, q), n
+
+    def kill_self(s):
+        assert signal.getsignal(s) not in (signal.SIG_DFL, signal.default_int_handler), "fit installed no handler"
+        os.kill(os.getpid(), s)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    seen = []
+    full = run(step_hook=lambda dt: seen.append(signal.getsignal(signal.SIGTERM)))
+    assert set(seen) == {before[0]}  # no checkpoint directory: signals act as usual
+    ckpt = str(tmp_path / "a")
+    count = [0]
+
+    def hook(dt):
+        count[0] += 1
+        if count[0] == 2:
+            kill_self(signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted) as e:
+        run(ckpt, step_hook=hook)
+    assert (e.value.signum, e.value.step, e.value.exit_status) == (signal.SIGTERM, 2, 143)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+    same(full, run(ckpt, resume=True))
+
+    ckpt = str(tmp_path / "b")
+    calls = [0]
+
+    def loss(model, x):
+        calls[0] += 1
+        if calls[0] == 4:  # inside step 4's forward
+            kill_self(signal.SIGINT)
+        return _lm_loss(model, x)
+
+    with pytest.raises(TrainingInterrupted) as e:
+        run(ckpt, loss_fn=loss)
+    assert (e.value.signum, e.value.step, e.value.exit_status) == (signal.SIGINT, 3, 130)
+    assert isinstance(e.value, KeyboardInterrupt)
+    same(full, run(ckpt, resume=True))
