@@ -525,3 +525,15 @@ def test_signal_while_a_step_is_applied_waits_for_it(workdir, tmp_path):
     assert (e.value.signum, e.value.step, e.value.exit_status) == (signal.SIGINT, 3, 130)
     assert isinstance(e.value, KeyboardInterrupt)
     same(full, run(ckpt, resume=True))
+
+
+def test_ctrl_c_outside_training_is_one_line_and_130(workdir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a command's set-up (no training state to save yet): one line, exit 130, no traceback."""
+    import lrqat_kernels.train as train_mod
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "run_train", interrupted)
+    assert main(_train_argv(workdir, tmp_path / "r")) == 130
+    assert _one_line_error(capsys, "lrqat train: interrupted") == "lrqat train: interrupted"
