@@ -113,8 +113,10 @@ def atomic_write_json(path: str | os.PathLike, obj, *, indent: int = 2, sort_key
 
 def temp_dir_for(final_dir: str) -> str:
     """A new empty directory beside ``final_dir`` to build it in (see :func:`atomic_replace_dir`),
-    with the permissions ``os.makedirs`` would give."""
-    final_dir = os.path.abspath(final_dir)
+    with the permissions ``os.makedirs`` would give. A symlinked ``final_dir`` is resolved: the
+    temporary goes beside the link's target (same filesystem), which is what gets replaced. Missing
+    parent directories are created (the caller removes them if it gives up)."""
+    final_dir = os.path.realpath(final_dir)
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final_dir) + ".tmp-", dir=parent)
@@ -127,14 +129,18 @@ def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
 
     The old directory is renamed aside first and removed only after the new one is in place,
     so a crash leaves either the old or the new complete directory (plus a ``.old`` leftover).
+    A symlinked ``final_dir`` is resolved as in :func:`temp_dir_for`: the link's target is
+    replaced and the link keeps pointing to it (``tests/test_export.py::test_overwrite_through_a_symlink``).
     """
-    final_dir = os.path.abspath(final_dir)
+    final_dir = os.path.realpath(final_dir)
     backup = None
     if os.path.lexists(final_dir):
         if not os.path.isdir(final_dir):
             raise ValueError(f"{final_dir} exists and is not a directory")
         backup = final_dir + f".old-{os.getpid()}"
-        if os.path.lexists(backup):
+        if os.path.islink(backup) or os.path.isfile(backup):
+            os.unlink(backup)  # rmtree refuses a symlink
+        elif os.path.lexists(backup):
             shutil.rmtree(backup)
         os.replace(final_dir, backup)
     os.replace(tmp_dir, final_dir)

@@ -239,6 +239,15 @@ def test_tied_head_written_as_hf_writes_it(exported, tmp_path):
         export(model, str(tmp_path / "untied"), "compressed-tensors")
     T = _tensors(str(tmp_path / "untied"))
     assert torch.equal(T["lm_head.weight"], T["model.embed_tokens.weight"])
+    # a head of its own, but the config says tied: written, and config.json set untied
+    model = converted("llama", tie=False)
+    model.config.tie_word_embeddings = True
+    with pytest.warns(UserWarning):
+        rep = export(model, str(tmp_path / "own"), "compressed-tensors")
+    assert torch.equal(_tensors(str(tmp_path / "own"))["lm_head.weight"], model.lm_head.weight)
+    with open(tmp_path / "own" / "config.json") as f:
+        assert json.load(f)["tie_word_embeddings"] is False
+    assert rep["tied_head_omitted"] is None and any("not the input embedding (dense)" in n for n in rep["notes"])
 
 
 # -- 3: transformers loads the export; logits equal the converted model's ------------------------
@@ -389,17 +398,16 @@ def test_bad_input(exported, tmp_path):
     _no_leftovers(tmp_path, "x")
 
 
-def test_write_checks_ranges(exported, tmp_path):
-    """write() itself refuses integers off the grid (the packer would spill them into a neighbour)."""
-    model, _, _ = exported("llama-w4-ch-sym")
-    layers = collect_layers(model)
-    layers[2].w_int[0, 5] = 8
-    d = tmp_path / "w"
-    d.mkdir()
+def test_export_checks_ranges(tmp_path):
+    """Integers off the grid (the packer would spill them into a neighbour) are refused, naming the
+    layer, by collect_layers (QuantLayer.check), once, before any writer runs."""
+    model = converted("llama", bits=3, hidden=64)
+    name = "model.layers.0.self_attn.v_proj"
+    model.get_submodule(name).qweight[0, 5] = 4  # 3-bit grid: [-4, 3]
     with pytest.raises(ExportError) as e:
-        ct_writer.write(model, layers, {}, str(d))
-    assert layers[2].name in _one_line(e) and "[-8, 7]" in str(e.value)
-    assert os.listdir(d) == []
+        export(model, str(tmp_path / "w"), "compressed-tensors")
+    assert name in _one_line(e) and "[-4, 3]" in str(e.value)
+    _no_leftovers(tmp_path, "w")
 
 
 def _tokenizer():

@@ -153,7 +153,7 @@ CASES = [  # arch, bits, group_size, symmetric, tie, expected type of quantised 
 def test_reader_gives_exact_weights_and_metadata(tmp_path, tokenizer, arch, bits, group_size, symmetric, tie, qtype):
     model = _model(arch, bits, group_size, symmetric, tie)
     report = export(model, tmp_path / "out", format="gguf", tokenizer=tokenizer)
-    assert report["exact"] and report["warnings"] == []
+    assert report["weights_exact"] and report["tokenizer_exact"] and report["warnings"] == []
     tensors, fields = _read(tmp_path / "out" / "model.gguf")
     expected = _expected_tensors(model)
     assert set(tensors) == set(expected)  # tied: no output.weight; qwen2: q/k/v biases
@@ -244,7 +244,7 @@ def test_explicit_types(tmp_path, tokenizer):
     for t in ("Q8_0", "F32"):
         rep = export(model, tmp_path / t, format="gguf", tokenizer=tokenizer, gguf_type=t)
         tensors, _ = _read(tmp_path / t / "model.gguf")
-        assert tensors["blk.0.attn_q.weight"].tensor_type.name == t and rep["exact"]
+        assert tensors["blk.0.attn_q.weight"].tensor_type.name == t and rep["weights_exact"]
         for name in rep["layers"]:
             assert np.array_equal(_dequant(tensors[name]), expected[name].numpy()), name
     with pytest.raises(ExportError, match=r"layer model\.layers\.0\.self_attn\.q_proj: gguf_type='F16' changes weights"):
@@ -256,7 +256,7 @@ def test_explicit_types(tmp_path, tokenizer):
     want = expected["blk.0.attn_q.weight"].numpy()
     assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
     assert rep["layers"]["blk.0.attn_q.weight"]["max_abs_error"] == pytest.approx(float(np.abs(got - want).max()), rel=0, abs=0)
-    assert not rep["exact"] and len(rep["warnings"]) == 1
+    assert not rep["weights_exact"] and rep["tokenizer_exact"] and len(rep["warnings"]) == 1
 
 
 def test_llama3_rope_factors(tmp_path, tokenizer):
@@ -309,7 +309,7 @@ def test_group_16_is_refused_then_written_nearest(tmp_path, tokenizer):
         rep = export(model, tmp_path / "out", format="gguf", tokenizer=tokenizer, allow_inexact=True)
     tensors, _ = _read(tmp_path / "out" / "model.gguf")
     expected = _expected_tensors(model)
-    assert not rep["exact"]
+    assert not rep["weights_exact"]
     for name, info in rep["layers"].items():
         assert info["type"] == "Q8_0" and not info["exact"] and "group_size=16" in info["reason"]
         got, want = _dequant(tensors[name]), expected[name].numpy()
@@ -376,11 +376,23 @@ def test_forced_q4_0_requantises_an_asymmetric_model(tmp_path, tokenizer):
         assert ratio <= 1 / 8 * (1 + 8 * 2.0 ** -11), ratio  # one step, d rounded to fp16
 
 
+def test_requantize_overflow_names_the_layer(tmp_path, tokenizer):
+    """Re-quantising (group of 16, allow_inexact) a layer whose weights overflow Q8_0's fp16 block
+    scale (amax / 127 > 65504) is refused, naming the layer."""
+    model = _model("llama", 4, 16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.scale[0, 0] = 3e6
+    with pytest.raises(ExportError, match=r"^layer model\.layers\.1\.mlp\.down_proj: weights up to .* overflow the "
+                                          r"fp16 block scale of Q8_0"):
+        export(model, tmp_path / "out", format="gguf", tokenizer=tokenizer, allow_inexact=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_arch_option_type_and_missing_tokenizer(tmp_path, tokenizer):
     model = _model("llama", 4, 32)
-    with pytest.raises(ExportError, match=r"unknown option\(s\) foo; allowed: gguf_type, allow_inexact"):
+    with pytest.raises(ExportError, match=r"gguf: unknown option 'foo'; allowed: gguf_type, allow_inexact"):
         export(model, tmp_path / "a", format="gguf", tokenizer=tokenizer, foo=1)
-    with pytest.raises(ExportError, match=r"gguf_type must be one of auto, Q4_0, Q8_0, F32, F16, got 'Q4_K'"):
+    with pytest.raises(ExportError, match=r"gguf: gguf_type must be one of auto, Q4_0, Q8_0, F32, F16, got 'Q4_K'"):
         export(model, tmp_path / "a", format="gguf", tokenizer=tokenizer, gguf_type="Q4_K")
     with pytest.raises(ExportError, match="needs the model's tokenizer"):
         export(model, tmp_path / "a", format="gguf")
@@ -404,7 +416,7 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, tokenizer):
         export(model, tmp_path / "out", format="gguf", tokenizer=odd)
     with pytest.warns(UserWarning, match="written as 'default'"):
         rep = export(model, tmp_path / "out", format="gguf", tokenizer=odd, allow_inexact=True)
-    assert rep["vocab"]["pre"] == "default"
+    assert rep["vocab"]["pre"] == "default" and rep["tokenizer_exact"] is False and rep["weights_exact"]
 
 
 def test_byte_fallback_bpe_needs_allow_inexact(tmp_path):
@@ -430,7 +442,8 @@ def test_byte_fallback_bpe_needs_allow_inexact(tmp_path):
     _, fields = _read(tmp_path / "out" / "model.gguf")
     assert fields["tokenizer.ggml.model"] == "llama" and rep["vocab"]["source"] == "LlamaHfVocab"
     assert fields["tokenizer.ggml.tokens"][:3] == ["<unk>", "<s>", "</s>"]
-    assert fields["tokenizer.ggml.bos_token_id"] == 1 and rep["exact"]  # the weights are still exact
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and rep["weights_exact"]  # the weights are still exact
+    assert rep["tokenizer_exact"] is False and rep["vocab"]["exact"] is False
 
 
 def test_cli_export_from_a_checkpoint(tmp_path, tokenizer, capsys):
@@ -446,7 +459,7 @@ def test_cli_export_from_a_checkpoint(tmp_path, tokenizer, capsys):
         assert main(["export", "--model", str(tmp_path / "ckpt"), "--format", "gguf", "--out", str(tmp_path / "a"),
                      "--allow-inexact", "--gguf-type", "Q8_0"]) == 0
     rep = json.loads((tmp_path / "a" / "lrqat_export.json").read_text())
-    assert rep["gguf_type"] == "Q8_0" and set(rep["tensor_types"]) == {"Q8_0"} and not rep["exact"]
+    assert rep["gguf_type"] == "Q8_0" and set(rep["tensor_types"]) == {"Q8_0"} and not rep["weights_exact"]
     tensors, _ = _read(tmp_path / "a" / "model.gguf")
     want = model.model.layers[0].self_attn.v_proj
     d16 = want.scale.half().float().repeat_interleave(32, dim=1)
@@ -507,12 +520,26 @@ def trained(tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf_trained")
     export(model, out / "f32", format="gguf", tokenizer=tokenizer, gguf_type="F32")
     rep = export(model, out / "q4", format="gguf", tokenizer=tokenizer)
-    assert rep["exact"] and rep["tensor_types"] == {"Q4_0": 14}
+    assert rep["weights_exact"] and rep["tokenizer_exact"] and rep["tensor_types"] == {"Q4_0": 14}
     return {"model": model, "held": held, "f32": str(out / "f32" / "model.gguf"), "q4": str(out / "q4" / "model.gguf")}
 
 
 def _control_cases():
-    return ["llama-trained", "qwen2-tied-bias", "mistral-gqa", "llama3-rope"]
+    return ["llama-trained", "qwen2-tied-bias", "mistral-gqa", "llama3-rope", "llama-attention-bias"]
+
+
+def _llama_bias_model():
+    """LLaMA with attention_bias=True: q/k biases permuted with their rows, v and attn_output biases
+    as they are. The biases get N(0, 0.5) values (zero-initialised they would test nothing)."""
+    model = _model("llama", 4, 32, seed=4, bias=True, max_pos=256)
+    attn = model.model.layers[0].self_attn
+    assert all(getattr(attn, p).bias is not None for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
 
 
 @pytest.mark.parametrize("case", _control_cases())
@@ -529,7 +556,8 @@ def test_llama_cpp_f32_control_matches_our_logits(llama_cpp, tokenizer, trained,
     else:
         model = {"qwen2-tied-bias": lambda: _model("qwen2", 4, 32, tie=True, seed=1, max_pos=256),
                  "mistral-gqa": lambda: _model("mistral", 3, 64, seed=2, heads=8, kv_heads=2, max_pos=256),
-                 "llama3-rope": _llama3_model}[case]()
+                 "llama3-rope": _llama3_model,
+                 "llama-attention-bias": _llama_bias_model}[case]()
         with torch.no_grad():  # random weights give near-flat logits: make them larger so a mismatch shows
             model.lm_head.weight.mul_(30) if not model.config.tie_word_embeddings else model.model.embed_tokens.weight.mul_(30)
         export(model, tmp_path / "f32", format="gguf", tokenizer=tokenizer, gguf_type="F32")

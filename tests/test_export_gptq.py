@@ -194,8 +194,41 @@ def test_tied_embeddings_and_bias(tmp_path):
         export(model, tmp_path / "o", "gptq")
     sd, cfg = _load(tmp_path / "o")
     assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in sd
+    assert json.loads((tmp_path / "o" / "lrqat_export.json").read_text())["tied_head_omitted"] == "lm_head.weight"
     assert torch.equal(sd["model.embed_tokens.weight"], model.model.embed_tokens.weight.half())
     assert torch.equal(sd["model.layers.0.self_attn.q_proj.bias"], model.model.layers[0].self_attn.q_proj.bias.half())
+
+
+def test_head_follows_storage_and_config(tmp_path):
+    """The head rule shared with compressed-tensors (_common.plan_head): a head sharing the embedding's
+    storage is omitted only when config.json says tied; a head of its own under a config that says tied
+    is written and config.json is set untied (a reader would otherwise overwrite it with the embedding)."""
+    shared = converted("llama", bits=4, group_size=None, tie=True, hidden=64, seed=5)
+    shared.config.tie_word_embeddings = False  # tensors shared, config untied
+    with pytest.warns(UserWarning):
+        rep = export(shared, tmp_path / "a", "gptq")
+    sd, cfg = _load(tmp_path / "a")
+    assert "lm_head.weight" in sd and cfg["tie_word_embeddings"] is False
+    assert torch.equal(sd["lm_head.weight"], shared.model.embed_tokens.weight.half())
+    assert torch.equal(sd["model.embed_tokens.weight"], sd["lm_head.weight"])
+    assert rep["tied_head_omitted"] is None
+
+    own = converted("llama", bits=4, group_size=None, tie=False, hidden=64, seed=6)
+    own.config.tie_word_embeddings = True  # config tied, head its own tensor
+    assert not torch.equal(own.lm_head.weight, own.model.embed_tokens.weight)
+    with pytest.warns(UserWarning):
+        rep = export(own, tmp_path / "b", "gptq")
+    sd, cfg = _load(tmp_path / "b")
+    assert torch.equal(sd["lm_head.weight"], own.lm_head.weight.half())
+    assert cfg["tie_word_embeddings"] is False and rep["tied_head_omitted"] is None
+    assert any("lm_head.weight is not the input embedding (dense)" in n for n in rep["notes"])
+
+    quant_head = converted("llama", bits=4, group_size=None, tie=True, hidden=64, seed=7, exclude=())
+    quant_head.config.tie_word_embeddings = True  # prepare sets it false; a config edited back must not win
+    with pytest.warns(UserWarning):
+        export(quant_head, tmp_path / "c", "gptq")
+    sd, cfg = _load(tmp_path / "c")
+    assert cfg["tie_word_embeddings"] is False and "lm_head.qweight" in sd and "lm_head.weight" not in sd
 
 
 # ---- 2. GPTQModel's and transformers' readers (in another Python: LRQAT_GPTQ_PYTHON) ---------

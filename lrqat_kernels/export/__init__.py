@@ -39,7 +39,9 @@ _TOKENIZER_FILES = (
 )
 
 
-def _writer(fmt: str):
+def _format_module(fmt: str):
+    """The writer module of a format: ``write(model, layers, dense, out_dir, **options)``,
+    ``OPTIONS`` and ``validate_options(options)``."""
     if fmt == "compressed-tensors":
         from . import compressed_tensors as mod
     elif fmt == "gguf":
@@ -48,7 +50,37 @@ def _writer(fmt: str):
         from . import gptq as mod
     else:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    return mod.write
+    return mod
+
+
+def _writer(fmt: str):
+    return _format_module(fmt).write
+
+
+def _refuse_source_inside(out_dir: str, sources: dict[str, str]) -> None:
+    """Refuse an ``out_dir`` that is, or contains, a directory the export reads (the checkpoint,
+    the tokenizer): replacing it (``overwrite``) would delete the source.
+    ``tests/test_export.py::test_refuses_out_dir_holding_the_source``."""
+    out = os.path.realpath(out_dir)
+    for what, src in sources.items():
+        real = os.path.realpath(src)
+        if os.path.commonpath([out, real]) == out:
+            where = "is" if real == out else "contains"
+            raise ExportError(f"output directory {out_dir} {where} the {what} {src}: the export would replace it; "
+                              "choose another --out")
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The ancestors of ``path`` that do not exist yet, outermost first."""
+    missing = []
+    parent = os.path.dirname(path)
+    while parent and not os.path.lexists(parent):
+        missing.append(parent)
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    return missing[::-1]
 
 
 def _resolve_model(model_or_dir) -> tuple[nn.Module, str | None]:
@@ -122,6 +154,16 @@ def _save_side_files(model: nn.Module, tokenizer, src_dir: str | None, tmp: str)
     return type(tokenizer).__name__
 
 
+def _remove_empty(dirs: list[str]) -> None:
+    """Remove ``dirs`` (outermost first) innermost first, each only while empty (another process
+    may have written into one since)."""
+    for d in reversed(dirs):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
 def export(
     model_or_dir,
     out_dir: str,
@@ -138,15 +180,17 @@ def export(
         model_or_dir: a converted model, an LR-QAT model, or a checkpoint directory written by
             :func:`lrqat_kernels.save_pretrained` (either stage).
         out_dir: output directory; must not exist unless ``overwrite`` (then it is replaced
-            atomically at the end).
+            atomically at the end; a symlink's target is replaced, the link kept). It must not be,
+            or contain, the checkpoint or tokenizer directory read. Parent directories are
+            created, and removed again if the export fails.
         format: one of :data:`FORMATS`.
         tokenizer: a tokenizer object (``save_pretrained``) or a directory holding tokenizer files;
             default: the checkpoint directory's.
         overwrite: replace an existing ``out_dir``.
         drop_activation_quant: export a weight-activation model's weights only (else refused).
         **options: format options, e.g. ``scale_dtype="bfloat16"`` (compressed-tensors),
-            ``allow_inexact=True`` (gguf), ``checkpoint_format="gptq_v2"`` (gptq); each writer
-            refuses options it does not know.
+            ``allow_inexact=True`` (gguf), ``checkpoint_format="gptq_v2"`` (gptq); unknown names
+            and bad values are refused before the model is loaded.
 
     Returns:
         The report also written to ``out_dir/lrqat_export.json``: format, files, layers, scale
@@ -155,8 +199,16 @@ def export(
     Raises:
         ExportError (a ValueError): what the model or a format cannot do, naming the layer.
     """
-    write = _writer(format)
+    # Everything that can be refused without the model is refused before loading / converting it.
+    mod = _format_module(format)
+    mod.validate_options(options)
     out_dir = os.path.abspath(os.fspath(out_dir))
+    sources = {}
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        sources["source checkpoint"] = os.fspath(model_or_dir)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        sources["tokenizer directory"] = os.fspath(tokenizer)
+    _refuse_source_inside(out_dir, sources)
     if os.path.lexists(out_dir):
         if not overwrite:
             raise ExportError(f"output directory {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -168,10 +220,16 @@ def export(
     if not layers:
         raise ExportError("the model has no quantised layers to export")
     dense = dense_state(model, layers)
-    tmp = temp_dir_for(out_dir)
+    # A failed export removes what it created: the temporary directory and the parents it made.
+    created = _missing_dirs(os.path.realpath(out_dir))
+    try:
+        tmp = temp_dir_for(out_dir)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         tok_src = _save_side_files(model, tokenizer, src_dir, tmp)
-        report = write(model, layers, dense, tmp, **options)
+        report = mod.write(model, layers, dense, tmp, **options)
         report.setdefault("warnings", [])
         report["warnings"] = notes + list(report["warnings"])
         report.update(format=format, source=src_dir or type(model).__name__, tokenizer=tok_src,
@@ -184,6 +242,7 @@ def export(
         atomic_replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     report["path"] = out_dir
     for w in report["warnings"]:

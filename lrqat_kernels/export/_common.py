@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -20,16 +21,38 @@ from ..formats import qrange
 __all__ = [
     "ExportError",
     "QuantLayer",
+    "HeadPlan",
+    "check_options",
     "collect_layers",
     "dense_state",
+    "plan_head",
     "pack_bitstream",
     "unpack_bitstream",
+    "save_safetensors",
     "scale_rounding",
+    "UNIT_ROUNDOFF",
 ]
+
+#: Largest relative change round-to-nearest makes to a value in the type's normal range (half an
+#: ulp relative to 1: 2^-11 for fp16, 2^-8 for bf16). Below the normal range (fp16 < 6.1e-5) a
+#: value can move much more: callers that promise this bound must check ``max_rel_error``.
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 class ExportError(ValueError):
     """A model or an option a format cannot hold; the message names the layer and what is allowed."""
+
+
+def check_options(fmt: str, options: dict, allowed) -> None:
+    """Refuse option names a format's writer does not take (one message format for every writer).
+
+    Raises:
+        ExportError: ``"<fmt>: unknown option 'x'; allowed: a, b"`` (``options 'x', 'y'`` for several).
+    """
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        what = "option" if len(unknown) == 1 else "options"
+        raise ExportError(f"{fmt}: unknown {what} {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
 
 
 @dataclasses.dataclass
@@ -145,6 +168,98 @@ def dense_state(model: nn.Module, layers: list[QuantLayer]) -> dict[str, torch.T
     return out
 
 
+@dataclasses.dataclass
+class HeadPlan:
+    """How a writer stores the output embedding (the rule every format follows: :func:`plan_head`).
+
+    Attributes:
+        key: the head's weight key (``lm_head.weight``), None when the model has no head / embedding.
+        how: ``"tied"`` (the input embedding's tensor, or equal to it), ``"dense"`` (its own
+            high-precision tensor), ``"quantised"`` (a quantised layer) or ``"none"``.
+        omit: leave the head's tensor out; the reader ties it back to the embedding.
+        untie: the checkpoint's config must say ``tie_word_embeddings: false`` (it said true, but the
+            head is its own tensor: a reader would overwrite it with the embedding).
+    """
+
+    key: str | None
+    how: str
+    omit: bool
+    untie: bool
+
+    def note(self) -> str | None:
+        """The report line when the config is changed, else None."""
+        if not self.untie:
+            return None
+        return f"{self.key} is not the input embedding ({self.how}): config.json says tie_word_embeddings=false"
+
+
+def plan_head(model: nn.Module, dense: dict[str, torch.Tensor], layers: list[QuantLayer],
+              tie_word_embeddings: bool) -> HeadPlan:
+    """Where the output head goes, from what the tensors are and what the config says.
+
+    - tied (same storage as the input embedding, or equal values) and the config says tied:
+      omitted, as HF's ``save_pretrained`` writes a tied head (once, under the embedding's name);
+    - tied but the config says untied: written under its own name (a reader would otherwise
+      leave it uninitialised);
+    - its own tensor (dense or quantised) while the config says tied: written, and the config
+      must be changed to untied (``untie``), else the reader re-ties it to the embedding.
+
+    ``tests/test_export_ct.py::test_tied_head_written_as_hf_writes_it`` and
+    ``tests/test_export_gptq.py::test_head_follows_storage_and_config`` hold the rule.
+
+    Args:
+        model: the converted model (``get_output_embeddings`` / ``get_input_embeddings``).
+        dense: its high-precision tensors by state-dict name (:func:`dense_state`).
+        layers: its quantised layers.
+        tie_word_embeddings: what the checkpoint's config says. GGUF passes True: llama.cpp uses
+            the token embedding whenever ``output.weight`` is absent.
+    """
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    emb = get_in() if callable(get_in) else None
+    key, how = None, "none"
+    if head is not None and emb is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        head_name, emb_key = names.get(id(head)), f"{names.get(id(emb))}.weight"
+        if head_name is not None and head_name in {l.name for l in layers}:
+            key, how = f"{head_name}.weight", "quantised"
+        elif head_name is not None and f"{head_name}.weight" in dense and emb_key in dense:
+            key = f"{head_name}.weight"
+            a, b = dense[key], dense[emb_key]
+            same = a.shape == b.shape and a.dtype == b.dtype and (
+                (a.data_ptr() == b.data_ptr() and a.stride() == b.stride()) or torch.equal(a, b))
+            how = "tied" if same else "dense"
+    tie = bool(tie_word_embeddings)
+    return HeadPlan(key=key, how=how, omit=how == "tied" and tie, untie=tie and how in ("dense", "quantised"))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Write ``tensors`` to ``path`` as safetensors, fsynced, with the permissions ``open()`` gives.
+
+    Tensors sharing storage are written as separate copies (safetensors refuses shared storage;
+    which names to leave out is the writer's decision, e.g. :func:`plan_head`). safetensors
+    creates the file owner-only (0600); it gets ``0666 & ~umask`` like every other exported file.
+    """
+    from safetensors.torch import save_file
+
+    from .._io import umask
+
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            else:
+                seen.add(ptr)
+        out[name] = t
+    save_file(out, path, metadata={"format": "pt"})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(path, 0o666 & ~umask())
+
+
 def pack_bitstream(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes along the last dim into a dense LSB-first bitstream of int32 words.
 
@@ -205,7 +320,10 @@ def scale_rounding(scale: torch.Tensor, dtype: torch.dtype) -> dict:
     s = scale.detach().to(torch.float32)
     r = s.to(dtype).to(torch.float32)
     inexact = r != s
-    rel = ((r - s).abs() / s.abs().clamp_min(torch.finfo(torch.float32).tiny)) if s.numel() else s
+    # |s| itself as the denominator (no clamp: an fp32-subnormal scale's error would be understated);
+    # a zero scale has error 0 when kept, inf when not (tests/test_export.py::test_scale_rounding_counts_and_error).
+    err = (r - s).abs()
+    rel = torch.where(s != 0, err / s.abs(), torch.where(err == 0, 0.0, float("inf")))
     overflow = (~torch.isfinite(r)) | ((r == 0) & (s != 0))
     return {
         "dtype": str(dtype).replace("torch.", ""),

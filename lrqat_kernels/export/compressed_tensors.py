@@ -26,10 +26,10 @@ import re
 import torch
 import torch.nn as nn
 
-from .._io import atomic_write_json, umask
-from ._common import ExportError, QuantLayer, pack_bitstream, scale_rounding
+from .._io import atomic_write_json
+from ._common import ExportError, QuantLayer, check_options, pack_bitstream, plan_head, save_safetensors, scale_rounding
 
-__all__ = ["write", "MAX_SHARD_BYTES", "SCALE_DTYPES", "WEIGHTS_NAME", "INDEX_NAME"]
+__all__ = ["write", "validate_options", "OPTIONS", "MAX_SHARD_BYTES", "SCALE_DTYPES", "WEIGHTS_NAME", "INDEX_NAME"]
 
 #: The writer's options and their defaults (anything else is refused).
 OPTIONS = {"scale_dtype": "float32"}
@@ -78,6 +78,13 @@ def _scale_dtype(value) -> torch.dtype:
     elif isinstance(value, str) and value.replace("torch.", "") in SCALE_DTYPES:
         return SCALE_DTYPES[value.replace("torch.", "")]
     raise ExportError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {value!r}")
+
+
+def validate_options(options: dict) -> torch.dtype:
+    """Refuse unknown option names and bad values (``export()`` calls this before loading the
+    model); returns the scale dtype."""
+    check_options("compressed-tensors", options, OPTIONS)
+    return _scale_dtype(options.get("scale_dtype"))
 
 
 def _names(names: list[str], first: int = 3) -> str:
@@ -181,27 +188,6 @@ def _layer_nbytes(layer: QuantLayer, sdt: torch.dtype) -> int:
     return size
 
 
-def _head(model: nn.Module, dense: dict[str, torch.Tensor], quantised: set[str]) -> tuple[str | None, str]:
-    """``(head weight key, how)`` of the output embedding: ``how`` is ``"tied"`` (the input
-    embedding's tensor: HF writes it once), ``"dense"`` (its own tensor), ``"quantised"`` or
-    ``"none"`` (no head / no input embedding found)."""
-    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    emb = get_in() if callable(get_in) else None
-    if head is None or emb is None:
-        return None, "none"
-    names = {id(m): n for n, m in model.named_modules()}
-    head_name, emb_key = names.get(id(head)), f"{names.get(id(emb))}.weight"
-    if head_name in quantised:
-        return f"{head_name}.weight", "quantised"
-    head_key = f"{head_name}.weight"
-    if head_key not in dense or emb_key not in dense:
-        return None, "none"
-    a, b = dense[head_key], dense[emb_key]
-    same = a.shape == b.shape and a.dtype == b.dtype and (a.data_ptr() == b.data_ptr() or torch.equal(a, b))
-    return head_key, "tied" if same else "dense"
-
-
 def _plan(model, layers, dense, sdt) -> list[tuple[str, int, object]]:
     """Entries ``(name, nbytes, payload)`` in state-dict order; payload is a tensor or a QuantLayer."""
     by_name = {l.name: l for l in layers}
@@ -235,37 +221,22 @@ def _shards(entries, limit: int) -> list[list]:
     return shards
 
 
-def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, path, metadata={"format": "pt"})
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(path, 0o666 & ~umask())  # safetensors creates it owner-only
-
-
 def _write_weights(entries, sdt: torch.dtype, out_dir: str, skip: set[str]) -> tuple[list[str], int]:
     """Write the safetensors file(s); returns (file names, total bytes of tensors)."""
     shards = _shards(entries, MAX_SHARD_BYTES)
     files, weight_map, total = [], {}, 0
     for k, shard in enumerate(shards):
         fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors, seen = {}, {}
+        tensors = {}
         for name, _, payload in shard:
             if name in skip:
                 continue
             items = _layer_tensors(payload, sdt) if isinstance(payload, QuantLayer) else {name: payload}
             for key, t in items.items():
-                t = t.detach().contiguous()
-                ptr = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
-                if ptr is not None and ptr in seen:  # safetensors refuses shared storage
-                    t = t.clone()
-                elif ptr is not None:
-                    seen[ptr] = key
                 tensors[key] = t
                 total += t.numel() * t.element_size()
                 weight_map[key] = fname
-        _save(tensors, os.path.join(out_dir, fname))
+        save_safetensors(tensors, os.path.join(out_dir, fname))  # shared storage written as copies
         files.append(fname)
     if len(shards) > 1:
         atomic_write_json(os.path.join(out_dir, INDEX_NAME),
@@ -364,18 +335,12 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
         The format's part of the report: scale dtype and rounding, exactness, config groups,
         ignore list, files, the compressed-tensors versions that read it, warnings.
     """
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ExportError(f"unknown compressed-tensors option(s) {', '.join(unknown)}; allowed: {', '.join(OPTIONS)}")
-    sdt = _scale_dtype(options.get("scale_dtype"))
+    sdt = validate_options(options)
     version, QuantizationConfig = _ct()
 
     if not layers:
         raise ExportError("compressed-tensors export needs at least one quantised layer")
-    for layer in layers:
-        if not 2 <= layer.bits <= 8:
-            raise ExportError(f"layer {layer.name}: bits={layer.bits}; the export takes 2..8 bits")
-        layer.check()  # ranges (the packer would spill an out-of-grid code into its neighbour), in % group_size
+    # The layers' integers, bits and shapes were checked by collect_layers (QuantLayer.check).
     rounding = scale_rounding(torch.cat([l.scale.reshape(-1) for l in layers]), sdt)
     if rounding["overflow"]:
         bad = [l.name for l in layers if scale_rounding(l.scale, sdt)["overflow"]]
@@ -392,14 +357,13 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
         raise ExportError(f"{cfg_path} is missing: compressed-tensors needs the model's HF config.json")
     with open(cfg_path, encoding="utf-8") as f:
         config = json.load(f)
-    head_key, how = _head(model, dense, quantised)
+    head = plan_head(model, dense, layers, config.get("tie_word_embeddings", False))
     notes, skip = [], set()
-    if config.get("tie_word_embeddings", False) and how in ("dense", "quantised"):
-        # A reader would tie the head back to the embedding: the checkpoint says it is its own.
+    if head.untie:
         config["tie_word_embeddings"] = False
-        notes.append(f"{head_key} is not the input embedding ({how}): config.json says tie_word_embeddings=false")
-    elif how == "tied" and config.get("tie_word_embeddings", False):
-        skip.add(head_key)  # HF writes a tied head once, under the input embedding's name
+        notes.append(head.note())
+    if head.omit:
+        skip.add(head.key)
 
     entries = _plan(model, layers, dense, sdt)
     files, total = _write_weights(entries, sdt, out_dir, skip)
@@ -414,7 +378,7 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
     reads_since = (_DENSE_LAYOUT_SINCE if odd_bits else
                    _PACKED_ZP_SINCE if any(not l.symmetric for l in layers) else _PACK_QUANTIZED_SINCE)
     warns = _warnings(model, layers, ignore, _model_dtype(model),
-                      head_key.rpartition(".")[0] if how == "quantised" else None)
+                      head.key.rpartition(".")[0] if head.how == "quantised" else None)
     if rounding["inexact"]:
         warns.insert(0, f"weight_scale stored in {rounding['dtype']}: {rounding['inexact']} of {rounding['total']} "
                         f"scales rounded (max relative error {rounding['max_rel_error']:.3g}); the checkpoint "
@@ -437,7 +401,7 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
         "config_groups": {k: {"bits": key[0], "group_size": key[1], "symmetric": key[2], "layers": len(names)}
                           for k, (key, names) in zip(keys, schemes.items())},
         "ignore": ignore,
-        "tied_head_omitted": head_key if head_key in skip else None,
+        "tied_head_omitted": head.key if head.omit else None,
         "weights_files": files,
         "weights_bytes": total,
         "sharded": len(files) > 1,

@@ -24,27 +24,28 @@ llama.cpp's adjacent pairs; whole rows move, so ``W_int``, ``s`` and ``z`` are p
 before packing and the export stays exact. Qwen2 (arch ``qwen2``, NEOX RoPE) keeps its rows.
 
 The tokenizer (``tokenizer.json`` / ``tokenizer.model`` that :func:`~lrqat_kernels.export.export`
-saved into ``out_dir``) goes into the GGUF as llama.cpp's converter writes it. The checks:
+saved into ``out_dir``) goes into the GGUF as llama.cpp's converter writes it (``gguf_vocab.py``);
+``llama_cpp.py`` runs the file in llama.cpp (logits, perplexity). The checks:
 ``tests/test_export_gguf.py`` (gguf-py's reader for every tensor bit for bit, llama.cpp itself for
 logits, tokenization, generation and perplexity).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
-import time
 
 import numpy as np
 import torch
 
-from ._common import ExportError, QuantLayer, scale_rounding
+from ._common import ExportError, QuantLayer, check_options, plan_head, scale_rounding
+from .gguf_vocab import add_vocab
+from .gguf_vocab import gguf_package as _gguf
+from .llama_cpp import llama_cpp_logits, llama_cpp_perplexity  # re-exported: callers import them from here
 
-__all__ = ["write", "GGUF_TYPES", "ARCHITECTURES", "QK", "GGUF_FILE", "rope_row_permutation",
-           "llama_cpp_logits", "llama_cpp_perplexity"]
+__all__ = ["write", "validate_options", "OPTIONS", "GGUF_TYPES", "ARCHITECTURES", "QK", "GGUF_FILE",
+           "rope_row_permutation", "llama_cpp_logits", "llama_cpp_perplexity"]
 
 GGUF_FILE = "model.gguf"
 #: ``gguf_type`` values: ``auto`` = smallest exact block type per layer.
@@ -53,7 +54,8 @@ GGUF_TYPES = ("auto", "Q4_0", "Q8_0", "F32", "F16")
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 #: Weights per Q4_0 / Q8_0 block (ggml's QK4_0 = QK8_0 = 32).
 QK = 32
-_OPTIONS = ("gguf_type", "allow_inexact")
+#: The writer's options (anything else is refused).
+OPTIONS = ("gguf_type", "allow_inexact")
 
 # HF module / parameter names -> GGUF tensor names (gguf-py constants.py TENSOR_NAMES, LLAMA / QWEN2).
 _BLOCK_MODULES = {
@@ -64,32 +66,17 @@ _BLOCK_MODULES = {
 _TOP_MODULES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 
-# llama.cpp's pre-tokenizer probe (convert_hf_to_gguf.py / conversion/base.py get_vocab_base_pre,
-# llama.cpp 0c1e570): the sha256 of str(tokenizer.encode(probe)) names the pre-tokenizer.
-_PRE_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 ?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
-# The probe hashes of the tokenizers of LLaMA / Mistral / Qwen2-architecture models, from the same
-# table (the reference model in each comment).
-_KNOWN_PRE = {
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
-    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # abacusai/Smaug-Llama-3-70B-Instruct
-    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",  # tiiuae/Falcon3-7B-Base
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen/Qwen3-Embedding-0.6B
-    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",  # DeepSeek-R1-Distill-Qwen-1.5B
-    "d4c8f286ea6b520b3d495c4455483cfa2302c0cfcd4be05d781b6a8a0a7cdaf1": "megrez",  # Infinigence/Megrez-3B-Instruct
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # mistralai/Mistral-Nemo-Base-2407
-    "0e9433cbbb161f89e264eb32e8e64bfe69e834973ffca5d41d3948a604a3e2a3": "pixtral",  # mistral-community/pixtral-12b
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
-}
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover - the export extra installs it
-        raise ExportError("format 'gguf' needs the gguf package (pip install gguf, or the [export] extra)") from e
-    return gguf
+def validate_options(options: dict) -> None:
+    """Refuse unknown option names and bad values (``export()`` calls this before loading the model)."""
+    check_options("gguf", options, OPTIONS)
+    gguf_type = options.get("gguf_type", "auto")
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"gguf: gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    allow_inexact = options.get("allow_inexact", False)
+    if not isinstance(allow_inexact, bool):
+        raise ExportError(f"gguf: allow_inexact must be True or False, got {allow_inexact!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,8 +167,8 @@ def _decode(q: np.ndarray, d16: np.ndarray) -> np.ndarray:
     return np.repeat(d16.astype(np.float32), QK, axis=1) * q.astype(np.float32)
 
 
-def _requantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest block encoding of a dense float32 ``[out, in]`` (only under allow_inexact).
+def _requantize(w: np.ndarray, qtype: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest block encoding of layer ``name``'s dense float32 ``[out, in]`` (only under allow_inexact).
 
     Q8_0: ``d = amax / 127`` per block; Q4_0: ``d = -m / 8`` with ``m`` the block's value of the
     largest magnitude (it lands on -8, the grid's long side). ``q = clip(rint(w / fp16(d)))``.
@@ -197,7 +184,8 @@ def _requantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = -8, 7
     d16 = d.astype(np.float16)
     if not np.isfinite(d16).all():
-        raise ExportError(f"weights up to {float(np.abs(w).max()):.4g} overflow the fp16 block scale of {qtype}")
+        raise ExportError(f"layer {name}: weights up to {float(np.abs(w).max()):.4g} overflow the fp16 block scale "
+                          f"of {qtype} (max 65504)")
     inv = np.divide(1.0, d16.astype(np.float32), out=np.zeros(d16.shape, np.float32), where=d16 != 0)
     q = np.clip(np.rint(b * inv[..., None]), lo, hi).astype(np.int8).reshape(out, n)
     return q, d16
@@ -220,9 +208,7 @@ def _obstacles(layer: QuantLayer, qtype: str, q: np.ndarray) -> tuple[list[str],
             reasons.append(f"bits={layer.bits} > 4")
     elif q.size and (int(q.min()) < -128 or int(q.max()) > 127):
         reasons.append(f"W_int - z spans [{int(q.min())}, {int(q.max())}], outside int8")
-    s = layer.scale.numpy()
-    scale_inexact = bool((s.astype(np.float16).astype(np.float32) != s).any())
-    return reasons, scale_inexact
+    return reasons, scale_rounding(layer.scale, torch.float16)["inexact"] > 0
 
 
 def _encode_layer(layer: QuantLayer, perm: np.ndarray | None, want: str, allow_inexact: bool):
@@ -262,8 +248,8 @@ def _encode_layer(layer: QuantLayer, perm: np.ndarray | None, want: str, allow_i
         why = "; ".join(f"{t}: " + ", ".join(found[t][0] + (["scale not an fp16 value"] if found[t][1] else []))
                         for t in candidates)
         if not allow_inexact:
-            n_bad = int((scale.astype(np.float16).astype(np.float32) != scale).sum())
-            hint = (f" ({n_bad} of {scale.size} scales are not fp16 values)" if any(found[t][1] for t in candidates) else "")
+            r = scale_rounding(layer.scale, torch.float16)
+            hint = (f" ({r['inexact']} of {r['total']} scales are not fp16 values)" if any(found[t][1] for t in candidates) else "")
             raise ExportError(
                 f"layer {layer.name}: no exact GGUF encoding ({why}){hint}; pass allow_inexact=True "
                 "(--allow-inexact) to write the nearest one and report the error, or gguf_type='F32' for an exact dense file")
@@ -281,7 +267,7 @@ def _encode_layer(layer: QuantLayer, perm: np.ndarray | None, want: str, allow_i
                 raise ExportError(f"layer {layer.name}: scales up to {float(scale.max()):.4g} overflow fp16 (max 65504)")
         else:
             qtype = "Q8_0" if want == "auto" else want
-            q, d16 = _requantize(w_hat, qtype)
+            q, d16 = _requantize(w_hat, qtype, layer.name)
         reason = why
     packed = (_pack_q4_0 if qtype == "Q4_0" else _pack_q8_0)(q, d16)
     raw = gguf.GGMLQuantizationType.Q4_0 if qtype == "Q4_0" else gguf.GGMLQuantizationType.Q8_0
@@ -361,175 +347,6 @@ def _model_name(model) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def _looks_special(text: str) -> bool:
-    """llama.cpp's converter marks these added tokens CONTROL even when HF does not call them special."""
-    return (text in ("<pad>", "<mask>") or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<unused") and text.endswith(">")))
-
-
-def _set_add_special(special, tok) -> None:
-    """``add_bos_token`` / ``add_eos_token`` as the HF tokenizer behaves: whether ``encode`` (with
-    special tokens) puts BOS first / EOS last. gguf's SpecialVocab infers them from the files and
-    leaves them unset for some tokenizers; llama.cpp then uses its own per-vocab defaults."""
-    ids = tok.encode("a b", add_special_tokens=True)
-    for typ, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id)):
-        adds = tid is not None and bool(ids) and ids[0 if typ == "bos" else -1] == tid
-        special.add_special_token[typ] = adds
-
-
-def _pre_from_structure(tj: dict) -> str | None:
-    """llama.cpp's name for a pre-tokenizer it implements, read off ``tokenizer.json``.
-
-    ``ByteLevel`` with the GPT-2 regex and no prefix space -> ``gpt-2``; individual digits, then
-    that -> ``smollm`` (llama.cpp's regex lists for both, src/llama-vocab.cpp); anything else: None.
-    """
-    if tj.get("normalizer"):
-        return None
-
-    def gpt2_bytelevel(p):
-        return p.get("type") == "ByteLevel" and p.get("use_regex", True) and not p.get("add_prefix_space", False)
-
-    pt = tj.get("pre_tokenizer") or {}
-    if gpt2_bytelevel(pt):
-        return "gpt-2"
-    parts = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else []
-    if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
-            and gpt2_bytelevel(parts[1])):
-        return "smollm"
-    return None
-
-
-def _add_bpe_vocab(w, out_dir: str, n_vocab: int, allow_inexact: bool) -> tuple[dict, list[str]]:
-    """GPT-2-style byte-level BPE (``tokenizer.ggml.model = "gpt2"``), as the converter's
-    ``_set_vocab_gpt2``: tokens padded to ``n_vocab`` with ``[PAD<i>]`` (UNUSED), added tokens
-    CONTROL (special) or USER_DEFINED, ``tokenizer.ggml.pre`` from the probe hash or the structure."""
-    gguf = _gguf()
-    from transformers import AutoTokenizer
-
-    with open(os.path.join(out_dir, "tokenizer.json"), encoding="utf-8") as f:
-        tj = json.load(f)
-    tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
-    vocab = tok.get_vocab()
-    if max(vocab.values()) >= n_vocab:
-        raise ExportError(f"the tokenizer has token id {max(vocab.values())}, the model's vocab_size is {n_vocab}")
-    rev = {i: t for t, i in vocab.items()}
-    added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in rev:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        text = rev[i]
-        if text in added:
-            if not decoder[i].normalized:
-                text = tok.decode(tok.encode(text, add_special_tokens=False))
-            if decoder[i].special or _looks_special(text):
-                types.append(gguf.TokenType.CONTROL)
-            else:
-                text = text.replace("\u2581", " ")
-                types.append(gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        tokens.append(text)
-    digest = hashlib.sha256(str(tok.encode(_PRE_PROBE)).encode()).hexdigest()
-    warnings = []
-    if digest in _KNOWN_PRE:
-        pre, source = _KNOWN_PRE[digest], "llama.cpp probe hash"
-    elif (pre := _pre_from_structure(tj)) is not None:
-        source = "tokenizer.json pre_tokenizer"
-    elif allow_inexact:
-        pre, source = "default", "fallback"
-        warnings.append(f"the tokenizer's pre-tokenizer is not one llama.cpp knows (probe hash {digest}); "
-                        "written as 'default': llama.cpp may split text into other tokens than HF")
-    else:
-        raise ExportError(f"the tokenizer's pre-tokenizer is not one llama.cpp knows (probe hash {digest}; "
-                          f"pre_tokenizer {json.dumps(tj.get('pre_tokenizer'))[:200]}): llama.cpp would split text "
-                          "differently; pass allow_inexact=True to write it as 'default' with a warning")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    special = gguf.SpecialVocab(out_dir, load_merges=True, n_vocab=n_vocab)
-    _set_add_special(special, tok)
-    special.add_to_gguf(w, quiet=True)
-    return {"model": "gpt2", "pre": pre, "pre_source": source, "probe_hash": digest, "tokens": len(tokens),
-            "merges": len(special.merges), "special_token_ids": dict(special.special_token_ids)}, warnings
-
-
-def _add_llama_vocab(w, out_dir: str, n_vocab: int, vocab) -> dict:
-    """SentencePiece-style vocab (``tokenizer.ggml.model = "llama"``): tokens, scores, types, padded
-    to ``n_vocab`` with ``[PAD<i>]`` (UNUSED, score -1000) as the converter pads."""
-    gguf = _gguf()
-    tokens, scores, types = [], [], []
-    for text, score, ttype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(ttype)
-    if len(tokens) > n_vocab:
-        raise ExportError(f"the tokenizer has {len(tokens)} tokens, the model's vocab_size is {n_vocab}")
-    for i in range(len(tokens), n_vocab):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    special = gguf.SpecialVocab(out_dir, n_vocab=n_vocab)
-    from transformers import AutoTokenizer
-
-    _set_add_special(special, AutoTokenizer.from_pretrained(out_dir, local_files_only=True))
-    special.add_to_gguf(w, quiet=True)
-    return {"model": "llama", "pre": "default", "source": type(vocab).__name__, "tokens": len(tokens),
-            "special_token_ids": dict(special.special_token_ids)}
-
-
-def _add_vocab(w, out_dir: str, gguf_arch: str, n_vocab: int, allow_inexact: bool) -> tuple[dict, list[str]]:
-    """The tokenizer saved in ``out_dir``, chosen as llama.cpp's converter chooses: SentencePiece
-    (``tokenizer.model``), then (llama arch) a byte-fallback HF BPE as ``llama``, then byte-level BPE."""
-    gguf = _gguf()
-    from pathlib import Path
-
-    has = lambda f: os.path.isfile(os.path.join(out_dir, f))  # noqa: E731
-    if has("tokenizer.model"):
-        try:
-            return _add_llama_vocab(w, out_dir, n_vocab, gguf.SentencePieceVocab(Path(out_dir))), []
-        except RuntimeError as e:  # sentencepiece is missing
-            if not has("tokenizer.json"):
-                raise ExportError(f"the tokenizer is SentencePiece (tokenizer.model): {e}") from e
-    if not has("tokenizer.json"):
-        raise ExportError(
-            "format 'gguf' needs the model's tokenizer (llama.cpp and ollama tokenize text with the one in the "
-            "file): pass tokenizer=<tokenizer or directory> (--tokenizer DIR); none was found in the export "
-            "(tokenizer.json or tokenizer.model)")
-    with open(os.path.join(out_dir, "tokenizer.json"), encoding="utf-8") as f:
-        model_json = json.load(f).get("model", {})
-    if model_json.get("type") != "BPE":
-        raise ExportError(f"tokenizer model {model_json.get('type')!r} is not supported (BPE or SentencePiece)")
-    if model_json.get("byte_fallback"):
-        # llama.cpp's converter writes such a tokenizer.json as a SentencePiece vocab with placeholder
-        # scores (gguf.LlamaHfVocab); llama.cpp's SPM tokenizer then merges by those scores, not by
-        # HF's merge ranks (tests/test_export_gguf.py::test_byte_fallback_bpe_needs_allow_inexact).
-        if gguf_arch != "llama":
-            raise ExportError(f"a byte-fallback BPE tokenizer is written for the llama arch only, got {gguf_arch}")
-        what = ("the tokenizer is a byte-fallback BPE tokenizer.json without a usable tokenizer.model: GGUF holds it "
-                "as a SentencePiece vocab without merge ranks, so llama.cpp may split text into other tokens than HF")
-        if not allow_inexact:
-            raise ExportError(f"{what}; pass allow_inexact=True to write it anyway (warning), or provide "
-                              "tokenizer.model with the sentencepiece package installed")
-        try:
-            return _add_llama_vocab(w, out_dir, n_vocab, gguf.LlamaHfVocab(Path(out_dir))), [what]
-        except (FileNotFoundError, TypeError) as e:
-            raise ExportError(f"byte-fallback BPE tokenizer not readable as llama.cpp's 'llama' vocab: {e}") from e
-    return _add_bpe_vocab(w, out_dir, n_vocab, allow_inexact)
-
-
-# --------------------------------------------------------------------------------------------------
 # Writer
 
 
@@ -546,20 +363,16 @@ def write(model, layers: list[QuantLayer], dense: dict[str, torch.Tensor], out_d
         allow_inexact: write the nearest encoding where no exact one exists (error in the report).
 
     Returns:
-        The report: ``file``, ``arch``, ``file_type``, ``exact``, per-layer ``layers`` (type, exact,
-        reason, max_abs_error, max_rel_error), ``dense`` tensor types, ``vocab`` (the GGUF tokenizer),
-        ``warnings``.
+        The report: ``file``, ``arch``, ``file_type``, ``weights_exact`` (every quantised layer
+        exact), ``tokenizer_exact`` (no allow_inexact tokenizer fallback), per-layer ``layers``
+        (type, exact, reason, max_abs_error, max_rel_error), ``dense`` tensor types, ``vocab`` (the
+        GGUF tokenizer), ``warnings``.
 
     Raises:
         ExportError: an unsupported architecture / option / tokenizer, or a layer with no exact
             encoding (without ``allow_inexact``).
     """
-    if options:
-        raise ExportError(f"gguf: unknown option(s) {', '.join(sorted(options))}; allowed: {', '.join(_OPTIONS)}")
-    if gguf_type not in GGUF_TYPES:
-        raise ExportError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    if not isinstance(allow_inexact, bool):
-        raise ExportError(f"allow_inexact must be a bool, got {allow_inexact!r}")
+    validate_options(dict(options, gguf_type=gguf_type, allow_inexact=allow_inexact))
     gguf = _gguf()
     hf_arch = type(model).__name__
     if hf_arch not in ARCHITECTURES:
@@ -589,11 +402,11 @@ def write(model, layers: list[QuantLayer], dense: dict[str, torch.Tensor], out_d
         if gname is None:
             raise ExportError(f"layer {layer.name}: no GGUF tensor name for it in the {arch} arch")
         tensors[gname] = ("q", layer)
-    quant_names = {l.name for l in layers}
-    embed = dense.get("model.embed_tokens.weight")
+    # llama.cpp uses token_embd whenever output.weight is absent: a tied head is always omitted.
+    head = plan_head(model, dense, layers, tie_word_embeddings=True)
     for key, t in dense.items():
-        if key == "lm_head.weight" and "lm_head" not in quant_names and embed is not None and torch.equal(t, embed):
-            continue  # tied: llama.cpp uses token_embd when output.weight is absent
+        if head.omit and key == head.key:
+            continue
         gname = _gguf_name(key)
         if gname is None:
             raise ExportError(f"tensor {key}: no GGUF tensor name for it in the {arch} arch")
@@ -625,7 +438,7 @@ def write(model, layers: list[QuantLayer], dense: dict[str, torch.Tensor], out_d
     if hp["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(hp["rope"]["factor"]))
-    tok_info, tok_warnings = _add_vocab(w, out_dir, arch, int(hp["vocab_size"]), allow_inexact)
+    tok_info, tok_warnings = add_vocab(w, out_dir, arch, int(hp["vocab_size"]), allow_inexact)
     warnings += tok_warnings
 
     layer_info, dense_info, counts, flagged = {}, {}, {}, []
@@ -667,7 +480,10 @@ def write(model, layers: list[QuantLayer], dense: dict[str, torch.Tensor], out_d
         "arch": arch,
         "gguf_type": gguf_type,
         "file_type": file_type,
-        "exact": all(i["exact"] for i in layer_info.values()),
+        # weights_exact: every quantised layer reads back as s * (W_int - z); tokenizer_exact: the
+        # tokenizer was written without an allow_inexact fallback (gguf_vocab.add_vocab).
+        "weights_exact": all(i["exact"] for i in layer_info.values()),
+        "tokenizer_exact": bool(tok_info.get("exact", True)),
         "allow_inexact": allow_inexact,
         "tensor_types": {t: sum(1 for i in layer_info.values() if i["type"] == t) for t in sorted(counts)},
         "layers": layer_info,
@@ -728,99 +544,3 @@ def _gguf_version() -> str:
         return version("gguf")
     except Exception:  # pragma: no cover
         return "unknown"
-
-
-# --------------------------------------------------------------------------------------------------
-# llama.cpp runtime helpers (llama-cpp-python)
-
-
-def _load_llama(gguf_path: str, n_ctx: int, n_threads: int | None, kv_f32: bool):
-    try:
-        from llama_cpp import Llama
-    except ImportError as e:
-        raise ImportError("llama.cpp's Python binding is needed: pip install llama-cpp-python") from e
-    kw = dict(model_path=os.fspath(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-              verbose=False, seed=0)
-    if n_threads is not None:
-        kw.update(n_threads=n_threads, n_threads_batch=n_threads)
-    if kv_f32:
-        kw.update(type_k=0, type_v=0)  # GGML_TYPE_F32: no fp16 rounding of K and V
-    return Llama(**kw)
-
-
-def llama_cpp_logits(gguf_path: str, ids, *, n_threads: int | None = None, kv_f32: bool = True, llm=None) -> np.ndarray:
-    """llama.cpp's logits for one token sequence, evaluated in one batch from an empty cache.
-
-    Args:
-        gguf_path: the GGUF file.
-        ids: int sequence ``[T]``.
-        kv_f32: F32 KV cache (llama.cpp's default is F16).
-        llm: an already loaded ``llama_cpp.Llama`` (created with ``logits_all=True``) to reuse.
-
-    Returns:
-        float32 ``[T, vocab]``: row ``t`` predicts token ``t + 1``.
-    """
-    ids = [int(i) for i in ids]
-    own = llm is None
-    if own:
-        llm = _load_llama(gguf_path, max(len(ids), 8), n_threads, kv_f32)
-    try:
-        llm.reset()
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        if own:
-            llm.close()
-
-
-def llama_cpp_perplexity(gguf_path: str, ids, seq_len: int, n_threads: int | None = None, *,
-                         max_windows: int | None = None, kv_f32: bool = False) -> dict:
-    """Perplexity of a GGUF model in llama.cpp, on the windows :func:`lrqat_kernels.data.evaluate_perplexity` uses.
-
-    Non-overlapping windows of ``seq_len`` tokens (the last partial one dropped), each scored from
-    an empty cache: ``seq_len - 1`` predicted tokens per window, ``ppl = exp(total NLL / tokens)``
-    with the log-softmax in float64. No BOS is added (the ids are used as given).
-
-    Args:
-        gguf_path: the GGUF file.
-        ids: int64 ``[n]`` token ids (a torch tensor, numpy array or list).
-        seq_len: window length (<= the model's context length).
-        n_threads: llama.cpp threads (default: llama-cpp-python's).
-        max_windows: score only the first windows.
-        kv_f32: F32 KV cache (default: llama.cpp's F16, as served).
-
-    Returns:
-        ``{"metric", "perplexity", "nll", "window", "windows", "tokens", "backend", "seconds"}``.
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    ids = np.asarray(ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
-    n = ids.size // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n < 1:
-        raise ValueError(f"held-out text has {ids.size} tokens, fewer than one window of {seq_len}")
-    t0 = time.perf_counter()
-    llm = _load_llama(gguf_path, seq_len, n_threads, kv_f32)
-    total, count = 0.0, 0
-    try:
-        for j in range(n):
-            win = ids[j * seq_len:(j + 1) * seq_len]
-            logits = llama_cpp_logits(gguf_path, win, llm=llm).astype(np.float64)[:-1]
-            m = logits.max(-1, keepdims=True)
-            logz = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
-            total += float((logz - logits[np.arange(seq_len - 1), win[1:]]).sum())
-            count += seq_len - 1
-    finally:
-        llm.close()
-    mean = total / count
-    return {
-        "metric": f"perplexity (non-overlapping windows of {seq_len} tokens)",
-        "perplexity": math.exp(mean),
-        "nll": mean,
-        "window": seq_len,
-        "windows": n,
-        "tokens": count,
-        "backend": "llama.cpp",
-        "seconds": time.perf_counter() - t0,
-    }

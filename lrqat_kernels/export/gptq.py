@@ -16,7 +16,9 @@ What is written into ``out_dir`` (facts sheet ``shared/design/EXPORTS.md`` secti
   ============== ======= ========================== ================================================
 
   and every dense tensor (embeddings, norms, an excluded ``lm_head``) under its HF name in fp16,
-  the dtype GPTQ stacks run (vLLM's ``gptq`` kernel takes fp16 activations only).
+  the dtype GPTQ stacks run (vLLM's ``gptq`` kernel takes fp16 activations only). A head tied to
+  the embedding is left out only when config.json says tied; a head of its own under a config
+  that says tied is written and the config set untied (:func:`~._common.plan_head`).
 - ``config.json`` gains ``quantization_config`` (and its ``dtype`` becomes ``float16``);
   ``quantize_config.json`` holds the same dict (GPTQModel's own file name).
 
@@ -30,7 +32,7 @@ Exactness: the integers and zero points are exact; the checkpoint holds
 ``fp16(s) * (W_int - z)``. Scales that fp16 rounds are reported (count, largest relative error,
 2^-11 at most in fp16's normal range) and warned about; scales fp16 turns into 0 or inf are
 refused, scales in fp16's subnormal range that lose more than 1e-3 relative are refused unless
-``allow_inexact=True``.
+``allow_inexact=True``. Exact: a model converted with ``scale_dtype="float16"``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,13 @@ import os
 import torch
 import torch.nn as nn
 
-from ._common import ExportError, QuantLayer, pack_bitstream, scale_rounding
+from .._io import atomic_write_json
+from ._common import ExportError, QuantLayer, check_options, pack_bitstream, plan_head, save_safetensors, scale_rounding
 
-__all__ = ["write", "CHECKPOINT_FORMATS", "BITS", "gptq_tensors", "quantization_config"]
+__all__ = ["write", "validate_options", "OPTIONS", "CHECKPOINT_FORMATS", "BITS", "gptq_tensors", "quantization_config"]
+
+#: The writer's options (anything else is refused).
+OPTIONS = ("allow_inexact", "checkpoint_format")
 
 #: ``checkpoint_format`` values: ``gptq_v2`` stores zero codes as is, ``gptq`` (v1) stores them minus 1.
 CHECKPOINT_FORMATS = ("gptq_v2", "gptq")
@@ -59,10 +65,11 @@ _MARLIN_GROUPS = (-1, 32, 64, 128)
 _GPTQMODEL_GROUPS = (-1, 16, 32, 64, 128, 256, 512, 1024)
 
 
-def _check_options(options: dict, allow_inexact, checkpoint_format) -> None:
-    if options:
-        bad = sorted(options)[0]
-        raise ExportError(f"gptq: unknown option {bad!r}; allowed: allow_inexact, checkpoint_format")
+def validate_options(options: dict) -> None:
+    """Refuse unknown option names and bad values (``export()`` calls this before loading the model)."""
+    check_options("gptq", options, OPTIONS)
+    checkpoint_format = options.get("checkpoint_format", "gptq_v2")
+    allow_inexact = options.get("allow_inexact", False)
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ExportError(f"gptq: checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got {checkpoint_format!r}")
     if not isinstance(allow_inexact, bool):
@@ -179,17 +186,13 @@ def _scale_report(layers: list[QuantLayer], allow_inexact: bool) -> dict:
 
 
 def _dense_fp16(dense: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Dense tensors as fp16 (integer tensors kept), shared storage written once (first name kept)."""
-    out, seen = {}, set()
+    """Dense tensors as fp16 (integer tensors kept). Every name is kept: which to leave out (a tied
+    head) is :func:`~._common.plan_head`'s decision."""
+    out = {}
     changed = total = 0
     max_rel = 0.0
     tiny = torch.finfo(torch.float16).tiny
     for name, t in dense.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) if t.numel() else None
-        if key is not None and key in seen:
-            continue  # a tied tensor: readers re-tie it from config.json's tie_word_embeddings
-        if key is not None:
-            seen.add(key)
         if t.is_floating_point():
             t32 = t.detach().to(torch.float32)
             h = t32.to(torch.float16)
@@ -246,7 +249,7 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
         relative error and its layer), ``dense_rounding`` (the fp16 cast of dense tensors),
         ``exact`` (``quantized``: every scale fp16-exact; ``dense``: no dense value changed), ``warnings``.
     """
-    _check_options(options, allow_inexact, checkpoint_format)
+    validate_options(dict(options, allow_inexact=allow_inexact, checkpoint_format=checkpoint_format))
     bits, group_size, sym = _check_uniform(layers)
     if checkpoint_format == "gptq" and not sym:
         raise ExportError(
@@ -264,29 +267,32 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
     lm_head = head_name is not None and head_name in quant_names
     scale_rep = _scale_report(layers, allow_inexact)
 
-    tensors, dense_rep = _dense_fp16(dense)
+    cfg_path = os.path.join(out_dir, "config.json")
+    cfg = None
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    tie = cfg.get("tie_word_embeddings", False) if cfg is not None else \
+        bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    head = plan_head(model, dense, layers, tie)
+    tensors, dense_rep = _dense_fp16({k: t for k, t in dense.items() if not (head.omit and k == head.key)})
     for l in layers:
         for k, t in gptq_tensors(l, checkpoint_format).items():
             tensors[f"{l.name}.{k}"] = t
         if l.bias is not None and f"{l.name}.bias" not in tensors:
             tensors[f"{l.name}.bias"] = l.bias.detach().to(torch.float16).contiguous()
 
-    from safetensors.torch import save_file
-
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(tensors, os.path.join(out_dir, WEIGHTS_FILE))  # a tied head kept: written as a copy
     qcfg = quantization_config(bits, group_size, sym, checkpoint_format, lm_head)
-    cfg_path = os.path.join(out_dir, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+    notes = []
+    if cfg is not None:
+        if head.untie:
+            cfg["tie_word_embeddings"] = False
+            notes.append(head.note())
         cfg["quantization_config"] = qcfg
         cfg["dtype"] = cfg["torch_dtype"] = "float16"  # transformers >= 4.56 reads dtype, older ones torch_dtype
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-    with open(os.path.join(out_dir, QUANTIZE_CONFIG_FILE), "w") as f:
-        json.dump(qcfg, f, indent=2)
-        f.write("\n")
+        atomic_write_json(cfg_path, cfg, indent=2, sort_keys=True)
+    atomic_write_json(os.path.join(out_dir, QUANTIZE_CONFIG_FILE), qcfg, indent=2)
 
     warns = []
     if scale_rep["inexact"]:
@@ -307,5 +313,7 @@ def write(model: nn.Module, layers: list[QuantLayer], dense: dict[str, torch.Ten
         "scale_rounding": scale_rep,
         "dense_rounding": dense_rep,
         "exact": {"quantized": scale_rep["inexact"] == 0, "dense": dense_rep["changed"] == 0},
+        "tied_head_omitted": head.key if head.omit else None,
+        "notes": notes,
         "warnings": warns,
     }
