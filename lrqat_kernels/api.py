@@ -275,7 +275,9 @@ def convert(model: nn.Module, *, scale_dtype: str | None = None) -> nn.Module:
             rounds each scale to the nearest value of that type (still stored as fp32), so that
             formats storing fp16 scales (GGUF, GPTQ) hold the converted model exactly; ``W_int``
             is unchanged and ``W_hat`` moves by at most 2^-11 (fp16) / 2^-8 (bf16) relative.
-            A scale the type cannot hold (overflow, or underflow to 0) is an error naming the layer.
+            A scale that would move more (below the type's normal range, e.g. fp16 < 6.1e-5), or
+            that the type cannot hold (overflow, underflow to 0), is an error naming the layer;
+            nothing is converted then.
 
     Returns:
         ``model`` with ``model.lrqat_stage = "quantized"``.
@@ -290,15 +292,24 @@ def convert(model: nn.Module, *, scale_dtype: str | None = None) -> nn.Module:
         if stage == "quantized":
             raise ValueError("model is already converted (stage 'quantized')")
         raise ValueError("convert() needs a model prepared with lrqat_kernels.prepare(); it has no LRQATLinear layers")
+    from .export._common import UNIT_ROUNDOFF, scale_rounding
+
     converted = []
     for name, layer in layers:
         q = QuantizedLinear.from_lrqat(layer)
         if scale_dtype is not None:
-            r = q.scale.to(_SCALE_GRIDS[scale_dtype]).float()
-            if not torch.isfinite(r).all() or (r == 0).any():
-                raise ValueError(f"layer {name!r}: a scale in [{float(q.scale.min()):.3g}, {float(q.scale.max()):.3g}] "
-                                 f"overflows or flushes to 0 in {scale_dtype}; convert with scale_dtype=None")
-            converted.append((q, r))
+            grid = _SCALE_GRIDS[scale_dtype]
+            rounding = scale_rounding(q.scale, grid)
+            lo, hi = float(q.scale.min()), float(q.scale.max())
+            if rounding["overflow"]:
+                raise ValueError(f"layer {name!r}: a scale in [{lo:.3g}, {hi:.3g}] overflows or flushes to 0 in "
+                                 f"{scale_dtype}; convert with scale_dtype=None")
+            # The promised bound (tests/test_api.py::test_convert_scale_dtype_refuses_subnormal_scales).
+            if rounding["max_rel_error"] > UNIT_ROUNDOFF[grid]:
+                raise ValueError(f"layer {name!r}: {scale_dtype} moves a scale by {rounding['max_rel_error']:.3g} relative "
+                                 f"(> {UNIT_ROUNDOFF[grid]:.3g}: smallest scale {lo:.3g} is below "
+                                 f"{scale_dtype}'s normal range {torch.finfo(grid).tiny:.3g}); convert with scale_dtype=None")
+            converted.append((q, q.scale.to(grid).float()))
         else:
             converted.append((q, None))
         q.train(layer.training)

@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     c.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
                    help="round the trained fp32 scales to this type's grid (still stored fp32) so GGUF / GPTQ "
-                        "exports, which store fp16 scales, are exact (W_int unchanged; W_hat moves <= 2^-11 relative)")
+                        "exports, which store fp16 scales, are exact (W_int unchanged; W_hat moves <= 2^-11 relative "
+                        "for float16, 2^-8 for bfloat16; a layer whose scales would move more, below the type's "
+                        "normal range, is refused)")
 
     x = sub.add_parser("export", help="export a converted (or LR-QAT) checkpoint for vLLM / llama.cpp / GPTQ stacks",
                        formatter_class=_HelpFormatter)
@@ -124,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scale-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compressed-tensors: dtype of weight_scale (default: float32, exact; others report the rounding)")
     x.add_argument("--allow-inexact", action="store_true", default=None,
-                   help="gguf / gptq: write a weight the format cannot hold exactly (fp16 scales) and report the error")
+                   help="gguf: write the nearest encoding where no exact one exists (fp16-inexact scales, groups "
+                        "not a multiple of 32, a pre-tokenizer llama.cpp lacks) and report the error; without it "
+                        "gguf refuses. gptq: always rounds scales to fp16 and reports it; the flag only admits "
+                        "scales in fp16's subnormal range (< 6.1e-5) that lose more than 1e-3 relative. Exact "
+                        "route for both: lrqat convert --scale-dtype float16")
     x.add_argument("--gguf-type", default=None, choices=["auto", "Q4_0", "Q8_0", "F32", "F16"],
                    help="gguf: tensor type of quantised layers (default: auto, the smallest exact one)")
     x.add_argument("--gptq-format", default=None, choices=["gptq_v2", "gptq"],

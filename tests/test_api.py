@@ -634,3 +634,29 @@ def test_convert_rounds_scales_to_a_grid_and_keeps_w_int(scale_dtype, tiny):
         assert getattr(bad, "lrqat_stage", None) == "lrqat" and lrqat_kernels.api.lrqat_layers(bad)
     with pytest.raises(ValueError, match="scale_dtype must be None"):
         lrqat_kernels.convert(copy.deepcopy(m), scale_dtype="int8")
+
+
+@pytest.mark.parametrize("scale_dtype,tiny", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_convert_scale_dtype_refuses_subnormal_scales(scale_dtype, tiny):
+    """convert(scale_dtype=) promises W_hat moves by at most 2^-11 (fp16) / 2^-8 (bf16) relative: a
+    scale below the type's normal range would move more and is refused, naming the layer, nothing
+    converted; at the bottom of the normal range the bound holds."""
+    m = lrqat_kernels.prepare(tiny_hf("llama", hidden=64), lrqat_kernels.LRQATConfig(bits=4, rank=4, phi_format="fp32",
+                                                                                   range_method="minmax"))
+    name = "model.layers.0.mlp.up_proj"
+    lay = dict(lrqat_kernels.api.lrqat_layers(m))[name]
+    fin = torch.finfo(tiny)
+    bound = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[scale_dtype]
+    bad = copy.deepcopy(m)
+    with torch.no_grad():  # a dead channel's tiny scale: subnormal in the grid, not flushed to 0
+        dict(lrqat_kernels.api.lrqat_layers(bad))[name].scale[0] = fin.tiny * 0.0213
+    with pytest.raises(ValueError, match=rf"layer '{name}': {scale_dtype} moves a scale by .* below {scale_dtype}'s normal range"):
+        lrqat_kernels.convert(bad, scale_dtype=scale_dtype)
+    assert getattr(bad, "lrqat_stage", None) == "lrqat" and len(lrqat_kernels.api.lrqat_layers(bad)) == 14
+    with torch.no_grad():  # just above the normal range's bottom, off the grid: allowed, within the bound
+        lay.scale[0] = fin.tiny * (1 + 0.7 * fin.eps)
+    s_before = lay.scale.detach().clone()
+    lrqat_kernels.convert(m, scale_dtype=scale_dtype)
+    s_after = m.get_submodule(name).scale
+    rel = ((s_after - s_before).abs() / s_before).max().item()
+    assert 0 < rel <= bound
