@@ -536,7 +536,10 @@ class DistillationLoss:
         if zs.shape != zt.shape:
             raise ValueError(f"teacher logits {tuple(zt.shape)} and student logits {tuple(zs.shape)} differ (vocabulary?)")
         log_ps, log_pt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        p_t = log_pt.exp()
+        # A token the teacher gives no mass (logit -inf, p_t = 0) adds 0 (0 * log 0 = 0), not
+        # 0 * (-inf) = NaN: tests/test_train.py::test_distillation_loss_teacher_neg_inf_logit.
+        kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1)
         return kl.mean() * (t * t)
 
 

@@ -573,3 +573,52 @@ def test_master_adamw_closure_state_dict_and_hooks():
         opt2.step(closure_of(model2, opt2))
     for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
         assert torch.equal(p, q), n
+
+
+# ---- DistillationLoss ---------------------------------------------------------------------------
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in causal LM whose logits are a given [batch, seq, vocab] tensor (times a weight, so
+    gradients flow to the student)."""
+
+    def __init__(self, z: torch.Tensor):
+        super().__init__()
+        self.z = torch.nn.Parameter(z.clone())
+
+    def forward(self, input_ids, use_cache=False):
+        import types
+
+        return types.SimpleNamespace(logits=self.z.expand(*input_ids.shape[:2], self.z.shape[-1]) if self.z.dim() == 1
+                                     else self.z)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_loss_equals_kl_div(temperature):
+    """KD loss == T^2 * mean over tokens of KL(p_t || p_s), computed independently with F.kl_div."""
+    from lrqat_kernels.train import DistillationLoss
+
+    g = torch.Generator().manual_seed(0)
+    zt, zs = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    x = torch.zeros(2, 5, dtype=torch.long)
+    got = DistillationLoss(_FixedLogits(zt), temperature=temperature)(_FixedLogits(zs), x)
+    t = temperature
+    ref = torch.nn.functional.kl_div(torch.log_softmax(zs.double() / t, -1), torch.log_softmax(zt.double() / t, -1),
+                                     log_target=True, reduction="sum") / (2 * 5) * t * t
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_distillation_loss_teacher_neg_inf_logit():
+    """A teacher logit of -inf (a masked / padded vocab entry) has p_t = 0 and adds 0 to the KL
+    (0 * log 0 = 0): the loss is the finite KL over the other tokens, and so is its gradient."""
+    from lrqat_kernels.train import DistillationLoss
+
+    g = torch.Generator().manual_seed(1)
+    zt, zs = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    zt[-2:] = float("-inf")
+    student = _FixedLogits(zs)
+    loss = DistillationLoss(_FixedLogits(zt))(student, torch.zeros(1, 3, dtype=torch.long))
+    pt = torch.softmax(zt.double(), -1)[:-2]
+    ref = (pt * (torch.log(pt) - torch.log_softmax(zs.double(), -1)[:-2])).sum()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(student.z.grad).all()
