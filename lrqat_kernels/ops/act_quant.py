@@ -160,10 +160,23 @@ def _load_operands(a_ptr, b_ptr, rows, rmask, cols, n_cols, stride_a, stride_b, 
 
 
 @triton.jit
-def _range_parts(v, m):
+def _range_parts(v, m, KIND: tl.constexpr):
     """Per-element ``(min(v, 0), max(v, 0), isnan(v))`` where ``m`` (0 elsewhere): combined
-    elementwise across a row's chunks, then reduced once."""
-    return tl.where(m, tl.minimum(v, 0.0), 0.0), tl.where(m, tl.maximum(v, 0.0), 0.0), (m & (v != v)).to(tl.int32)
+    elementwise across a row's tiles, then reduced once.
+
+    Rule: the quantiser (KIND 0) and SwiGLU (KIND 2) leave the mask out of the row's range and
+    NaN flag (here and in the chunk loop of :func:`_act_quant_kernel`). Their masked lanes load 0
+    and produce exactly +0 (``silu(0) * 0``), which the range holds anyway and which is no NaN, so
+    the result is the same, and the mask stays unused until the store instead of live across the
+    row reductions. With it live, Triton 3.9's code for a 16384-wide SwiGLU row without
+    16-divisibility hints spilled 52 B a thread under its sm_90 ptxas (CUDA 13.4); held by
+    tests/test_act_quant.py::test_aot_compiles_without_spills_or_approximate_math. RMSNorm
+    (KIND 1) masks: its masked lanes are ``w * (0 * rstd)``, NaN when ``rstd`` is Inf.
+    """
+    if KIND == 1:
+        return tl.where(m, tl.minimum(v, 0.0), 0.0), tl.where(m, tl.maximum(v, 0.0), 0.0), (m & (v != v)).to(tl.int32)
+    else:
+        return tl.minimum(v, 0.0), tl.maximum(v, 0.0), (v != v).to(tl.int32)
 
 
 @triton.jit
@@ -215,10 +228,10 @@ def _act_quant_kernel(
             v1 = _produce(a1, b1, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
             v2 = _produce(a2, b2, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
         if QUANT:
-            lo, hi, nan = _range_parts(v0, m0)  # 0 is always in the range
+            lo, hi, nan = _range_parts(v0, m0, KIND)  # 0 is always in the range
             if NCHUNK == 3:
-                lo1, hi1, nan1 = _range_parts(v1, m1)
-                lo2, hi2, nan2 = _range_parts(v2, m2)
+                lo1, hi1, nan1 = _range_parts(v1, m1, KIND)
+                lo2, hi2, nan2 = _range_parts(v2, m2, KIND)
                 lo, hi, nan = tl.minimum(lo, tl.minimum(lo1, lo2)), tl.maximum(hi, tl.maximum(hi1, hi2)), nan | nan1 | nan2
             s, z = act_qparams(tl.min(lo, axis=1), tl.max(hi, axis=1), tl.max(nan, axis=1) > 0, QMIN, QMAX, SYMMETRIC)
             r = row_reciprocal(s, INTERPRET)
@@ -250,14 +263,28 @@ def _act_quant_kernel(
         if QUANT:
             lo = tl.zeros([BLOCK], dtype=tl.float32)
             hi = tl.zeros([BLOCK], dtype=tl.float32)
-            nan = tl.zeros([BLOCK], dtype=tl.int32)
-            for start in range(0, n_cols, BLOCK):
-                m = start + cols < n_cols
-                v = _load_produce(a_row, b_row, start + cols, m, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
-                lo = tl.minimum(lo, tl.where(m, v, 0.0))
-                hi = tl.maximum(hi, tl.where(m, v, 0.0))
-                nan = nan | (m & (v != v)).to(tl.int32)
-            s, z = act_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), tl.max(nan, axis=0) > 0, QMIN, QMAX, SYMMETRIC)
+            if KIND == 1:
+                nan = tl.zeros([BLOCK], dtype=tl.int32)
+                for start in range(0, n_cols, BLOCK):
+                    m = start + cols < n_cols
+                    v = _load_produce(a_row, b_row, start + cols, m, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+                    lo = tl.minimum(lo, tl.where(m, v, 0.0))
+                    hi = tl.maximum(hi, tl.where(m, v, 0.0))
+                    nan = nan | (m & (v != v)).to(tl.int32)
+                has_nan = tl.max(nan, axis=0) > 0
+            else:
+                # No mask (masked lanes are +0: _range_parts) and no NaN accumulator: a NaN stays
+                # in its lane's ``hi`` (max.NaN) and flags the row, whose outputs are all NaN (s is
+                # NaN) whatever its range. At 16 warps ptxas 13.4 (Triton 3.9's for sm_90) holds
+                # this loop at 64 registers: with the mask and a third [BLOCK] accumulator it
+                # spilled 4-8 B (tests/test_act_quant.py::test_aot_compiles_without_spills_or_approximate_math).
+                for start in range(0, n_cols, BLOCK):
+                    m = start + cols < n_cols
+                    v = _load_produce(a_row, b_row, start + cols, m, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
+                    lo = tl.minimum(lo, v)
+                    hi = tl.maximum(hi, v, propagate_nan=tl.PropagateNan.ALL)
+                has_nan = tl.max((hi != hi).to(tl.int32), axis=0) > 0
+            s, z = act_qparams(tl.min(lo, axis=0), tl.max(hi, axis=0), has_nan, QMIN, QMAX, SYMMETRIC)
             r = row_reciprocal(s, INTERPRET)
         for start in range(0, n_cols, BLOCK):
             m = start + cols < n_cols
@@ -309,8 +336,8 @@ def act_quant_config(n_cols: int, kind: int = KIND_IDENTITY) -> ActQuantConfig:
     quantiser: 4096 wide 30-33 / 38-42 at 4 warps (64 / 81 at the 16 warps and per-value
     division this used before), 8192 wide 31-34 / 39-42 at 8 warps. A model of the issue rate,
     not a measurement: ``bench/bench_act_quant.py`` on a GPU decides. Every (KIND, dtype, block)
-    compiles without spills on sm_80 and sm_90 with the ptxas of Triton 3.8 (AOT tests) and of
-    Triton 3.6 (the GPU image's; checked by hand), at <= 128 registers (>= 16 warps resident an SM)
+    compiles without spills on sm_80 and sm_90 with the ptxas of Triton 3.6 (the GPU image's),
+    3.8 and 3.9 (AOT tests; 3.9 takes CUDA 13.4's ptxas for sm_90), at <= 128 registers (>= 16 warps resident an SM)
     for widths that are multiples of 16 (odd widths load scalars: up to ~170 registers), except
     a few words (<= 64 B) that ptxas spills in some several-tile rows to stay at 64 registers.
     """

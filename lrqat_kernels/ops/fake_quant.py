@@ -234,6 +234,19 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _and_scalar(mask, cond):
+    """``mask & cond`` for a block ``mask`` and a scalar ``cond`` (a comparison of scalars), as a select.
+
+    Rule: a scalar condition never meets a block mask through ``&`` / ``|``. Triton's interpreter
+    keeps a scalar comparison as int32 data and broadcasts it as int32, so ``mask & cond`` is an
+    int32 block; Triton 3.9's interpreter rejects an int32 load/store mask ("mask has unsupported
+    dtype"; 3.6 and 3.8 took it). ``tl.where`` keeps the bool dtype of ``mask`` (on a GPU either is
+    one predicate op). Held by tests/test_fake_quant.py under Triton 3.9 (scripts/test_triton_range.sh).
+    """
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
 def _row_tile(tile_m, n_rows, BLOCK_M: tl.constexpr, I64: tl.constexpr):
     """Rows of row tile ``tile_m`` (int64 when offsets can pass 2^31) and their mask."""
     if I64:
@@ -279,7 +292,7 @@ def _load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups,
         offs = rows * n_groups + grp
         # grp == n_groups on the dead tail tiles of a backward band: nothing to load there (the
         # values would be unused, but the last row's load would run one element past the end).
-        qmask = rmask & (grp < n_groups)
+        qmask = _and_scalar(rmask, grp < n_groups)
         s = tl.load(scale_ptr + offs, mask=qmask, other=0.0)[:, None]
         if HAS_ZP:
             zp = tl.load(zp_ptr + offs, mask=qmask, other=0.0)[:, None]
@@ -501,7 +514,7 @@ def _fake_quant_bwd_kernel(
             tile_n = pid_n * tiles_n_per_prog + tn
             cols, cmask, grp, chunk, col0, n_valid = _col_tile(tile_n, in_features, group_size, chunks, BLOCK_N, GPT)
             n_valid = tl.where(tile_n < n_tiles_n, n_valid, 0)
-            cmask = cmask & (tile_n < n_tiles_n)
+            cmask = _and_scalar(cmask, tile_n < n_tiles_n)
             mask = rmask[:, None] & cmask[None, :]
 
             a_tile = _lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
@@ -531,14 +544,14 @@ def _fake_quant_bwd_kernel(
             if GPT == 1:
                 ds_acc += tl.sum(gw, axis=1)
                 flush = (chunk == chunks - 1) | (tn == tiles_n_per_prog - 1)
-                tl.store(ds_band + rows * n_groups + grp, ds_acc, mask=rmask & flush & (tile_n < n_tiles_n))
+                tl.store(ds_band + rows * n_groups + grp, ds_acc, mask=_and_scalar(rmask, flush & (tile_n < n_tiles_n)))
                 ds_acc = tl.where(flush, 0.0, ds_acc)
             else:
                 G: tl.constexpr = BLOCK_N // GPT
                 ds_tile = tl.sum(tl.reshape(gw, (BLOCK_M, GPT, G)), axis=2)
                 gidx = grp + tl.arange(0, GPT)
                 tl.store(ds_band + rows[:, None] * n_groups + gidx[None, :], ds_tile,
-                         mask=rmask[:, None] & (gidx < n_groups)[None, :] & (tile_n < n_tiles_n))
+                         mask=_and_scalar(rmask[:, None] & (gidx < n_groups)[None, :], tile_n < n_tiles_n))
 
         tl.store(db_band + rows[:, None] * rank + rr[None, :], db_acc, mask=rmask[:, None] & rank_mask[None, :])
         # The next row tile revisits this band's dA partial: make this tile's stores visible to
@@ -658,7 +671,10 @@ def fwd_config(out_features: int, in_features: int, rank: int, group_size: int, 
 #: spill-free shapes the tallest wins: each row tile re-reads and re-writes its band's fp32 dA
 #: partial (``R_PAD / BLOCK_M`` words a weight), so ``BLOCK_M`` matters more than ``BLOCK_N``.
 #: fp16 factors share fp32's rows; at R_PAD = 32 (8 warps, so fp16 does not spill) fp32 spills a
-#: few words on sm_90 under Triton 3.6, and at R_PAD = 16 under 3.8.
+#: few words on sm_90 under Triton 3.6, and at R_PAD = 16 under 3.8. Fused fp32 at R_PAD = 128 is
+#: 32 x 16: 32 x 32 spilled 176 B a thread on sm_90 under Triton 3.9 (CUDA 13.4's ptxas) and
+#: 64 x 16 spills on sm_90 under 3.6 and 3.8; 32 x 16 is spill-free on sm_80 / sm_90 under 3.6,
+#: 3.8 and 3.9 (tests/test_aot_compile.py::test_backward_configs_spill_at_most_a_few_words).
 _BWD_TABLE = {
     (True, 16, False): (32, 32, 4), (True, 16, True): (32, 64, 8),
     (True, 32, False): (32, 64, 8), (True, 32, True): (32, 64, 8),
@@ -667,7 +683,7 @@ _BWD_TABLE = {
     (False, 16, False): (32, 32, 4), (False, 16, True): (32, 32, 4),
     (False, 32, False): (32, 64, 8), (False, 32, True): (32, 64, 8),
     (False, 64, False): (32, 32, 8), (False, 64, True): (64, 16, 8),
-    (False, 128, False): (32, 16, 8), (False, 128, True): (32, 32, 8),
+    (False, 128, False): (32, 16, 8), (False, 128, True): (32, 16, 8),
 }
 
 
