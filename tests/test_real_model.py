@@ -13,6 +13,15 @@ import pytest
 pytestmark = pytest.mark.skipif(os.environ.get("LRQAT_SKIP_REAL_MODEL") == "1", reason="LRQAT_SKIP_REAL_MODEL=1")
 
 
+@pytest.fixture(autouse=True)
+def _eager_cpu_path(monkeypatch):
+    """The eager CPU path, as users run it (tests/conftest.py turns the Triton interpreter on for the
+    kernel tests; interpreting a 135M model's kernels would take hours)."""
+    import lrqat_kernels.functions as functions
+
+    monkeypatch.setattr(functions, "_interpreting", lambda: False)
+
+
 def test_smollm2_quick_demo_round_trips_through_third_party_readers(tmp_path):
     from lrqat_kernels.demo_smollm2 import run_real_demo
 
