@@ -67,8 +67,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import fixed_point_frac_bits, qrange
 from ._launch import interpreting, on_device
+from ._triton_quant import PHI_KIND, phi_constexprs
+from ._triton_quant import and_scalar as _and_scalar
+from ._triton_quant import cast as _cast
+from ._triton_quant import center as _center
+from ._triton_quant import decode_phi as _decode_phi
+from ._triton_quant import dequant as _dequant
+from ._triton_quant import dot as _dot
+from ._triton_quant import int_to_f32 as _int_to_f32
+from ._triton_quant import round_clip as _round_clip
+from ._triton_quant import round_half_even as _round_half_even
+from ._triton_quant import to_bf16_rne as _to_bf16_rne
 
 __all__ = [
     "FwdConfig",
@@ -87,9 +97,6 @@ __all__ = [
     "interpreting",
 ]
 
-#: ``phi_format`` -> the kernels' ``PHI_KIND`` constexpr.
-PHI_KIND = {"packed_int": 0, "fixed_point": 1, "bf16": 2, "fp16": 2, "fp32": 2}
-
 #: Rank slice of the forward's low-rank product for fp32 factors (:func:`_lowrank_chunked`).
 FMA_RANK_CHUNK = 32
 
@@ -98,12 +105,6 @@ FMA_RANK_CHUNK = 32
 MAX_RANK = 128
 
 _INT32_LIMIT = 2**31 - 1
-
-# 1.5 * 2^23: adding and subtracting it rounds an fp32 |x| < 2^22 to the nearest integer, ties to
-# even, in the default rounding mode (the sum lands in [2^23, 2^24), where the ulp is 1).
-_RNE_MAGIC = 12582912.0
-_RNE_LIMIT = 4194304.0  # 2^22; beyond it every fp32 is far outside any grid (|q| <= 128)
-
 
 #: Tests set this to run the GPU tile tables under the interpreter (the exact constexprs a GPU
 #: gets, on a CPU); by default the interpreter uses small tiles so small shapes span many tiles.
@@ -116,134 +117,8 @@ def small_tiles(interpret: bool) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantiser math: small helpers, one rule each (new modes add a helper, not a kernel)
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _int_to_f32(u, OFFSET: tl.constexpr):
-    """``u - OFFSET`` as fp32 for int32 ``u`` in ``[0, 2^23)``, exactly: OR-ing ``u`` into the
-    mantissa of 2^23 (ulp 1) gives ``2^23 + u``, one FADD removes the offsets. Replaces an
-    int -> float conversion (I2F: 16 a clock per SM on sm_80 / sm_90, an eighth of the FP32 rate)."""
-    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-
-
-@triton.jit
-def _decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid,
-                PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Phi0 tile ``[BM, BN]`` in fp32 grid units (exact for every format).
-
-    ``row_off``: ``[BM, 1]`` element (packed: byte) offsets of the rows; ``cols``/``cmask``:
-    ``[BN]``; ``col0``/``n_valid``: the tile's first column and how many of its columns exist.
-    """
-    mask = rmask[:, None] & cmask[None, :]
-    if PHI_KIND == 0:
-        # packed_int: column 2j is the low nibble of byte j, 2j+1 the high one (formats.py).
-        if PACKED_PAIRS:
-            # Tile starts on an even column: load BN/2 whole bytes (vectorised, 0.5 B a weight)
-            # and interleave the two nibbles back into column order.
-            HALF: tl.constexpr = BLOCK_N // 2
-            jj = tl.arange(0, HALF)
-            pmask = rmask[:, None] & (jj < n_valid // 2)[None, :]
-            byte = tl.load(phi_ptr + row_off + (col0 // 2 + jj)[None, :], mask=pmask, other=0).to(tl.int32)
-            lo = _int_to_f32(((byte & 15) ^ 8), 8)  # nibble ^ 8 = code + 8 (two's complement, 4 bits)
-            hi = _int_to_f32(((byte >> 4) ^ 8), 8)
-            return tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_N))
-        else:
-            # Odd group size: a tile may start on a high nibble; two lanes share a byte (L1
-            # merges them, HBM still sees 0.5 byte a weight).
-            byte = tl.load(phi_ptr + row_off + (cols >> 1)[None, :], mask=mask, other=0).to(tl.int32)
-            return _int_to_f32(((byte >> ((cols & 1) * 4)[None, :]) & 15) ^ 8, 8)
-    elif PHI_KIND == 1:
-        # fixed_point Q b.(8-b): code / 2^(8-b), a power of two, so the product is exact.
-        code = tl.load(phi_ptr + row_off + cols[None, :], mask=mask, other=0)
-        return _int_to_f32(code.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80, 128) * PHI_MUL
-    else:
-        return tl.load(phi_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _round_half_even(z):
-    """``torch.round`` on fp32: exact for |z| < 2^22; larger |z|, +-inf and NaN pass through.
-
-    Passing through is exact enough: beyond 2^22 every value clips to the grid's end and is
-    outside the mask, whatever its rounding. Two FADDs, no libdevice (portable to the interpreter).
-    """
-    return tl.where(tl.abs(z) < 4194304.0, (z + 12582912.0) - 12582912.0, z)
-
-
-@triton.jit
-def _round_clip(z, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """``(W_int, M)``: ``clip(round(z), qmin, qmax)`` (NaN stays NaN) and the inclusive mask."""
-    q = _round_half_even(z)
-    inside = (q >= QMIN) & (q <= QMAX)  # False for NaN, as in the reference
-    w_int = tl.where(q < QMIN, QMIN, tl.where(q > QMAX, QMAX, q))
-    return w_int, inside
-
-
-@triton.jit
-def _center(w_int, zp, HAS_ZP: tl.constexpr):
-    """``W_int - z`` (exact: small integers in fp32)."""
-    if HAS_ZP:
-        return w_int - zp
-    else:
-        return w_int
-
-
-@triton.jit
-def _dequant(w_int, s, zp, HAS_ZP: tl.constexpr):
-    """``W_hat = s * (W_int - z)`` in fp32 (one rounding, as the reference)."""
-    return s * _center(w_int, zp, HAS_ZP)
-
-
-@triton.jit
-def _to_bf16_rne(x):
-    """fp32 -> bf16, round to nearest even, from integer ops (the interpreter's cast truncates)."""
-    u = x.to(tl.uint32, bitcast=True)
-    r = u + 0x7FFF + ((u >> 16) & 1)
-    r = tl.where(x != x, u | 0x400000, r)  # NaN stays a (quiet) NaN
-    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Cast fp32 ``x`` to ``DTYPE`` with IEEE round-to-nearest-even on every backend."""
-    if INTERPRET and DTYPE == tl.bfloat16:
-        return _to_bf16_rne(x)
-    else:
-        return x.to(DTYPE)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation.
-
-    ``DOT_FP32``: widen the operands to fp32 and use an IEEE dot (fp32 factors: never TF32;
-    the interpreter: its 16-bit arithmetic is not IEEE). Otherwise 16-bit operands go to the
-    tensor cores with fp32 accumulation; products of 16-bit values are exact in fp32 either way.
-    """
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-# ----------------------------------------------------------------------------------------------
 # Tile plumbing shared by every kernel (fused GEMMs in fused_linear.py included)
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _and_scalar(mask, cond):
-    """``mask & cond`` for a block ``mask`` and a scalar ``cond`` (a comparison of scalars), as a select.
-
-    Rule: a scalar condition never meets a block mask through ``&`` / ``|``. Triton's interpreter
-    keeps a scalar comparison as int32 data and broadcasts it as int32, so ``mask & cond`` is an
-    int32 block; Triton 3.9's interpreter rejects an int32 load/store mask ("mask has unsupported
-    dtype"; 3.6 and 3.8 took it). ``tl.where`` keeps the bool dtype of ``mask`` (on a GPU either is
-    one predicate op). Held by tests/test_fake_quant.py under Triton 3.9 (scripts/test_triton_range.sh).
-    """
-    return tl.where(cond, mask, False)
 
 
 @triton.jit
@@ -847,15 +722,6 @@ def _qparams(scale: torch.Tensor, zero_point: torch.Tensor | None):
     s = scale.to(torch.float32).contiguous()
     zp = None if zero_point is None else zero_point.to(torch.float32).contiguous()
     return s, zp
-
-
-def phi_constexprs(bits: int, phi_format: str, group_size: int, gpt: int) -> dict:
-    """The quantiser constexprs every kernel takes (format, grid, packed-pair mode)."""
-    qmin, qmax = qrange(bits)
-    phi_mul = 1.0 / (1 << fixed_point_frac_bits(bits)) if phi_format == "fixed_point" else 1.0
-    # Tiles start on even columns unless one-group-a-tile with an odd group size.
-    pairs = gpt > 1 or group_size % 2 == 0
-    return dict(PHI_KIND=PHI_KIND[phi_format], PHI_MUL=phi_mul, PACKED_PAIRS=pairs, QMIN=qmin, QMAX=qmax)
 
 
 def _dot_fp32(lora_dtype: torch.dtype, interpret: bool) -> bool:
