@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-exec "${LRQAT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q tests "$@"
+exec "${LRQAT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -rs tests "$@"
