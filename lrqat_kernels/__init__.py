@@ -1,40 +1,73 @@
 """lrqat_kernels: fused kernels for Low-Rank Quantization-Aware Training (LR-QAT) of LLMs.
 
-Public API only; the compiled extension ``lrqat_kernels._C`` is loaded lazily and its absence
-never breaks ``import lrqat_kernels`` (see ``_ext.py``).
+Public API only, and lazy (PEP 562): ``import lrqat_kernels`` imports neither torch nor Triton
+nor the compiled extension ``_C``; each public name imports its home module on first access (``tests/test_imports.py::test_import_is_lazy``). ``_C`` is loaded by the ops that call
+``torch.ops.lrqat.*`` natively (``_ext.load_extension`` / ``require_extension``), and its absence
+never breaks an import.
+
+``_PUBLIC`` below maps each public name to the module that defines it. The package's layers,
+lowest first: formats -> _checks -> reference / ops -> init -> functions -> modules -> api ->
+train -> cli; a module imports only from layers below its own (``tests/test_imports.py``).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from . import _ext
+import importlib
+import importlib.util
 
-# Registers torch.ops.lrqat.* (native schemas + their fakes) when _C is built; never raises.
-_ext.load_extension()
+from ._version import __version__  # noqa: F401
 
-from . import formats, reference  # noqa: F401,E402
-from .formats import (  # noqa: F401
-    BYTES_PER_WEIGHT,
-    PHI_FORMATS,
-    decode_phi,
-    encode_phi,
-    pack_nibbles,
-    qrange,
-    unpack_nibbles,
-)
-from .reference import estimate_scale, lora_init, rtn_quantize, svd_init  # noqa: F401
+#: Public name -> the module (relative to this package) that defines it.
+_PUBLIC = {
+    # storage formats of Phi0
+    "BYTES_PER_WEIGHT": "formats",
+    "PHI_FORMATS": "formats",
+    "decode_phi": "formats",
+    "encode_phi": "formats",
+    "pack_nibbles": "formats",
+    "qrange": "formats",
+    "unpack_nibbles": "formats",
+    # initialisation
+    "estimate_scale": "init",
+    "lora_init": "init",
+    "rtn_quantize": "init",
+    "svd_init": "init",
+    # fused ops (Triton on CUDA / TRITON_INTERPRET=1, eager reference math on CPU)
+    "fake_quant_weight": "functions",
+    "lrqat_linear": "functions",
+    "merge_weight": "functions",
+    "fake_quant_activation": "ops.act_quant",
+    "rms_norm_fake_quant": "ops.norm_act_quant",
+    "swiglu_fake_quant": "ops.swiglu_act_quant",
+    "int4_linear": "ops.int4_linear",
+    # modules and the model-level API
+    "LRQATConfig": "config",
+    "LRQATLinear": "modules",
+    "QuantizedLinear": "modules",
+    "ActQuantRMSNorm": "act_modules",
+    "ActQuantMLP": "act_modules",
+    "prepare": "api",
+    "convert": "api",
+    "print_trainable_parameters": "api",
+    "save_pretrained": "api",
+    "load_pretrained": "api",
+}
 
-# The fused paths (Triton on CUDA / TRITON_INTERPRET, eager reference math on CPU) share the
-# reference's signatures; functions.py registers the torch.ops.lrqat.* ops they run on.
-from .functions import fake_quant_weight, lrqat_linear, merge_weight  # noqa: F401
+__all__ = list(_PUBLIC)
 
-# Model-level API (modules, prepare/convert, save/load). Appended last: modules call the ops above
-# through the package attribute at call time, so the fused dispatchers apply transparently.
-from .config import LRQATConfig  # noqa: E402,F401
-from .modules import LRQATLinear, QuantizedLinear  # noqa: E402,F401
-from .api import convert, load_pretrained, prepare, print_trainable_parameters, save_pretrained  # noqa: E402,F401
-from .ops.int4_linear import int4_linear  # noqa: E402,F401  (deployment INT4 GEMM: C++ on CPU, GPU hook on CUDA)
-from .ops.act_quant import fake_quant_activation  # noqa: E402,F401
-from .ops.norm_act_quant import rms_norm_fake_quant  # noqa: E402,F401
-from .modules import ActQuantRMSNorm  # noqa: E402,F401
-from .ops.swiglu_act_quant import swiglu_fake_quant  # noqa: E402,F401
-from .modules import ActQuantMLP  # noqa: E402,F401
+
+def __getattr__(name: str):
+    """Import the home module of a public name (or a submodule) on first access, then cache it."""
+    home = _PUBLIC.get(name)
+    if home is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    elif name != "_C" and not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")  # a submodule (_C: only through _ext)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

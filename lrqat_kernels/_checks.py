@@ -157,3 +157,61 @@ def check_linear_args(x, bias, shapes: LRQATShapes, lora_dtype, device) -> None:
             raise ValueError(f"bias must be [out] = [{shapes.out_features}], got {tuple(bias.shape)}")
         if bias.device != device:
             raise ValueError(f"bias must be on {device}, got {bias.device}")
+
+
+# ---- activation quantisation (weight-activation LR-QAT) ----------------------------------------
+
+ACT_BITS = (4, 8)
+
+
+def check_act_bits(name: str, bits, *, optional: bool = False) -> None:
+    """``bits`` an int in :data:`ACT_BITS` (None too when ``optional``); 8.0 or True are refused."""
+    if optional and bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ACT_BITS:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}one of {ACT_BITS} (a Python int), "
+                         f"got {bits!r}")
+
+
+def check_act_args(x, bits, symmetric) -> None:
+    """The arguments of ``fake_quant_activation``: ``x`` a float tensor ``[..., hidden]`` with
+    ``hidden >= 1``, ``bits`` in :data:`ACT_BITS`, ``symmetric`` a bool."""
+    check_tensor("x", x)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    check_act_bits("bits", bits)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+
+
+def check_rms_norm_args(x, weight, eps) -> None:
+    """The arguments of ``rms_norm_fake_quant``: float ``x`` ``[..., hidden]``, float ``weight``
+    ``[hidden]`` on x's device, ``eps`` a float >= 0."""
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    if not x.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"x and weight must be floating-point, got {x.dtype} and {weight.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [hidden] = [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}: they must share a device")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+
+
+def check_swiglu_args(gate, up) -> None:
+    """The arguments of ``swiglu_fake_quant``: ``gate`` and ``up`` float tensors of one dtype,
+    shape ``[..., intermediate]`` and device."""
+    check_tensor("gate", gate)
+    check_tensor("up", up)
+    if not gate.is_floating_point() or gate.dtype != up.dtype:
+        raise TypeError(f"gate and up must be floating-point tensors of one dtype, got {gate.dtype} and {up.dtype}")
+    if gate.shape != up.shape or gate.dim() < 1 or gate.shape[-1] < 1:
+        raise ValueError(f"gate and up must have one non-empty shape [..., intermediate], got {tuple(gate.shape)} "
+                         f"and {tuple(up.shape)}")
+    if gate.device != up.device:
+        raise ValueError(f"gate is on {gate.device}, up on {up.device}: they must share a device")

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .formats import PHI_FORMATS, check_bits, check_phi_format
-from .reference import check_act_bits, parse_range_method
+from ._checks import check_act_bits
+from .init import parse_range_method
 
 __all__ = ["LRQATConfig", "COMPUTE_DTYPES", "PRESETS", "resolve_dtype"]
 
@@ -70,13 +71,14 @@ class LRQATConfig:
         alpha: ``C = alpha / r * lora_B @ lora_A`` (paper default 1.0).
         phi_format: storage of the frozen ``Phi0`` (``formats.PHI_FORMATS``).
         range_method: range estimator for ``s0``: ``"minmax"`` or ``"lp:<p>"`` (default ``"lp:4"``).
-        init: ``"lora"`` (``lora_B = 0``) or ``"svd"`` (LoftQ-style, ``svd_steps`` alternations:
-            ``Phi0 + C`` fits ``W0 / s0`` better than ``Phi0`` alone, but the forward rounds it. With
-            an integer ``Phi0`` (``packed_int``) ``W_int`` then differs from RTN only where
-            ``|C| > 0.5``, and each such flip moves a weight off its nearest grid point: the step-0
-            ``W_hat`` is 2-4 % worse than RTN in squared error at 4 bits, more with more steps (a
-            review's measurement, 128 x 256, r = 32). After training the paper found ``T = 1`` to
-            recover INT-3's loss, and more steps or 4 bits not to help.)
+        init: ``"lora"`` (``lora_B = 0``) or ``"svd"`` (LoftQ-style, ``svd_steps`` alternations).
+            SVD init makes ``Phi0 + C`` fit ``W0 / s0`` better than ``Phi0`` alone
+            (``tests/test_reference.py::test_svd_init_reduces_error``,
+            ``tests/test_modules.py::test_svd_init_captures_fraction_for_packed_int``), but the
+            forward rounds it: with an integer ``Phi0`` (``packed_int``) ``W_int`` differs from RTN
+            only where ``|C| > 0.5``, and each such flip moves a weight off its nearest grid point,
+            so the step-0 ``W_hat`` can be worse than RTN's. The paper found ``T = 1`` to recover
+            INT-3's loss after training, and more steps or 4 bits not to help.
         svd_steps: alternations ``T`` of the SVD init.
         target_modules: None for every ``nn.Linear``; else a list of names. A name ``k`` matches
             module ``n`` when ``n == k``, ``n`` ends with ``"." + k`` or ``re.fullmatch(k, n)``.

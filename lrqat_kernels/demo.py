@@ -124,7 +124,7 @@ def rtn_model(model: nn.Module, bits: int, range_method: str = "lp:4", exclude=(
               group_size: int | None = None) -> nn.Module:
     """Copy of ``model`` with every targeted ``nn.Linear`` weight replaced by its RTN quantization
     (symmetric, per channel or per group of ``group_size`` input columns)."""
-    from .reference import estimate_scale, rtn_quantize
+    from .init import estimate_scale, rtn_quantize
 
     m = copy.deepcopy(model)
     for name, mod in m.named_modules():
@@ -231,7 +231,10 @@ class ThreadTuner:
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool = True, threads: int | None = None,
              overrides: dict | None = None, plot: bool = True) -> dict:
     """Run the demo (see module docstring); returns the results dict also written to ``results.json``."""
-    from . import BYTES_PER_WEIGHT, LRQATConfig, QuantizedLinear, convert, prepare, save_pretrained
+    from .api import convert, prepare, save_pretrained
+    from .config import LRQATConfig
+    from .formats import BYTES_PER_WEIGHT
+    from .modules import QuantizedLinear
     from .data import ByteTokenizer, WindowSampler, evaluate_perplexity
     from .train import fit
 

@@ -9,11 +9,14 @@ with ``Phi0 = phi(W0 / s0 + z)`` frozen (a buffer, stored per ``phi_format``), `
 ``lora_B`` and ``s`` trainable. ``QuantizedLinear`` holds the fused result ``W_int`` (packed two
 nibbles a byte for ``bits <= 4``) with ``s`` (and ``z``): ``y = x @ (s * (W_int - z))^T + bias``.
 
-Both forward through the package-level functions at call time (``lrqat_kernels.lrqat_linear``,
-``lrqat_kernels.merge_weight``, ``lrqat_kernels.int4_linear`` when it exists), so the fused
-Triton dispatchers replace the eager reference transparently; :meth:`QuantizedLinear.from_lrqat`
+Both forward through the dispatchers (``lrqat_kernels.functions.lrqat_linear`` / ``merge_weight``,
+``lrqat_kernels.ops.int4_linear.int4_linear``; looked up by ``act_modules._op``), so the fused
+Triton kernels replace the eager reference transparently; :meth:`QuantizedLinear.from_lrqat`
 uses ``merge_weight``, which computes ``W_int`` by the training forward's code path on that
 device: the deployed integers are bit-identical to the ones training used.
+
+The activation-quantising layers ``ActQuantRMSNorm`` / ``ActQuantMLP`` live in ``act_modules.py``
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -25,24 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_group_size
+from .act_modules import ActQuantMLP, ActQuantRMSNorm, _act_repr, _op, _op_home, _quant_act, _set_act_quant
 from .formats import PHI_DTYPES, check_bits, check_phi_format, encode_phi, pack_nibbles, qrange, unpack_nibbles
-from .reference import check_act_bits, estimate_scale, expand_groups, lora_init, svd_init
+from .init import estimate_scale, lora_init, svd_init
+from .reference import expand_groups
 
 __all__ = ["ActQuantMLP", "ActQuantRMSNorm", "LRQATLinear", "QuantizedLinear"]
-
-
-def _op(name: str):
-    """``lrqat_kernels.functions.<name>`` when that module is loaded and has it, else the package attribute.
-
-    Looked up at every call so the fused dispatchers apply as soon as they are installed.
-    """
-    import sys
-
-    import lrqat_kernels
-
-    functions = sys.modules.get("lrqat_kernels.functions")
-    fn = getattr(functions, name, None) if functions is not None else None
-    return fn if fn is not None else getattr(lrqat_kernels, name)
 
 
 def _check_layer_args(in_features, out_features, bits, phi_format, group_size, rank, where):
@@ -63,31 +54,6 @@ def _check_layer_args(in_features, out_features, bits, phi_format, group_size, r
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"{where}rank must be an int >= 1, got {rank!r}")
     return g
-
-
-def _set_act_quant(mod: nn.Module, input_bits, output_bits, act_symmetric) -> None:
-    """Weight-activation settings of a layer: per-token fake quantisation of its input
-    (``input_bits``) and of its output (``output_bits``: the KV cache on k/v projections)."""
-    for name, val in (("input_bits", input_bits), ("output_bits", output_bits)):
-        check_act_bits(name, val, optional=True)
-    if not isinstance(act_symmetric, bool):
-        raise TypeError(f"act_symmetric must be a bool, got {act_symmetric!r}")
-    mod.input_bits, mod.output_bits, mod.act_symmetric = input_bits, output_bits, act_symmetric
-
-
-def _quant_act(x: torch.Tensor, bits, symmetric: bool) -> torch.Tensor:
-    return x if bits is None else _op("fake_quant_activation")(x, bits, symmetric)
-
-
-def _act_repr(mod) -> str:
-    parts = []
-    if mod.input_bits is not None:
-        parts.append(f"input_bits={mod.input_bits}")
-    if mod.output_bits is not None:
-        parts.append(f"output_bits={mod.output_bits}")
-    if parts and mod.act_symmetric:
-        parts.append("act_symmetric=True")
-    return "".join(", " + p for p in parts)
 
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -482,9 +448,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
             return None
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # fp64: the exact dequantise path
             return None
-        import lrqat_kernels
-
-        fn = getattr(lrqat_kernels, "int4_linear", None)
+        fn = getattr(_op_home("int4_linear"), "int4_linear", None)
         if fn is None:
             return None
         # The CPU kernel takes per-channel scales or groups that are a multiple of 8 columns.
@@ -523,89 +487,3 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {gran}, "
             f"symmetric={self.symmetric}, bias={self.bias is not None}, storage={store}{_act_repr(self)}"
         )
-
-
-class ActQuantRMSNorm(nn.Module):
-    """LLaMA's RMSNorm whose output is fake-quantised per token (weight-activation LR-QAT).
-
-    Installed by ``prepare`` in place of a decoder layer's ``input_layernorm`` (output: the input
-    of q/k/v) and ``post_attention_layernorm`` (output: the input of gate/up) when
-    ``LRQATConfig.act_bits`` is set and ``fuse_act_quant`` is on (the default), so the shared input of those linears is quantised once, in the
-    norm's kernel (``lrqat_kernels.rms_norm_fake_quant``: Triton on CUDA / TRITON_INTERPRET=1;
-    on CPU the reference, op for op, bit-identical to the norm followed by the quantiser).
-    The linears it feeds then have ``input_bits=None``.
-
-    It keeps the original module's ``weight`` Parameter (same object, same state-dict key) and
-    ``variance_epsilon``; ``output_bits=None`` makes it a plain RMSNorm.
-
-    Shapes: ``x`` ``[..., hidden]`` -> ``[..., hidden]`` in ``promote_types(x.dtype, weight.dtype)``.
-    """
-
-    def __init__(self, weight: nn.Parameter, eps: float, output_bits: int | None = 8, act_symmetric: bool = False):
-        super().__init__()
-        self.weight = weight
-        self.variance_epsilon = float(eps)
-        _set_act_quant(self, None, output_bits, act_symmetric)
-
-    @classmethod
-    def from_norm(cls, norm: nn.Module, output_bits: int | None, act_symmetric: bool = False) -> "ActQuantRMSNorm":
-        """Wrap a transformers ``*RMSNorm`` (``weight`` ``[hidden]`` and ``variance_epsilon``)."""
-        weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
-            raise TypeError(f"{type(norm).__name__} is not an RMSNorm with weight [hidden] and variance_epsilon")
-        return cls(weight, eps, output_bits, act_symmetric)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .reference import rms_norm
-
-        if self.output_bits is None:
-            return rms_norm(x, self.weight, self.variance_epsilon)
-        return _op("rms_norm_fake_quant")(x, self.weight, self.variance_epsilon, self.output_bits, self.act_symmetric)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}" + _act_repr(self)
-
-
-class ActQuantMLP(nn.Module):
-    """LLaMA's MLP, ``down_proj(silu(gate_proj(x)) * up_proj(x))``, with the product (the input
-    of ``down_proj``) fake-quantised per token where it is made (weight-activation LR-QAT).
-
-    Installed by ``prepare`` in place of a LLaMA / Mistral / Qwen2 decoder layer's ``mlp`` when
-    ``LRQATConfig.act_bits`` is set (and ``fuse_act_quant``): one kernel
-    (``lrqat_kernels.swiglu_fake_quant``: Triton on CUDA / TRITON_INTERPRET=1; on CPU the
-    reference, op for op) replaces silu, the product and ``down_proj``'s input quantiser;
-    ``down_proj`` then has ``input_bits=None``. It keeps the original ``gate_proj``, ``up_proj``,
-    ``down_proj`` and ``act_fn`` modules (same state-dict keys); ``output_bits=None`` makes it the
-    plain MLP.
-
-    Shapes: ``x`` ``[..., hidden]`` -> ``[..., hidden]``.
-    """
-
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, act_fn: nn.Module | None = None,
-                 output_bits: int | None = 8, act_symmetric: bool = False):
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
-        self.act_fn = act_fn if act_fn is not None else nn.SiLU()
-        _set_act_quant(self, None, output_bits, act_symmetric)
-
-    @staticmethod
-    def is_swiglu(mlp: nn.Module) -> bool:
-        """True for a transformers gated-SiLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, SiLU ``act_fn``)."""
-        act = getattr(mlp, "act_fn", None)
-        return (all(isinstance(getattr(mlp, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-                and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"))
-
-    @classmethod
-    def from_mlp(cls, mlp: nn.Module, output_bits: int | None, act_symmetric: bool = False) -> "ActQuantMLP":
-        if not cls.is_swiglu(mlp):
-            raise TypeError(f"{type(mlp).__name__} is not a gate/up/down MLP with a SiLU act_fn")
-        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, output_bits, act_symmetric)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.output_bits is None:
-            return self.down_proj(self.act_fn(gate) * up)
-        return self.down_proj(_op("swiglu_fake_quant")(gate, up, self.output_bits, self.act_symmetric))
-
-    def extra_repr(self) -> str:
-        return _act_repr(self).lstrip(", ")

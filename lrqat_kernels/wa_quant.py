@@ -6,10 +6,10 @@ Placement (paper section 4.4 / appendix B, following OmniQuant and LLM-QAT), for
 * the input of every swapped linear (q/k/v, o, gate/up, down projections) at ``act_bits``:
   ``LRQATLinear.input_bits`` / ``QuantizedLinear.input_bits``. On LLaMA / Mistral / Qwen2 decoder
   layers (``config.fuse_act_quant``, default) the shared input of q/k/v is quantised once, by
-  ``input_layernorm`` (an :class:`~lrqat_kernels.modules.ActQuantRMSNorm`, norm and quantiser in
+  ``input_layernorm`` (an :class:`~lrqat_kernels.act_modules.ActQuantRMSNorm`, norm and quantiser in
   one kernel), and that of gate/up by ``post_attention_layernorm``; those five linears then have
   ``input_bits=None``; likewise the input of ``down_proj`` is quantised by the MLP that makes it
-  (an :class:`~lrqat_kernels.modules.ActQuantMLP`: silu, product and quantiser in one kernel), so
+  (an :class:`~lrqat_kernels.act_modules.ActQuantMLP`: silu, product and quantiser in one kernel), so
   only ``o_proj`` quantises its own input. Same numerics: the quantiser is a function of the
   tensor alone;
 * queries and keys after RoPE, the inputs of ``Q K^T``, at ``act_bits``: an attention function
@@ -22,7 +22,8 @@ Placement (paper section 4.4 / appendix B, following OmniQuant and LLM-QAT), for
   of those layers. The value states enter ``softmax(.) V`` already quantised this way;
 * not the softmax output (the paper keeps it in high precision), not the head (``lm_head``).
 
-Every quantiser is dynamic per-token fake quantisation (``lrqat_kernels.fake_quant_activation``).
+Every quantiser is dynamic per-token fake quantisation (``lrqat_kernels.fake_quant_activation``,
+looked up in ``lrqat_kernels.ops.act_quant`` at call time).
 The settings live on the modules, so ``convert`` keeps them (deployed numerics = trained
 numerics) and a saved checkpoint restores them.
 """
@@ -34,7 +35,8 @@ import warnings
 
 import torch.nn as nn
 
-from .modules import ActQuantMLP, ActQuantRMSNorm, LRQATLinear, QuantizedLinear
+from .act_modules import ActQuantMLP, ActQuantRMSNorm, _op
+from .modules import LRQATLinear, QuantizedLinear
 
 ATTN_IMPL_PREFIX = "lrqat_"
 #: Attention implementations the q/k-quantising wrapper can run inside.
@@ -53,13 +55,12 @@ def _is_attention(m: nn.Module) -> bool:
 def _lrqat_attention(module, query, key, value, attention_mask, **kwargs):
     """``AttentionInterface`` entry: quantise queries and keys (after RoPE), then run the
     model's original attention implementation (``module.lrqat_inner_attn``)."""
-    import lrqat_kernels
-
     bits = getattr(module, "lrqat_qk_bits", None)
     if bits is not None:
         sym = module.lrqat_act_symmetric
-        query = lrqat_kernels.fake_quant_activation(query, bits, sym)
-        key = lrqat_kernels.fake_quant_activation(key, bits, sym)
+        quant = _op("fake_quant_activation")
+        query = quant(query, bits, sym)
+        key = quant(key, bits, sym)
     inner = getattr(module, "lrqat_inner_attn", "sdpa")
     if inner == "eager":
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward")

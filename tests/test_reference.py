@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from lrqat_kernels import init as I
 from lrqat_kernels import reference as R
 from lrqat_kernels.config import LRQATConfig
 from lrqat_kernels.formats import decode_phi, encode_phi, qrange
@@ -179,7 +180,7 @@ def test_merge_reproduces_forward(phi_format, bits):
     torch.manual_seed(3)
     out, in_, r = 6, 16, 4
     w0 = torch.randn(out, in_)
-    s0 = R.estimate_scale(w0, bits, "minmax", group_size=8)
+    s0 = I.estimate_scale(w0, bits, "minmax", group_size=8)
     x = w0 / R.expand_groups(s0, 8)
     phi = encode_phi(x, bits, phi_format)
     a, b = torch.randn(r, in_), torch.randn(out, r) * 0.5
@@ -194,7 +195,7 @@ def test_merge_reproduces_forward(phi_format, bits):
 
 def test_out_dtype_and_linear_dtype():
     phi = encode_phi(torch.randn(4, 8), 4, "bf16")
-    a, b = R.lora_init(4, 8, 2, dtype=torch.bfloat16)
+    a, b = I.lora_init(4, 8, 2, dtype=torch.bfloat16)
     s = torch.full((4, 1), 0.1)
     assert R.fake_quant_weight(phi, a, b, s, bits=4, phi_format="bf16", alpha=1.0).dtype == torch.bfloat16
     x = torch.randn(2, 8, dtype=torch.float16)
@@ -202,7 +203,7 @@ def test_out_dtype_and_linear_dtype():
 
 
 def test_lora_init_is_zero_product():
-    a, b = R.lora_init(7, 9, 3)
+    a, b = I.lora_init(7, 9, 3)
     assert a.shape == (3, 9) and b.shape == (7, 3)
     assert torch.all(b == 0) and a.abs().max() <= 1 / math.sqrt(9)
     assert torch.all(R.lowrank_product(a, b, 1.0) == 0)
@@ -228,11 +229,11 @@ def test_nan_and_inf_propagation():
 
 def test_minmax_symmetric_and_asymmetric():
     w = torch.tensor([[-1.0, 0.5, 0.25, 0.7], [2.0, -0.1, 0.3, 3.5]])
-    s = R.estimate_scale(w, 4, "minmax")
+    s = I.estimate_scale(w, 4, "minmax")
     torch.testing.assert_close(s, torch.tensor([[1.0 / 7], [3.5 / 7]]))
-    s_g = R.estimate_scale(w, 4, "minmax", group_size=2)
+    s_g = I.estimate_scale(w, 4, "minmax", group_size=2)
     torch.testing.assert_close(s_g, torch.tensor([[1.0 / 7, 0.7 / 7], [2.0 / 7, 3.5 / 7]]))
-    s_a, z = R.estimate_scale(w, 2, "minmax", symmetric=False)
+    s_a, z = I.estimate_scale(w, 2, "minmax", symmetric=False)
     torch.testing.assert_close(s_a, torch.tensor([[1.7 / 3], [3.6 / 3]]))
     # z = round(qmin - min / s): row 0: -2 + 1/(1.7/3) = -0.235 -> 0; row 1: -2 + 0.1/1.2 -> -2
     assert z.flatten().tolist() == [0.0, -2.0]
@@ -246,9 +247,9 @@ def test_asymmetric_range_of_a_one_signed_group_still_covers_it(method):
     w = torch.tensor([[1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30, 1.40],
                       [-2.0, -1.9, -1.7, -1.6, -1.5, -1.3, -1.2, -1.1],
                       [0.7] * 8, [-0.3] * 8])
-    s, z = R.estimate_scale(w, 4, method, symmetric=False)
+    s, z = I.estimate_scale(w, 4, method, symmetric=False)
     assert torch.all((-8 <= z) & (z <= 7))
-    err = (R.rtn_quantize(w, s, bits=4, zero_point=z) - w).abs()
+    err = (I.rtn_quantize(w, s, bits=4, zero_point=z) - w).abs()
     assert torch.all(err <= s / 2 + 1e-6)
     assert torch.all(err[2:] <= 1e-6)
 
@@ -258,10 +259,10 @@ def test_lp_search_by_hand():
     # For s in (0.3, 0.6): err = 99 (0.3 - s)^2 + (1 - s)^2; minimum over k is k = 31 (hand-computed:
     # k=30: 0.49, k=31: 0.4860, k=32: 0.5020).
     w = torch.tensor([[1.0] + [0.3] * 99])
-    s = R.estimate_scale(w, 2, "lp:2")
+    s = I.estimate_scale(w, 2, "lp:2")
     torch.testing.assert_close(s, torch.tensor([[0.31]]))
     # A larger p weighs the outlier more and picks a wider range.
-    picked = [R.estimate_scale(w, 2, f"lp:{p}").item() for p in (2, 3, 4, 5, 12)]
+    picked = [I.estimate_scale(w, 2, f"lp:{p}").item() for p in (2, 3, 4, 5, 12)]
     assert picked == sorted(picked) and picked[-1] > 0.6
 
 
@@ -270,16 +271,16 @@ def test_lp_beats_minmax_and_asymmetric_search():
     w = torch.randn(16, 64) * torch.rand(16, 1)
     w[:, 0] *= 8  # outliers
     for p in (2.0, 2.4, 3.0, 3.5, 4.0, 5.0):
-        s_lp = R.estimate_scale(w, 3, f"lp:{p}")
-        s_mm = R.estimate_scale(w, 3, "minmax")
-        e_lp = (R.rtn_quantize(w, s_lp, bits=3) - w).abs().pow(p).sum(1)
-        e_mm = (R.rtn_quantize(w, s_mm, bits=3) - w).abs().pow(p).sum(1)
+        s_lp = I.estimate_scale(w, 3, f"lp:{p}")
+        s_mm = I.estimate_scale(w, 3, "minmax")
+        e_lp = (I.rtn_quantize(w, s_lp, bits=3) - w).abs().pow(p).sum(1)
+        e_mm = (I.rtn_quantize(w, s_mm, bits=3) - w).abs().pow(p).sum(1)
         assert torch.all(e_lp <= e_mm + 1e-6)
-    s_a, z = R.estimate_scale(w + 0.5, 2, "lp:2.4", symmetric=False, group_size=16)
+    s_a, z = I.estimate_scale(w + 0.5, 2, "lp:2.4", symmetric=False, group_size=16)
     assert s_a.shape == z.shape == (16, 4)
-    s_m, z_m = R.estimate_scale(w + 0.5, 2, "minmax", symmetric=False, group_size=16)
-    e_a = (R.rtn_quantize(w + 0.5, s_a, bits=2, zero_point=z, group_size=16) - w - 0.5).abs().pow(2.4).sum()
-    e_m = (R.rtn_quantize(w + 0.5, s_m, bits=2, zero_point=z_m, group_size=16) - w - 0.5).abs().pow(2.4).sum()
+    s_m, z_m = I.estimate_scale(w + 0.5, 2, "minmax", symmetric=False, group_size=16)
+    e_a = (I.rtn_quantize(w + 0.5, s_a, bits=2, zero_point=z, group_size=16) - w - 0.5).abs().pow(2.4).sum()
+    e_m = (I.rtn_quantize(w + 0.5, s_m, bits=2, zero_point=z_m, group_size=16) - w - 0.5).abs().pow(2.4).sum()
     assert e_a < e_m
 
 
@@ -290,7 +291,7 @@ def test_range_method_must_be_a_usable_lp(method):
     with pytest.raises(ValueError, match="range_method must be 'minmax' or 'lp:<p>'"):
         LRQATConfig(range_method=method).validate()
     with pytest.raises(ValueError, match="method must be"):
-        R.estimate_scale(torch.randn(4, 8), 4, method)
+        I.estimate_scale(torch.randn(4, 8), 4, method)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -304,7 +305,7 @@ def test_lp_search_is_exhaustive_and_scale_free(symmetric, magnitude):
     w0[:, 3] *= 6  # outliers
     bits, qmin, qmax = 4, -8, 7
     for p in (2.0, 5.0, 32.0):
-        got = R.estimate_scale((w0 * magnitude).float(), bits, f"lp:{p}", symmetric=symmetric)
+        got = I.estimate_scale((w0 * magnitude).float(), bits, f"lp:{p}", symmetric=symmetric)
         w = (w0 * magnitude).float().double()
         best = []
         for row in w:
@@ -336,29 +337,29 @@ def test_estimate_scale_refuses_nan_and_inf():
         w = torch.randn(3, 8)
         w[1, 2] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
-            R.estimate_scale(w, 4, "lp:4")
+            I.estimate_scale(w, 4, "lp:4")
 
 
 def test_rtn_quantize():
     w = torch.tensor([[0.26, -0.74, 1.1, 0.05, -0.9, -1.6]])
     s = torch.tensor([[0.5]])
     # 2 bits: grid [-2, 1]; w / s = [0.52, -1.48, 2.2, 0.1, -1.8, -3.2]
-    assert R.rtn_quantize(w, s, bits=2).tolist() == [[0.5, -0.5, 0.5, 0.0, -1.0, -1.0]]
+    assert I.rtn_quantize(w, s, bits=2).tolist() == [[0.5, -0.5, 0.5, 0.0, -1.0, -1.0]]
     # z = 1: w / s + z = [1.52, -0.48, 3.2, 1.1, -0.8, -2.2] -> [1, 0, 1, 1, -1, -2]; minus z, times s
-    assert R.rtn_quantize(w, s, bits=2, zero_point=torch.tensor([[1.0]])).tolist() == [[0.0, -0.5, 0.0, 0.0, -1.0, -1.5]]
+    assert I.rtn_quantize(w, s, bits=2, zero_point=torch.tensor([[1.0]])).tolist() == [[0.0, -0.5, 0.0, 0.0, -1.0, -1.5]]
 
 
 @pytest.mark.parametrize("phi_format,bits", [("packed_int", 3), ("fixed_point", 4), ("bf16", 2)])
 def test_svd_init_reduces_error(phi_format, bits):
     torch.manual_seed(5)
     w0 = torch.randn(32, 48)
-    s0 = R.estimate_scale(w0, bits, "minmax")
+    s0 = I.estimate_scale(w0, bits, "minmax")
     x = w0 / s0
     plain = encode_phi(x, bits, phi_format)
     err_plain = (x - decode_phi(plain, bits, phi_format)).norm()
     errs = []
     for steps in (1, 3):
-        phi, a, b = R.svd_init(x, 8, bits=bits, phi_format=phi_format, alpha=1.0, steps=steps)
+        phi, a, b = I.svd_init(x, 8, bits=bits, phi_format=phi_format, alpha=1.0, steps=steps)
         assert a.shape == (8, 48) and b.shape == (32, 8)
         errs.append((x - decode_phi(phi, bits, phi_format) - R.lowrank_product(a, b, 1.0)).norm())
     assert errs[0] < err_plain
@@ -452,13 +453,13 @@ def test_bad_input_linear_and_estimators():
         R.lrqat_linear(torch.zeros(2, 8), g["phi"], g["lora_A"], g["lora_B"], g["scale"], torch.zeros(3),
                        bits=4, phi_format="fp32", alpha=1.0)
     with pytest.raises(ValueError, match="method must be"):
-        R.estimate_scale(torch.randn(2, 4), 4, "mse")
+        I.estimate_scale(torch.randn(2, 4), 4, "mse")
     with pytest.raises(ValueError, match="group_size=3 must divide"):
-        R.estimate_scale(torch.randn(2, 4), 4, group_size=3)
+        I.estimate_scale(torch.randn(2, 4), 4, group_size=3)
     with pytest.raises(ValueError, match="rank must be"):
-        R.svd_init(torch.randn(4, 4), 5, bits=4, phi_format="fp32")
+        I.svd_init(torch.randn(4, 4), 5, bits=4, phi_format="fp32")
     with pytest.raises(ValueError, match="rank must be"):
-        R.lora_init(4, 4, 0)
+        I.lora_init(4, 4, 0)
 
 
 def test_reference_sends_no_gradient_to_phi_or_zero_point():

@@ -44,7 +44,7 @@ class _Counter:
             self.calls.append((x.dim(), x.shape[-1], bits))
             return inner(x, bits, symmetric)
 
-        monkeypatch.setattr(lrqat_kernels, "fake_quant_activation", wrapped)
+        monkeypatch.setattr("lrqat_kernels.ops.act_quant.fake_quant_activation", wrapped)  # where layers look it up
 
 
 def test_presets_and_config_validation():
@@ -77,7 +77,7 @@ class _NormCounter:
             self.calls.append((x.shape[-1], bits))
             return inner(x, weight, eps, bits, symmetric)
 
-        monkeypatch.setattr(lrqat_kernels, "rms_norm_fake_quant", wrapped)
+        monkeypatch.setattr("lrqat_kernels.ops.norm_act_quant.rms_norm_fake_quant", wrapped)  # where layers look it up
 
 
 class _SwigluCounter:
@@ -91,7 +91,7 @@ class _SwigluCounter:
             self.calls.append((gate.shape[-1], bits))
             return inner(gate, up, bits, symmetric)
 
-        monkeypatch.setattr(lrqat_kernels, "swiglu_fake_quant", wrapped)
+        monkeypatch.setattr("lrqat_kernels.ops.swiglu_act_quant.swiglu_fake_quant", wrapped)  # where layers look it up
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-linear"])

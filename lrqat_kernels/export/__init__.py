@@ -26,6 +26,7 @@ import warnings
 import torch.nn as nn
 
 from .._io import atomic_replace_dir, atomic_write_json, json_safe, temp_dir_for
+from .._version import __version__
 from ._common import ExportError, QuantLayer, collect_layers, dense_state
 
 __all__ = ["export", "FORMATS", "ExportError", "QuantLayer", "REPORT_FILE"]
@@ -235,9 +236,7 @@ def export(
         report.update(format=format, source=src_dir or type(model).__name__, tokenizer=tok_src,
                       n_quantized_layers=len(layers))
         report["files"] = sorted(set(os.listdir(tmp)) | {REPORT_FILE})
-        import lrqat_kernels
-
-        report["library_version"] = lrqat_kernels.__version__
+        report["library_version"] = __version__
         atomic_write_json(os.path.join(tmp, REPORT_FILE), json_safe(report), sort_keys=True)
         atomic_replace_dir(tmp, out_dir)
     except BaseException:

@@ -28,6 +28,10 @@ saved into ``out_dir``) goes into the GGUF as llama.cpp's converter writes it (`
 ``llama_cpp.py`` runs the file in llama.cpp (logits, perplexity). The checks:
 ``tests/test_export_gguf.py`` (gguf-py's reader for every tensor bit for bit, llama.cpp itself for
 logits, tokenization, generation and perplexity).
+
+Size: one writer, one job: the block encoders, the exactness rules and ``write`` (GGUF metadata,
+tensor order and file type as llama.cpp reads them) only make sense together; the tokenizer
+(``gguf_vocab.py``) and the llama.cpp runner (``llama_cpp.py``) are already apart.
 """
 
 from __future__ import annotations

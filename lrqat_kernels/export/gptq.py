@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_write_json
+from .._version import __version__
 from ._common import ExportError, QuantLayer, check_options, pack_bitstream, plan_head, save_safetensors, scale_rounding
 
 __all__ = ["write", "validate_options", "OPTIONS", "CHECKPOINT_FORMATS", "BITS", "gptq_tensors", "quantization_config"]
@@ -148,8 +149,6 @@ def quantization_config(bits: int, group_size: int | None, sym: bool, checkpoint
     ``dequantize_model`` read ``checkpoint_format`` (missing = v1), GPTQModel's QuantizeConfig and
     transformers' GPTQConfig read ``format``.
     """
-    import lrqat_kernels
-
     return {
         "quant_method": "gptq",
         "bits": bits,
@@ -160,7 +159,7 @@ def quantization_config(bits: int, group_size: int | None, sym: bool, checkpoint
         "checkpoint_format": checkpoint_format,
         "format": checkpoint_format,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"lrqat_kernels:{lrqat_kernels.__version__}"]},
+        "meta": {"quantizer": [f"lrqat_kernels:{__version__}"]},
     }
 
 
