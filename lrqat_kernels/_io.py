@@ -9,6 +9,7 @@ shared cluster others must be able to read a checkpoint as they can read an HF o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -81,6 +82,40 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_content(obj) -> str:
+    """Hex sha256 of a nested value (dicts in their order, lists, tuples, tensors, numbers, strings,
+    None) as it reads back: two objects that ``torch.save`` then ``torch.load`` turn into equal
+    values have the same digest, whatever bytes the file holds. A tensor counts by dtype, shape and
+    the bytes of its values (read in place, no copy through numpy)."""
+    import ctypes
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            if t.numel():
+                h.update((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}:".encode())
+            for k, v in x.items():
+                feed(k)
+                feed(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__[0]}{len(x)}:".encode())
+            for v in x:
+                feed(v)
+        else:
+            r = repr(x)
+            h.update(f"S{type(x).__name__}{len(r)}:{r}".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
 def json_safe(obj):
     """A copy of ``obj`` (dicts, lists, tuples, scalars) with every non-finite float (NaN, +-inf) as None:
     JSON has no NaN / Infinity (``json.dump`` writes bare ``NaN``, which strict parsers refuse)."""
@@ -124,19 +159,79 @@ def temp_dir_for(final_dir: str) -> str:
     return tmp
 
 
-def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
+def fsync_tree(path: str) -> None:
+    """fsync every file under ``path`` and every directory in it (``path`` included), before the tree
+    is renamed into place: what the rename publishes is on disk, whoever wrote the files (HF's
+    ``save_pretrained`` and tokenizers do not fsync)."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                continue
+            with open(full, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the directory entries ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    False where the system or the filesystem cannot (no ``renameat2`` in the C library, EINVAL /
+    ENOSYS / ENOTSUP): the caller falls back to two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"{os.strerror(err)}: exchanging {a} and {b}")
+
+
+def _remove_old(path: str, marker: str | None) -> None:
+    """Remove a replaced directory, its ``marker`` file first: a kill halfway leaves a directory
+    that no longer reads as complete."""
+    if marker is not None:
+        try:
+            os.unlink(os.path.join(path, marker))
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def atomic_replace_dir(tmp_dir: str, final_dir: str, *, marker: str | None = None) -> None:
     """Move a fully written ``tmp_dir`` to ``final_dir``, replacing an existing directory.
 
-    The old directory is renamed aside first and removed only after the new one is in place,
-    so a crash leaves either the old or the new complete directory (plus a ``.old`` leftover).
+    Every file of ``tmp_dir`` is fsynced first (:func:`fsync_tree`). An existing ``final_dir`` is
+    swapped with ``tmp_dir`` in one step where Linux can (``renameat2(RENAME_EXCHANGE)``), so a kill
+    at any point leaves the old or the new complete directory at ``final_dir`` (the old one then sits
+    at ``tmp_dir``, a hidden ``.<name>.tmp-*`` sibling, until it is removed). Elsewhere the old
+    directory is renamed aside to ``<name>.old-<pid>`` first and removed after the new one is in
+    place. ``marker``: the file that marks the directory complete (``lrqat_config.json`` of a
+    checkpoint), removed first from the old directory. Rule and test: tests/test_faults.py::test_sigkill_at_every_write_of_save_pretrained_over_a_checkpoint.
     A symlinked ``final_dir`` is resolved as in :func:`temp_dir_for`: the link's target is
     replaced and the link keeps pointing to it (``tests/test_export.py::test_overwrite_through_a_symlink``).
     """
     final_dir = os.path.realpath(final_dir)
+    fsync_tree(tmp_dir)
     backup = None
     if os.path.lexists(final_dir):
         if not os.path.isdir(final_dir):
             raise ValueError(f"{final_dir} exists and is not a directory")
+        if _exchange(tmp_dir, final_dir):
+            fsync_dir(os.path.dirname(final_dir))
+            _remove_old(tmp_dir, marker)  # the old directory now
+            return
         backup = final_dir + f".old-{os.getpid()}"
         if os.path.islink(backup) or os.path.isfile(backup):
             os.unlink(backup)  # rmtree refuses a symlink
@@ -146,4 +241,4 @@ def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
     os.replace(tmp_dir, final_dir)
     fsync_dir(os.path.dirname(final_dir))
     if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+        _remove_old(backup, marker)

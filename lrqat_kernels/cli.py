@@ -7,20 +7,29 @@ Subcommands:
   lrqat export  --model DIR --format FMT --out DIR               compressed-tensors / gguf / gptq for serving
   lrqat demo    [--out runs/demo] [--quick]                      the end-to-end demo on pydoc topics
 
+:class:`TrainArgs` is what ``lrqat train``'s flags mean (defaults, resolution against an LR-QAT
+checkpoint's config, validation); :func:`lrqat_kernels.train.run_train` runs it.
+
 ``--model`` is a HF model directory (``from_pretrained``, local files only) or a checkpoint
 written by ``lrqat`` (``lrqat_config.json`` present). Text is tokenised with the model
 directory's tokenizer when it has one, else byte-level (ids = UTF-8 bytes; vocab >= 256; a model
 with vocab_size > 256 and no tokenizer files is refused unless --byte-tokens).
+
+Size: about 520 lines: the parser of five sub-commands (about 130 lines of flags) and
+:class:`TrainArgs`, the meaning of the train flags, kept beside the flags it maps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "TrainArgs"]
 
 
 def _optional_int(v: str):
@@ -155,8 +164,194 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ----------------------------------------------------------------------------------------------
+# lrqat train: the arguments
+# ----------------------------------------------------------------------------------------------
+
+
+# Quantization arguments whose ``None`` in :class:`TrainArgs` means "not given": the documented
+# default below for an FP ``--model``, the checkpoint's own value for an LR-QAT ``--model``.
+# ``act_bits`` / ``kv_bits`` / ``compute_dtype`` (None: weight-only / the model's dtype) are
+# "not given" when None too.
+@functools.lru_cache(maxsize=None)
+def _quant_fields() -> tuple[dict, tuple, dict]:
+    """``(defaults, optional, if_changed)`` of the quantization arguments, from :class:`LRQATConfig`'s
+    field defaults (the one source of them; read on first use: ``lrqat --help`` loads no torch)."""
+    from .config import LRQATConfig
+
+    d = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+         for f in dataclasses.fields(LRQATConfig)}
+    defaults = {k: d[k] for k in ("bits", "symmetric", "rank", "alpha", "phi_format", "range_method", "init",
+                                  "svd_steps", "fuse_act_quant")}
+    # None / the default is a value of its own for these: they count as given when they differ from the default.
+    if_changed = {k: d[k] for k in ("group_size", "exclude", "target_modules", "learn_scale")}
+    return defaults, ("act_bits", "kv_bits", "compute_dtype"), if_changed
+
+
+_FLAG = {"symmetric": "--asymmetric", "fuse_act_quant": "--no-fuse-act-quant", "learn_scale": "learn_scale"}
+
+
+@dataclass
+class TrainArgs:
+    """Arguments of ``lrqat train`` (see ``lrqat train --help``).
+
+    The quantization fields left at ``None`` are resolved by :meth:`resolved`: the documented
+    defaults (``bits=4``, ``symmetric=True``, ``rank=32``, ``alpha=1.0``, ``phi_format="fixed_point"``,
+    ``range_method="lp:4"``, ``init="lora"``, ``svd_steps=1``, ``fuse_act_quant=True``) for an FP
+    ``model``, the checkpoint's own config for an LR-QAT ``model``, where a given value that differs
+    from the checkpoint's is an error.
+    """
+
+    model: str
+    data: str
+    out: str
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    phi_format: str | None = None
+    range_method: str | None = None
+    init: str | None = None
+    svd_steps: int | None = None
+    compute_dtype: str | None = None
+    learn_scale: bool = True
+    lr: float = 1e-3
+    lr_scale: float = 1e-5
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_every: int = 0
+    resume: bool = False
+    grad_checkpointing: bool = False
+    eval_data: str | None = None
+    eval_seq_len: int | None = None
+    convert: bool = False
+    stop_after: int | None = None
+    device: str | None = None
+    progress: bool = True
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    target_modules: list[str] | None = None
+    act_bits: int | None = None
+    kv_bits: int | None = None
+    fuse_act_quant: bool | None = None
+    byte_tokens: bool = False  # allow the byte-level fallback for a model with vocab_size > 256
+
+    def lrqat_config(self) -> "LRQATConfig":
+        """The :class:`LRQATConfig` of these arguments (fields left at None get the documented defaults)."""
+        from .config import LRQATConfig
+
+        q = {k: (d if getattr(self, k) is None else getattr(self, k)) for k, d in _quant_fields()[0].items()}
+        return LRQATConfig(
+            **q, group_size=self.group_size, target_modules=self.target_modules, exclude=list(self.exclude),
+            learn_scale=self.learn_scale, compute_dtype=self.compute_dtype, seed=self.seed, act_bits=self.act_bits,
+            kv_bits=self.kv_bits,
+        )
+
+    def resolved(self, checkpoint: "LRQATConfig | None" = None, model_dtype: str | None = None) -> "TrainArgs":
+        """A copy with every quantization field set to the value training uses.
+
+        Without ``checkpoint`` (an FP ``--model``): the documented defaults fill the fields left at
+        None. With the :class:`LRQATConfig` of an LR-QAT checkpoint: its values, and a ValueError
+        naming the flag when one given here differs from it (training continues a checkpoint with
+        its own quantization; ``model_dtype`` is its dtype, compared with a given ``compute_dtype``
+        when the checkpoint kept the model's).
+        """
+        _QUANT_DEFAULTS, _QUANT_OPTIONAL, _QUANT_IF_CHANGED = _quant_fields()
+        given = self.lrqat_config()  # validates (and normalises, e.g. compute_dtype aliases) what was given
+        if checkpoint is None:
+            return dataclasses.replace(self, **{k: getattr(given, k) for k in _QUANT_DEFAULTS},
+                                       compute_dtype=given.compute_dtype)
+        explicit = [k for k in (*_QUANT_DEFAULTS, *_QUANT_OPTIONAL) if getattr(self, k) is not None]
+        explicit += [k for k, d in _QUANT_IF_CHANGED.items() if getattr(self, k) != d]
+        for k in explicit:
+            mine, theirs = getattr(given, k), getattr(checkpoint, k)
+            if k == "compute_dtype" and theirs is None:
+                theirs = model_dtype
+            if mine != theirs:
+                flag = _FLAG.get(k, "--" + k.replace("_", "-"))
+                raise ValueError(
+                    f"{flag}: got {k}={mine!r} but the LR-QAT checkpoint --model {self.model} has {k}={theirs!r}; "
+                    "training continues a checkpoint with its own quantization config: drop the flag, or train "
+                    "from the FP model to change it"
+                )
+        # The checkpoint's values, given or not (a given one equals them): a run and its --resume with
+        # and without a redundant flag record the same config.
+        keep = {k: getattr(checkpoint, k) for k in (*_QUANT_DEFAULTS, *_QUANT_OPTIONAL, *_QUANT_IF_CHANGED)}
+        keep["exclude"] = list(keep["exclude"])
+        return dataclasses.replace(self, **keep)
+
+    def run_info(self) -> dict:
+        """The arguments a resumed run must share with the interrupted one (stored in the checkpoint)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+                if k in _RESUME_KEYS}
+
+    def validate(self) -> None:
+        """ValueError naming the argument for a value training cannot use (before any loading)."""
+        from .checkpoint import STATE_FILE, load_trainer_state
+        from .optim import _check_optim_args
+
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_optim_args(self.lr, self.lr_scale, self.max_grad_norm)
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.seq_len < 2 or (self.eval_seq_len is not None and self.eval_seq_len < 2):
+            raise ValueError(f"seq_len / eval_seq_len must be >= 2 (a window predicts its tokens after the first), "
+                             f"got {self.seq_len} / {self.eval_seq_len}")
+        if self.eval_data is not None and not os.path.exists(self.eval_data):
+            raise ValueError(f"eval_data {self.eval_data} does not exist")
+        _check_out_dir(self.out)
+        state = os.path.join(self.out, "checkpoint", STATE_FILE)
+        if self.resume and not os.path.isfile(state):
+            raise ValueError(f"resume: no checkpoint at {state} (a different --out? --save-every 0 writes none before "
+                             "the end)")
+        if self.resume:
+            load_trainer_state(state)  # a damaged state: refused before the model is loaded
+
+
+def _check_out_dir(out: str) -> None:
+    """``out`` must be a directory or creatable, and what training writes in it must be writable
+    (checked before training: a failing save after the last step loses the run)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"out {out} exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out {out} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out {out} cannot be written: no write permission on {parent}")
+    for sub in ("checkpoint", "lrqat", "quantized"):
+        if os.path.lexists(os.path.join(path, sub)) and not os.path.isdir(os.path.join(path, sub)):
+            raise ValueError(f"out {out}: {os.path.join(path, sub)} exists and is not a directory")
+    if os.path.isdir(os.path.join(path, "results.json")):
+        raise ValueError(f"out {out}: {os.path.join(path, 'results.json')} is a directory")
+
+
+# Arguments that must agree between an interrupted run and its resumption.
+_RESUME_KEYS = (
+    "model", "data", "bits", "group_size", "symmetric", "rank", "alpha", "phi_format", "range_method", "init",
+    "svd_steps", "compute_dtype", "learn_scale", "lr", "lr_scale", "steps", "batch_size", "grad_accum", "seq_len",
+    "warmup_ratio", "max_grad_norm", "betas", "weight_decay", "seed", "exclude", "target_modules", "act_bits", "kv_bits",
+)
+
+
 def _cmd_train(a) -> int:
-    from .train import TrainArgs, run_train
+    from .train import run_train  # looked up per call (tests replace train.run_train)
 
     args = TrainArgs(  # None: not given (see TrainArgs.resolved)
         model=a.model, data=a.data, out=a.out, bits=a.bits, group_size=a.group_size,

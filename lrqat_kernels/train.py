@@ -1,15 +1,19 @@
-"""LR-QAT training loop (paper appendix B defaults) with exact, atomic checkpoint / resume.
+"""The LR-QAT training loop: :func:`fit` (exact, atomic checkpoint / resume; SIGINT / SIGTERM save the
+last finished step), :class:`DistillationLoss`, and :func:`run_train`, the ``lrqat train`` workflow.
 
-Optimiser: AdamW, one learning rate for ``lora_A`` / ``lora_B`` and one for the scales ``s``,
-betas (0.9, 0.95), weight decay 0, linear warm-up over the first 10 % of the steps then
-linear decay to 0, L2 gradient clipping at 1.0. Everything except ``lora_A``, ``lora_B`` and
-``scale`` is frozen by :func:`lrqat_kernels.prepare`. Scales stay fp32 whatever the compute dtype.
+The optimizer (AdamW with fp32 masters, the schedule) is :mod:`lrqat_kernels.optim`; the arguments
+of ``lrqat train`` are :class:`lrqat_kernels.cli.TrainArgs`. Everything except ``lora_A``, ``lora_B``
+and ``scale`` is frozen by :func:`lrqat_kernels.api.prepare`.
 
-A checkpoint (``<out>/checkpoint/trainer_state.pt``, written to a temporary file then renamed)
-holds the trainable tensors, the optimizer and scheduler states, the RNG states, the data
-position (samples consumed) and the loss history; the frozen ``Phi0`` is rebuilt
-deterministically by ``prepare`` and checked against a fingerprint. Resuming reproduces the
-uninterrupted run's loss curve exactly on CPU.
+A checkpoint (``<out>/checkpoint/trainer_state.pt``, :func:`lrqat_kernels.checkpoint.save_trainer_state`:
+written atomically, the sha256 of its content recorded in it and checked on resume) holds the
+trainable tensors, the optimizer and scheduler states, the RNG states, the data position (samples
+consumed) and the loss history; the frozen ``Phi0`` is rebuilt deterministically by ``prepare`` and
+checked against a fingerprint. Resuming reproduces the uninterrupted run's loss curve exactly on CPU.
+
+Size: about 550 lines. ``fit`` is one loop of about 250 lines whose order of operations is the
+exact-resume and signal contract (what the saved state holds at each point); the signal handling,
+progress bar and model helpers beside it are the ones ``fit`` and ``run_train`` share.
 """
 
 from __future__ import annotations
@@ -22,18 +26,19 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, atomic_write_json, json_safe
-from .api import lrqat_layers, prepare
-from .config import LRQATConfig
+from ._io import atomic_write_json, json_safe
+from .api import convert, lrqat_layers, prepare
+from .checkpoint import META_FILE, STATE_FILE, load_pretrained, load_trainer_state, save_pretrained, save_trainer_state
 from .data import WindowSampler, check_byte_fallback, evaluate_perplexity, load_tokenizer, read_text, tokenize
 
+# Re-exported: the optimizer's names lived here (demo.py and tests import them from train).
+from .optim import MasterAdamW, MasterWeights, _check_optim_args, build_optimizer, linear_warmup_decay  # noqa: F401
+
 __all__ = [
-    "TrainArgs",
     "fit",
     "DistillationLoss",
     "build_optimizer",
@@ -47,350 +52,6 @@ __all__ = [
     "progress_bar",
     "TrainingInterrupted",
 ]
-
-STATE_FILE = "trainer_state.pt"
-
-
-# Quantization arguments whose ``None`` in :class:`TrainArgs` means "not given": the documented
-# default below for an FP ``--model``, the checkpoint's own value for an LR-QAT ``--model``.
-# ``act_bits`` / ``kv_bits`` / ``compute_dtype`` (None: weight-only / the model's dtype) are
-# "not given" when None too.
-_CONFIG_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(LRQATConfig)}  # one source of the defaults: LRQATConfig
-_QUANT_DEFAULTS = {k: _CONFIG_DEFAULTS[k] for k in ("bits", "symmetric", "rank", "alpha", "phi_format", "range_method",
-                                                    "init", "svd_steps", "fuse_act_quant")}
-_QUANT_OPTIONAL = ("act_bits", "kv_bits", "compute_dtype")
-# None / the default is a value of its own for these: they count as given when they differ from the default.
-_QUANT_IF_CHANGED = {k: _CONFIG_DEFAULTS[k] for k in ("group_size", "exclude", "target_modules", "learn_scale")}
-_FLAG = {"symmetric": "--asymmetric", "fuse_act_quant": "--no-fuse-act-quant", "learn_scale": "learn_scale"}
-
-
-def _check_optim_args(lr, lr_scale, max_grad_norm) -> None:
-    for name, v in (("lr", lr), ("lr_scale", lr_scale), ("max_grad_norm", max_grad_norm)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            what = " (0 = no clipping)" if name == "max_grad_norm" else ""
-            raise ValueError(f"{name} must be a finite number >= 0{what}, got {v!r}")
-
-
-@dataclass
-class TrainArgs:
-    """Arguments of ``lrqat train`` (see ``lrqat train --help``).
-
-    The quantization fields left at ``None`` are resolved by :meth:`resolved`: the documented
-    defaults (``bits=4``, ``symmetric=True``, ``rank=32``, ``alpha=1.0``, ``phi_format="fixed_point"``,
-    ``range_method="lp:4"``, ``init="lora"``, ``svd_steps=1``, ``fuse_act_quant=True``) for an FP
-    ``model``, the checkpoint's own config for an LR-QAT ``model``, where a given value that differs
-    from the checkpoint's is an error.
-    """
-
-    model: str
-    data: str
-    out: str
-    bits: int | None = None
-    group_size: int | None = None
-    symmetric: bool | None = None
-    rank: int | None = None
-    alpha: float | None = None
-    phi_format: str | None = None
-    range_method: str | None = None
-    init: str | None = None
-    svd_steps: int | None = None
-    compute_dtype: str | None = None
-    learn_scale: bool = True
-    lr: float = 1e-3
-    lr_scale: float = 1e-5
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    seed: int = 0
-    save_every: int = 0
-    resume: bool = False
-    grad_checkpointing: bool = False
-    eval_data: str | None = None
-    eval_seq_len: int | None = None
-    convert: bool = False
-    stop_after: int | None = None
-    device: str | None = None
-    progress: bool = True
-    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
-    target_modules: list[str] | None = None
-    act_bits: int | None = None
-    kv_bits: int | None = None
-    fuse_act_quant: bool | None = None
-    byte_tokens: bool = False  # allow the byte-level fallback for a model with vocab_size > 256
-
-    def lrqat_config(self) -> LRQATConfig:
-        """The :class:`LRQATConfig` of these arguments (fields left at None get the documented defaults)."""
-        q = {k: (d if getattr(self, k) is None else getattr(self, k)) for k, d in _QUANT_DEFAULTS.items()}
-        return LRQATConfig(
-            **q, group_size=self.group_size, target_modules=self.target_modules, exclude=list(self.exclude),
-            learn_scale=self.learn_scale, compute_dtype=self.compute_dtype, seed=self.seed, act_bits=self.act_bits,
-            kv_bits=self.kv_bits,
-        )
-
-    def resolved(self, checkpoint: LRQATConfig | None = None, model_dtype: str | None = None) -> "TrainArgs":
-        """A copy with every quantization field set to the value training uses.
-
-        Without ``checkpoint`` (an FP ``--model``): the documented defaults fill the fields left at
-        None. With the :class:`LRQATConfig` of an LR-QAT checkpoint: its values, and a ValueError
-        naming the flag when one given here differs from it (training continues a checkpoint with
-        its own quantization; ``model_dtype`` is its dtype, compared with a given ``compute_dtype``
-        when the checkpoint kept the model's).
-        """
-        given = self.lrqat_config()  # validates (and normalises, e.g. compute_dtype aliases) what was given
-        if checkpoint is None:
-            return dataclasses.replace(self, **{k: getattr(given, k) for k in _QUANT_DEFAULTS},
-                                       compute_dtype=given.compute_dtype)
-        explicit = [k for k in (*_QUANT_DEFAULTS, *_QUANT_OPTIONAL) if getattr(self, k) is not None]
-        explicit += [k for k, d in _QUANT_IF_CHANGED.items() if getattr(self, k) != d]
-        for k in explicit:
-            mine, theirs = getattr(given, k), getattr(checkpoint, k)
-            if k == "compute_dtype" and theirs is None:
-                theirs = model_dtype
-            if mine != theirs:
-                flag = _FLAG.get(k, "--" + k.replace("_", "-"))
-                raise ValueError(
-                    f"{flag}: got {k}={mine!r} but the LR-QAT checkpoint --model {self.model} has {k}={theirs!r}; "
-                    "training continues a checkpoint with its own quantization config: drop the flag, or train "
-                    "from the FP model to change it"
-                )
-        # The checkpoint's values, given or not (a given one equals them): a run and its --resume with
-        # and without a redundant flag record the same config.
-        keep = {k: getattr(checkpoint, k) for k in (*_QUANT_DEFAULTS, *_QUANT_OPTIONAL, *_QUANT_IF_CHANGED)}
-        keep["exclude"] = list(keep["exclude"])
-        return dataclasses.replace(self, **keep)
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        _check_optim_args(self.lr, self.lr_scale, self.max_grad_norm)
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
-        if self.seq_len < 2 or (self.eval_seq_len is not None and self.eval_seq_len < 2):
-            raise ValueError(f"seq_len / eval_seq_len must be >= 2 (a window predicts its tokens after the first), "
-                             f"got {self.seq_len} / {self.eval_seq_len}")
-        if self.eval_data is not None and not os.path.exists(self.eval_data):
-            raise ValueError(f"eval_data {self.eval_data} does not exist")
-        _check_out_dir(self.out)
-        if self.resume and not os.path.isfile(os.path.join(self.out, "checkpoint", STATE_FILE)):
-            raise ValueError(f"resume: no checkpoint at {os.path.join(self.out, 'checkpoint', STATE_FILE)} "
-                             "(a different --out? --save-every 0 writes none before the end)")
-
-
-def _check_out_dir(out: str) -> None:
-    """``out`` must be a directory or creatable, and what training writes in it must be writable
-    (checked before training: a failing save after the last step loses the run)."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"out {out} exists and is not a directory")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"out {out} cannot be created: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"out {out} cannot be written: no write permission on {parent}")
-    for sub in ("checkpoint", "lrqat", "quantized"):
-        if os.path.lexists(os.path.join(path, sub)) and not os.path.isdir(os.path.join(path, sub)):
-            raise ValueError(f"out {out}: {os.path.join(path, sub)} exists and is not a directory")
-    if os.path.isdir(os.path.join(path, "results.json")):
-        raise ValueError(f"out {out}: {os.path.join(path, 'results.json')} is a directory")
-
-
-# Arguments that must agree between an interrupted run and its resumption.
-_RESUME_KEYS = (
-    "model", "data", "bits", "group_size", "symmetric", "rank", "alpha", "phi_format", "range_method", "init",
-    "svd_steps", "compute_dtype", "learn_scale", "lr", "lr_scale", "steps", "batch_size", "grad_accum", "seq_len",
-    "warmup_ratio", "max_grad_norm", "betas", "weight_decay", "seed", "exclude", "target_modules", "act_bits", "kv_bits",
-)
-
-
-def linear_warmup_decay(total_steps: int, warmup_steps: int):
-    """LR multiplier: linear 0 -> 1 over ``warmup_steps`` (step ``i`` gets ``(i + 1) / warmup``), then
-    linear decay to 0 at ``total_steps``."""
-
-    def fn(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return fn
-
-
-class MasterWeights:
-    """fp32 master copies of the bf16 trainable tensors: the optimizer steps these.
-
-    Stepped in bf16, an update under half an ulp of the tensor is lost: with bf16 LoRA factors at
-    lr 1e-4 only 4 % of ``lora_A`` moved in two AdamW steps (lr 1e-5: 0.2 %), so the tail of every
-    linearly decayed run did next to nothing, and AdamW's moments were bf16 too. The model keeps
-    its bf16 factors (the kernels build ``B @ A`` from them on tensor cores, and the merge uses the
-    same values); after each step they take the masters' values, rounded to nearest. fp32 tensors
-    (scales, fp16-compute factors) are their own masters.
-
-    Args:
-        params: the model's trainable tensors, in optimizer order.
-    """
-
-    def __init__(self, params):
-        self.params = list(params)
-        self.masters = [p.detach().float().clone() if p.dtype == torch.bfloat16 else p for p in self.params]
-        self._of = {id(p): m for p, m in zip(self.params, self.masters)}
-
-    def master(self, p: torch.Tensor) -> torch.Tensor:
-        """The tensor the optimizer holds for model tensor ``p``."""
-        return self._of[id(p)]
-
-    @property
-    def pairs(self):
-        return [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
-
-    @torch.no_grad()
-    def pull_grads(self) -> None:
-        """Add the model's gradients into the masters' fp32 ``.grad`` and free them: after every
-        micro-batch, accumulation happens in fp32; a second call without a new backward is a no-op."""
-        for p, m in self.pairs:
-            if p.grad is None:
-                continue
-            if m.grad is None:
-                m.grad = p.grad.float()
-            else:
-                m.grad.add_(p.grad)
-            p.grad = None
-
-    @torch.no_grad()
-    def push(self) -> None:
-        """The masters' values, rounded, into the model's tensors."""
-        for p, m in self.pairs:
-            p.copy_(m)
-
-    def zero_grad(self) -> None:
-        for p, m in self.pairs:
-            p.grad = None
-            m.grad = None
-
-    def state_dict(self) -> list[torch.Tensor]:
-        return [m.detach().cpu().clone() for _, m in self.pairs]
-
-    @torch.no_grad()
-    def load_state_dict(self, state: list[torch.Tensor] | None) -> None:
-        """Masters from a checkpoint, or (``None``: a checkpoint of before master weights) the model's values."""
-        pairs = self.pairs
-        if state is not None and len(state) != len(pairs):
-            raise ValueError(f"cannot resume: the checkpoint holds {len(state)} master tensors, the model {len(pairs)}")
-        for i, (p, m) in enumerate(pairs):
-            m.copy_(p if state is None else state[i])
-
-
-class MasterAdamW(torch.optim.AdamW):
-    """AdamW over :class:`MasterWeights`: a drop-in optimizer for the model's own tensors.
-
-    ``step(closure=None)`` runs the closure, adds the model's gradients into the fp32 copies
-    (:meth:`MasterWeights.pull_grads`; :func:`fit` does it after every micro-batch), steps the
-    copies and writes their rounded values back into the model; ``zero_grad()`` clears both.
-    ``state_dict()`` holds the copies too (``"lrqat_masters"``), so a resume from it is exact. A
-    plain ``loss.backward(); opt.step(); opt.zero_grad()`` loop trains the bf16 factors as ``fit``
-    does. ``param_groups`` hold the copies (LR schedulers work as usual); clip the model's
-    parameters before ``step()`` (as HF's Trainer does), or call ``pull_grads()`` first and clip
-    the groups' tensors (as ``fit`` does).
-    """
-
-    def __init__(self, groups, masters: MasterWeights, **kw):
-        for g in groups:
-            g["params"] = [masters.master(p) for p in g["params"]]
-        super().__init__(groups, **kw)
-        self.lrqat_masters = masters
-
-    def pull_grads(self) -> None:
-        self.lrqat_masters.pull_grads()
-
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.lrqat_masters.pull_grads()
-        # AdamW's own step, not the hook-running wrapper torch puts on it once an AdamW exists:
-        # this class's step (wrapped the same way) already ran the hooks
-        adamw_step = torch.optim.AdamW.step
-        if getattr(adamw_step, "hooked", False):
-            adamw_step = adamw_step.__wrapped__
-        adamw_step(self)
-        self.lrqat_masters.push()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True):
-        super().zero_grad(set_to_none)
-        self.lrqat_masters.zero_grad()
-
-    def state_dict(self):
-        state = super().state_dict()
-        state["lrqat_masters"] = self.lrqat_masters.state_dict()
-        return state
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        masters = state_dict.pop("lrqat_masters", None)
-        self.lrqat_masters.load_state_dict(masters)  # None (an AdamW state): the model's values
-        super().load_state_dict(state_dict)
-
-
-def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9, 0.95), weight_decay: float = 0.0,
-                    master_weights: bool = True):
-    """AdamW with two parameter groups: ``lora`` (lora_A, lora_B) at ``lr``, ``scale`` at ``lr_scale``.
-
-    With ``master_weights`` (default) and bf16 trainable tensors, a :class:`MasterAdamW`: the
-    tensors are stepped through fp32 copies (``optimizer.lrqat_masters``), its groups hold the
-    copies, and a plain backward / step / zero_grad loop works as with AdamW.
-
-    The scales' ``requires_grad`` is set by this call: on when ``lr_scale > 0`` and the model's
-    ``lrqat_config.learn_scale``, off otherwise (``lr_scale = 0`` is the paper's ``0*`` setting,
-    ``s = s0``). A frozen state left by an earlier call, or saved in a checkpoint trained with
-    ``lr_scale = 0``, does not stick. (A model without ``lrqat_config`` keeps its scales' state
-    when ``lr_scale > 0``.)
-    """
-    config = getattr(model, "lrqat_config", None)
-    learn = lr_scale > 0 and (config is None or bool(getattr(config, "learn_scale", True)))
-    for _, layer in lrqat_layers(model):
-        layer.scale.requires_grad_(learn and (config is not None or layer.scale.requires_grad))
-    lora, scales, other = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        (lora if leaf in ("lora_A", "lora_B") else scales if leaf == "scale" else other).append(p)
-    if other:
-        raise ValueError(f"unexpected trainable parameters outside lora_A/lora_B/scale: {len(other)} tensors")
-    if lr_scale == 0:  # scales outside LRQATLinear layers (none in practice) freeze too
-        for p in scales:
-            p.requires_grad_(False)
-        scales = []
-    groups = [{"params": lora, "lr": lr, "name": "lora"}]
-    if scales:
-        groups.append({"params": scales, "lr": lr_scale, "name": "scale"})
-    if not lora:
-        raise ValueError("no trainable lora_A/lora_B parameters; was the model prepared?")
-    half = [p for p in lora + scales if p.dtype == torch.float16]
-    if half:
-        raise ValueError(f"{len(half)} trainable tensors are float16: AdamW cannot train fp16 tensors (eps=1e-8 rounds "
-                         "to 0, squared gradients underflow); keep them float32 (prepare(compute_dtype='float16') does)")
-    kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8)
-    masters = MasterWeights(lora + scales) if master_weights else None
-    if masters is not None and masters.pairs:
-        return MasterAdamW(groups, masters, **kw)
-    opt = torch.optim.AdamW(groups, **kw)
-    opt.lrqat_masters = None
-    return opt
 
 
 def phi_fingerprint(model: nn.Module) -> list:
@@ -497,10 +158,6 @@ def progress_bar(**kwargs):
 def _rng_states():
     """``(cpu, cuda)`` RNG states, as a checkpoint stores them."""
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -619,7 +276,7 @@ def fit(
     fingerprint = phi_fingerprint(model)
 
     if resume and state_path is not None and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_trainer_state(state_path)  # ValueError naming the file when damaged
         if run_info is not None and state.get("run_info") is not None:
             diff = {k: (state["run_info"].get(k), run_info.get(k)) for k in run_info if state["run_info"].get(k) != run_info.get(k)}
             if diff:
@@ -648,7 +305,7 @@ def fit(
         if state_path is None:
             return
         rng_cpu, rng_cuda = rng if rng is not None else _rng_states()
-        _atomic_torch_save(
+        save_trainer_state(
             {
                 "step": step_done,
                 "samples": step_done * grad_accum * batch_size,
@@ -796,8 +453,6 @@ def check_window(model: nn.Module, seq_len: int, what: str = "seq_len") -> None:
 def load_causal_lm(model_dir: str, *, device=None):
     """A HF causal LM directory (``from_pretrained``, local files only, saved dtype) or an LR-QAT
     checkpoint (``lrqat_config.json`` present, via :func:`~lrqat_kernels.load_pretrained`)."""
-    from .api import META_FILE, load_pretrained
-
     if not os.path.isdir(model_dir):
         raise ValueError(f"--model {model_dir} is not a directory")
     if os.path.isfile(os.path.join(model_dir, META_FILE)):
@@ -811,13 +466,14 @@ def load_causal_lm(model_dir: str, *, device=None):
     return model
 
 
-def run_train(args: TrainArgs) -> dict:
+def run_train(args) -> dict:
     """``lrqat train``: load, prepare, train, save (``<out>/lrqat``, optionally ``<out>/quantized``), evaluate.
+
+    Args:
+        args: a :class:`lrqat_kernels.cli.TrainArgs`.
 
     Writes ``<out>/results.json`` and returns its content.
     """
-    from .api import META_FILE, convert, save_pretrained
-
     args.validate()
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
@@ -848,7 +504,7 @@ def run_train(args: TrainArgs) -> dict:
         eval_ids = tokenize(read_text(args.eval_data), tokenizer, vocab)
         if eval_ids.numel() < eval_len:
             raise ValueError(f"eval_data {args.eval_data} has {eval_ids.numel()} tokens, fewer than one window of {eval_len}")
-    run_info = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items() if k in _RESUME_KEYS}
+    run_info = args.run_info()
     result = fit(
         model, sampler, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         lr_scale=args.lr_scale, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, betas=args.betas,
@@ -880,3 +536,13 @@ def run_train(args: TrainArgs) -> dict:
     atomic_write_json(os.path.join(args.out, "results.json"), out)
     return out
 
+
+def __getattr__(name: str):
+    """``train.TrainArgs``: moved to :mod:`lrqat_kernels.cli` (an alias for one release)."""
+    if name == "TrainArgs":
+        import importlib
+        import warnings
+
+        warnings.warn("lrqat_kernels.train.TrainArgs moved to lrqat_kernels.cli.TrainArgs", DeprecationWarning, stacklevel=2)
+        return importlib.import_module(__package__ + ".cli").TrainArgs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

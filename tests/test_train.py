@@ -14,6 +14,7 @@ import torch
 
 import lrqat_kernels
 from lrqat_kernels import LRQATConfig, load_pretrained, prepare
+from lrqat_kernels.checkpoint import save_trainer_state
 from lrqat_kernels.cli import main
 from lrqat_kernels.data import ByteTokenizer, WindowSampler, evaluate_perplexity, load_tokenizer, read_text, tokenize
 from lrqat_kernels.modules import factor_dtype
@@ -228,9 +229,79 @@ def test_resume_of_a_checkpoint_without_running_totals(workdir, tmp_path):
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     assert state["tokens"] == 2 * 2 * 16 and state["train_seconds"] > 0
     del state["tokens"], state["train_seconds"]
-    torch.save(state, os.path.join(ckpt, "trainer_state.pt"))
+    save_trainer_state(state, os.path.join(ckpt, "trainer_state.pt"))  # a consistent state without them
     r = run(resume=True)
     assert r["finished"] and r["resumed_from"] == 2 and r["tokens"] == 2 * 2 * 16
+
+
+def _flip_a_tensor_byte(path):
+    """Flip one bit in the middle of the largest tensor record (``archive/data/<n>``) of a torch.save
+    zip (stored, not compressed): a flip that torch.load does not notice."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        pos = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(pos)
+        b = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([b ^ 0x10]))
+
+
+def test_damaged_trainer_state_is_refused_naming_the_file(workdir, tmp_path, capsys):
+    """trainer_state.pt records the sha256 of its content: truncated or bit-flipped, --resume (and
+    fit(resume=True)) is a one-line error naming the file, never a resume from a wrong state; an
+    intact copy resumes."""
+    from lrqat_kernels.checkpoint import load_trainer_state
+
+    out = tmp_path / "r"
+    assert _train(workdir, out, "--stop-after", "2") == 0
+    path = out / "checkpoint" / "trainer_state.pt"
+    good = path.read_bytes()
+    state = torch.load(str(path), weights_only=True)
+    assert isinstance(state["sha256"], str) and len(state["sha256"]) == 64
+    assert "sha256" not in load_trainer_state(str(path))
+    _flip_a_tensor_byte(str(path))
+    flipped = torch.load(str(path), weights_only=True)  # torch.load itself does not notice
+    assert flipped["sha256"] == state["sha256"] and flipped["step"] == state["step"]
+    for damage in ("flip", "truncate"):
+        if damage == "truncate":
+            path.write_bytes(good[: len(good) // 2])
+        with pytest.raises(ValueError, match=f"corrupt checkpoint: .*{path}"):
+            load_trainer_state(str(path))
+        capsys.readouterr()
+        assert _train(workdir, out, "--resume") == 2
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Loading weights")]
+        assert len(err) == 1 and err[0].startswith("lrqat train: error: corrupt checkpoint") and str(path) in err[0], err
+        assert not (out / "lrqat").exists()
+    path.write_bytes(good)
+    assert _train(workdir, out, "--resume") == 0 and (out / "lrqat").is_dir()
+
+
+def test_trainer_state_digest_is_of_the_content():
+    """The digest reads what the file holds: equal values give equal digests, any changed value,
+    dtype, shape, container type or key order another one."""
+    import io
+
+    from lrqat_kernels._io import sha256_content
+
+    state = {"step": 3, "t": torch.arange(6, dtype=torch.float32).reshape(2, 3), "h": [{"loss": 1.5, "g": None}],
+             "betas": (0.9, 0.95), "rng": torch.get_rng_state(), "empty": torch.zeros(0)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert sha256_content(back) == sha256_content(state)
+    assert sha256_content({**state, "t": state["t"][:, :2]}) == sha256_content({**state, "t": state["t"][:, :2].clone()})
+    variants = [{**state, "step": 4}, {**state, "t": state["t"].double()}, {**state, "t": state["t"].reshape(3, 2)},
+                {**state, "betas": [0.9, 0.95]}, {**state, "h": [{"loss": 1.5000001, "g": None}]},
+                {k: state[k] for k in reversed(state)}, {**state, "t": state["t"] + torch.eye(2, 3) * 1e-6}]
+    digests = {sha256_content(v) for v in variants}
+    assert len(digests) == len(variants) and sha256_content(state) not in digests
 
 
 def test_fp16_overflow_skipped_steps_do_not_advance_the_schedule(workdir, tmp_path, monkeypatch):
