@@ -1,10 +1,13 @@
 """Lazy, never-failing loader of the compiled extension ``lrqat_kernels._C``.
 
 ``_C`` holds the native (C++/CUDA) ops, reachable as ``torch.ops.lrqat.<name>`` once it is
-loaded. It is optional: a Python-only install (``LRQAT_SKIP_EXT=1``) or a failed build still
-gives a working ``import lrqat_kernels``, and callers fall back to the pure-PyTorch paths
-(``lrqat_kernels.formats``, ``lrqat_kernels.reference``). Only calling a native op without
-``_C`` is an error, raised by :func:`require_extension` with build instructions.
+loaded. Nothing loads it at ``import lrqat_kernels`` (``tests/test_imports.py::test_import_is_lazy``):
+every caller of a native op calls :func:`load_extension` (to choose a path) or
+:func:`require_extension` (to call one) first, as ``ops/nibble.py``, ``ops/int4_*.py`` and
+``formats.py`` do. It is optional: a Python-only install (``LRQAT_SKIP_EXT=1``) or a failed build
+still imports, and callers fall back to the pure-PyTorch paths (``lrqat_kernels.formats``,
+``lrqat_kernels.reference``). Only calling a native op without ``_C`` is an error, raised by
+:func:`require_extension` with build instructions.
 
 Loading ``_C`` runs its static op registrations; right after, the Python modules holding the
 ops' fake (meta) impls are imported, so ``torch.compile`` can trace the ops. Those modules

@@ -16,7 +16,6 @@ at every call, so a test that patches ``lrqat_kernels.functions.lrqat_linear`` o
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 import torch
@@ -28,9 +27,15 @@ from .reference import rms_norm
 __all__ = ["ActQuantMLP", "ActQuantRMSNorm"]
 
 
-@functools.cache
+_HOMES: dict[str, ModuleType] = {}
+
+
 def _op_home(name: str) -> ModuleType:
-    """The module that defines the op ``name`` (imported on the first call, then cached)."""
+    """The module that defines the op ``name`` (imported on the first call, then cached; a plain
+    dict, which ``torch.compile`` traces without a warning)."""
+    home = _HOMES.get(name)
+    if home is not None:
+        return home
     if name in ("lrqat_linear", "fake_quant_weight", "merge_weight"):
         from . import functions as home
     elif name == "fake_quant_activation":
@@ -43,6 +48,7 @@ def _op_home(name: str) -> ModuleType:
         from .ops import int4_linear as home
     else:
         raise KeyError(f"no op named {name!r}")
+    _HOMES[name] = home
     return home
 
 
