@@ -14,9 +14,8 @@ Providers, all ``y = x @ W^T`` with x ``[M, K]`` and a ``[N, K]`` layer:
 * ``lrqat_cuda``: our CUDA kernel (csrc/int4_gpu) on a weight prepacked once, 16-bit scales
   (``--scale-dtype fp32`` for fp32 scales). Only when ``_C`` was built with CUDA.
 * ``lrqat_triton``: our Triton kernel (lrqat_kernels/ops/int4_triton.py), standard layout.
-* ``lrqat_auto``: the dispatcher ``int4_linear_gpu(backend="auto")``: what a model gets by
-  default (the GPU's tuning table from ``bench/tune_int4_gemm.py`` if there is one, else Triton
-  for small M and dequantise + cuBLAS for large M); the CSV's ``auto_backend`` says which ran.
+* ``lrqat_auto``: the dispatcher ``int4_linear(backend="auto")``: what a model gets by default
+  (Triton for small M, dequantise + cuBLAS for large M); the CSV's ``auto_backend`` says which ran.
 
 Every provider's output is checked against the fp32 product before it is timed (a wrong kernel is
 reported and not timed). Timing: ``triton.testing.do_bench`` (it zeroes a 256 MiB buffer before
@@ -133,9 +132,9 @@ class Layer:
 
     def gpu_weight(self):
         if self._gpu is None:
-            from lrqat_kernels.ops.int4_gpu import prepack_int4_gpu
+            from lrqat_kernels.ops.int4_cuda import int4_cuda_prepack
 
-            self._gpu = prepack_int4_gpu(self.qweight, self.scale, None, self.group, scale_dtype=self.scale_dtype)
+            self._gpu = int4_cuda_prepack(self.qweight, self.scale, None, self.group, scale_dtype=self.scale_dtype)
         return self._gpu
 
     def tinygemm_weight(self, inner_k_tiles: int = 8):
@@ -173,26 +172,26 @@ def make_fn(provider: str, layer: Layer, x: torch.Tensor):
             return f"tinygemm unavailable: {type(exc).__name__}: {exc}"
         return lambda: torch.ops.aten._weight_int4pack_mm(x, w, layer.group, sz)
     if provider == "lrqat_cuda":
-        from lrqat_kernels.ops.int4_gpu import cuda_kernel_available, int4_gpu_linear
+        from lrqat_kernels.ops.int4_cuda import cuda_kernel_available, int4_cuda_linear
 
         if not cuda_kernel_available():
             return "lrqat_kernels._C has no CUDA kernel (built without CUDA?)"
         w = layer.gpu_weight()
-        return lambda: int4_gpu_linear(x, w)
+        return lambda: int4_cuda_linear(x, w)
     if provider == "lrqat_triton":
         from lrqat_kernels.ops.int4_triton import int4_linear_triton
 
         return lambda: int4_linear_triton(x, layer.qweight, layer.scale, None, layer.group)
     if provider == "lrqat_auto":
-        from lrqat_kernels.ops.int4_gpu import int4_linear_gpu
+        from lrqat_kernels.ops.int4_linear import int4_linear
 
-        return lambda: int4_linear_gpu(x, layer.qweight, layer.scale, None, layer.group, backend="auto")
+        return lambda: int4_linear(x, layer.qweight, layer.scale, None, layer.group, backend="auto")
     raise ValueError(provider)
 
 
 def auto_choice(layer: Layer, M: int) -> str:
-    """The backend ``backend="auto"`` runs for this layer at M (tuning table or M rule)."""
-    from lrqat_kernels.ops.int4_gpu import auto_backend
+    """The backend ``backend="auto"`` runs for this layer at M (the M rule)."""
+    from lrqat_kernels.ops.int4_linear import auto_backend
 
     return auto_backend(layer.qweight.device, M, layer.N, layer.K, layer.group)
 

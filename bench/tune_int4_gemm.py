@@ -5,15 +5,16 @@
     python bench/tune_int4_gemm.py --list           # print the candidate configs (no GPU needed)
 
 For every layer shape ``[N, K]`` of ``bench_int4_gemm.SHAPES`` and every M it times each candidate
-Triton config (:func:`lrqat_kernels.ops.int4_tuning.candidate_configs`: the heuristic default plus
-tiles, split-K and pipeline depths around it), "dequantise + cuBLAS" (for M > 64 also in L2-sized
-row chunks, ``int4_gpu.dequant_chunk_candidates``) and cuBLAS on bf16 weights
-(and the opt-in CUDA kernel when built), after checking each output against the fp32 product.
-It then writes the device's tuning table (``lrqat_kernels/ops/tuned/int4_<device>.json`` or
-``--out-dir``), which ``int4_triton_config`` and ``int4_linear_gpu(backend="auto")`` read from
-then on, and a CSV of every timing (``bench/results/int4_tune_cuda.csv``).
+Triton config (:func:`_int4_tuning.candidate_configs`: the heuristic default plus tiles, split-K
+and pipeline depths around it), "dequantise + cuBLAS" (for M > 64 also in L2-sized row chunks,
+``_int4_tuning.dequant_chunk_candidates``) and cuBLAS on bf16 weights (and the opt-in CUDA kernel
+when built), after checking each output against the fp32 product. It then writes the device's
+table (``bench/results/int4_tables/int4_<device>.json`` or ``--out-dir``; schema in
+``bench/_int4_tuning.py``) and a CSV of every timing (``bench/results/int4_tune_cuda.csv``). The
+package reads no table yet: its heuristics (``int4_triton_config``, ``int4_linear``'s "auto") are
+what a first measured table will be compared with, and replaced by where it wins.
 
-``--allow-cuda`` lets the CUDA kernel win table entries (so "auto" uses it there). Pass it only
+``--allow-cuda`` lets the CUDA kernel win table entries. Pass it only
 after ``pytest tests/test_int4_gpu.py`` passed on this GPU (the kernel is opt-in until then).
 ``--budget-s``: stop starting new (shape, M) points after this many seconds and write what was
 measured (the table then covers fewer shapes; lookup falls back to the nearest tuned one).
@@ -43,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, write_csv  # noqa: E402
 from bench_int4_gemm import SHAPES, Layer, check, versions  # noqa: E402
 
-from lrqat_kernels.ops import int4_tuning  # noqa: E402
+import _int4_tuning as int4_tuning  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096]
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="all", help="comma-separated shape names (bench_int4_gemm.SHAPES) or 'all'")
     ap.add_argument("--out-dir", default=None,
-                    help="where the table is written (default: the package's tuned/ for cuda; required for cpu)")
+                    help="where the table is written (default: bench/results/int4_tables for cuda; required for cpu)")
     ap.add_argument("--csv", default=None, help="'' for none (default: bench/results/int4_tune_cuda.csv for cuda, "
                                                 "none for cpu)")
     ap.add_argument("--rep-ms", type=int, default=20, help="do_bench repetition time per candidate (ms)")
@@ -171,11 +172,11 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--device cpu runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
-    # A CPU smoke run must not drop a table into the package or overwrite the GPU CSV meant to be committed.
+    # A CPU smoke run must not overwrite the GPU table or CSV meant to be committed.
     if args.out_dir is None:
         if args.device == "cpu":
-            ap.error("--device cpu needs --out-dir (its table must not land in the package's tuned/)")
-        args.out_dir = str(int4_tuning.PACKAGE_TUNING_DIR)
+            ap.error("--device cpu needs --out-dir (its table must not land beside the GPU tables)")
+        args.out_dir = os.path.join(RESULTS_DIR, "int4_tables")
     if args.csv is None:
         args.csv = os.path.join(RESULTS_DIR, "int4_tune_cuda.csv") if args.device == "cuda" else ""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -183,8 +184,8 @@ def main(argv=None) -> int:
               "written. Run this on the GPU the table is for.")
         return 0
 
-    from lrqat_kernels.ops.int4_gpu import (cuda_kernel_available, dequant_chunk_candidates, dequant_linear,
-                                            int4_gpu_linear)
+    from lrqat_kernels.ops.int4_cuda import cuda_kernel_available, int4_cuda_linear
+    from lrqat_kernels.ops.int4_linear import dequant_linear
     from lrqat_kernels.ops.int4_triton import Int4TritonConfig, int4_linear_triton, int4_triton_config
 
     dev = args.device
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
             # "dequant" = dequantise + cuBLAS: one whole W_hat, and (prefill, M > 64, where it can
             # win) L2-sized row chunks of it, each followed by its GEMM; the fastest is recorded.
             if args.dequant_chunks == "auto":
-                chunks = [None] + (dequant_chunk_candidates(N, K, dtype) if M > 64 else [])
+                chunks = [None] + (int4_tuning.dequant_chunk_candidates(N, K, dtype) if M > 64 else [])
             else:
                 chunks = [None] + ([c for c in fixed_chunks if c < N] if args.dequant_chunks != "none" else [])
             others = [("cublas", None, lambda: F.linear(x, layer.w_dense))]
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
                                                                  chunk_n=c)) for c in chunks]
             if have_cuda_kernel:
                 w = layer.gpu_weight()
-                others.append(("cuda", None, lambda: int4_gpu_linear(x, w)))
+                others.append(("cuda", None, lambda: int4_cuda_linear(x, w)))
             for prov, chunk, fn in others:
                 row = dict(base, provider=prov, dequant_chunk_n=chunk if chunk is not None else "")
                 try:
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
                 except Exception as exc:  # a failing provider is recorded, not fatal
                     row["error"] = f"{type(exc).__name__}: {exc}"[:200]
                 csv_rows.append(row)
-            default = int4_triton_config(M, N, K, args.group, "cuda", tuned=False, sms=sms)
+            default = int4_triton_config(M, N, K, args.group, "cuda", sms=sms)
             default_us = None
             candidates = int4_tuning.candidate_configs(M, N, K, args.group, sms=sms)
             for cfg in candidates[: args.max_candidates or None]:

@@ -81,8 +81,26 @@ def fixed_point_frac_bits(bits: int) -> int:
     return 8 - bits
 
 
+def _native_nibble_op(name: str):
+    """``torch.ops.lrqat.<name>`` (``csrc/nibble/``) when the extension is loaded, else None.
+
+    ``_ext`` is imported here, not at the top: this module stays a leaf of the package."""
+    from . import _ext
+
+    return getattr(torch.ops.lrqat, name) if _ext.load_extension() else None
+
+
+def _native_layout(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the native nibble ops take ``t`` as it is: 2-D, contiguous, ``dtype``, CPU or CUDA."""
+    return t.dtype == dtype and t.dim() == 2 and t.is_contiguous() and t.device.type in ("cpu", "cuda")
+
+
 def pack_nibbles(w_int: torch.Tensor) -> torch.Tensor:
     """Pack a 4-bit signed integer matrix two values per byte.
+
+    2-D contiguous int8 CPU / CUDA input runs the native op ``torch.ops.lrqat.pack_nibbles`` when
+    the extension is built (same bytes; ``tests/test_ext.py::test_formats_route_to_native_nibble_ops``),
+    anything else the PyTorch code below. The arguments are checked here either way.
 
     Args:
         w_int: integer tensor ``[..., in]`` (any integer dtype) with values in ``[-8, 7]``;
@@ -100,12 +118,22 @@ def pack_nibbles(w_int: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"w_int's last dimension (in) must be even for nibble packing, got shape {tuple(w_int.shape)}")
     if w_int.numel() and (int(w_int.min()) < -8 or int(w_int.max()) > 7):
         raise ValueError("w_int values must be in [-8, 7] to fit a signed nibble")
+    if _native_layout(w_int, torch.int8):
+        op = _native_nibble_op("pack_nibbles")
+        if op is not None:
+            return op(w_int)
+    return _pack_nibbles_torch(w_int)
+
+
+def _pack_nibbles_torch(w_int: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_nibbles` in PyTorch (the layout's definition; arguments already checked)."""
     w = w_int.to(torch.int16) & 0xF
     return (w[..., 0::2] | (w[..., 1::2] << 4)).to(torch.uint8)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`.
+    """Inverse of :func:`pack_nibbles` (2-D contiguous CPU / CUDA input: the native op
+    ``torch.ops.lrqat.unpack_nibbles`` when the extension is built).
 
     Args:
         packed: uint8 ``[..., in // 2]``.
@@ -117,6 +145,15 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if _native_layout(packed, torch.uint8):
+        op = _native_nibble_op("unpack_nibbles")
+        if op is not None:
+            return op(packed)
+    return _unpack_nibbles_torch(packed)
+
+
+def _unpack_nibbles_torch(packed: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack_nibbles` in PyTorch (the layout's definition; arguments already checked)."""
     p = packed.to(torch.int16)
     lo = p & 0xF
     hi = p >> 4

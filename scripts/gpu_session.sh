@@ -23,16 +23,15 @@
 #     bash scripts/gpu_session.sh gpu-tests  # only the GPU tests (@pytest.mark.gpu + test_int4_gpu.py): minutes
 #     bash scripts/gpu_session.sh test       # the whole suite on CUDA, @pytest.mark.gpu included (long:
 #                                            # every Triton test JIT-compiles its kernels on the GPU)
-#     bash scripts/gpu_session.sh tune       # W4A16 tuning table for this GPU (lrqat_kernels/ops/tuned/)
+#     bash scripts/gpu_session.sh tune       # W4A16 tuning table for this GPU (bench/results/int4_tables/)
 #     bash scripts/gpu_session.sh bench-int4   # W4A16 GEMM benchmark -> bench/results/int4_gemm*.csv/png
 #     bash scripts/gpu_session.sh bench-train  # activation quant + LR-QAT linear benchmarks (*_cuda.csv)
 #     bash scripts/gpu_session.sh bench      # both benchmarks (may need two calls: a step that does not
 #                                            # fit what is left of the call is skipped, and says so)
 #     bash scripts/gpu_session.sh all        # build, gpu-tests, tune, bench, test in one call (if time allows)
 #
-# Order matters: `tune` before `bench`, so the dispatcher row ("lrqat_auto") of bench_int4_gemm
-# measures the tuned choices (in `session` it measures the untuned defaults; its auto_backend column
-# says which ran). Commit the table (lrqat_kernels/ops/tuned/int4_<gpu>.json, also in the archive)
+# The package reads no tuning table yet (the dispatcher row "lrqat_auto" of bench_int4_gemm measures
+# the heuristics). Commit the table (bench/results/int4_tables/int4_<gpu>.json, also in the archive)
 # with bench/results/int4_tune_cuda.csv.
 #
 # Uses the machine's own python3 (it has torch, triton, transformers, pytest; no registry there):
@@ -309,7 +308,7 @@ more() {
 
 pack() {
   cp -f bench/results/*_cuda.csv bench/results/int4_gemm*.csv bench/results/*.png "$DEST/" 2>/dev/null || true
-  cp -f lrqat_kernels/ops/tuned/*.json "$DEST/" 2>/dev/null || true
+  cp -f bench/results/int4_tables/*.json "$DEST/" 2>/dev/null || true
   if [[ -n "${OUT:-}" ]]; then  # the device tool brings back at most 8 files: one archive + the summary
     local tmp; tmp="$(mktemp -d)"
     (cd "$DEST" && tar czf "$tmp/gpu_session.tar.gz" --exclude=gpu_session.tar.gz . \

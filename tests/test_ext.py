@@ -19,7 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrqat_kernels import _ext
-from lrqat_kernels.formats import pack_nibbles, unpack_nibbles
+# The PyTorch definition of the layout (formats.pack_nibbles / unpack_nibbles themselves route 2-D
+# int8 / uint8 tensors to the native ops under test here).
+from lrqat_kernels.formats import _pack_nibbles_torch as pack_nibbles
+from lrqat_kernels.formats import _unpack_nibbles_torch as unpack_nibbles
 from lrqat_kernels.ops.nibble import pack_nibbles_native, unpack_nibbles_native
 
 OUTS = (1, 3, 7)
@@ -66,6 +69,27 @@ def test_matches_formats_and_round_trips(lrqat_ext, out, in_):
     w_back = unpack_nibbles_native(packed)
     assert w_back.dtype == torch.int8 and w_back.shape == (out, in_)
     assert torch.equal(w_back, w)
+
+
+def test_formats_route_to_native_nibble_ops(lrqat_ext, monkeypatch):
+    """formats.pack_nibbles / unpack_nibbles run the native ops on 2-D contiguous int8 / uint8
+    tensors (same bytes as the PyTorch definition) and the PyTorch code on every other layout."""
+    from lrqat_kernels import formats
+
+    used = []
+    real = formats._native_nibble_op
+    monkeypatch.setattr(formats, "_native_nibble_op", lambda name: used.append(name) or real(name))
+    w = torch.randint(-8, 8, (9, 14), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = formats.pack_nibbles(w)
+    assert used == ["pack_nibbles"] and torch.equal(packed, formats._pack_nibbles_torch(w))
+    assert torch.equal(formats.unpack_nibbles(packed), w) and used == ["pack_nibbles", "unpack_nibbles"]
+    used.clear()
+    for other in (w.to(torch.int32), w.reshape(3, 3, 14), w.t().contiguous().t()[:, :14]):
+        assert torch.equal(formats.pack_nibbles(other), formats._pack_nibbles_torch(other))
+    assert torch.equal(formats.unpack_nibbles(packed[:, ::7]), formats._unpack_nibbles_torch(packed[:, ::7]))
+    assert used == []
+    with pytest.raises(ValueError, match=r"w_int values must be in \[-8, 7\]"):  # checked before the op
+        formats.pack_nibbles(torch.full((2, 2), 8, dtype=torch.int8))
 
 
 def test_large_matrix_parallel_path(lrqat_ext):

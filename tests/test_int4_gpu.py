@@ -226,7 +226,7 @@ def test_opcheck_prepack_cpu(lrqat_ext):
 
 
 def test_prepack_int4_gpu_api_cpu(lrqat_ext):
-    from lrqat_kernels.ops.int4_gpu import prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_prepack as prepack_int4_gpu
 
     n, k, g = 200, 256, 64
     w_int = torch.randint(-8, 8, (n, k), dtype=torch.int8)
@@ -264,7 +264,7 @@ def _cuobjdump() -> str | None:
 def test_built_extension_has_kernel_for_sm80_sm90(lrqat_ext):
     """The CI script (scripts/check_cuda_build.py) proves every arch has a cubin; this checks that
     THIS kernel is in them, with no register spills (ptxas resource usage, per arch)."""
-    from lrqat_kernels.ops.int4_gpu import cuda_kernel_available
+    from lrqat_kernels.ops.int4_cuda import cuda_kernel_available
 
     if not cuda_kernel_available():
         pytest.skip("lrqat_kernels._C was built without CUDA")
@@ -350,7 +350,7 @@ GPU_SHAPES = [(1, 4096, 4096), (3, 200, 256), (16, 72, 1152), (17, 384, 512), (6
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("m,n,k", GPU_SHAPES, ids=lambda v: str(v))
 def test_cuda_kernel_matches_reference(lrqat_ext, m, n, k, g, zp, dtype):
-    from lrqat_kernels.ops.int4_gpu import int4_gpu_linear, prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_linear as int4_gpu_linear, int4_cuda_prepack as prepack_int4_gpu
 
     x, w_int, q, s, z, b = _case(m, n, k, g, zp, dtype, "cuda")
     w = prepack_int4_gpu(q, s, z, g)
@@ -366,7 +366,7 @@ def test_cuda_kernel_matches_reference(lrqat_ext, m, n, k, g, zp, dtype):
                          ids=lambda v: str(v))
 def test_cuda_kernel_partial_last_stage(lrqat_ext, m, n, k, g):
     """K % 128 != 0: the last pipeline stage has fewer than 8 k-steps (bounds-checked path)."""
-    from lrqat_kernels.ops.int4_gpu import int4_gpu_linear, prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_linear as int4_gpu_linear, int4_cuda_prepack as prepack_int4_gpu
 
     for zp in (False, True):
         x, w_int, q, s, z, b = _case(m, n, k, g, zp, torch.bfloat16, "cuda", seed=k)
@@ -376,7 +376,7 @@ def test_cuda_kernel_partial_last_stage(lrqat_ext, m, n, k, g):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_kernel_16bit_scales(lrqat_ext, dtype):
-    from lrqat_kernels.ops.int4_gpu import int4_gpu_linear, prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_linear as int4_gpu_linear, int4_cuda_prepack as prepack_int4_gpu
 
     x, w_int, q, s, z, b = _case(5, 512, 1024, 128, True, dtype, "cuda")
     w = prepack_int4_gpu(q, s, z, 128, scale_dtype=dtype)
@@ -389,7 +389,7 @@ def test_cuda_kernel_16bit_scales(lrqat_ext, dtype):
 def test_cuda_kernel_deterministic_and_counters_reset(lrqat_ext):
     """Split-K reduces in a fixed order and resets its arrival counters: repeated calls (also of
     other shapes in between) are bitwise identical."""
-    from lrqat_kernels.ops.int4_gpu import int4_gpu_linear, prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_linear as int4_gpu_linear, int4_cuda_prepack as prepack_int4_gpu
 
     x, _, q, s, z, b = _case(2, 4096, 4096, 128, False, torch.bfloat16, "cuda")
     w = prepack_int4_gpu(q, s, z, 128)
@@ -410,7 +410,7 @@ def test_cuda_prepack_matches_cpu(lrqat_ext):
 
 @pytest.mark.gpu
 def test_cuda_kernel_edge_inputs(lrqat_ext):
-    from lrqat_kernels.ops.int4_gpu import int4_gpu_linear, prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_linear as int4_gpu_linear, int4_cuda_prepack as prepack_int4_gpu
 
     x, w_int, q, s, z, b = _case(4, 130, 256, 64, True, torch.float16, "cuda")
     w = prepack_int4_gpu(q, s, z, 64)
@@ -427,7 +427,7 @@ def test_cuda_kernel_edge_inputs(lrqat_ext):
 
 @pytest.mark.gpu
 def test_cuda_kernel_rejects(lrqat_ext):
-    from lrqat_kernels.ops.int4_gpu import prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_prepack as prepack_int4_gpu
 
     x, _, q, s, _, _ = _case(4, 130, 256, 64, False, torch.float16, "cuda")
     w = prepack_int4_gpu(q, s, None, 64)
@@ -448,7 +448,7 @@ def test_cuda_kernel_rejects(lrqat_ext):
 def test_cuda_kernel_split_k_under_cuda_graphs(lrqat_ext):
     """Split-K (M = 1 on a 4096 x 4096 layer) inside CUDA graphs: two graphs captured on torch's
     capture stream, replayed out of order with eager calls in between, each equal to eager."""
-    from lrqat_kernels.ops.int4_gpu import int4_gpu_linear, prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_linear as int4_gpu_linear, int4_cuda_prepack as prepack_int4_gpu
 
     x, w_int, q, s, z, b = _case(1, 4096, 4096, 128, True, torch.bfloat16, "cuda")
     w = prepack_int4_gpu(q, s, z, 128)
@@ -469,7 +469,7 @@ def test_cuda_kernel_split_k_under_cuda_graphs(lrqat_ext):
 
 @pytest.mark.gpu
 def test_opcheck_cuda(lrqat_ext):
-    from lrqat_kernels.ops.int4_gpu import prepack_int4_gpu
+    from lrqat_kernels.ops.int4_cuda import int4_cuda_prepack as prepack_int4_gpu
 
     x, _, q, s, z, b = _case(3, 200, 256, 128, True, torch.bfloat16, "cuda")
     w = prepack_int4_gpu(q, s, z, 128)
@@ -480,7 +480,7 @@ def test_opcheck_cuda(lrqat_ext):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton", "dequant", "auto"])
 def test_dispatch_backends_agree(lrqat_ext, backend):
-    from lrqat_kernels.ops.int4_gpu import int4_linear_gpu
+    from lrqat_kernels.ops.int4_linear import int4_linear as int4_linear_gpu
 
     for m in (1, 300):
         x, w_int, q, s, z, b = _case(m, 512, 1024, 128, True, torch.bfloat16, "cuda")
@@ -492,7 +492,7 @@ def test_dispatch_backends_agree(lrqat_ext, backend):
 
 
 def test_resolve_backend(monkeypatch):
-    from lrqat_kernels.ops.int4_gpu import BACKEND_ENV, resolve_backend
+    from lrqat_kernels.ops.int4_linear import BACKEND_ENV, resolve_backend
 
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert resolve_backend() == "auto"
@@ -504,7 +504,7 @@ def test_resolve_backend(monkeypatch):
 
 
 def test_dequant_weight_cpu_matches_reference():
-    from lrqat_kernels.ops.int4_gpu import dequant_weight
+    from lrqat_kernels.ops.int4_linear import dequantize_int4 as dequant_weight
 
     _, w_int, q, s, z, _ = _case(1, 72, 256, 64, True, torch.float32, "cpu")
     _, w_hat = _reference(torch.zeros(1, 256), w_int, s, z, 64, None)
@@ -515,7 +515,7 @@ def test_dequant_weight_cpu_matches_reference():
 def test_prepack_cache_follows_in_place_updates(lrqat_ext):
     """backend='cuda' on standard-layout weights prepacks once per weight (cache keyed by identity,
     invalidated by in-place updates of any input)."""
-    from lrqat_kernels.ops.int4_gpu import _cached_prepack
+    from lrqat_kernels.ops.int4_cuda import cached_prepack as _cached_prepack
 
     _, _, q, s, z, _ = _case(1, 130, 256, 64, True, torch.float32, "cpu")
     w1 = _cached_prepack(q, s, z, 64, torch.float32)
@@ -537,7 +537,7 @@ def test_prepack_cache_follows_in_place_updates(lrqat_ext):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [None, "auto", "cuda", "triton", "dequant"])
 def test_int4_linear_backend_argument(lrqat_ext, backend, monkeypatch):
-    from lrqat_kernels.ops import int4_gpu
+    from lrqat_kernels.ops import int4_linear as int4_gpu
     from lrqat_kernels.ops.int4_linear import int4_linear
 
     monkeypatch.delenv(int4_gpu.BACKEND_ENV, raising=False)
@@ -547,12 +547,13 @@ def test_int4_linear_backend_argument(lrqat_ext, backend, monkeypatch):
 
 @pytest.mark.gpu
 def test_int4_linear_env_selects_cuda_kernel(lrqat_ext, monkeypatch):
-    from lrqat_kernels.ops import int4_gpu
+    from lrqat_kernels.ops import int4_cuda
+    from lrqat_kernels.ops import int4_linear as int4_gpu
     from lrqat_kernels.ops.int4_linear import int4_linear
 
     calls = []
-    real = int4_gpu.int4_gpu_linear
-    monkeypatch.setattr(int4_gpu, "int4_gpu_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = int4_cuda.int4_cuda_linear
+    monkeypatch.setattr(int4_cuda, "int4_cuda_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv(int4_gpu.BACKEND_ENV, "cuda")
     x, w_int, q, s, z, b = _case(2, 300, 512, 128, False, torch.bfloat16, "cuda")
     _assert_close_to_torch(int4_linear(x, q, s, z, 128, b), x, w_int, s, z, 128, b)
@@ -560,3 +561,74 @@ def test_int4_linear_env_selects_cuda_kernel(lrqat_ext, monkeypatch):
     monkeypatch.delenv(int4_gpu.BACKEND_ENV)
     int4_linear(x, q, s, z, 128, b)  # default "auto": never the CUDA kernel
     assert calls == [1]
+
+
+# ---- issue 18: the old GPU names keep working for one release, with a DeprecationWarning ------------
+
+
+def test_deprecated_int4_gpu_names(monkeypatch):
+    import warnings
+
+    from lrqat_kernels.ops import _int4_rules, int4_cuda, int4_gpu, int4_linear
+
+    monkeypatch.setattr(int4_gpu, "_ANNOUNCED", set())
+    renamed = {"prepack_int4_gpu": int4_cuda.int4_cuda_prepack, "int4_gpu_prepack": int4_cuda.int4_cuda_prepack_qweight,
+               "int4_gpu_dequant_words": int4_cuda.int4_cuda_dequant_words, "Int4GPUWeight": int4_cuda.Int4CudaWeight,
+               "cuda_kernel_available": int4_cuda.cuda_kernel_available, "resolve_backend": int4_linear.resolve_backend,
+               "dequant_linear": int4_linear.dequant_linear, "zero_point_as_int": _int4_rules.zero_point_as_int,
+               "check_int4_linear_args": _int4_rules.check_int4_linear_args, "BACKEND_ENV": "LRQAT_INT4_BACKEND"}
+    for old, new in renamed.items():
+        with pytest.warns(DeprecationWarning, match=rf"int4_gpu\.{old} is deprecated .* use lrqat_kernels\.ops\."):
+            assert getattr(int4_gpu, old) == new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per name: the next access is quiet
+        int4_gpu.prepack_int4_gpu
+    with pytest.raises(AttributeError, match="has no attribute 'int4_tuning_table'"):
+        int4_gpu.int4_tuning_table
+    # Wrappers: same results as the new functions.
+    _, w_int, q, s, z, b = _case(3, 72, 256, 64, True, torch.float16, "cpu")
+    with pytest.warns(DeprecationWarning, match="use lrqat_kernels.ops.int4_linear.dequantize_int4"):
+        w = int4_gpu.dequant_weight(q, s, z, 64)
+    assert w.dtype == torch.bfloat16 and torch.equal(w, int4_linear.dequantize_int4(q, s, z, 64, torch.bfloat16))
+    x = torch.randn(3, 256, dtype=torch.float16)
+    with pytest.warns(DeprecationWarning, match=r"int4_linear_gpu is deprecated"):
+        y = int4_gpu.int4_linear_gpu(x, q, s, z, 64, b, backend="dequant")
+    assert torch.equal(y, int4_linear.dequant_linear(x, q, s, z, 64, b))
+    with pytest.warns(DeprecationWarning, match="bench/_int4_tuning.py"):
+        assert int4_gpu.dequant_chunk_candidates(11008, 4096, torch.bfloat16) == [1024, 2048, 4096]
+
+
+def test_deprecated_spellings_and_switches(monkeypatch):
+    from lrqat_kernels.ops import int4_linear as il
+    from lrqat_kernels.ops.int4_triton import int4_triton_config
+
+    _, w_int, q, s, _, _ = _case(1, 40, 128, None, False, torch.float32, "cpu")
+    with pytest.warns(DeprecationWarning, match="group_size=-1 for per-channel scales is deprecated"):
+        w = il.dequantize_int4(q, s, None, -1)
+    assert torch.equal(w, il.dequantize_int4(q, s, None, None)) and torch.equal(w, il.dequantize_int4(q, s, None, 128))
+    with pytest.warns(DeprecationWarning, match="register_cuda_int4_linear is deprecated and has no effect"):
+        il.register_cuda_int4_linear(lambda *a, **k: 1 / 0)
+    with pytest.warns(DeprecationWarning, match=r"int4_triton_config\(device_name=, tuned=\) are deprecated"):
+        assert int4_triton_config(1, 4096, 4096, 128, tuned=False) == int4_triton_config(1, 4096, 4096, 128)
+    # The backend: argument > set_int4_backend > $LRQAT_INT4_BACKEND (deprecated) > "auto".
+    monkeypatch.setattr(il, "_WARNED", set())
+    monkeypatch.setenv(il.BACKEND_ENV, "dequant")
+    with pytest.warns(DeprecationWarning, match=r"\$LRQAT_INT4_BACKEND is deprecated .*set_int4_backend\('dequant'\)"):
+        assert il.resolve_backend() == "dequant"
+    with il.int4_backend("triton"):
+        assert il.resolve_backend() == "triton" and il.resolve_backend("cuda") == "cuda"
+        assert il.get_int4_backend() == "triton"
+    assert il.get_int4_backend() is None and il.resolve_backend() == "dequant"
+    monkeypatch.delenv(il.BACKEND_ENV)
+    assert il.resolve_backend() == "auto"
+    with pytest.raises(ValueError, match=r"int4 backend must be one of .* \(set_int4_backend\), got 'tensorrt'"):
+        il.set_int4_backend("tensorrt")
+    # set_int4_backend covers a whole model like the variable did: a layer it cannot run uses "auto".
+    x, w_int, q, s, z, b = _case(3, 40, 96, 48, True, torch.float16, "cpu")  # group 48: Triton cannot tile it
+    try:
+        il.set_int4_backend("triton")
+        with pytest.warns(RuntimeWarning, match=r"set_int4_backend=triton: .*multiple of 32, got 48"):
+            y = il._int4_linear_cuda(x, q, s, z, 48, b)
+    finally:
+        il.set_int4_backend(None)
+    _assert_close_to_torch(y, x, w_int, s, z, 48, b)

@@ -317,7 +317,7 @@ def test_dequant_linear_in_row_chunks(chunk_n, dtype):
     """The "dequant" backend in L2-sized row chunks (``chunk_n`` rows of W_hat into one reused
     buffer, one GEMM writing those columns of y): same result as one whole W_hat; chunk sizes that
     divide N, that leave a tail, of N - 1, N and more; with bias and zero points; 3-D x."""
-    from lrqat_kernels.ops.int4_gpu import dequant_linear
+    from lrqat_kernels.ops.int4_linear import dequant_linear
 
     x, w_int, q, s, z, b = _case(24, 72, 256, 64, True, dtype, seed=5)
     y = dequant_linear(x.reshape(2, 12, 256), q, s, z, 64, b, chunk_n=chunk_n)
@@ -334,7 +334,7 @@ def test_dequant_linear_in_row_chunks(chunk_n, dtype):
 def test_dequant_linear_chunks_fall_back_for_autograd_and_compile():
     """``out=`` into a column slice of y supports neither autograd nor ``torch.compile``: those
     calls take the whole-W_hat path (same result, gradients flow)."""
-    from lrqat_kernels.ops.int4_gpu import dequant_linear
+    from lrqat_kernels.ops.int4_linear import dequant_linear
 
     x, w_int, q, s, z, b = _case(6, 72, 256, 64, True, torch.bfloat16, seed=2)
     xg = x.clone().requires_grad_(True)

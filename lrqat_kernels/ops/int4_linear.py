@@ -1,226 +1,301 @@
 """Deployment INT4 GEMM: ``y = x @ W_hat^T + bias`` with ``W_hat = scale * (W_int - zero_point)``.
 
-The merged LR-QAT model stores ``W_int`` as real 4-bit integers (``formats.pack_nibbles``: uint8
-``[N, K / 2]``, column ``2j`` in the low nibble of byte ``j``, two's complement) plus fp32 scales
-(per channel ``[N, 1]`` or per group ``[N, K / group_size]``) and optional integer zero points.
-:func:`int4_linear` runs it without ever materialising ``W_hat``:
+The one dispatcher of the INT4 deployment stack. The merged LR-QAT model stores ``W_int`` as real
+4-bit integers (``formats.pack_nibbles``: uint8 ``[N, K / 2]``, column ``2j`` in the low nibble of
+byte ``j``, two's complement) plus fp32 scales (per channel ``[N, 1]`` or per group
+``[N, K / group_size]``) and optional integer zero points (rules: :mod:`._int4_rules`).
+:func:`int4_linear` runs it without ever materialising ``W_hat`` where a kernel exists:
 
 ============ ======================================================================================
 device        what runs
 ============ ======================================================================================
-CPU           the C++ kernels (``csrc/int4_cpu/``): AVX-512 (vdpbf16ps for bf16 x), AVX2 + FMA, or
-              portable scalar code, chosen at run time, on a prepacked copy of the weight. Eager
-              calls cache that copy per ``qweight`` (weakly, invalidated by in-place updates but
-              not by writes through ``.data``); under ``torch.compile`` the op ``lrqat::int4_linear`` prepacks on every call. To
-              manage the copy yourself: :func:`int4_prepack_cpu` once, then
-              :func:`int4_linear_prepacked` (what the benchmark times).
-CUDA          ``torch.ops.lrqat.int4_linear`` if the extension has a CUDA kernel for it; else the
-              GPU hook :func:`lrqat_kernels.ops.int4_gpu.int4_linear_gpu` if that module is present
-              (Triton / CUDA W4A16, see there); else exact dequantisation + ``F.linear``.
+CPU           the C++ kernels (:mod:`.int4_cpu`) on a prepacked copy of the weight, cached per
+              ``qweight`` for eager calls (weakly, invalidated by in-place updates but not by
+              writes through ``.data``); under ``torch.compile`` the op ``lrqat::int4_linear``
+              prepacks on every call. Without ``_C``: exact dequantisation + ``F.linear``.
+CUDA          ``torch.ops.lrqat.int4_linear`` if the extension has a CUDA kernel for it; else, for
+              fp16 / bf16 x, the backend (below); else exact dequantisation + ``F.linear``.
 other         exact dequantisation + ``F.linear``.
 ============ ======================================================================================
 
-Numerics (NUMERICS.md): ``W_hat`` is ``scale * (W_int - z)`` in fp32 and the sums are fp32.
+CUDA backends (``backend=`` of :func:`int4_linear`, else :func:`set_int4_backend`, else "auto"):
+
+============== =================================================================================
+backend         what runs for CUDA tensors
+============== =================================================================================
+``"auto"``      M <= :data:`AUTO_DEQUANT_MIN_M` - 1: the Triton W4A16 kernel (decode, memory
+                bound); larger M (prefill): dequantise once (Triton) then cuBLAS (``F.linear``).
+                Never the CUDA kernel (opt-in until it has passed its GPU tests).
+``"cuda"``      the CUDA kernel (:mod:`.int4_cuda`), prepacked on first use and cached per weight.
+``"triton"``    the Triton W4A16 kernel (:mod:`.int4_triton`).
+``"dequant"``   dequantise to x's dtype, then cuBLAS (:func:`dequant_linear`).
+============== =================================================================================
+
+A process-wide backend (:func:`set_int4_backend`, or the deprecated ``$LRQAT_INT4_BACKEND``) covers
+every layer of a model: a layer it cannot run falls back to "auto" with one warning per layer
+shape. The same backend passed as ``backend=`` raises instead.
+
+Numerics (docs/NUMERICS.md): ``W_hat`` is ``scale * (W_int - z)`` in fp32 and the sums are fp32.
 On CPU the result equals the fp32 product of x (as given) with that fp32 ``W_hat``, up to fp32
 summation order: bf16 x takes the AVX-512 dot-product path with the exact integers
 ``W_int - z`` and applies the scale once per group in fp32 (no bf16 rounding of ``W_hat``);
 fp32 / fp16 x use fp32 ``W_hat`` and FMA. The output is rounded once to x's dtype (bias added
 before). vdpbf16ps treats bf16 subnormals in x as zero.
-
-CPU instruction set: ``isa="auto"|"scalar"|"avx2"|"avx512"`` (argument of the prepacked op and of
-the Python functions here), else ``$LRQAT_CPU_ISA``, else the best the CPU has (avx512 needs
-avx512f/bw/vl + avx512_bf16; avx2 needs avx2 + fma). Asking for an instruction set the CPU lacks
-is an error naming what is available (a silent fallback would make a forced-path test
-meaningless); a CPU without AVX2 runs the scalar path under ``"auto"``. :func:`cpu_isas`
-lists what this CPU supports.
-
-Prepacked CPU layout (``csrc/int4_cpu/int4_cpu.h``): panels of 64 output columns; per panel and
-k block of 8, 64 little-endian 32-bit words, word ``l`` holding the 8 offset-binary nibbles
-(``W_int + 8``) of column ``64 p + l``, even k in the low 16 bits, odd k in the high 16 bits.
-
-Native ops (schemas in ``csrc/registration.cpp``; fakes for ``torch.compile`` in
-:mod:`lrqat_kernels.ops.int4_linear_fakes`):
-``int4_linear(x, qweight, scale, zero_point, group_size, bias)`` (device-generic, CPU impl),
-``int4_prepack_cpu(qweight, scale, zero_point, group_size)`` and
-``int4_linear_prepacked_cpu(x, packed_weight, packed_scale, packed_zero, out_features, group_size,
-bias, isa)``. ``group_size`` is -1 for per-channel scales in the ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import warnings
-from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from .._checks import check_zero_point_values
-from ._prepack_cache import PrepackCache
+from . import int4_cuda
+from ._int4_rules import (
+    _caller_stacklevel,
+    _zero_point_int,
+    check_int4_linear_args,
+    dequantize_int4,
+    effective_group_size,
+)
+from ._launch import interpreting
+from .int4_cpu import (  # noqa: F401  (re-exported: the CPU API's names lived here)
+    ISA_ENV,
+    Int4PackedCPU,
+    cpu_isas,
+    int4_linear_prepacked,
+    int4_prepack_cpu,
+)
+from .int4_cpu import _PREPACK_CACHE, cached_prepack, check_isa, flatten, op_group_size
 
 __all__ = [
+    "AUTO_DEQUANT_MIN_M",
+    "BACKENDS",
+    "BACKEND_ENV",
     "ISA_ENV",
     "Int4PackedCPU",
+    "auto_backend",
     "cpu_isas",
+    "dequant_linear",
     "dequantize_int4",
+    "get_int4_backend",
+    "int4_backend",
     "int4_linear",
     "int4_linear_prepacked",
     "int4_prepack_cpu",
     "register_cuda_int4_linear",
+    "resolve_backend",
+    "set_int4_backend",
 ]
 
-#: Environment variable that forces the CPU instruction set (auto, scalar, avx2, avx512).
-ISA_ENV = "LRQAT_CPU_ISA"
-_ISAS = ("auto", "scalar", "avx2", "avx512")
-_PANEL = 64
-_KBLOCK = 8
+BACKENDS = ("auto", "cuda", "triton", "dequant")
+#: Deprecated (read for one release, with a DeprecationWarning): use :func:`set_int4_backend`.
+BACKEND_ENV = "LRQAT_INT4_BACKEND"
+
+#: ``backend="auto"`` switches from the Triton W4A16 kernel to dequantise + cuBLAS at this M
+#: (M > 256). PROVISIONAL AND UNMEASURED: the M where a W4A16 kernel stops beating cuBLAS on bf16
+#: weights, to be measured by ``bench/tune_int4_gemm.py`` on a GPU.
+AUTO_DEQUANT_MIN_M = 257
+
+_cached_prepack = cached_prepack  # the CPU cache (tests/test_int4_cpu.py reads it under this name)
+
+# ---- the process-wide backend --------------------------------------------------------------
+
+_backend: str | None = None
+_WARNED: set[str] = set()
 
 
-class Int4PackedCPU(NamedTuple):
-    """A weight prepacked for the CPU kernel by :func:`int4_prepack_cpu`.
-
-    Attributes:
-        packed_weight: uint8 ``[ceil(N / 64), ceil(K / 8), 256]``.
-        packed_scale: fp32 ``[ceil(N / 64), G, 64]``.
-        packed_zero: int32 ``[ceil(N / 64), G, 64]`` or None (symmetric).
-        out_features: N.
-        in_features: K.
-        group_size: k per scale group, -1 for per-channel scales.
-    """
-
-    packed_weight: torch.Tensor
-    packed_scale: torch.Tensor
-    packed_zero: torch.Tensor | None
-    out_features: int
-    in_features: int
-    group_size: int
+def _warn_once(msg: str, category=RuntimeWarning) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, category, stacklevel=_caller_stacklevel())  # the user's call
 
 
-# ---- instruction sets ----------------------------------------------------------------------
+def _check_backend(backend: str, where: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"int4 backend must be one of {BACKENDS} ({where}), got {backend!r}")
+    return backend
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_isas() -> tuple[str, ...]:
-    """Instruction-set paths of the CPU kernel this machine supports, e.g. ``("scalar", "avx2", "avx512")``.
+def set_int4_backend(backend: str | None) -> None:
+    """Choose the CUDA backend of every :func:`int4_linear` call without ``backend=`` (process-wide;
+    None: back to "auto"). A layer that backend cannot run falls back to "auto" with a warning."""
+    global _backend
+    _backend = None if backend is None else _check_backend(backend, "set_int4_backend")
 
-    Read from ``/proc/cpuinfo`` (Linux, x86-64); elsewhere only ``"scalar"`` is promised. The C++
-    op makes its own check (``__builtin_cpu_supports``) and raises if a forced path is missing.
-    """
-    isas = ["scalar"]
+
+def get_int4_backend() -> str | None:
+    """The backend set by :func:`set_int4_backend` (None: not set)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def int4_backend(backend: str | None):
+    """``with int4_backend("triton"): ...``: :func:`set_int4_backend` for the block, restored after."""
+    old = _backend
+    set_int4_backend(backend)
     try:
-        with open("/proc/cpuinfo") as f:
-            flags: set[str] = set()
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return tuple(isas)
-    if {"avx2", "fma"} <= flags:
-        isas.append("avx2")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"} <= flags:
-        isas.append("avx512")
-    return tuple(isas)
+        yield
+    finally:
+        set_int4_backend(old)
 
 
-def _check_isa(isa: str | None) -> str:
-    if isa is None:
-        return "auto"
-    if not isinstance(isa, str) or isa.lower() not in _ISAS:
-        raise ValueError(f"isa must be one of {_ISAS} (or None: ${ISA_ENV}, else auto), got {isa!r}")
-    return isa.lower()
+def _process_backend() -> str | None:
+    """:func:`set_int4_backend`'s choice, else the deprecated ``$LRQAT_INT4_BACKEND``, else None."""
+    if _backend is not None:
+        return _backend
+    env = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if not env:
+        return None
+    _warn_once(f"${BACKEND_ENV} is deprecated and will be removed in the next release: use "
+               f"lrqat_kernels.ops.int4_linear.set_int4_backend({env!r}) or int4_linear(backend=...)",
+               DeprecationWarning)
+    return _check_backend(env, f"${BACKEND_ENV}")
 
 
-# ---- argument normalisation ---------------------------------------------------------------
+def resolve_backend(backend: str | None = None) -> str:
+    """``backend`` if given, else the process-wide one (:func:`set_int4_backend`, then the
+    deprecated ``$LRQAT_INT4_BACKEND``), else ``"auto"``; validated."""
+    if backend is None:
+        backend = _process_backend() or "auto"
+    return _check_backend(backend, "argument or set_int4_backend")
 
 
-def _group_size(K: int, scale: torch.Tensor, group_size: int | None) -> int:
-    """The op's group_size: -1 for per-channel scales; None infers it from scale's shape."""
-    if group_size is None:
-        if scale.dim() != 2 or scale.shape[1] < 1:
-            raise ValueError(f"scale must be [N, 1] or [N, K / group_size], got shape {tuple(scale.shape)}")
-        G = scale.shape[1]
-        if G == 1:
-            return -1
-        if K % G:
-            raise ValueError(f"scale has {G} groups, which does not divide in_features K={K}")
-        return K // G
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
-    return -1 if group_size == K else group_size
+def auto_backend(device: torch.device, M: int, N: int, K: int, g: int) -> str:
+    """What ``backend="auto"`` runs for ``M`` tokens through an ``[N, K]`` layer with groups of ``g``
+    (``g == K``: per-channel) on ``device``: Triton below :data:`AUTO_DEQUANT_MIN_M` when it can
+    tile the groups (a multiple of 32) and is installed, else dequantise + cuBLAS."""
+    triton_ok = _unsupported("triton", K, g) is None
+    return "triton" if (triton_ok and M < AUTO_DEQUANT_MIN_M) else "dequant"
 
 
-def _zero_point_int(zero_point: torch.Tensor | None) -> torch.Tensor | None:
-    """Integer zero points; floats are accepted only when they hold integers. The values (integers
-    in the INT4 grid [-8, 7]) are checked on CPU (on a GPU the check would synchronise)."""
-    from .int4_gpu import zero_point_as_int
-
-    if zero_point is not None and zero_point.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_zero_point_values(zero_point, 4)
-    return zero_point_as_int(zero_point)
-
-
-def _flatten(x: torch.Tensor, K: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"x must be [..., K] = [..., {K}], got shape {tuple(x.shape)}")
-    return x.reshape(-1, K)
-
-
-# ---- exact dequantisation (reference / fallback) ------------------------------------------
+def _unsupported(backend: str, K: int, g: int) -> str | None:
+    """Why ``backend`` cannot run a layer with ``K`` inputs and groups of ``g`` (``g == K``:
+    per-channel), or None."""
+    if backend == "cuda":
+        try:
+            int4_cuda.check_cuda_shapes(K, None if g == K else g)
+        except ValueError as exc:
+            return str(exc).split(";")[0]
+    if backend == "triton":
+        if g != K and g % 32:
+            return f"the Triton W4A16 kernel needs group_size to be a multiple of 32, got {g}"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+    return None
 
 
-def dequantize_int4(
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None = None,
-    group_size: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``W_hat = scale * (W_int - zero_point)`` ``[N, K]``, computed in fp32, cast to ``dtype`` last.
-
-    Args:
-        qweight: uint8 ``[N, K / 2]`` (``formats.pack_nibbles`` layout).
-        scale: float ``[N, 1]`` (per channel) or ``[N, K / group_size]``.
-        zero_point: None or integer ``[N, G]`` like scale, values in [-8, 7].
-        group_size: k per group; None infers it from scale's shape; -1 or K: per channel.
-        dtype: result dtype.
-    """
-    from ..formats import unpack_nibbles
-
-    K = 2 * qweight.shape[-1]
-    g = _group_size(K, scale, group_size)
-    g = K if g == -1 else g
-    w = unpack_nibbles(qweight).to(torch.float32)
-    zero_point = _zero_point_int(zero_point)
-    if zero_point is not None:
-        w = w - zero_point.to(torch.float32).repeat_interleave(g, dim=1)
-    return (w * scale.to(torch.float32).repeat_interleave(g, dim=1)).to(dtype)
+# ---- dequantise + GEMM -----------------------------------------------------------------------
 
 
-def _dequant_linear(x2, qweight, scale, zero_point, g, bias):
-    w_hat = dequantize_int4(qweight, scale, zero_point, g, x2.dtype)
+def _dequant_linear(x2, qweight, scale, zero_point, group_size, bias):
+    """Exact, differentiable fallback: PyTorch ``W_hat`` in x's dtype, then ``F.linear``."""
+    w_hat = dequantize_int4(qweight, scale, zero_point, group_size, x2.dtype)
     return F.linear(x2, w_hat, None if bias is None else bias.to(x2.dtype))
 
 
-# ---- CUDA hook -----------------------------------------------------------------------------
+def _dequantize(qweight, scale, zero_point, group_size, dtype, out=None):
+    """``W_hat``: one Triton pass on CUDA, :func:`dequantize_int4` elsewhere (equal bit for bit)."""
+    if qweight.is_cuda:
+        try:
+            from .int4_triton import int4_dequant_triton
+        except ImportError:
+            pass
+        else:
+            return int4_dequant_triton(qweight, scale, zero_point, group_size, dtype, out=out)
+    return dequantize_int4(qweight, scale, zero_point, group_size, dtype, out=out)
 
-# A callable with int4_linear_gpu's signature (x, qweight, scale, zero_point, group_size, bias) ->
-# y, used for CUDA tensors when the native op has no CUDA kernel. None: look for
-# lrqat_kernels.ops.int4_gpu.int4_linear_gpu, else dequantise + F.linear.
-_cuda_impl: Callable | None = None
 
+def dequant_linear(x, qweight, scale, zero_point=None, group_size=None, bias=None, *, chunk_n: int | None = None):
+    """Dequantise + cuBLAS (the "dequant" backend): ``x @ W_hat^T + bias`` with ``W_hat`` in x's dtype.
 
-def register_cuda_int4_linear(fn: Callable | None) -> None:
-    """Plug a CUDA implementation into :func:`int4_linear` (None restores the default lookup).
+    ``chunk_n=None``: all of ``W_hat`` (``N * K`` elements, written to and read back from HBM)
+    then one ``F.linear``. ``chunk_n``: ``chunk_n`` output rows of ``W_hat`` at a time into one
+    reused ``[chunk_n, K]`` buffer, each followed by the GEMM that writes those columns of y
+    (leading dimension N). A buffer that fits in L2 keeps the dequantised weight out of HBM and
+    caps the transient memory; whether that wins is what ``bench/tune_int4_gemm.py`` measures
+    (the dispatcher uses the whole ``W_hat``). Same numerics up to fp32 summation order. Calls
+    that need autograd through x, and calls traced by ``torch.compile`` (``out=`` into a column
+    slice is neither differentiable nor traceable), take the whole-``W_hat`` path.
 
-    ``fn(x, qweight, scale, zero_point, group_size, bias)`` gets x ``[..., K]`` on CUDA, group_size
-    None for per-channel scales, and returns ``[..., N]`` in x's dtype.
+    Args:
+        x: fp16 / bf16 ``[..., K]``; qweight / scale / zero_point / group_size / bias as
+            :func:`int4_linear`.
+        chunk_n: None, or a positive number of output rows per chunk.
+
+    Returns:
+        ``[..., N]`` in x's dtype.
     """
-    global _cuda_impl
-    _cuda_impl = fn
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    group_size = effective_group_size(K, scale, group_size)
+    b = None if bias is None else bias.to(x.dtype)
+    if chunk_n is not None and (isinstance(chunk_n, bool) or not isinstance(chunk_n, int) or chunk_n < 1):
+        raise ValueError(f"chunk_n must be None or a positive int, got {chunk_n!r}")
+    whole = chunk_n is None or chunk_n >= N or torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)))
+    if whole:
+        return F.linear(x, _dequantize(qweight, scale, zero_point, group_size, x.dtype), b)
+    x2 = x.reshape(-1, K)
+    y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    buf = torch.empty((chunk_n, K), dtype=x.dtype, device=x.device)
+    for n0 in range(0, N, chunk_n):
+        n1 = min(N, n0 + chunk_n)
+        rows = slice(n0, n1)
+        w = _dequantize(qweight[rows], scale[rows], None if zero_point is None else zero_point[rows], group_size,
+                        x.dtype, out=buf[: n1 - n0])
+        if b is None:
+            torch.mm(x2, w.t(), out=y[:, rows])
+        else:
+            torch.addmm(b[rows], x2, w.t(), out=y[:, rows])
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ---- CUDA tensors: the backend choice ----------------------------------------------------------
+
+
+def _int4_linear_cuda(x, qweight, scale, zero_point=None, group_size=None, bias=None, *, backend=None,
+                      caller: str = "int4_linear"):
+    """:func:`int4_linear` for fp16 / bf16 x by backend (module docstring). ``caller`` names the
+    public function in errors. Runs on CPU tensors only for "dequant" or under the interpreter."""
+    N, K, g = check_int4_linear_args(x, qweight, scale, zero_point, group_size, bias)
+    group_size = None if g == K else g
+    process_wide = backend is None
+    backend = resolve_backend(backend)
+    M = x.numel() // K if K else 0
+    if process_wide and backend in ("cuda", "triton"):
+        why = _unsupported(backend, K, g)
+        if why is not None:
+            where = f"${BACKEND_ENV}" if _backend is None else "set_int4_backend"
+            _warn_once(f"{where}={backend}: {why} (layer {N}x{K}); those layers use backend='auto'")
+            backend = "auto"
+    if backend == "auto":
+        backend = auto_backend(x.device, M, N, K, g)
+    if not x.is_cuda and backend != "dequant" and not interpreting():
+        raise ValueError(f"{caller} serves CUDA tensors, got x on {x.device} (backend={backend!r}); "
+                         "lrqat_kernels.int4_linear serves CPU tensors (backend='dequant' runs anywhere)")
+    if backend == "cuda":
+        if not x.is_cuda:
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x.device}")
+        if not int4_cuda.cuda_kernel_available():
+            raise RuntimeError(
+                "backend='cuda': lrqat_kernels._C has no CUDA kernel for int4_gpu_linear "
+                f"({_ext.extension_error() or 'built without CUDA'}); rebuild with CUDA_HOME set, "
+                "or use backend='triton' / 'dequant'"
+            )
+        scale_dtype = scale.dtype if scale.dtype in (torch.float32, x.dtype) else torch.float32
+        w = int4_cuda.cached_prepack(qweight, scale, zero_point, group_size, scale_dtype)
+        return int4_cuda.int4_cuda_linear(x, w, bias)
+    if backend == "triton":
+        from . import int4_triton
+
+        return int4_triton.int4_linear_triton(x, qweight, scale, zero_point, group_size, bias)
+    return dequant_linear(x, qweight, scale, zero_point, group_size, bias)
 
 
 def _native_has_kernel(key: str) -> bool:
@@ -232,28 +307,12 @@ def _native_has_kernel(key: str) -> bool:
         return False
 
 
-def _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend=None):
-    K = qweight.shape[1] * 2
-    if backend is None and _native_has_kernel("CUDA"):
-        y = torch.ops.lrqat.int4_linear(x.reshape(-1, K), qweight, scale, zero_point, g, bias)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    # -- int4_gpu hook: an explicit backend ("auto" | "cuda" | "triton" | "dequant") goes to the GPU
-    # module's dispatcher (which also reads $LRQAT_INT4_BACKEND when backend is None).
-    if backend is not None:
-        from .int4_gpu import int4_linear_gpu
-
-        return int4_linear_gpu(x, qweight, scale, zero_point, None if g == -1 else g, bias, backend=backend)
-    # -- end int4_gpu hook
-    fn = _cuda_impl
-    if fn is None and x.dtype in (torch.float16, torch.bfloat16):  # the GPU module's W4A16 kernels
-        try:
-            from .int4_gpu import int4_linear_gpu as fn
-        except ImportError:
-            fn = None
-    if fn is not None:
-        return fn(x, qweight, scale, zero_point, None if g == -1 else g, bias)
-    y = _dequant_linear(x.reshape(-1, K), qweight, scale, zero_point, g, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+def register_cuda_int4_linear(fn) -> None:
+    """Deprecated, no effect: CUDA tensors go through :func:`int4_linear`'s backends
+    (:func:`set_int4_backend`). Removed in the next release."""
+    warnings.warn("register_cuda_int4_linear is deprecated and has no effect (CUDA tensors use int4_linear's "
+                  "backends: int4_linear(backend=...) or set_int4_backend); it will be removed in the next release",
+                  DeprecationWarning, stacklevel=2)
 
 
 @functools.lru_cache(maxsize=1)
@@ -285,15 +344,15 @@ def int4_linear(
         qweight: uint8 ``[N, K / 2]``, ``formats.pack_nibbles`` layout (values in [-8, 7]).
         scale: float32 (or bf16 / fp16, converted to fp32) ``[N, 1]`` or ``[N, K / group_size]``.
         zero_point: None (symmetric) or integer ``[N, G]`` like scale, in [-8, 7].
-        group_size: k per group (a multiple of 8 dividing K on CPU); None infers it from
-            scale's shape; -1 or K means per channel.
+        group_size: k per group (a multiple of 8 dividing K on CPU); None: per channel, or
+            inferred from scale's shape (``-1`` deprecated; ``K`` is one group = per channel).
         bias: None or ``[N]``.
         isa: CPU instruction set ("auto", "scalar", "avx2", "avx512"); None reads
             ``$LRQAT_CPU_ISA`` (default auto). Ignored for CUDA tensors.
         bits: accepted for ``QuantizedLinear`` (must be <= 4); the kernel reads any INT-b, b <= 4.
         backend: CUDA tensors only: "auto", "cuda" (the opt-in CUDA kernel), "triton" or
-            "dequant", see :mod:`lrqat_kernels.ops.int4_gpu`; None reads ``$LRQAT_INT4_BACKEND``
-            (default "auto"). Ignored for CPU tensors.
+            "dequant" (module docstring); None: :func:`set_int4_backend`'s, else "auto".
+            Ignored for CPU tensors.
 
     Returns:
         ``[..., N]`` in x's dtype, on x's device.
@@ -303,22 +362,28 @@ def int4_linear(
     if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
         raise TypeError(f"qweight must be a uint8 tensor [N, K / 2], got {getattr(qweight, 'shape', type(qweight))}")
     K = 2 * qweight.shape[1]
-    x2 = _flatten(x, K)
-    g = _group_size(K, scale, group_size)
+    x2 = flatten(x, K)
+    gs = effective_group_size(K, scale, group_size)  # None: per channel
+    g = op_group_size(gs, K)  # the native ops' code: -1 for per channel
     zero_point_in, zero_point = zero_point, _zero_point_int(zero_point)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, scale, zero_point_in)):
         # The INT4 GEMMs have no autograd: a gradient that must flow through this layer (a trainable
         # layer in front) takes the exact, differentiable dequantise path instead of being dropped.
-        return _dequant_linear(x2, qweight, scale, zero_point, g, bias).reshape(*x.shape[:-1], qweight.shape[0])
+        return _dequant_linear(x2, qweight, scale, zero_point, gs, bias).reshape(*x.shape[:-1], qweight.shape[0])
     if x.device.type == "cuda":
-        return _cuda_int4_linear(x, qweight, scale, zero_point, g, bias, backend)
-    if x.device.type != "cpu":
-        y = _dequant_linear(x2, qweight, scale, zero_point, g, bias)
+        if backend is None and _native_has_kernel("CUDA"):
+            y = torch.ops.lrqat.int4_linear(x2, qweight, scale, zero_point, g, bias)
+        elif backend is not None or x.dtype in (torch.float16, torch.bfloat16):  # the W4A16 backends
+            return _int4_linear_cuda(x, qweight, scale, zero_point, gs, bias, backend=backend)
+        else:
+            y = _dequant_linear(x2, qweight, scale, zero_point, gs, bias)
+    elif x.device.type != "cpu":
+        y = _dequant_linear(x2, qweight, scale, zero_point, gs, bias)
     elif not _ext.has_extension():  # a Python-only install: exact, slower
         _warn_no_extension()
-        y = _dequant_linear(x2, qweight, scale, zero_point, g, bias)
+        y = _dequant_linear(x2, qweight, scale, zero_point, gs, bias)
     else:
-        isa = _check_isa(isa)
+        isa = check_isa(isa)
         if torch.compiler.is_compiling():  # traced: the op prepacks inside (a fake exists for it)
             if isa == "auto":
                 y = torch.ops.lrqat.int4_linear(x2, qweight, scale, zero_point, g, bias)
@@ -328,74 +393,8 @@ def int4_linear(
                     x2, pw, ps, pz if zero_point is not None else None, qweight.shape[0], g, bias, isa
                 )
         else:
-            packed = _cached_prepack(qweight, scale, zero_point, g, zero_point_in)
+            packed = cached_prepack(qweight, scale, zero_point, g, zero_point_in)
             y = torch.ops.lrqat.int4_linear_prepacked_cpu(
                 x2, packed.packed_weight, packed.packed_scale, packed.packed_zero, packed.out_features, g, bias, isa
             )
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-# Prepacked copies for eager CPU calls with standard-layout weights (see _prepack_cache): a decode
-# loop prepacks each layer once; the copy costs the weight's memory once more.
-_PREPACK_CACHE = PrepackCache()
-
-
-def _cached_prepack(qweight, scale, zero_point, g, zero_point_in=None) -> Int4PackedCPU:
-    """``zero_point_in``: the caller's zero-point tensor ``zero_point`` was converted from (the
-    cache key: a converted float zero point is a new tensor every call)."""
-    def build():
-        pw, ps, pz = torch.ops.lrqat.int4_prepack_cpu(qweight, scale, zero_point, g)
-        return Int4PackedCPU(pw, ps, pz if zero_point is not None else None, qweight.shape[0], 2 * qweight.shape[1], g)
-
-    key_zp = zero_point if zero_point_in is None else zero_point_in
-    return _PREPACK_CACHE.get(qweight, (scale, key_zp), (g,), build)
-
-
-def int4_prepack_cpu(
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None = None,
-    group_size: int | None = None,
-) -> Int4PackedCPU:
-    """Prepack a standard-layout INT4 weight for :func:`int4_linear_prepacked` (once, at load time).
-
-    Args: as :func:`int4_linear` (CPU tensors).
-
-    Returns:
-        :class:`Int4PackedCPU`.
-    """
-    _ext.require_extension("int4_prepack_cpu")
-    K = 2 * qweight.shape[1]
-    g = _group_size(K, scale, group_size)
-    zero_point = _zero_point_int(zero_point)
-    pw, ps, pz = torch.ops.lrqat.int4_prepack_cpu(qweight, scale, zero_point, g)
-    return Int4PackedCPU(pw, ps, pz if zero_point is not None else None, qweight.shape[0], K, g)
-
-
-def int4_linear_prepacked(
-    x: torch.Tensor, packed: Int4PackedCPU, bias: torch.Tensor | None = None, *, isa: str | None = None
-) -> torch.Tensor:
-    """:func:`int4_linear` on a weight from :func:`int4_prepack_cpu` (CPU).
-
-    Args:
-        x: float32 / bfloat16 / float16 ``[..., K]`` on CPU.
-        packed: :class:`Int4PackedCPU`.
-        bias: None or ``[N]``.
-        isa: as :func:`int4_linear`.
-
-    Returns:
-        ``[..., N]`` in x's dtype.
-    """
-    _ext.require_extension("int4_linear_prepacked_cpu")
-    x2 = _flatten(x, packed.in_features)
-    y = torch.ops.lrqat.int4_linear_prepacked_cpu(
-        x2,
-        packed.packed_weight,
-        packed.packed_scale,
-        packed.packed_zero,
-        packed.out_features,
-        packed.group_size,
-        bias,
-        _check_isa(isa),
-    )
-    return y.reshape(*x.shape[:-1], packed.out_features)

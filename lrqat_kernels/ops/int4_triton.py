@@ -1,5 +1,9 @@
 """W4A16 GEMM in Triton: the portable deployment path for INT4 weights, and a cross-check.
 
+(Over 500 lines on purpose: one op family, two kernels sharing the nibble decoder, their launchers
+and the launch-config heuristics, whose rules -- BLOCK_K divides the group, split-K fills the SMs
+-- are the kernels' own constraints. Most of the length is the numerics and layout notes.)
+
 ``y = x @ (scale * (W_int - zero_point))^T + bias`` with ``W_int`` in the standard packed layout
 of :mod:`lrqat_kernels.formats` (uint8 ``[N, K / 2]``, column ``2j`` in the low nibble of byte
 ``j``, two's complement), exactly the numerics of the CUDA kernel in ``csrc/int4_gpu/``:
@@ -14,11 +18,12 @@ of :mod:`lrqat_kernels.formats` (uint8 ``[N, K / 2]``, column ``2j`` in the low 
 * ``swap_ab`` with group scales: ``W_hat = s * (W_int - z)`` is formed in fp32 and rounded to x's
   dtype (NUMERICS.md's W_hat, bit for bit what training and "dequantise + cuBLAS" multiply), so
   the result equals torch's up to fp32 summation order. Per-channel scales are still applied to
-  the fp32 sums. Which order runs is a per-shape tuning choice; both are within the error
-  contract. (fp16 caveat, shared with torch's path: scales below ~6e-5 make W_hat fp16
-  subnormal, with fewer significant bits than the default order keeps.)
+  the fp32 sums. Which order runs is the config's choice (the heuristics: the default order;
+  the tuner times both); both are within the error contract. (fp16 caveat, shared with torch's
+  path: scales below ~6e-5 make W_hat fp16 subnormal, with fewer significant bits than the
+  default order keeps.)
 
-Two ways to feed the tensor cores (``Int4TritonConfig.swap_ab``, chosen per shape by the tuner):
+Two ways to feed the tensor cores (``Int4TritonConfig.swap_ab``; the tuner times both per shape):
 
 * default, ``y = x W^T``: two dots per tile, one per nibble. A byte holds columns ``2j`` and
   ``2j + 1``, so ``x @ W^T = x[:, 0::2] @ W_lo^T + x[:, 1::2] @ W_hi^T``: the low and high nibbles
@@ -49,15 +54,18 @@ from __future__ import annotations
 
 import collections
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import _cast, _int_to_f32
-from .int4_gpu import check_int4_linear_args, zero_point_as_int
+from ._int4_rules import check_int4_linear_args, zero_point_as_int
 from ._launch import interpreting, on_device
+from ._triton_quant import cast as _cast
+from ._triton_quant import int_to_f32 as _int_to_f32
+from ._triton_quant import nibble_codes
 
 __all__ = [
     "Int4TritonConfig",
@@ -79,10 +87,11 @@ __all__ = [
 #                                                           ``m ? a ^ c : c`` with c = magic | 8)
 #   shr 4  then the same lop3 for the high nibbles
 #   fma    lane * 1 + (-(magic + 8 + z)) = W_int - z       (x2 per instruction, exact: small integers)
-# 12 instructions per 8 weights. The constants are checked against a bit-level model of these PTX
-# instructions in tests/test_int4_triton.py; the kernel path itself only runs on a GPU, so it is
-# opt-in (a tuning-table entry, whose outputs the tuner checks before timing, or an explicit config)
-# until its GPU tests have passed.
+# 12 instructions per 8 weights. It is the one nibble decoder not shared with
+# ``_triton_quant.nibble_codes`` (which the portable path below uses): inline PTX exists only on
+# NVIDIA GPUs. The constants are checked against a bit-level model of these PTX instructions in
+# tests/test_int4_triton.py; the kernel path itself only runs on a GPU, so it is opt-in (an
+# explicit config; the tuner times it after checking its outputs) until its GPU tests have passed.
 FAST_PRMT = (0x4140, 0x4342)  # byte selectors: bytes (0, 1) and (2, 3) into the low byte of each lane
 FAST_MASK = 0x000F000F  # the low nibble of each 16-bit lane
 FAST_LUT = 0x6A  # lop3 truth table of m ? (a ^ c) : c, inputs (a, b = m, c)
@@ -151,8 +160,7 @@ def _decode_nibbles(packed, zp, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr
             w_lo = _cast(w_lo.to(tl.float32) * scale[:, None], DTYPE, INTERPRET)
             w_hi = _cast(w_hi.to(tl.float32) * scale[:, None], DTYPE, INTERPRET)
         return w_lo, w_hi
-    u_lo = (packed & 0xF) ^ 8
-    u_hi = (packed >> 4) ^ 8
+    u_lo, u_hi = nibble_codes(packed)
     if DTYPE == tl.bfloat16 or SCALED:
         shift = (zp + 136).to(tl.float32)[:, None]
         w_lo = (u_lo.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(tl.float32) - shift
@@ -345,8 +353,7 @@ def _int4_dequant_kernel(
     offs_b = pid_k * HALF_K + tl.arange(0, HALF_K)  # packed bytes = column pairs (K is even)
     mask_b = mask_n[:, None] & (offs_b < K // 2)[None, :]
     packed = tl.load(qw_ptr + rows64 * stride_qn + offs_b[None, :], mask=mask_b, other=0).to(tl.int32)
-    u_lo = (packed & 0xF) ^ 8  # W_int + 8, in 0..15
-    u_hi = ((packed >> 4) & 0xF) ^ 8
+    u_lo, u_hi = nibble_codes(packed)  # W_int + 8, in 0..15
     if ONE_GROUP:
         grp = (pid_k * BLOCK_K) // group_size
         s_lo = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + grp, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -362,7 +369,7 @@ def _int4_dequant_kernel(
         if HAS_ZP:
             z_lo = tl.load(z_ptr + rows64 * stride_zn + g_lo[None, :], mask=mask_b, other=0).to(tl.int32)
             z_hi = tl.load(z_ptr + rows64 * stride_zn + g_hi[None, :], mask=mask_b, other=0).to(tl.int32)
-    # W_int - z as fp32 without an int -> float conversion (fake_quant._int_to_f32): u - z + 2^22 is
+    # W_int - z as fp32 without an int -> float conversion (_triton_quant.int_to_f32): u - z + 2^22 is
     # in [0, 2^23) for any |z| < 2^22, so even out-of-contract zero points decode exactly.
     if HAS_ZP:
         w_lo = _int_to_f32(u_lo - z_lo + 4194304, 4194312)
@@ -394,7 +401,7 @@ class Int4TritonConfig:
     #: compute ``y^T = W x^T`` (weights as the MMA's A operand; see the module docstring)
     swap_ab: bool = False
     #: decode nibbles with inline PTX, 2 weights per instruction (NVIDIA only; elsewhere ignored).
-    #: Opt-in: never chosen by the heuristics, only by a tuning table or an explicit config.
+    #: Opt-in: never chosen by the heuristics, only by an explicit config.
     fast_decode: bool = False
 
 
@@ -434,14 +441,12 @@ def gpu_name(device: torch.device) -> str | None:
 
 
 def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: torch.device | str = "cuda",
-                       split_k: int | None = None, *, sms: int | None = None, device_name: str | None = None,
-                       tuned: bool = True) -> Int4TritonConfig:
+                       split_k: int | None = None, *, sms: int | None = None, device_name=None,
+                       tuned=None) -> Int4TritonConfig:
     """The launch configuration :func:`int4_linear_triton` uses (tests compile exactly these).
 
-    On a GPU with a tuning table (:mod:`lrqat_kernels.ops.int4_tuning`, measured by
-    ``bench/tune_int4_gemm.py``) the table's config for the nearest tuned ``(M, N, K)`` is used
-    (``block_k`` capped to divide ``group_size``; the tuned split-K only for the exact tuned shape,
-    else the rule below). Otherwise (``tuned=False``, no table, CPU) these heuristics:
+    Heuristics (no measured per-GPU table ships; ``bench/tune_int4_gemm.py`` measures the
+    alternatives on a GPU):
 
     * ``BLOCK_M`` = 16 / 32 / 64 by M (the tensor-core minimum is 16; small M wastes rows but is
       memory bound anyway), ``BLOCK_N`` = 64 for M <= 64 (more N tiles to spread the weight
@@ -455,53 +460,34 @@ def int4_triton_config(M: int, N: int, K: int, group_size: int | None, device: t
     * ``num_stages`` 4 (cp.async pipelining of the weight loads).
 
     Args:
-        device: where the kernel runs (a CUDA device's SM count and name feed the choice).
+        device: where the kernel runs (a CUDA device's SM count feeds the choice).
         split_k: force the number of K splits.
         sms: SM count to plan for (default: the device's, or 132 = H100 SXM without a GPU).
-        device_name: GPU name whose tuning table to use (default: the device's own); lets the
-            config a GPU would get be computed (and AOT-compiled) without one.
-        tuned: False ignores tuning tables.
+        device_name, tuned: deprecated, ignored (they selected tuning tables, which the package
+            no longer reads); removed in the next release.
     """
+    if device_name is not None or tuned is not None:
+        warnings.warn("int4_triton_config(device_name=, tuned=) are deprecated and ignored (the package reads no "
+                      "tuning tables); they will be removed in the next release", DeprecationWarning, stacklevel=2)
     device = device if isinstance(device, torch.device) else torch.device(device)
     interp = interpreting()
-    key = None
-    if tuned and device.type == "cuda":
-        if device_name is None and not interp:
-            device_name = gpu_name(device)
-        if device_name is not None:
-            from .int4_tuning import cache_key
-
-            key = cache_key(device_name)
     if sms is None:
         sms = _num_sms(device)
-    # Cached: a decode step asks the same question once per layer, and the answer (table lookup
-    # included) costs ~100 us of Python next to a ~10 us kernel.
-    return _config(M, N, K, group_size, device.type, split_k, sms, interp, key)
+    # Cached: a decode step asks the same question once per layer.
+    return _config(M, N, K, group_size, device.type, split_k, sms, interp)
 
 
 @functools.lru_cache(maxsize=16384)
-def _config(M, N, K, group_size, device_type, split_k, sms, interp, key) -> Int4TritonConfig:
-    if key is not None:
-        from .int4_tuning import lookup
-
-        hit = lookup(key[0], M, N, K, group_size)
-        if hit is not None:
-            entry, exact = hit
-            c = entry.config
-            bk = _block_k(K, group_size, c["block_k"])
-            if split_k is None and exact and bk == c["block_k"]:
-                split_k = c["split_k"]
-            return _finish(M, N, K, c["block_m"], c["block_n"], bk, c["num_warps"], c["num_stages"],
-                           split_k, device_type, sms, interp, c.get("swap_ab", False), c.get("fast_decode", False))
-    bm, bn, bk_max, num_warps, num_stages = _heuristic_tiles(M)
+def _config(M, N, K, group_size, device_type, split_k, sms, interp) -> Int4TritonConfig:
+    bm, bn, bk_max, num_warps, num_stages = heuristic_tiles(M)
     return _finish(M, N, K, bm, bn, _block_k(K, group_size, bk_max), num_warps, num_stages, split_k, device_type,
                    sms, interp)
 
 
-def _heuristic_tiles(M: int) -> tuple[int, int, int, int, int]:
-    """The built-in tiles without a tuning table: (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps,
-    num_stages); ptxas -v on sm_80 / sm_90 with the JIT's usual 16-divisibility specialisation:
-    <= 255 registers and no spills for every variant (tests/test_int4_triton.py compiles each)."""
+def heuristic_tiles(M: int) -> tuple[int, int, int, int, int]:
+    """The built-in tiles: (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages); ptxas -v on
+    sm_80 / sm_90 with the JIT's usual 16-divisibility specialisation: <= 255 registers and no
+    spills for every variant (tests/test_int4_triton.py compiles each)."""
     if M <= 16:
         return 16, 64, 128, 4, 4
     if M <= 32:
@@ -509,13 +495,6 @@ def _heuristic_tiles(M: int) -> tuple[int, int, int, int, int]:
     if M <= 64:
         return 64, 64, 64, 8, 4
     return 64, 128, 64, 8, 4
-
-
-def heuristic_config_dict(M: int, N: int, K: int, group_size: int) -> dict:
-    """The built-in tiles for ``(M, N, K)`` as a tuning-table ``config`` (split-K 1)."""
-    bm, bn, bk_max, num_warps, num_stages = _heuristic_tiles(M)
-    return dict(block_m=bm, block_n=bn, block_k=_block_k(K, group_size, bk_max), split_k=1, num_warps=num_warps,
-                num_stages=num_stages)
 
 
 def _finish(M, N, K, bm, bn, bk, num_warps, num_stages, split_k, device_type, sms, interp,

@@ -2,9 +2,10 @@
 
 The C++/CUDA kernels live in ``csrc/nibble/``, the schemas in ``csrc/registration.cpp``; this
 module holds their Python wrappers and fake (meta) impls. The layout is the ``packed_int`` one
-of NUMERICS.md, identical to :func:`lrqat_kernels.formats.pack_nibbles` (the pure-PyTorch
-path, used when the extension is not built): byte ``j`` of a row holds column ``2j`` in its low
-nibble and column ``2j + 1`` in its high nibble, two's complement.
+of NUMERICS.md: byte ``j`` of a row holds column ``2j`` in its low nibble and column ``2j + 1`` in
+its high nibble, two's complement. :func:`lrqat_kernels.formats.pack_nibbles` / ``unpack_nibbles``
+call these ops for 2-D contiguous int8 / uint8 CPU and CUDA tensors when the extension is built,
+and their PyTorch definition otherwise (``tests/test_ext.py`` holds both to the same bytes).
 
 The native ops are stricter than the ``formats`` functions: exactly 2-D, int8 / uint8,
 contiguous. On CPU ``pack_nibbles`` also checks that values lie in ``[-8, 7]``; on CUDA it does

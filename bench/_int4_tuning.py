@@ -1,17 +1,12 @@
-"""Per-GPU tuning tables for the W4A16 dispatch: Triton tile configs and the Triton / cuBLAS crossover.
+"""The W4A16 tuner's tables: what ``bench/tune_int4_gemm.py`` sweeps and the JSON it writes.
 
-The best tile shape, split-K and the M where "dequantise once + cuBLAS" overtakes a W4A16 kernel
-depend on the GPU (SM count, HBM bandwidth, tensor-core generation) and cannot be derived on paper.
-``bench/tune_int4_gemm.py`` measures them on a GPU and writes one JSON table per device; the
-dispatch reads it (as vLLM does for its fused-MoE configs), so a tuned GPU gets measured choices
-and every other GPU the heuristics of :func:`~lrqat_kernels.ops.int4_triton.int4_triton_config`
-and :data:`~lrqat_kernels.ops.int4_gpu.AUTO_DEQUANT_MIN_M`.
+Tuner-only code (the package reads no table: ``int4_triton_config`` and ``int4_linear``'s "auto"
+use their heuristics until a first measured table ships with a small loader). A table records, per
+GPU, the measured winner per layer shape ``[N, K]`` and token count ``M``: which backend (Triton,
+dequantise + cuBLAS, or with ``--allow-cuda`` the opt-in CUDA kernel) and the fastest Triton config.
 
-Where tables are found: ``$LRQAT_INT4_TUNING_DIR`` (searched first) and the package's
-``lrqat_kernels/ops/tuned/``; the file for a device is ``int4_<device name>.json`` with every run
-of characters other than letters, digits, ``-`` and ``.`` replaced by ``_``
-(``NVIDIA H100 80GB HBM3`` -> ``int4_NVIDIA_H100_80GB_HBM3.json``). A table that cannot be read
-or fails validation is ignored with a warning naming the file and the problem (never used half).
+File name: ``int4_<device name>.json`` with every run of characters other than letters, digits,
+``-`` and ``.`` replaced by ``_`` (``NVIDIA H100 80GB HBM3`` -> ``int4_NVIDIA_H100_80GB_HBM3.json``).
 
 Schema (``version`` 1)::
 
@@ -23,51 +18,28 @@ Schema (``version`` 1)::
                   "us": {"triton": 20.1, "dequant": 52.3, "cublas": 48.0}},
                  {"N": 11008, "K": 4096, "M": 4096, "backend": "dequant", "dequant_chunk_n": 2048, ...}, ...]}
 
-An entry says, for one layer shape ``[N, K]`` and token count ``M``, which backend won
-(``"triton"``, ``"dequant"`` = dequantise + cuBLAS, or ``"cuda"`` when the tuner was allowed to
-pick the opt-in CUDA kernel) and the fastest Triton config (``swap_ab`` and ``fast_decode``
-optional, default false: tables written before they existed stay valid). ``dequant_chunk_n``
-(optional): the row chunk with which "dequant" was fastest for this shape
-(``int4_gpu.dequant_linear``: W_hat in L2-sized pieces, one GEMM each; a lookup from another
-shape keeps the chunk's bytes); absent, one whole W_hat. Lookup for another ``(M, N, K)``: the
-entries of the same ``[N, K]`` if tuned, else of the nearest tuned shape (log distance of N and K);
-among those the smallest tuned M >= M, else the largest tuned M.
+``swap_ab`` / ``fast_decode`` are optional (default false). ``dequant_chunk_n`` (optional): the row
+chunk with which ``int4_linear.dequant_linear`` ran fastest for that shape (absent: one whole W_hat).
+:func:`lookup` states which entry decides a point (the rule a loader will follow): the entries of
+the same ``[N, K]`` if tuned, else of the nearest tuned shape (log distance of N and K, at most a
+factor of 4), only for the table's group size; among those the smallest tuned M >= M, else the
+largest tuned M.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._io import atomic_write_json
+import torch
 
-__all__ = [
-    "TABLE_VERSION",
-    "TUNING_DIR_ENV",
-    "PACKAGE_TUNING_DIR",
-    "TABLE_BACKENDS",
-    "TunedEntry",
-    "table_filename",
-    "table_paths",
-    "load_table",
-    "lookup",
-    "candidate_configs",
-    "build_table",
-    "write_table",
-    "merge_tables",
-    "clear_cache",
-    "cache_key",
-]
+from lrqat_kernels._io import atomic_write_json
+from lrqat_kernels.ops.int4_triton import _block_k, heuristic_tiles, int4_triton_config
 
 TABLE_VERSION = 1
-TUNING_DIR_ENV = "LRQAT_INT4_TUNING_DIR"
-PACKAGE_TUNING_DIR = Path(__file__).with_name("tuned")
 TABLE_BACKENDS = ("triton", "dequant", "cuda")
 _CONFIG_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
 _OPTIONAL_BOOL_KEYS = ("swap_ab", "fast_decode")
@@ -84,19 +56,13 @@ class TunedEntry:
     backend: str
     config: dict
     us: dict
-    #: the "dequant" backend's row chunk (``int4_gpu.dequant_linear``), None: one whole ``W_hat``
+    #: the "dequant" backend's row chunk (``int4_linear.dequant_linear``), None: one whole ``W_hat``
     dequant_chunk_n: int | None = None
 
 
 def table_filename(device_name: str) -> str:
     """``int4_<device name, sanitised>.json``."""
     return "int4_" + re.sub(r"[^A-Za-z0-9.\-]+", "_", device_name.strip()) + ".json"
-
-
-def table_paths(device_name: str) -> list[Path]:
-    """Where the table of ``device_name`` is looked for, in order."""
-    dirs = [Path(d) for d in os.environ.get(TUNING_DIR_ENV, "").split(os.pathsep) if d]
-    return [d / table_filename(device_name) for d in (*dirs, PACKAGE_TUNING_DIR)]
 
 
 def _pow2(v) -> bool:
@@ -160,46 +126,6 @@ def _validate(table: dict) -> list[TunedEntry]:
     return entries
 
 
-@functools.lru_cache(maxsize=None)
-def _load(device_name: str, search: tuple[str, ...]) -> tuple[int, tuple[TunedEntry, ...]] | None:
-    for path in map(Path, search):
-        if not path.is_file():
-            continue
-        try:
-            table = json.loads(path.read_text())
-            entries = _validate(table)
-        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-            warnings.warn(f"lrqat_kernels: ignoring the int4 tuning table {path}: {exc}; "
-                          "using the built-in heuristics", RuntimeWarning, stacklevel=3)
-            continue
-        return table["group_size"], tuple(entries)
-    return None
-
-
-def load_table(device_name: str) -> tuple[TunedEntry, ...] | None:
-    """The validated entries of ``device_name``'s table (first readable one found), or None. Cached
-    per device name and search path (:func:`clear_cache` after writing a table)."""
-    loaded = _load(device_name, tuple(str(p) for p in table_paths(device_name)))
-    return None if loaded is None else loaded[1]
-
-
-_GENERATION = 0
-
-
-def cache_key(device_name: str | None) -> tuple:
-    """What a cached decision derived from the tables depends on: the device, the extra search
-    folder and :func:`clear_cache`'s generation (dispatchers key their own caches on it)."""
-    return device_name, os.environ.get(TUNING_DIR_ENV, ""), _GENERATION
-
-
-def clear_cache() -> None:
-    """Forget loaded tables and every decision derived from them (after writing a table)."""
-    global _GENERATION
-    _load.cache_clear()
-    _lookup.cache_clear()
-    _GENERATION += 1
-
-
 def _shape_distance(e: TunedEntry, N: int, K: int) -> float:
     return abs(math.log(e.N / N)) + abs(math.log(e.K / K))
 
@@ -211,21 +137,12 @@ def _shape_distance(e: TunedEntry, N: int, K: int) -> float:
 MAX_SHAPE_DISTANCE = math.log(4.0) + 1e-9
 
 
-def lookup(device_name: str, M: int, N: int, K: int, group_size: int | None = None) -> tuple[TunedEntry, bool] | None:
-    """The entry that decides ``(M, N, K)`` on ``device_name``, and whether its shape is exactly
-    ``[N, K]``; None without a table, for a ``group_size`` other than the table's (``None``: not
-    checked), or for a shape farther than :data:`MAX_SHAPE_DISTANCE` from every tuned one. Cached
-    (a decode step asks the same question per layer)."""
-    return _lookup(M, N, K, group_size, cache_key(device_name))
-
-
-@functools.lru_cache(maxsize=65536)
-def _lookup(M: int, N: int, K: int, group_size: int | None, key: tuple) -> tuple[TunedEntry, bool] | None:
-    loaded = _load(key[0], tuple(str(p) for p in table_paths(key[0])))
-    if loaded is None:
-        return None
-    table_group, entries = loaded
-    if group_size is not None and group_size != table_group:
+def lookup(table: dict, M: int, N: int, K: int, group_size: int | None = None) -> tuple[TunedEntry, bool] | None:
+    """The entry of ``table`` that decides ``(M, N, K)``, and whether its shape is exactly ``[N, K]``;
+    None for a ``group_size`` other than the table's (``None``: not checked), or for a shape farther
+    than :data:`MAX_SHAPE_DISTANCE` from every tuned one."""
+    entries = _validate(table)
+    if group_size is not None and group_size != table["group_size"]:
         return None  # measured with other groups: their tiles and crossover do not carry over
     best = min(_shape_distance(e, N, K) for e in entries)
     if best > MAX_SHAPE_DISTANCE:
@@ -246,9 +163,7 @@ def candidate_configs(M: int, N: int, K: int, group_size: int | None, sms: int =
     operands swapped (``swap_ab``) and, for M <= 64, with the PTX decode (``fast_decode``). Always
     contains the heuristic default (so a tuned table is never worse than no table), every
     ``block_k`` divides the group, and no split is empty."""
-    from .int4_triton import _block_k, int4_triton_config
-
-    default = int4_triton_config(M, N, K, group_size, "cuda", sms=sms, tuned=False)
+    default = int4_triton_config(M, N, K, group_size, "cuda", sms=sms)
     # (BLOCK_M, BLOCK_N) by regime: decode (M <= 64) is memory bound (narrow N tiles, many of them,
     # split-K to fill the SMs); prefill is compute bound (big tiles amortise the dequantisation).
     if M <= 16:
@@ -339,8 +254,6 @@ def build_table(measurements: list[dict], info: dict, *, dtype: str, group_size:
             # No Triton config passed its check here: still an entry, so a neighbouring "triton"
             # entry cannot decide this point. Its config is the built-in default (used only if a
             # caller forces Triton on this shape).
-            from .int4_triton import heuristic_config_dict
-
             t_us, t_cfg, options = None, heuristic_config_dict(m["M"], m["N"], m["K"], group_size), {}
         else:
             continue
@@ -388,5 +301,23 @@ def write_table(table: dict, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / table_filename(table["device"])
     atomic_write_json(path, table, indent=1)
-    clear_cache()
     return path
+
+
+def heuristic_config_dict(M: int, N: int, K: int, group_size: int) -> dict:
+    """The built-in tiles for ``(M, N, K)`` as a table ``config`` (split-K 1)."""
+    bm, bn, bk_max, num_warps, num_stages = heuristic_tiles(M)
+    return dict(block_m=bm, block_n=bn, block_k=_block_k(K, group_size, bk_max), split_k=1, num_warps=num_warps,
+                num_stages=num_stages)
+
+
+def dequant_chunk_candidates(N: int, K: int, dtype: torch.dtype) -> list[int]:
+    """The ``chunk_n`` values the tuner times for ``int4_linear.dequant_linear``: buffers of 8, 16
+    and 32 MiB (H100 L2: 50 MB), in multiples of 256 rows, each smaller than N."""
+    row_bytes = K * torch.empty((), dtype=dtype).element_size()
+    out = []
+    for mib in (8, 16, 32):
+        c = (mib << 20) // max(1, row_bytes) // 256 * 256
+        if 256 <= c < N and c not in out:
+            out.append(c)
+    return out
