@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -317,6 +318,40 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary leftovers
     with pytest.raises(ValueError, match="prepare"):
         save_pretrained(plain_model(), str(tmp_path / "fp"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_save_over_a_checkpoint_swaps_it_in_one_step(tmp_path, monkeypatch):
+    """Replacing a checkpoint directory exchanges old and new in one rename (no moment without a
+    checkpoint at the path, which two renames have: a kill between them left none); the old copy is
+    removed marker first, so a kill while removing it leaves nothing that loads as a checkpoint."""
+    from lrqat_kernels import _io
+
+    model = prepare(plain_model(), LRQATConfig(rank=4))
+    target = tmp_path / "ck"
+    save_pretrained(model, str(target))
+    train_a_bit(model)
+    real_replace = os.replace
+
+    def replace(src, dst, **kw):
+        if os.path.isdir(src):
+            raise OSError("killed between the two renames of a directory")
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    removed = []
+    real_rmtree = _io.shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        removed.append(sorted(os.listdir(path)))
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(_io.shutil, "rmtree", rmtree)
+    save_pretrained(model, str(target))
+    loaded = load_pretrained(str(target), model=plain_model(seed=9))
+    _assert_same_state(model, loaded)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+    assert removed and "lrqat_config.json" not in removed[0] and "lrqat_model.safetensors" in removed[0]
 
 
 def _drop_sha256_record(d):
