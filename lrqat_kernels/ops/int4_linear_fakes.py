@@ -1,11 +1,11 @@
 """Fake (meta) impls of the int4_cpu op family, so ``torch.compile`` can trace them.
 
 ``torch.ops.lrqat.int4_linear``, ``int4_prepack_cpu`` and ``int4_linear_prepacked_cpu`` (schemas in
-``csrc/registration.cpp``, CPU kernels in ``csrc/int4_cpu/``, Python API in
-:mod:`lrqat_kernels.ops.int4_linear`). This module is the one ``m.set_python_module`` names for
-them, and ``lrqat_kernels._ext`` imports it right after loading ``_C``. It is separate from the
-Python API because ``lrqat_kernels/__init__.py`` imports the API at package import, before the
-lazy load of ``_C``, and torch can only register a fake once the op is defined.
+``csrc/registration.cpp``, CPU kernels in ``csrc/int4_cpu/``, Python wrappers in
+:mod:`lrqat_kernels.ops.int4_cpu`, dispatcher :mod:`lrqat_kernels.ops.int4_linear`). This module is
+the one ``m.set_python_module`` names for them, and ``lrqat_kernels._ext`` imports it right after
+loading ``_C`` (torch can only register a fake once the op is defined, and checks that the
+registering module is the named one).
 """
 
 from __future__ import annotations
