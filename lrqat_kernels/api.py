@@ -322,8 +322,8 @@ _CHECKPOINT_NAMES = frozenset({
 
 def __getattr__(name: str):
     if name in _CHECKPOINT_NAMES:
-        import importlib
+        from . import checkpoint
 
-        return getattr(importlib.import_module(__package__ + ".checkpoint"), name)
+        return getattr(checkpoint, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -540,9 +540,10 @@ def run_train(args) -> dict:
 def __getattr__(name: str):
     """``train.TrainArgs``: moved to :mod:`lrqat_kernels.cli` (an alias for one release)."""
     if name == "TrainArgs":
-        import importlib
         import warnings
 
+        from .cli import TrainArgs
+
         warnings.warn("lrqat_kernels.train.TrainArgs moved to lrqat_kernels.cli.TrainArgs", DeprecationWarning, stacklevel=2)
-        return importlib.import_module(__package__ + ".cli").TrainArgs
+        return TrainArgs
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
