@@ -206,3 +206,156 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+# ---- the pytest-benchmark suite (bench/test_*.py, bench/conftest.py) ------------------------
+#
+# Schema: pytest-benchmark's JSON (``--benchmark-json``). Each benchmark's ``extra_info`` names
+# the case (op, impl, mode, device, shape, dtype, what ran) and, once the run is over, its time
+# over each baseline impl of its group (``vs_<impl>``: median / that impl's median, same run).
+
+#: /proc/cpuinfo flags worth naming in a result (vector ISAs the kernels and oneDNN choose from).
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_info() -> dict:
+    """``{"model", "flags", "logical_cpus"}`` from ``/proc/cpuinfo`` (flags: those of :data:`CPU_FLAGS`)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                if ":" in line:
+                    k, v = (t.strip() for t in line.split(":", 1))
+                    info.setdefault(k, v)
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    return {
+        "model": info.get("model name") or platform.processor() or platform.machine(),
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "logical_cpus": os.cpu_count(),
+    }
+
+
+def suite_machine_info() -> dict:
+    """What ``pytest_benchmark_update_machine_info`` adds under ``"lrqat"``: CPU model and ISA
+    flags, the INT4 kernel's instruction sets, torch / triton / CUDA versions and GPU, torch
+    threads, the 1-minute load average and the date (bench/conftest.py takes them at the start)."""
+    env = environment(torch.device("cpu"))
+    cpu = cpu_info()
+    try:
+        from lrqat_kernels.ops.int4_linear import cpu_isas
+
+        isas = list(cpu_isas())
+    except Exception as exc:  # an install without the INT4 module still benchmarks the rest
+        isas = [f"unknown ({type(exc).__name__})"]
+    try:
+        from lrqat_kernels import _ext
+
+        native = bool(_ext.load_extension())
+    except Exception:
+        native = False
+    return {
+        "date": env["date"],
+        "cpu_model": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "logical_cpus": cpu["logical_cpus"],
+        "int4_cpu_isas": isas,
+        "native_extension": native,
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+    }
+
+
+def lrqat_layer(out_features: int, in_features: int, *, rank: int, bits: int, phi_format: str,
+                group_size: int | None, dtype: torch.dtype, device, seed: int = 0) -> dict:
+    """The trainable LR-QAT layer's tensors, as ``LRQATLinear`` keeps them.
+
+    Returns:
+        ``{"phi", "lora_A", "lora_B", "scale"}``: ``phi`` encoded in ``phi_format`` (``[out, in]``,
+        ``[out, in // 2]`` uint8 for packed_int), ``lora_A`` ``[rank, in]`` and ``lora_B``
+        ``[out, rank]`` in ``dtype``, fp32 ``scale`` ``[out, in // group_size]`` (``[out, 1]``
+        per channel); the last three require grad.
+    """
+    from lrqat_kernels.formats import encode_phi, qrange
+
+    gen = torch.Generator().manual_seed(seed)
+    qmin, qmax = qrange(bits)
+    groups = 1 if group_size is None else in_features // group_size
+    phi = encode_phi(torch.rand(out_features, in_features, generator=gen) * (qmax - qmin) + qmin, bits, phi_format)
+    return {
+        "phi": phi.to(device),
+        "lora_A": (torch.randn(rank, in_features, generator=gen) / in_features**0.5).to(dtype).to(device).requires_grad_(),
+        "lora_B": (torch.randn(out_features, rank, generator=gen) * 0.01).to(dtype).to(device).requires_grad_(),
+        "scale": (torch.rand(out_features, groups, generator=gen) * 0.01 + 0.01).to(device).requires_grad_(),
+    }
+
+
+def zero_grads(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def time_case(benchmark, fn: Callable[[], object], *, device: str, group: str, baselines: tuple[str, ...],
+              **extra) -> object:
+    """Time ``fn()`` with pytest-benchmark as one case of ``group``; returns ``fn()``'s last result.
+
+    ``extra`` goes to ``benchmark.extra_info`` (``impl`` names this case in its group);
+    ``baselines`` are the impls of the group its ratios are taken against. On CUDA each call is
+    followed by a synchronise, so the wall-clock timer sees the kernels' time.
+    """
+    benchmark.group = group
+    benchmark.extra_info.update(extra, device=device, baselines=list(baselines))
+    if device == "cuda":
+        def run():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+    else:
+        run = fn
+    return benchmark(run)
+
+
+def add_ratios(entries: list[dict]) -> list[dict]:
+    """Set ``extra_info["vs_<impl>"]`` = median / the median of ``impl`` in the same group, for
+    every impl in the entry's ``extra_info["baselines"]`` that ran; in place.
+
+    Args:
+        entries: pytest-benchmark JSON benchmarks (``{"group", "extra_info", "stats": {"median"}}``).
+    """
+    medians = {(e["group"], e["extra_info"].get("impl")): e["stats"]["median"] for e in entries}
+    for e in entries:
+        for base in e["extra_info"].get("baselines", ()):
+            ref = medians.get((e["group"], base))
+            if ref:
+                e["extra_info"][f"vs_{base}"] = e["stats"]["median"] / ref
+    return entries
+
+
+def ratio_table(entries: list[dict]) -> str:
+    """A plain text table of :func:`add_ratios`'d entries: group, impl, median ms, ratios."""
+    bases = sorted({b for e in entries for b in e["extra_info"].get("baselines", ())})
+    rows = [dict(group=e["group"], impl=e["extra_info"].get("impl", e.get("name")),
+                 median_ms=e["stats"]["median"] * 1e3,
+                 **{f"vs_{b}": e["extra_info"].get(f"vs_{b}") for b in bases})
+            for e in sorted(entries, key=lambda e: (e["group"] or "", e["stats"]["median"]))]
+    return format_table(rows, [("group", "group", ""), ("impl", "impl", ""), ("median_ms", "median ms", ".4f")]
+                        + [(f"vs_{b}", f"x {b}", ".2f") for b in bases])
+
+
+def check_same_product(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 2e-2) -> float:
+    """``max |got - want| / max |want|``; raises AssertionError above ``tol`` (a case times only
+    what computes the reference's result: 16-bit rounding and a flipped rounding step pass)."""
+    got, want = got.detach().float(), want.detach().float()
+    rel = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+    if not rel <= tol:  # also catches NaN
+        raise AssertionError(f"{what}: output differs from the reference (max rel error {rel:.3g} > {tol})")
+    return rel

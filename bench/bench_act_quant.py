@@ -33,6 +33,12 @@ fused placement (norms and SwiGLU quantise their outputs) and with per-linear qu
 On a CPU it runs the eager and compile providers at ``--tokens 512`` by default and says loudly
 that these are CPU times.
 
+Kept beside the pytest-benchmark suite (``pytest bench --benchmark-only``, whose JSON is the
+schema for timings of each op against the reference): this script writes the committed CSVs that
+bench/RESULTS.md cites (``act_quant_cpu.csv``, ``act_quant_sites_cpu.csv``, ``wa_step_cpu.csv``) and
+what the suite does not measure: GB/s against the HBM roofline, the producer sites, the training
+step and the ``torch.compile`` provider. ``scripts/gpu_session.sh`` runs it on a lent GPU.
+
 Usage::
 
     PYTHONPATH=. python bench/bench_act_quant.py               # GPU: all providers

@@ -24,6 +24,13 @@ traffic (its inputs read once and outputs written once) and its share of the H10
 On a CPU it still runs (use ``--small``: the same shapes divided by 8, 1/16/512 tokens) and says
 loudly that its times are CPU times: only the memory columns carry over to a GPU.
 
+Kept beside the pytest-benchmark suite (``pytest bench --benchmark-only``, whose JSON is the
+schema for timings of each op against the reference): this script writes the committed
+``bench/results/lrqat_linear_cpu.csv`` that bench/RESULTS.md cites and what the suite does not
+measure: the memory columns (peak, bytes saved for backward), GB/s and TFLOP/s against the H100
+roofline, the backward alone, and the ``eager_ckpt`` / ``compile`` providers.
+``scripts/gpu_session.sh`` runs it on a lent GPU.
+
 Usage::
 
     PYTHONPATH=. python bench/bench_lrqat_linear.py                 # GPU, full shapes

@@ -1,5 +1,9 @@
 """Exact LR-QAT training-memory accounting for LLaMA-2-7B shapes, without a GPU.
 
+An accounting, not a timing: it stays a script (its output is the memory table of
+bench/RESULTS.md and ``bench/results/memory_cpu.csv``); timings are the pytest-benchmark suite's
+(``pytest bench --benchmark-only``, see bench/conftest.py).
+
 Setting (paper Figure 1): LLaMA-2 7B, batch 1, sequence 1024, rank r = 32, BF16 compute,
 W4 per-channel, AdamW. One full-size ``LlamaDecoderLayer`` (hidden 4096, MLP 11008, 32 heads,
 SDPA attention) is built on the CPU in bf16, swapped to LR-QAT with ``lrqat_kernels.prepare``,

@@ -72,3 +72,63 @@ def test_int4_gemm_bench_csv_keeps_older_rows_and_columns(tmp_path):
     assert [r["device"] for r in rows] == ["A", "B"]
     assert rows[0]["auto_backend"] == "" and rows[1]["auto_backend"] == "triton"
     assert list(rows[0]) == ["device", "M", "us_p50", "auto_backend"]
+
+
+# ---- the pytest-benchmark suite (bench/conftest.py, bench/test_*.py) ------------------------
+
+SUITE_OPS = ("fake_quant_weight", "lrqat_linear", "merge_weight", "fake_quant_activation", "rms_norm_fake_quant",
+             "swiglu_fake_quant", "int4_linear")
+
+
+def _run_suite(*args, timeout=240):
+    """``python -m pytest bench ...`` from the repository root, with TRITON_INTERPRET=1 in its
+    environment: the suite must clear it (the interpreter is not a timing), or its CPU op cases skip."""
+    import subprocess
+
+    root = os.path.abspath(os.path.join(BENCH, ".."))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_suite_collects_every_op_on_both_devices():
+    pytest.importorskip("pytest_benchmark")
+    res = _run_suite("bench", "--collect-only")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ids = [line for line in res.stdout.splitlines() if "::" in line]
+    for op in SUITE_OPS:
+        for device in ("cpu", "cuda"):
+            assert any(f"test_{op}[{device}-" in i for i in ids), (op, device)
+    for impl in ("reference", "linear", "fused_gemm", "lrqat-scalar", "lrqat-avx2", "lrqat-avx512", "lrqat-triton",
+                 "torch_int4pack", "linear_bf16", "linear_fp32"):
+        assert any(f"-{impl}]" in i or f"-{impl}-" in i for i in ids), impl
+
+
+def test_bench_suite_runs_and_writes_its_schema(tmp_path):
+    """One lrqat_linear fwd+bwd case untimed, then a timed group of two with --benchmark-json: the
+    JSON carries the machine info and each case's ratio to the group's baseline."""
+    pytest.importorskip("pytest_benchmark")
+    res = _run_suite("bench/test_ops.py::test_lrqat_linear[cpu-qkvo-512x512-16-lrqat-fwd+bwd]",
+                     "bench/test_int4.py::test_int4_linear[cpu-qkvo-4096x4096-1-torch_int4pack]", "--benchmark-disable")
+    assert res.returncode == 0 and "2 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+    path = tmp_path / "b.json"
+    res = _run_suite("bench/test_ops.py", "-k", "test_merge_weight and cpu-qkvo", "--benchmark-only",
+                     "--benchmark-min-rounds=2", "--benchmark-max-time=0", f"--benchmark-json={path}")
+    assert res.returncode == 0 and "2 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    with open(path) as f:
+        out = json.load(f)
+    info = out["machine_info"]["lrqat"]
+    assert {"cpu_model", "cpu_flags", "int4_cpu_isas", "torch", "triton", "torch_threads", "load_average_start",
+            "load_average_end", "date"} <= set(info)
+    assert info["torch_threads"] == 1 and info["shapes"] == "quick" and info["triton_interpret"] == ""
+    cases = {b["extra_info"]["impl"]: b for b in out["benchmarks"]}
+    assert set(cases) == {"lrqat", "reference"}
+    assert len({b["group"] for b in cases.values()}) == 1
+    ref, ours = cases["reference"], cases["lrqat"]
+    assert ref["extra_info"]["vs_reference"] == 1.0
+    assert ours["extra_info"]["vs_reference"] == pytest.approx(ours["stats"]["median"] / ref["stats"]["median"])
+    assert ours["extra_info"]["device"] == "cpu" and ours["extra_info"]["runs"].startswith("eager CPU path")
+    assert "data" not in ours["stats"] and ours["stats"]["rounds"] >= 2  # raw times only with --benchmark-save-data
