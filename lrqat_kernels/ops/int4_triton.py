@@ -1,8 +1,8 @@
 """W4A16 GEMM in Triton: the portable deployment path for INT4 weights, and a cross-check.
 
-(Over 500 lines on purpose: one op family, two kernels sharing the nibble decoder, their launchers
-and the launch-config heuristics, whose rules -- BLOCK_K divides the group, split-K fills the SMs
--- are the kernels' own constraints. Most of the length is the numerics and layout notes.)
+Size: over 500 lines on purpose: one op family, two kernels sharing the nibble decoder, their
+launchers and the launch-config heuristics, whose rules (BLOCK_K divides the group, split-K fills
+the SMs) are the kernels' own constraints; most of the length is the numerics and layout notes.
 
 ``y = x @ (scale * (W_int - zero_point))^T + bias`` with ``W_int`` in the standard packed layout
 of :mod:`lrqat_kernels.formats` (uint8 ``[N, K / 2]``, column ``2j`` in the low nibble of byte
