@@ -81,13 +81,22 @@ def fixed_point_frac_bits(bits: int) -> int:
     return 8 - bits
 
 
-def _native_nibble_op(name: str):
-    """``torch.ops.lrqat.<name>`` (``csrc/nibble/``) when the extension is loaded, else None.
+def _native_nibble_op(name: str, device_type: str = "cpu"):
+    """``torch.ops.lrqat.<name>`` (``csrc/nibble/``) when the extension is loaded and has a kernel
+    for ``device_type`` (a CPU-only build has none for CUDA), else None.
 
     ``_ext`` is imported here, not at the top: this module stays a leaf of the package."""
     from . import _ext
 
-    return getattr(torch.ops.lrqat, name) if _ext.load_extension() else None
+    if not _ext.load_extension():
+        return None
+    if device_type != "cpu":
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lrqat::{name}", device_type.upper()):
+                return None
+        except RuntimeError:  # private API, or the op is missing from this build
+            return None
+    return getattr(torch.ops.lrqat, name)
 
 
 def _native_layout(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -119,7 +128,7 @@ def pack_nibbles(w_int: torch.Tensor) -> torch.Tensor:
     if w_int.numel() and (int(w_int.min()) < -8 or int(w_int.max()) > 7):
         raise ValueError("w_int values must be in [-8, 7] to fit a signed nibble")
     if _native_layout(w_int, torch.int8):
-        op = _native_nibble_op("pack_nibbles")
+        op = _native_nibble_op("pack_nibbles", w_int.device.type)
         if op is not None:
             return op(w_int)
     return _pack_nibbles_torch(w_int)
@@ -146,7 +155,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
     if _native_layout(packed, torch.uint8):
-        op = _native_nibble_op("unpack_nibbles")
+        op = _native_nibble_op("unpack_nibbles", packed.device.type)
         if op is not None:
             return op(packed)
     return _unpack_nibbles_torch(packed)

@@ -78,7 +78,7 @@ def test_formats_route_to_native_nibble_ops(lrqat_ext, monkeypatch):
 
     used = []
     real = formats._native_nibble_op
-    monkeypatch.setattr(formats, "_native_nibble_op", lambda name: used.append(name) or real(name))
+    monkeypatch.setattr(formats, "_native_nibble_op", lambda name, dev: used.append(name) or real(name, dev))
     w = torch.randint(-8, 8, (9, 14), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     packed = formats.pack_nibbles(w)
     assert used == ["pack_nibbles"] and torch.equal(packed, formats._pack_nibbles_torch(w))
