@@ -291,11 +291,14 @@ def lrqat_layer(out_features: int, in_features: int, *, rank: int, bits: int, ph
     qmin, qmax = qrange(bits)
     groups = 1 if group_size is None else in_features // group_size
     phi = encode_phi(torch.rand(out_features, in_features, generator=gen) * (qmax - qmin) + qmin, bits, phi_format)
+    lora_A = torch.randn(rank, in_features, generator=gen) / in_features**0.5
+    lora_B = torch.randn(out_features, rank, generator=gen) * 0.01
+    scale = torch.rand(out_features, groups, generator=gen) * 0.01 + 0.01
     return {
         "phi": phi.to(device),
-        "lora_A": (torch.randn(rank, in_features, generator=gen) / in_features**0.5).to(dtype).to(device).requires_grad_(),
-        "lora_B": (torch.randn(out_features, rank, generator=gen) * 0.01).to(dtype).to(device).requires_grad_(),
-        "scale": (torch.rand(out_features, groups, generator=gen) * 0.01 + 0.01).to(device).requires_grad_(),
+        "lora_A": lora_A.to(dtype).to(device).requires_grad_(),
+        "lora_B": lora_B.to(dtype).to(device).requires_grad_(),
+        "scale": scale.to(device).requires_grad_(),
     }
 
 
@@ -310,7 +313,8 @@ def time_case(benchmark, fn: Callable[[], object], *, device: str, group: str, b
 
     ``extra`` goes to ``benchmark.extra_info`` (``impl`` names this case in its group);
     ``baselines`` are the impls of the group its ratios are taken against. On CUDA each call is
-    followed by a synchronise, so the wall-clock timer sees the kernels' time.
+    followed by a synchronise, so the wall-clock timer sees the kernels' time (and a call of
+    microseconds also its launch and synchronise overhead: read such groups as ratios).
     """
     benchmark.group = group
     benchmark.extra_info.update(extra, device=device, baselines=list(baselines))

@@ -74,7 +74,8 @@ def _lrqat(impl: str, layer: dict, x: torch.Tensor):
     from lrqat_kernels.ops.int4_linear import cpu_isas
 
     if not _ext.load_extension():
-        pytest.skip(f"lrqat_kernels._C is not built: int4_linear would run its dequantise fallback ({_ext.extension_error()})")
+        pytest.skip(f"lrqat_kernels._C is not built: int4_linear would run its dequantise fallback "
+                    f"({_ext.extension_error()})")
     if path not in cpu_isas():
         pytest.skip(f"this CPU has no {path} path (it has {', '.join(cpu_isas())})")
     return lambda: lk.int4_linear(*args, isa=path)

@@ -152,7 +152,8 @@ def _act_case(benchmark, device, op_name, impl, mode, inputs, ours, ref, shape):
 
 
 def _act(tokens, width, device, seed=0):
-    return torch.randn(tokens, width, generator=torch.Generator().manual_seed(seed)).to(DTYPE).to(device).requires_grad_()
+    x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(seed))
+    return x.to(DTYPE).to(device).requires_grad_()
 
 
 @pytest.mark.parametrize("mode", MODES)
