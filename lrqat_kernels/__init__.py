@@ -49,8 +49,8 @@ _PUBLIC = {
     "prepare": "api",
     "convert": "api",
     "print_trainable_parameters": "api",
-    "save_pretrained": "api",
-    "load_pretrained": "api",
+    "save_pretrained": "checkpoint",
+    "load_pretrained": "checkpoint",
 }
 
 __all__ = list(_PUBLIC)

@@ -231,11 +231,12 @@ class ThreadTuner:
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, *, progress: bool = True, threads: int | None = None,
              overrides: dict | None = None, plot: bool = True) -> dict:
     """Run the demo (see module docstring); returns the results dict also written to ``results.json``."""
-    from .api import convert, prepare, save_pretrained
+    from .api import convert, prepare
+    from .checkpoint import save_pretrained
     from .config import LRQATConfig
+    from .data import ByteTokenizer, WindowSampler, evaluate_perplexity
     from .formats import BYTES_PER_WEIGHT
     from .modules import QuantizedLinear
-    from .data import ByteTokenizer, WindowSampler, evaluate_perplexity
     from .train import fit
 
     t_start = time.perf_counter()

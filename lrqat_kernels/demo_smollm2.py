@@ -150,12 +150,13 @@ def _llama_cpp_decode_speed(gguf_path: str, prompt: list[int], new_tokens: int, 
 def run_real_demo(key: str = "smollm2-135m", out_dir: str = "runs/smollm2", *, quick: bool = False, install: bool = False,
                   threads: int | None = None, overrides: dict | None = None, progress: bool = True) -> dict:
     """Run the real-model demo (module docstring); returns the results also written to ``results.json``."""
-    from .api import convert, prepare, save_pretrained
+    from .api import convert, prepare
+    from .checkpoint import save_pretrained
     from .config import LRQATConfig
-    from .modules import QuantizedLinear
     from .data import WindowSampler, evaluate_perplexity
     from .demo import ThreadTuner, _auto_threads, rtn_model
     from .export import export
+    from .modules import QuantizedLinear
     from .train import DistillationLoss, fit
 
     s = dict(QUICK if quick else SETTINGS)

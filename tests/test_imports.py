@@ -50,6 +50,7 @@ LAZY_UPWARD = {
     ("lrqat_kernels.ops.act_quant", "lrqat_kernels.functions"),
     # export/_common reads deployment layers (QuantizedLinear) out of a model
     ("lrqat_kernels.export._common", "lrqat_kernels.modules"),
+    ("lrqat_kernels.train", "lrqat_kernels.cli"),  # train.TrainArgs: deprecated alias of cli.TrainArgs (one release)
 }
 
 
