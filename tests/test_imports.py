@@ -35,7 +35,7 @@ LAYERS = [
     ("checks", ["_checks"]),
     ("reference/ops", ["reference", "ops"]),
     ("init", ["init"]),
-    ("functions", ["functions", "config", "l4q", "_oracle_l4q", "peqat", "_oracle_peqat"]),
+    ("functions", ["functions", "config", "l4q", "_oracle_l4q", "peqat", "_oracle_peqat", "sasq", "_oracle_sasq", "pquant", "_oracle_pquant"]),
     ("modules", ["act_modules", "modules", "wa_quant"]),
     ("api", ["api", "checkpoint", "export"]),
     ("train", ["train", "optim", "data"]),
