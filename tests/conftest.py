@@ -3,12 +3,17 @@
 * Without a CUDA device, Triton kernels run in the interpreter: ``TRITON_INTERPRET=1`` is set
   here, before anything imports triton (it reads the variable at import). An explicit value
   in the environment wins.
+* The one switch between kernels and eager math is ``lrqat_kernels.ops._launch`` (``use_kernels``,
+  ``kernel_options``); the ``set_kernel_options`` fixture sets its options for one test
+  (``set_kernel_options(kernels=False)``: the eager path; ``gpu_tiles=True``: the GPU tile tables
+  under the interpreter; ``bwd_programs=N``; ``fused_gemm=True``) and restores them after.
 * ``@pytest.mark.gpu`` marks tests that need a CUDA device; they are skipped without one.
 * The ``lrqat_ext`` fixture gates tests of the native ops (``lrqat_kernels._C``): a missing
   extension is a test failure (CI must prove the build) unless ``LRQAT_SKIP_EXT=1`` (or
   ``LRQAT_DISABLE_EXT=1``) says the Python-only install is intended, then they skip.
 """
 
+import dataclasses
 import os
 
 import torch
@@ -61,6 +66,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def set_kernel_options():
+    """``lrqat_kernels.ops._launch.set_kernel_options`` for one test; the options are restored after."""
+    from lrqat_kernels.ops import _launch
+
+    saved = _launch.options()
+    yield _launch.set_kernel_options
+    _launch.set_kernel_options(**dataclasses.asdict(saved))
 
 
 @pytest.fixture(scope="session")

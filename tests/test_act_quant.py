@@ -104,10 +104,10 @@ def test_saves_nothing_for_backward():
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"], ids=["kernel", "eager"])
-def test_noncontiguous_input_gives_the_fakes_layout(interpret, monkeypatch):
+def test_noncontiguous_input_gives_the_fakes_layout(interpret, set_kernel_options):
     """The op returns a contiguous tensor on every path, as its fake says: a transposed input
     (queries [B, T, H, D] -> [B, H, T, D]) once made a compiled graph's later .view() fail."""
-    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    set_kernel_options(kernels=interpret == "1")
     x = torch.randn(2, 5, 3, 8).transpose(1, 2)
     torch.library.opcheck(AQ._fake_quant_activation_op, (x, 8, False))
     y = AQ.fake_quant_activation(x, 8)
@@ -126,8 +126,8 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(cf(x), f(x))
 
 
-def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_without_interpreter_uses_reference(set_kernel_options):
+    set_kernel_options(kernels=False)
     x = _rows(50, torch.bfloat16)
     assert torch.equal(AQ.fake_quant_activation(x, 8), R.fake_quant_activation(x, 8))
 

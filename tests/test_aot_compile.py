@@ -3,7 +3,7 @@
 No GPU needed: ``triton.compile`` builds PTX for ``GPUTarget("cuda", 80 | 90, 32)`` and Triton's
 bundled ``ptxas -v`` reports registers and spills (``CompiledKernel.n_regs`` is only filled on a
 device). The configurations come from the launchers' own tables
-(``ops.fake_quant.aot_specs()``, ``ops.fused_linear.aot_specs()``), compiled with the launch
+(``ops.aot_specs.all_specs()``), compiled with the launch
 options the launchers use (``enable_fp_fusion=False``) and the divisibility-by-16 the JIT would
 see for LLaMA shapes. Default configurations (bf16 factors, rank 32) must not spill.
 
@@ -26,18 +26,18 @@ import pytest
 triton = pytest.importorskip("triton")
 
 
+from lrqat_kernels.ops import _tiles  # noqa: E402  (the launch tables: fwd_config, bwd_config)
 from lrqat_kernels.ops import aot  # noqa: E402
-from lrqat_kernels.ops import fake_quant as fq  # noqa: E402
-from lrqat_kernels.ops import fused_linear as fl  # noqa: E402
+from lrqat_kernels.ops import aot_specs  # noqa: E402
 
 ARCHS = (80, 90)
 
 
 def all_specs():
-    return fq.aot_specs() + fl.aot_specs()
+    return aot_specs.all_specs()
 
 
-def compile_spec(spec: fq.KernelSpec, arch: int, constexprs: dict | None = None) -> dict:
+def compile_spec(spec: aot_specs.KernelSpec, arch: int, constexprs: dict | None = None) -> dict:
     """Compile ``spec`` for ``sm_<arch>`` (``ops.aot``, launch options as the launchers: no FP fusion);
     return registers, spills, shared bytes and the PTX."""
     res, ptx = aot._compile(spec.kernel, spec.signature, dict(spec.constexprs, **(constexprs or {})), arch,
@@ -151,10 +151,10 @@ def test_launcher_configs_are_the_enumerated_ones():
         for rank in (8, 16, 32, 64, 128):
             for g in (inn, 128) + ((32,) if rank == 32 else ()):
                 for dt in (torch.bfloat16, torch.float32):
-                    c = fq.fwd_config(out, inn, rank, g, dt, interpret=False)
+                    c = _tiles.fwd_config(out, inn, rank, g, dt, interpret=False)
                     assert (c.block_m, c.block_n, c.r_pad, c.r_chunk, c.gpt, c.num_warps) in compiled_fwd, (out, inn, rank, g)
                     for fused in (False, True):
-                        b = fq.bwd_config(out, inn, rank, g, dt, fused_g=fused, interpret=False)
+                        b = _tiles.bwd_config(out, inn, rank, g, dt, fused_g=fused, interpret=False)
                         key = (b.block_m, b.block_n, b.r_pad, b.gpt, fused, dt == torch.bfloat16, b.num_warps)
                         assert key in compiled_bwd, (out, inn, rank, g, dt, fused)
 
@@ -172,7 +172,7 @@ def test_ptx_keeps_the_rounding_and_no_contraction(reports):
 
 def test_int64_offsets_variant(reports):
     """With I64 the row offsets are 64-bit products; without, the address math stays 32-bit."""
-    spec = next(s for s in fq.aot_specs() if s.default and s.name.startswith("fwd") and "int8" not in s.name)
+    spec = next(s for s in aot_specs.fake_quant_specs() if s.default and s.name.startswith("fwd") and "int8" not in s.name)
     assert not reports[(spec.name, 90)]["mul_s64"]
     assert reports[(spec.name + "+I64", 90)]["mul_s64"]
 

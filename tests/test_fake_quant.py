@@ -25,9 +25,12 @@ import lrqat_kernels as lk
 from lrqat_kernels import functions, reference
 from lrqat_kernels.formats import decode_phi, encode_phi, qrange
 from lrqat_kernels.ops import fake_quant as fq
+from lrqat_kernels.ops import fused_linear  # noqa: F401  (registers the lrqat::fused_linear_* ops)
+from lrqat_kernels.ops._launch import interpreting
+from lrqat_kernels.ops._tiles import FMA_RANK_CHUNK, MAX_RANK, bwd_config, bwd_grid, fwd_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = torch.cuda.is_available() or functions._interpreting()
+KERNELS = torch.cuda.is_available() or interpreting()
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 FORMAT_BITS = (
@@ -227,14 +230,14 @@ def test_backward_matches_fp64_reference(fmt_bits, group_size, dtype):
 @needs_kernels
 @pytest.mark.parametrize("programs", ["1", "3", "64"])
 @pytest.mark.parametrize("group_size", [None, 32, 24])
-def test_backward_bandings_agree(monkeypatch, programs, group_size):
+def test_backward_bandings_agree(set_kernel_options, programs, group_size):
     """One program for everything (dA read-modify-write over row tiles), a few bands (ds
     partials across column bands), one tile a program: all the same gradients."""
-    monkeypatch.setenv("LRQAT_BWD_PROGRAMS", programs)
+    set_kernel_options(bwd_programs=int(programs))
     phi, A, B, s, zp = make_problem(45, 96, 6, 4, "packed_int", group_size, torch.float32, zero_point=True, seed=3)
     G = torch.randn(45, 96, device=DEVICE)
     d = fq.fake_quant_backward(G, phi, A, B, s, zp, bits=4, phi_format="packed_int", alpha=ALPHA)
-    want = functions._eager_bwd(G, phi, A, B, s, zp, 4, "packed_int", ALPHA)
+    want = fq._eager_bwd(G, phi, A, B, s, zp, 4, "packed_int", ALPHA)
     for got, ref_ in zip(d, want):
         torch.testing.assert_close(got, ref_, rtol=2e-5, atol=2e-5)
 
@@ -243,7 +246,7 @@ def test_bwd_grid_partials_and_in_place_ds():
     # ~target programs, bands cover every tile, ds in place iff no group spans two column bands
     for out, inn, tm_, tn_, chunks, gpt in [(4096, 4096, 64, 64, 64, 1), (11008, 4096, 172, 64, 1, 2), (45, 96, 3, 3, 3, 1)]:
         for target in (1, 3, 264):
-            p_m, p_n, tm, tn = fq.bwd_grid(out, inn, tm_, tn_, target_programs=target, chunks=chunks, gpt=gpt)
+            p_m, p_n, tm, tn = bwd_grid(out, inn, tm_, tn_, target_programs=target, chunks=chunks, gpt=gpt)
             assert p_m * tm >= tm_ and (p_m - 1) * tm < tm_
             assert p_n * tn >= tn_ and (p_n - 1) * tn < tn_
             if gpt == 1 and chunks > 1 and tn > chunks:
@@ -303,10 +306,10 @@ def test_group_sizes_not_dividing_the_tile(inn, group_size):
     (32, None, "packed_int", torch.bfloat16), (32, 32, "fixed_point", torch.bfloat16), (64, 128, "bf16", torch.bfloat16),
     (128, 32, "fp32", torch.bfloat16), (100, None, "packed_int", torch.bfloat16),
     (128, None, "fp32", torch.float32), (64, 32, "packed_int", torch.float32)], ids=str)
-def test_gpu_tile_table_under_interpreter(monkeypatch, rank, group_size, phi_format, dtype):
+def test_gpu_tile_table_under_interpreter(set_kernel_options, rank, group_size, phi_format, dtype):
     """The exact constexprs a GPU gets (64 x 128 forward tiles, gpt > 1, large ranks, the
     backward's 16-wide tiles at R_PAD = 128), on CPU."""
-    monkeypatch.setattr(fq, "FORCE_GPU_TILES", True)
+    set_kernel_options(gpu_tiles=True)
     phi, A, B, s, zp = make_problem(70, 256, rank, 4, phi_format, group_size, dtype, zero_point=True, seed=rank)
     kw = qkw(4, phi_format, group_size, zp)
     differ = assert_int_match(lk.merge_weight(phi, A, B, s, **kw)[0], reference.merge_weight(phi, A, B, s, **kw)[0],
@@ -323,12 +326,12 @@ def test_gpu_tile_table_under_interpreter(monkeypatch, rank, group_size, phi_for
 @needs_kernels
 @pytest.mark.parametrize("rank,group_size,phi_format,gpu_tiles", [(33, None, "packed_int", False), (100, 32, "fixed_point", True),
                                                                    (128, None, "fp32", True)])
-def test_fp32_factors_wide_rank_forward_loops_over_rank_slices(monkeypatch, rank, group_size, phi_format, gpu_tiles):
+def test_fp32_factors_wide_rank_forward_loops_over_rank_slices(set_kernel_options, rank, group_size, phi_format, gpu_tiles):
     """fp32 factors with R_PAD > 32 build B @ A in 32-wide rank slices (a loop whose last slice is
     partly masked): W_int and W_hat still match the reference."""
-    monkeypatch.setattr(fq, "FORCE_GPU_TILES", gpu_tiles)
-    cfg = fq.fwd_config(70, 256, rank, group_size or 256, torch.float32)
-    assert cfg.r_chunk == fq.FMA_RANK_CHUNK < cfg.r_pad
+    set_kernel_options(gpu_tiles=gpu_tiles)
+    cfg = fwd_config(70, 256, rank, group_size or 256, torch.float32)
+    assert cfg.r_chunk == FMA_RANK_CHUNK < cfg.r_pad
     phi, A, B, s, zp = make_problem(70, 256, rank, 4, phi_format, group_size, torch.float32, zero_point=True, seed=rank)
     kw = qkw(4, phi_format, group_size, zp)
     differ = assert_int_match(lk.merge_weight(phi, A, B, s, **kw)[0], reference.merge_weight(phi, A, B, s, **kw)[0],
@@ -458,8 +461,8 @@ def test_fake_quant_fwd_op_is_differentiable():
     s.requires_grad_(True)
     G = torch.randn(12, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     torch.ops.lrqat.fake_quant_fwd(phi, A, B, s, zp, 4, "fixed_point", ALPHA, torch.float32).backward(G)
-    want = functions._eager_bwd(G, phi, A.detach(), B.detach(), s.detach(), zp, 4, "fixed_point", ALPHA)
-    truth = functions._eager_bwd(G.double(), phi, A.detach().double(), B.detach().double(), s.detach().double(), zp, 4,
+    want = fq._eager_bwd(G, phi, A.detach(), B.detach(), s.detach(), zp, 4, "fixed_point", ALPHA)
+    truth = fq._eager_bwd(G.double(), phi, A.detach().double(), B.detach().double(), s.detach().double(), zp, 4,
                                  "fixed_point", ALPHA)
     # fp32 sums in another order than the eager path's: compared by error against fp64 (a fixed
     # rtol failed for some draws of G, 4.7e-5 relative on an entry with cancellation)
@@ -467,9 +470,9 @@ def test_fake_quant_fwd_op_is_differentiable():
         assert_grad_close(name, got, w, t)
 
 
-def test_eager_path_equals_reference_bitwise(monkeypatch):
+def test_eager_path_equals_reference_bitwise(set_kernel_options):
     """Without kernels (plain CPU) the dispatchers run reference.py's math: identical results."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    set_kernel_options(kernels=False)
     if torch.cuda.is_available():
         pytest.skip("CUDA tensors always take the kernels")
     phi, A, B, s, zp = make_problem(19, 64, 5, 3, "fixed_point", 32, torch.bfloat16, zero_point=True, seed=9)
@@ -484,7 +487,7 @@ def test_eager_path_equals_reference_bitwise(monkeypatch):
 
 
 def test_ranks_above_max_rank_take_the_eager_path():
-    phi, A, B, s, _ = make_problem(9, 64, fq.MAX_RANK + 1, 4, "packed_int", None, torch.bfloat16, seed=13)
+    phi, A, B, s, _ = make_problem(9, 64, MAX_RANK + 1, 4, "packed_int", None, torch.bfloat16, seed=13)
     assert not functions.uses_kernels(phi, A, s)
     kw = qkw(4, "packed_int", None)
     assert torch.equal(lk.fake_quant_weight(phi, A, B, s, **kw), reference.fake_quant_weight(phi, A, B, s, **kw))

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 import lrqat_kernels as lk
 from lrqat_kernels import functions, reference
 from lrqat_kernels.formats import encode_phi, qrange
+from lrqat_kernels.ops._launch import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = torch.cuda.is_available() or functions._interpreting()
+KERNELS = torch.cuda.is_available() or interpreting()
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 ALPHA = 1.5
 
@@ -126,7 +127,7 @@ def test_16bit_activations_with_fp32_master_factors(dtype, fused):
 
 
 @needs_kernels
-def test_env_var_selects_the_fused_path(monkeypatch):
+def test_option_selects_the_fused_path(monkeypatch, set_kernel_options):
     phi, A, B, s, zp, bias = make_layer(20, 64, 3, 4, "packed_int", 32, torch.float32, seed=3)
     x = torch.randn(4, 64, device=DEVICE)
     kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA, group_size=32)
@@ -139,10 +140,34 @@ def test_env_var_selects_the_fused_path(monkeypatch):
 
     monkeypatch.setattr(functions.LRQATLinearFunction, "apply", spy)
     lk.lrqat_linear(x, phi, A, B, s, bias, **kw)
-    monkeypatch.setenv("LRQAT_FUSED_GEMM", "1")
+    set_kernel_options(fused_gemm=True)
     y = lk.lrqat_linear(x, phi, A, B, s, bias, **kw)
     assert seen == [False, True]
     torch.testing.assert_close(y, reference.lrqat_linear(x, phi, A, B, s, bias, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_gemm_argument_and_deprecated_env_var_select_the_path(monkeypatch):
+    """``lrqat_linear(..., fused_gemm=...)`` wins; None falls back to the option, then (deprecated,
+    with a warning) ``LRQAT_FUSED_GEMM``; anything but a bool or None is refused."""
+    phi, A, B, s, zp, bias = make_layer(20, 64, 3, 4, "packed_int", 32, torch.float32, seed=3)
+    x = torch.randn(4, 64, device=DEVICE)
+    kw = dict(bits=4, phi_format="packed_int", alpha=ALPHA, group_size=32)
+    seen = []
+    real = functions.LRQATLinearFunction.apply
+
+    def spy(*args):
+        seen.append(args[-1])  # the fused_gemm flag
+        return real(*args)
+
+    monkeypatch.setattr(functions.LRQATLinearFunction, "apply", spy)
+    lk.lrqat_linear(x, phi, A, B, s, bias, fused_gemm=True, **kw)
+    monkeypatch.setenv("LRQAT_FUSED_GEMM", "1")
+    with pytest.warns(DeprecationWarning, match="LRQAT_FUSED_GEMM"):
+        lk.lrqat_linear(x, phi, A, B, s, bias, **kw)
+    lk.lrqat_linear(x, phi, A, B, s, bias, fused_gemm=False, **kw)
+    assert seen == [True, True, False]
+    with pytest.raises(TypeError, match="fused_gemm must be True, False or None"):
+        lk.lrqat_linear(x, phi, A, B, s, bias, fused_gemm=1, **kw)
 
 
 @needs_kernels

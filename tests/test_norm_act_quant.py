@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from lrqat_kernels import reference as R
-from lrqat_kernels.functions import _interpreting
+from lrqat_kernels.ops._launch import interpreting
 from lrqat_kernels.ops import norm_act_quant as N
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = torch.cuda.is_available() or _interpreting()
+KERNELS = torch.cuda.is_available() or interpreting()
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="needs CUDA or TRITON_INTERPRET=1")
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.bfloat16, torch.float32)]
@@ -96,8 +96,8 @@ def test_op_gradients_are_rmsnorms(dtype, wdtype):
     assert xa.grad.dtype == dtype and wa.grad.dtype == wdtype
 
 
-def test_eager_cpu_path_is_norm_then_quantiser_bit_for_bit(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_eager_cpu_path_is_norm_then_quantiser_bit_for_bit(set_kernel_options):
+    set_kernel_options(kernels=False)
     x, w = _case(48, torch.bfloat16, torch.bfloat16)
     x, w = x.cpu(), w.cpu()
     assert torch.equal(N.rms_norm_fake_quant(x, w, 1e-6, 4, True), R.fake_quant_activation(R.rms_norm(x, w, 1e-6), 4, True))

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from lrqat_kernels import reference as R
-from lrqat_kernels.functions import _interpreting
+from lrqat_kernels.ops._launch import interpreting
 from lrqat_kernels.ops import swiglu_act_quant as S
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = torch.cuda.is_available() or _interpreting()
+KERNELS = torch.cuda.is_available() or interpreting()
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="needs CUDA or TRITON_INTERPRET=1")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -86,8 +86,8 @@ def test_op_gradients_are_swiglus(dtype):
     torch.testing.assert_close(ua.grad, ur.grad, **tol)
 
 
-def test_eager_cpu_path_is_product_then_quantiser_bit_for_bit(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_eager_cpu_path_is_product_then_quantiser_bit_for_bit(set_kernel_options):
+    set_kernel_options(kernels=False)
     gate, up = (t.cpu() for t in _case(48, torch.bfloat16))
     assert torch.equal(S.swiglu_fake_quant(gate, up, 4, True), R.fake_quant_activation(R.swiglu(gate, up), 4, True))
 

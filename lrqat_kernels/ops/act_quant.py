@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .._checks import check_act_args
 from ..formats import qrange
-from .fake_quant import _cast, _round_clip, _round_half_even
-from ..reference import check_act_args
 from ..reference import fake_quant_activation as _reference_fake_quant_activation
-from ._launch import on_device
+from ._launch import kernels_run_on, on_device
+from ._triton_quant import cast, round_clip, round_half_even
 
 
 
@@ -41,7 +41,7 @@ def act_qparams(lo, hi, has_nan, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETR
         z = tl.zeros_like(s)
     else:
         s = tl.maximum(tl.div_rn(hi - lo, (QMAX - QMIN) * 1.0), 1e-8)
-        z = _round_half_even(QMIN - tl.div_rn(lo, s))
+        z = round_half_even(QMIN - tl.div_rn(lo, s))
     return tl.where(has_nan, float("nan"), s), z
 
 
@@ -89,7 +89,7 @@ def div_by_row(v, s, r, INTERPRET: tl.constexpr):
 def act_fake_quant(v, s, z, r, QMIN: tl.constexpr, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
     """``s * (clip(round(v / s + z), qmin, qmax) - z)`` in fp32 (``r``: :func:`row_reciprocal` of
     ``s``); NaN stays NaN, as torch.clamp."""
-    q, _ = _round_clip(div_by_row(v, s, r, INTERPRET) + z, QMIN, QMAX)
+    q, _ = round_clip(div_by_row(v, s, r, INTERPRET) + z, QMIN, QMAX)
     return s * (q - z)
 
 
@@ -100,8 +100,8 @@ KIND_IDENTITY, KIND_RMS_NORM, KIND_SWIGLU = 0, 1, 2
 @triton.jit
 def _norm_out(v, w, rstd, H_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """RMSNorm's output in fp32, rounded as torch rounds it: ``(w * (v * rstd).to(H)).to(O)``."""
-    h = _cast(v * rstd, H_DTYPE, INTERPRET).to(tl.float32)
-    return _cast(w * h, O_DTYPE, INTERPRET).to(tl.float32)
+    h = cast(v * rstd, H_DTYPE, INTERPRET).to(tl.float32)
+    return cast(w * h, O_DTYPE, INTERPRET).to(tl.float32)
 
 
 @triton.jit
@@ -119,8 +119,8 @@ def _exp(x, INTERPRET: tl.constexpr):
 def _swiglu_out(g, u, DT: tl.constexpr, INTERPRET: tl.constexpr):
     """``(silu(g).to(DT) * u).to(DT)`` in fp32, rounded as torch rounds it for 16-bit tensors:
     ``silu(g) = g / (1 + exp(-g))`` as torch's CUDA kernel (IEEE division, libdevice ``expf``)."""
-    a = _cast(tl.div_rn(g, 1.0 + _exp(-g, INTERPRET)), DT, INTERPRET).to(tl.float32)
-    return _cast(a * u, DT, INTERPRET).to(tl.float32)
+    a = cast(tl.div_rn(g, 1.0 + _exp(-g, INTERPRET)), DT, INTERPRET).to(tl.float32)
+    return cast(a * u, DT, INTERPRET).to(tl.float32)
 
 
 @triton.jit
@@ -241,10 +241,10 @@ def _act_quant_kernel(
                 v1 = act_fake_quant(v1, s, z, r, QMIN, QMAX, INTERPRET)
                 v2 = act_fake_quant(v2, s, z, r, QMIN, QMAX, INTERPRET)
         y_rows = y_ptr + rows[:, None] * stride_y
-        tl.store(y_rows + cols[None, :], _cast(v0, O_DTYPE, INTERPRET), mask=m0)
+        tl.store(y_rows + cols[None, :], cast(v0, O_DTYPE, INTERPRET), mask=m0)
         if NCHUNK == 3:
-            tl.store(y_rows + (cols + BLOCK)[None, :], _cast(v1, O_DTYPE, INTERPRET), mask=m1)
-            tl.store(y_rows + (cols + 2 * BLOCK)[None, :], _cast(v2, O_DTYPE, INTERPRET), mask=m2)
+            tl.store(y_rows + (cols + BLOCK)[None, :], cast(v1, O_DTYPE, INTERPRET), mask=m1)
+            tl.store(y_rows + (cols + 2 * BLOCK)[None, :], cast(v2, O_DTYPE, INTERPRET), mask=m2)
     else:
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * stride_a
@@ -291,7 +291,7 @@ def _act_quant_kernel(
             v = _load_produce(a_row, b_row, start + cols, m, rstd, KIND, H_DTYPE, O_DTYPE, INTERPRET)
             if QUANT:
                 v = act_fake_quant(v, s, z, r, QMIN, QMAX, INTERPRET)
-            tl.store(y_row + start + cols, _cast(v, O_DTYPE, INTERPRET), mask=m)
+            tl.store(y_row + start + cols, cast(v, O_DTYPE, INTERPRET), mask=m)
 
 
 #: Tile widths of rows held in registers (at most 16384 lanes; longer rows loop over
@@ -407,11 +407,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def use_triton(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
-    """Triton on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the rule of functions.py), when
-    ``x``'s dtype and every other dtype involved (``dtypes``) are kernel dtypes."""
-    from ..functions import _interpreting
-
-    return all(d in KERNEL_DTYPES for d in (x.dtype, *dtypes)) and (x.is_cuda or _interpreting())
+    """Triton where kernels run (``_launch.kernels_run_on``: CUDA, and CPU under
+    ``TRITON_INTERPRET=1``, unless ``use_kernels(False)``), when ``x``'s dtype and every other
+    dtype involved (``dtypes``) are kernel dtypes."""
+    return all(d in KERNEL_DTYPES for d in (x.dtype, *dtypes)) and kernels_run_on(x.device)
 
 
 @torch.library.custom_op("lrqat::fake_quant_activation", mutates_args=())

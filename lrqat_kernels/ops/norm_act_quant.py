@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as R
+from .._checks import check_act_args, check_rms_norm_args
 from .act_quant import KERNEL_DTYPES, KIND_RMS_NORM, launch_act_quant, use_triton
 
 def rms_norm_act_quant_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, bits: int | None,
@@ -95,8 +96,8 @@ def rms_norm_fake_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
         ``[..., hidden]`` in ``promote_types(x.dtype, weight.dtype)``. Backward: RMSNorm's
         gradients for ``x`` and ``weight`` (straight-through rounding).
     """
-    R.check_rms_norm_args(x, weight, eps)
-    R.check_act_args(x, bits, symmetric)
+    check_rms_norm_args(x, weight, eps)
+    check_act_args(x, bits, symmetric)
     if not use_triton(x, torch.promote_types(x.dtype, weight.dtype)):
         # Eager: the reference ops themselves, so values and gradients are bit-identical to the
         # transformers norm followed by the quantiser (what per-linear placement computes).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as R
+from .._checks import check_act_args, check_swiglu_args
 from .act_quant import KERNEL_DTYPES, KIND_SWIGLU, launch_act_quant, use_triton
 
 def swiglu_act_quant_forward(gate: torch.Tensor, up: torch.Tensor, bits: int | None,
@@ -76,8 +77,8 @@ def swiglu_fake_quant(gate: torch.Tensor, up: torch.Tensor, bits: int = 8, symme
         Without Triton (CPU, no interpreter): the reference ops under autograd, bit-identical to
         transformers' MLP product followed by the quantiser.
     """
-    R.check_swiglu_args(gate, up)
-    R.check_act_args(gate, bits, symmetric)
+    check_swiglu_args(gate, up)
+    check_act_args(gate, bits, symmetric)
     if not use_triton(gate):
         return R.fake_quant_activation(R.swiglu(gate, up), bits, symmetric).contiguous()
     return _swiglu_fake_quant_op(gate, up, bits, symmetric)
