@@ -322,7 +322,7 @@ def _check_one(fn, ref, kwargs, *, names, device, gemm_k=None):
     return "result"
 
 
-def _tensor(draw, shape, dtype, layout, device, gen_fn):
+def _tensor(shape, dtype, layout, device, gen_fn):
     t = gen_fn(shape)
     if dtype == torch.bool:
         t = t != 0
@@ -370,10 +370,10 @@ def _build_weight(p, seed):
     except (ValueError, TypeError):  # bits / format the codec refuses: hand over an int8 or fp32 Phi0 instead
         phi = (torch.rand(out, inn, generator=g) * 20 - 6).to(torch.int8 if phi_format == "int8" else torch.float32)
     phi = _layout(phi, lay["phi"])
-    A = _tensor(None, (rank, inn), p["lora"], lay["A"], "cpu", lambda s: torch.randn(*s, generator=g))
-    B = _tensor(None, (out, rank), p["lora"], lay["B"], "cpu", lambda s: torch.randn(*s, generator=g))
-    scale = _tensor(None, (out, n_groups), p["scale"], lay["scale"], "cpu", lambda s: torch.rand(*s, generator=g) * 0.1 + 0.01)
-    zero = _tensor(None, (out, n_groups), p["zp_dtype"], lay["zp"], "cpu",
+    A = _tensor((rank, inn), p["lora"], lay["A"], "cpu", lambda s: torch.randn(*s, generator=g))
+    B = _tensor((out, rank), p["lora"], lay["B"], "cpu", lambda s: torch.randn(*s, generator=g))
+    scale = _tensor((out, n_groups), p["scale"], lay["scale"], "cpu", lambda s: torch.rand(*s, generator=g) * 0.1 + 0.01)
+    zero = _tensor((out, n_groups), p["zp_dtype"], lay["zp"], "cpu",
                    lambda s: torch.randint(-2, 3, s, generator=g).float()) if p["zp"] else None
     to = (lambda t: t if t is None else t.to("meta")) if p["device"] == "meta" else (lambda t: t)
     return dict(phi=to(phi), lora_A=to(A), lora_B=to(B), scale=to(scale), bits=bits, phi_format=phi_format, alpha=p["alpha"],
@@ -419,7 +419,7 @@ def test_fake_quant_weight_merge_weight_and_lrqat_linear_hostile():
        w_dtype=st.sampled_from([None, torch.float64, torch.bfloat16, torch.int32]), seed=st.integers(0, 2**16))
 def _activation_case(shape, dtype, layout, bits, symmetric, eps, device, w_dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda: _tensor(None, shape, dtype, layout, device, lambda s: torch.randn(*s, generator=g) * 3)  # noqa: E731
+    mk = lambda: _tensor(shape, dtype, layout, device, lambda s: torch.randn(*s, generator=g) * 3)  # noqa: E731
     x, up = mk(), mk()
     w = torch.rand(shape[-1], generator=g) + 0.5
     w = (w.to(w_dtype) if w_dtype else w.to(x.dtype) if x.dtype.is_floating_point else w).to(x.device)
@@ -461,9 +461,9 @@ def _int4_reference(x, qweight, scale, zero_point=None, group_size=None, bias=No
 def _int4_case(M, N, K, group_size, zp, bias, x_dtype, s_dtype, q_dtype, layouts, device, seed):
     g = torch.Generator().manual_seed(seed)
     n_groups = 1 if not group_size or group_size < 0 or not K or K % group_size else K // group_size
-    qw = _tensor(None, (N, K // 2), q_dtype, layouts[0], device, lambda s: torch.randint(0, 256, s, generator=g))
-    x = _tensor(None, (M, K), x_dtype, layouts[1], device, lambda s: torch.randn(*s, generator=g))
-    scale = _tensor(None, (N, n_groups), s_dtype, layouts[2], device, lambda s: torch.rand(*s, generator=g) * 0.1 + 0.01)
+    qw = _tensor((N, K // 2), q_dtype, layouts[0], device, lambda s: torch.randint(0, 256, s, generator=g))
+    x = _tensor((M, K), x_dtype, layouts[1], device, lambda s: torch.randn(*s, generator=g))
+    scale = _tensor((N, n_groups), s_dtype, layouts[2], device, lambda s: torch.rand(*s, generator=g) * 0.1 + 0.01)
     z = torch.randint(-8, 8, (N, n_groups), generator=g, dtype=torch.int8).to(qw.device) if zp else None
     b = torch.randn(N, generator=g).to(x.dtype if x.dtype.is_floating_point else torch.float32).to(qw.device) if bias else None
     with torch.no_grad():
@@ -489,7 +489,7 @@ def test_nibble_and_phi_codecs_hostile(shape, dtype, layout, bits, phi_format, d
     """pack_nibbles / unpack_nibbles / encode_phi / decode_phi over shapes (0-size, odd last dim,
     1-D, 3-D), every dtype, out-of-range values, views, meta; a result round-trips."""
     g = torch.Generator().manual_seed(seed)
-    w = _tensor(None, shape, dtype, layout, device, lambda s: torch.randint(-9, 9, s, generator=g))
+    w = _tensor(shape, dtype, layout, device, lambda s: torch.randint(-9, 9, s, generator=g))
     names = ["w_int", "in", "values", "[-8, 7]"]
     packed, err = (None, None) if device == "meta" else _call(lk.pack_nibbles, w)  # meta: the range check needs values
     if err is not None:
@@ -497,7 +497,7 @@ def test_nibble_and_phi_codecs_hostile(shape, dtype, layout, bits, phi_format, d
     elif device != "meta":
         assert torch.equal(lk.unpack_nibbles(packed), w.to(torch.int8)), "pack -> unpack lost values"
         assert torch.equal(packed, lk.pack_nibbles(w.contiguous()))
-    p = _tensor(None, shape, dtype, layout, device, lambda s: torch.randint(0, 256, s, generator=g))
+    p = _tensor(shape, dtype, layout, device, lambda s: torch.randint(0, 256, s, generator=g))
     un, err = _call(lk.unpack_nibbles, p)
     if err is not None:
         _named(err, ["packed"])
@@ -506,7 +506,7 @@ def test_nibble_and_phi_codecs_hostile(shape, dtype, layout, bits, phi_format, d
         assert torch.equal(lk.pack_nibbles(un), p.contiguous())
     if device == "meta":  # encode_phi checks values (NaN, range): a meta tensor has none
         return
-    x = _tensor(None, shape, dtype, layout, device, lambda s: torch.rand(*s, generator=g) * 40 - 20)
+    x = _tensor(shape, dtype, layout, device, lambda s: torch.rand(*s, generator=g) * 40 - 20)
     phi, err = _call(lk.encode_phi, x, bits, phi_format)
     if err is not None:
         _named(err, ["x", "bits", "phi_format"])
@@ -537,7 +537,7 @@ def test_estimate_scale_and_rtn_quantize_hostile(shape, dtype, layout, bits, met
     not parse, group sizes 0 / -1 / not dividing: a strided input gives what its contiguous copy
     gives (bit for bit), or a one-line error naming the argument."""
     g = torch.Generator().manual_seed(seed)
-    w = _tensor(None, shape, dtype, layout, "cpu", lambda s: torch.randn(*s, generator=g))
+    w = _tensor(shape, dtype, layout, "cpu", lambda s: torch.randn(*s, generator=g))
     names = _names(lk.estimate_scale, "w", "lp", "p")
     res, err = _call(lk.estimate_scale, w, bits, method, group_size, symmetric)
     if err is not None:
