@@ -162,12 +162,12 @@ class StaticActQuant(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # A module-wide .to(bf16) moves the step but keeps it fp32, unrounded (as QuantizedLinear.scale).
-        data, grad = self.scale.data, self.scale.grad
+        data, grad = self.scale.data, None if self.scale.grad is None else self.scale.grad.data
         super()._apply(fn, recurse)
         if self.scale.dtype != torch.float32:
             self.scale.data = data.to(device=self.scale.device)
-            if grad is not None:
-                self.scale.grad = grad.to(device=self.scale.device)
+            if grad is not None and self.scale.grad is not None:
+                self.scale.grad.data = grad.to(device=self.scale.device)
         return self
 
     @property

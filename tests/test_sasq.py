@@ -146,8 +146,11 @@ def test_module_keeps_fp32_scale_under_bf16_cast():
     site = StaticActQuant(bits=8)
     with torch.no_grad():
         site.scale.fill_(0.1234567)
+    site(torch.randn(3)).sum().backward()
+    g = site.scale.grad.clone()
     site.to(torch.bfloat16)
     assert site.scale.dtype == torch.float32 and site.scale.item() == pytest.approx(0.1234567, rel=1e-7)
+    assert site.scale.grad.dtype == torch.float32 and torch.equal(site.scale.grad, g)
 
 
 def test_sasq_linear_equals_the_quantised_layer_on_quantised_input():
