@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 
 from .config import LRQATConfig, name_matches
+from .l4q import L4QLinear
 from .modules import LRQATLinear, QuantizedLinear
+from .peqat import PEQATLinear
 from .wa_quant import install_activation_quantizers
 
 __all__ = [
@@ -82,8 +84,16 @@ def find_target_linears(model: nn.Module, config: LRQATConfig) -> list[tuple[str
     return targets
 
 
-def lrqat_layers(model: nn.Module) -> list[tuple[str, LRQATLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LRQATLinear)]
+#: The training layer of each method (``LRQATConfig.method``) and its trainable quantiser tensors
+#: (trained when ``config.learn_scale``; the LoRA factors always train).
+TRAINING_LAYERS = {"lrqat": LRQATLinear, "l4q": L4QLinear, "peqat": PEQATLinear}
+QUANTIZER_PARAMS = {LRQATLinear: ("scale",), L4QLinear: ("scale", "offset"), PEQATLinear: ("log_smooth", "clip")}
+
+
+def lrqat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every training layer (LR-QAT, L4Q or PE-QAT) in module order."""
+    kinds = tuple(TRAINING_LAYERS.values())
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -97,7 +107,7 @@ def _stage(model: nn.Module) -> str | None:
     if stage is not None:
         return stage
     kinds = {type(m) for m in model.modules()}
-    if LRQATLinear in kinds:
+    if kinds & set(TRAINING_LAYERS.values()):
         return "lrqat"
     if QuantizedLinear in kinds:
         return "quantized"
@@ -126,17 +136,20 @@ def _freeze_and_mark(model: nn.Module, config: LRQATConfig, stage: str) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     if stage == "lrqat":
+        learn = True if config is None else config.learn_scale
         for _, layer in lrqat_layers(model):
             layer.lora_A.requires_grad_(True)
             layer.lora_B.requires_grad_(True)
-            layer.scale.requires_grad_(config.learn_scale)
+            for name in QUANTIZER_PARAMS[type(layer)]:
+                getattr(layer, name).requires_grad_(learn)
     model.lrqat_config = config
     model.lrqat_stage = stage
     model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)
 
 
-def prepare(model: nn.Module, config: LRQATConfig | None = None) -> nn.Module:
-    """Swap the target ``nn.Linear`` layers of ``model`` for :class:`LRQATLinear`, in place.
+def prepare(model: nn.Module, config: LRQATConfig | None = None, *, calibration=None) -> nn.Module:
+    """Swap the target ``nn.Linear`` layers of ``model`` for :class:`LRQATLinear`, in place
+    (``L4QLinear`` / ``PEQATLinear`` for ``config.method = "l4q"`` / ``"peqat"``).
 
     Each target gets ``s0`` from range estimation, ``Phi0 = phi(W0 / s0 + z)`` and ``lora_A`` /
     ``lora_B`` per ``config.init``. Every other parameter (embeddings, norms, head, biases) is
@@ -148,6 +161,9 @@ def prepare(model: nn.Module, config: LRQATConfig | None = None) -> nn.Module:
         model: any ``nn.Module`` (HF ``LlamaForCausalLM``, ``MistralForCausalLM``,
             ``Qwen2ForCausalLM``, ... or a plain stack of ``nn.Linear``).
         config: :class:`LRQATConfig`; default ``LRQATConfig()``.
+        calibration: ``method="peqat"`` only, required: model inputs (a tensor, e.g. token ids
+            ``[B, T]``, or an iterable of them) run once through the FP model to record each
+            target's per-input-channel max ``|x|`` (the smoothing and clip initialisation).
 
     Returns:
         ``model`` (modified in place).
@@ -173,16 +189,53 @@ def prepare(model: nn.Module, config: LRQATConfig | None = None) -> nn.Module:
                if subclasses else "") + ")"
         )
     _validate_targets(targets, config)
+    if (calibration is not None) != (config.method == "peqat"):
+        raise ValueError("calibration data is needed by method='peqat' (smoothing and clip initialisation) and only "
+                         f"by it; got method={config.method!r} with calibration={'given' if calibration is not None else None}")
+    act_absmax = _input_absmax(model, targets, calibration) if config.method == "peqat" else None
     _untie_swapped_head(model, targets)
     gen = torch.Generator().manual_seed(config.seed)
     for name, lin in targets:
-        _set_submodule(model, name, LRQATLinear.from_linear(lin, config, generator=gen, name=name))
+        if config.method == "lrqat":
+            layer = LRQATLinear.from_linear(lin, config, generator=gen, name=name)
+        elif config.method == "l4q":
+            layer = L4QLinear.from_config(lin, config, generator=gen, name=name)
+        else:
+            layer = PEQATLinear.from_config(lin, config, act_absmax=act_absmax[name], generator=gen, name=name)
+        _set_submodule(model, name, layer)
     install_activation_quantizers(model, config)
     dtype = config.torch_compute_dtype
     if dtype is not None:
         cast_floating(model, dtype)
     _freeze_and_mark(model, config, "lrqat")
     return model
+
+
+@torch.no_grad()
+def _input_absmax(model: nn.Module, targets, calibration) -> dict[str, torch.Tensor]:
+    """Per target, fp32 ``[in]``: max ``|x|`` per input channel over the calibration inputs."""
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        raise TypeError("calibration must be a tensor of model inputs or an iterable of them")
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(dim=0)
+            stats[name] = x if name not in stats else torch.maximum(stats[name], x)
+        return record
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in targets]
+    try:
+        for b in batches:
+            model(b)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name, _ in targets if name not in stats]
+    if missing:
+        raise ValueError(f"calibration never reached {len(missing)} target layer(s): {missing[:4]}")
+    return stats
 
 
 def cast_floating(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -252,9 +305,13 @@ def convert(model: nn.Module, *, scale_dtype: str | None = None) -> nn.Module:
         raise ValueError("convert() needs a model prepared with lrqat_kernels.prepare(); it has no LRQATLinear layers")
     from .export._common import UNIT_ROUNDOFF, scale_rounding
 
+    kinds = {type(layer).__name__ for _, layer in layers}
+    if "PEQATLinear" in kinds:
+        raise ValueError("convert() of method='peqat' layers is not implemented yet (folding the smoothing into the "
+                         "preceding norm / projection; docs/METHODS.md); keep the trained checkpoint")
     converted = []
     for name, layer in layers:
-        q = QuantizedLinear.from_lrqat(layer)
+        q = layer.to_quantized() if isinstance(layer, L4QLinear) else QuantizedLinear.from_lrqat(layer)
         if scale_dtype is not None:
             grid = _SCALE_GRIDS[scale_dtype]
             rounding = scale_rounding(q.scale, grid)
@@ -287,7 +344,7 @@ def trainable_parameters(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     base = 0
     for m in model.modules():
-        if isinstance(m, (LRQATLinear, QuantizedLinear)):
+        if isinstance(m, (LRQATLinear, L4QLinear, PEQATLinear, QuantizedLinear)):
             base += m.in_features * m.out_features
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -301,7 +358,9 @@ def print_trainable_parameters(model: nn.Module) -> dict:
     denom = c["all"] + c["base_weights"]
     pct = 100.0 * c["trainable"] / denom if denom else 0.0
     cfg = getattr(model, "lrqat_config", None)
-    fmt = f" as Phi0 ({cfg.phi_format})" if cfg is not None and _stage(model) == "lrqat" else ""
+    fmt = ""
+    if cfg is not None and _stage(model) == "lrqat":
+        fmt = f" as Phi0 ({cfg.phi_format})" if cfg.method == "lrqat" else f" as W0 ({cfg.method})"
     print(
         f"trainable params: {c['trainable']:,} || all params: {c['all']:,} "
         f"+ {c['base_weights']:,} frozen base weights{fmt} || trainable%: {pct:.4f} "

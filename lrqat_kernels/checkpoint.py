@@ -35,6 +35,9 @@ The trainer state (``<out>/checkpoint/trainer_state.pt``, :func:`save_trainer_st
 (:func:`lrqat_kernels._io.sha256_content`) under ``"sha256"``, checked by :func:`load_trainer_state`:
 a truncated or bit-flipped file is a ValueError naming it, never a wrong resume
 (tests/test_train.py::test_damaged_trainer_state_is_refused_naming_the_file).
+
+Size: about 530 lines: one file format read and written in one place (the layer specs of the four
+layer types, the digests, the atomic directory swap and the trainer state).
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ from ._io import atomic_replace_dir, atomic_write, atomic_write_json, sha256_con
 from ._version import __version__
 from .api import _freeze_and_mark, _set_submodule, _stage, cast_floating
 from .config import LRQATConfig, resolve_dtype
+from .l4q import L4QLinear
 from .modules import LRQATLinear, QuantizedLinear, factor_dtype
+from .peqat import PEQATLinear
 from .wa_quant import inner_attn_impl, install_activation_quantizers, restore_attn_implementation
 
 __all__ = [
@@ -85,11 +90,30 @@ def _module_spec(m: nn.Module) -> dict:
             "symmetric": m.symmetric, "bias": m.bias is not None, "learn_scale": bool(m.scale.requires_grad),
             "dtype": str(m.lora_A.dtype).replace("torch.", ""), **_act_spec(m),
         }
-    return {
+    if isinstance(m, L4QLinear):
+        return {
+            "type": "L4QLinear", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+            "rank": m.rank, "alpha": m.alpha, "group_size": m.group_size, "grad_scale": m.grad_scale,
+            "bias": m.bias is not None, "learn_scale": bool(m.scale.requires_grad), "dtype": _dtype_str(m.w0),
+        }
+    if isinstance(m, PEQATLinear):
+        return {
+            "type": "PEQATLinear", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+            "act_bits": m.act_bits, "rank": m.rank, "alpha": m.alpha, "clip_grad_scale": m.clip_grad_scale,
+            "bias": m.bias is not None, "learn_scale": bool(m.clip.requires_grad), "dtype": _dtype_str(m.w0),
+        }
+    spec = {
         "type": "QuantizedLinear", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
         "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None,
         "dtype": None if m.bias is None else str(m.bias.dtype).replace("torch.", ""), **_act_spec(m),
     }
+    if m.offset is not None:
+        spec["offset"] = True
+    return spec
+
+
+def _dtype_str(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 def _act_spec(m: nn.Module) -> dict:
@@ -108,8 +132,24 @@ def _build_module(spec: dict, name: str) -> nn.Module:
     if spec["type"] == "QuantizedLinear":
         return QuantizedLinear(
             spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
-            symmetric=spec["symmetric"], bias=spec["bias"], dtype=dtype, **act,
+            symmetric=spec["symmetric"], bias=spec["bias"], dtype=dtype, offset=spec.get("offset", False), **act,
         )
+    if spec["type"] == "L4QLinear":
+        mod = L4QLinear(
+            spec["in_features"], spec["out_features"], bits=spec["bits"], rank=spec["rank"], alpha=spec["alpha"],
+            group_size=spec["group_size"], grad_scale=spec["grad_scale"], bias=spec["bias"], dtype=dtype,
+        )
+        for t in (mod.scale, mod.offset):
+            t.requires_grad_(spec["learn_scale"])
+        return mod
+    if spec["type"] == "PEQATLinear":
+        mod = PEQATLinear(
+            spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"], rank=spec["rank"],
+            alpha=spec["alpha"], clip_grad_scale=spec["clip_grad_scale"], bias=spec["bias"], dtype=dtype,
+        )
+        for t in (mod.log_smooth, mod.clip):
+            t.requires_grad_(spec["learn_scale"])
+        return mod
     raise ValueError(f"checkpoint module {name!r} has unknown type {spec.get('type')!r}")
 
 
@@ -156,7 +196,8 @@ def save_pretrained(model: nn.Module, save_directory: str, *, tokenizer=None) ->
     if stage not in STAGES:
         raise ValueError("save_pretrained() saves LR-QAT models; call prepare() (or convert()) first, "
                          "or use the model's own save method for a floating-point model")
-    modules = {n: _module_spec(m) for n, m in model.named_modules() if isinstance(m, (LRQATLinear, QuantizedLinear))}
+    modules = {n: _module_spec(m) for n, m in model.named_modules()
+               if isinstance(m, (LRQATLinear, L4QLinear, PEQATLinear, QuantizedLinear))}
     state, tied = _dedup_tied(model.state_dict())
     config = getattr(model, "lrqat_config", None)
     hf_config = getattr(model, "config", None)

@@ -18,7 +18,19 @@ from .formats import PHI_FORMATS, check_bits, check_phi_format
 from ._checks import check_act_bits
 from .init import parse_range_method
 
-__all__ = ["LRQATConfig", "COMPUTE_DTYPES", "PRESETS", "resolve_dtype"]
+__all__ = ["LRQATConfig", "COMPUTE_DTYPES", "METHODS", "PRESETS", "resolve_dtype"]
+
+#: Quantization-aware training methods ``prepare`` can apply (docs/METHODS.md for L4Q and PE-QAT).
+METHODS = ("lrqat", "l4q", "peqat")
+
+#: Fields that belong to one method only (None = not given): ``(method, default when given None)``.
+_METHOD_FIELDS = {
+    "phi_format": ("lrqat", "fixed_point"),
+    "scale_init": ("l4q", "l4q"),
+    "grad_scale": ("l4q", None),
+    "migration": ("peqat", 0.5),
+    "clip_grad_scale": ("peqat", 1.0),
+}
 
 #: Weight-activation presets (paper Table 5: W-A-KV bits, INT4 per-channel weights).
 PRESETS = {
@@ -63,13 +75,23 @@ class LRQATConfig:
     """Configuration of the LR-QAT module swap (validated on construction).
 
     Attributes:
+        method: ``"lrqat"`` (default), ``"l4q"`` (LoRA inside an LSQ quantiser with learned step and
+            offset per group; ``W0`` kept in the compute dtype) or ``"peqat"`` (LoRA in weight units,
+            W4A4 with learned smoothing and a static activation clip; needs ``act_bits`` and
+            calibration data). docs/METHODS.md. Fields marked (lrqat) / (l4q) / (peqat) apply to that
+            method only; setting one for another method is an error.
         bits: weight bit width ``b`` (2..8; 2..4 for ``packed_int``, 2..7 for ``fixed_point``).
         group_size: None for per-channel scales (one per output row), else the number of
             contiguous input columns sharing a scale; must divide every target layer's ``in``.
         symmetric: True for ``z = 0``; False adds a frozen integer zero point per channel/group.
         rank: rank ``r`` of ``lora_A [r, in]`` / ``lora_B [out, r]`` (paper default 32).
         alpha: ``C = alpha / r * lora_B @ lora_A`` (paper default 1.0).
-        phi_format: storage of the frozen ``Phi0`` (``formats.PHI_FORMATS``).
+        phi_format: (lrqat) storage of the frozen ``Phi0`` (``formats.PHI_FORMATS``; None:
+            ``"fixed_point"``).
+        scale_init: (l4q) initial step: ``"l4q"`` (min/max, nothing clipped; default) or ``"lsq"``.
+        grad_scale: (l4q) LSQ gradient scale of ``s`` and ``b``; None: ``1 / sqrt(group * qmax)``.
+        migration: (peqat) SmoothQuant migration strength of the smoothing init (default 0.5).
+        clip_grad_scale: (peqat) factor on the clip threshold's gradient (default 1).
         range_method: range estimator for ``s0``: ``"minmax"`` or ``"lp:<p>"`` (default ``"lp:4"``).
         init: ``"lora"`` (``lora_B = 0``) or ``"svd"`` (LoftQ-style, ``svd_steps`` alternations).
             SVD init makes ``Phi0 + C`` fit ``W0 / s0`` better than ``Phi0`` alone
@@ -107,7 +129,7 @@ class LRQATConfig:
     symmetric: bool = True
     rank: int = 32
     alpha: float = 1.0
-    phi_format: str = "fixed_point"
+    phi_format: str | None = None
     range_method: str = "lp:4"
     init: str = "lora"
     svd_steps: int = 1
@@ -120,6 +142,11 @@ class LRQATConfig:
     kv_bits: int | None = None
     act_symmetric: bool = False
     fuse_act_quant: bool = True
+    method: str = "lrqat"
+    scale_init: str | None = None
+    grad_scale: float | None = None
+    migration: float | None = None
+    clip_grad_scale: float | None = None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LRQATConfig":
@@ -138,11 +165,24 @@ class LRQATConfig:
             self.exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude)
         if self.exclude is None:
             self.exclude = []
+        if self.method in METHODS:
+            for name, (owner, default) in _METHOD_FIELDS.items():
+                if owner == self.method and getattr(self, name) is None:
+                    setattr(self, name, default)
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError/TypeError on a contradictory or malformed configuration."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        for name, (owner, _) in _METHOD_FIELDS.items():
+            if owner != self.method and getattr(self, name) is not None:
+                raise ValueError(f"{name} applies to method={owner!r} only, got {name}={getattr(self, name)!r} "
+                                 f"with method={self.method!r}")
+        if self.method != "lrqat":
+            self._validate_sibling()
+            return
         check_phi_format(self.phi_format)
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"bits must be an int, got {type(self.bits).__name__}")
@@ -192,6 +232,58 @@ class LRQATConfig:
         for name in ("act_symmetric", "fuse_act_quant"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def _validate_sibling(self) -> None:
+        """The checks of ``method="l4q"`` / ``"peqat"`` (docs/METHODS.md)."""
+        m = self.method
+        check_bits(self.bits)
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(f"group_size must be None (per-channel) or a positive int, got {self.group_size!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if self.symmetric is not True:
+            raise ValueError(f"symmetric=False does not apply to method={m!r}: "
+                             + ("the learned float offset b is its zero point" if m == "l4q" else "its grids are symmetric"))
+        if self.init != "lora":
+            raise ValueError(f"init={self.init!r} does not apply to method={m!r} (LoRA init only)")
+        if self.kv_bits is not None:
+            raise ValueError(f"kv_bits does not apply to method={m!r}, got kv_bits={self.kv_bits}")
+        for name in ("target_modules", "exclude"):
+            val = getattr(self, name)
+            if val is None and name == "target_modules":
+                continue
+            if not isinstance(val, list) or not all(isinstance(k, str) and k for k in val):
+                raise TypeError(f"{name} must be a list of non-empty module names, got {val!r}")
+        if not isinstance(self.learn_scale, bool):
+            raise TypeError(f"learn_scale must be a bool, got {self.learn_scale!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if m == "l4q":
+            if self.act_bits is not None:
+                raise ValueError(f"act_bits does not apply to method='l4q' (weight-only), got act_bits={self.act_bits}")
+            if self.scale_init not in ("l4q", "lsq"):
+                raise ValueError(f"scale_init must be 'l4q' or 'lsq', got {self.scale_init!r}")
+            g = self.grad_scale
+            if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < math.inf):
+                raise ValueError(f"grad_scale must be None (LSQ: 1 / sqrt(group * qmax)) or a positive number, got {g!r}")
+        else:
+            if self.act_bits is None:
+                raise ValueError("method='peqat' quantises activations: set act_bits (4 for W4A4, or 8), got act_bits=None")
+            check_act_bits("act_bits", self.act_bits)
+            if self.group_size is not None:
+                raise ValueError(f"method='peqat' quantises weights per output channel: group_size must be None, "
+                                 f"got {self.group_size}")
+            mg = self.migration
+            if isinstance(mg, bool) or not isinstance(mg, (int, float)) or not 0 < mg < 1:
+                raise ValueError(f"migration must be in (0, 1), got {mg!r}")
+            c = self.clip_grad_scale
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf:
+                raise ValueError(f"clip_grad_scale must be a positive number, got {c!r}")
 
     # ------------------------------------------------------------------ helpers
     @property

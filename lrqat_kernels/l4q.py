@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ._checks import check_group_size
 from .formats import check_bits, qrange
+from .modules import QuantizedLinear, _KeepDtypes, factor_dtype
 
 __all__ = [
     "L4QLinear",
@@ -274,15 +275,20 @@ def l4q_init(w0: torch.Tensor, bits: int, group_size: int | None = None, method:
     return scale, torch.zeros_like(scale)
 
 
-class L4QLinear(nn.Module):
+class L4QLinear(_KeepDtypes, nn.Module):
     """An ``nn.Linear`` under L4Q: frozen ``W0``; trainable ``lora_A``, ``lora_B``, ``scale``, ``offset``.
 
     Tensors (``G = in // group_size``, 1 for per-channel):
         w0: buffer ``[out, in]`` in the compute dtype (16 bits in practice). Frozen.
-        lora_A: parameter ``[r, in]``; lora_B: parameter ``[out, r]`` (zeros at LoRA init).
-        scale: parameter fp32 ``[out, G]`` (> 0); offset: parameter fp32 ``[out, G]``.
+        lora_A: parameter ``[r, in]``; lora_B: parameter ``[out, r]`` (zeros at LoRA init); fp32
+            under fp16 compute (:func:`~lrqat_kernels.modules.factor_dtype`).
+        scale: parameter fp32 ``[out, G]`` (> 0); offset: parameter fp32 ``[out, G]``. Both stay
+            fp32 under ``module.to(torch.bfloat16)``.
         bias: frozen parameter ``[out]`` or None.
     """
+
+    _keep_dtypes = ("scale", "offset")
+    _factors = ("lora_A", "lora_B")
 
     def __init__(self, in_features: int, out_features: int, *, bits: int = 4, rank: int = 32, alpha: float = 1.0,
                  group_size: int | None = 128, grad_scale: float | None = None, bias: bool = True,
@@ -297,7 +303,7 @@ class L4QLinear(nn.Module):
         self.bits, self.rank, self.alpha, self.group_size = bits, rank, float(alpha), group_size
         self.grad_scale = grad_scale
         n_groups = in_features // g
-        fdt = torch.float32 if dtype == torch.float16 else dtype
+        fdt = factor_dtype(dtype)
         self.register_buffer("w0", torch.zeros(out_features, in_features, dtype=dtype, device=device))
         self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=fdt, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=fdt, device=device))
@@ -333,6 +339,18 @@ class L4QLinear(nn.Module):
             mod.bias.copy_(linear.bias.detach())
         return mod
 
+    @classmethod
+    def from_config(cls, linear: nn.Linear, config, *, generator: torch.Generator | None = None,
+                    name: str = "") -> "L4QLinear":
+        """:meth:`from_linear` with an ``LRQATConfig(method="l4q")`` (what ``prepare`` calls)."""
+        where = f"layer {name!r}: " if name else ""
+        try:
+            return cls.from_linear(linear, bits=config.bits, rank=config.rank, alpha=config.alpha,
+                                   group_size=config.group_size, grad_scale=config.grad_scale, init=config.scale_init,
+                                   dtype=config.torch_compute_dtype, generator=generator)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}{e}") from None
+
     def _qargs(self) -> dict:
         return dict(bits=self.bits, alpha=self.alpha, group_size=self.group_size)
 
@@ -349,6 +367,17 @@ class L4QLinear(nn.Module):
     def merge(self):
         """``(W_int int8 [out, in], scale fp32 [out, G], offset fp32 [out, G])``: :func:`l4q_merge`."""
         return l4q_merge(self.w0, self.lora_A, self.lora_B, self.scale, self.offset, **self._qargs())
+
+    @torch.no_grad()
+    def to_quantized(self) -> QuantizedLinear:
+        """The deployment layer: ``W_int``, ``s`` and the float offset ``b`` in a
+        :class:`~lrqat_kernels.modules.QuantizedLinear` (``W_hat = s * W_int + b``, bit-identical to
+        the training ``W_q`` on its exact dequantise path)."""
+        w_int, scale, offset = self.merge()
+        bias = None if self.bias is None else self.bias.detach().clone()
+        q = QuantizedLinear.from_int(w_int, scale, None, group_size=self.group_size, bias=bias, bits=self.bits,
+                                     offset=offset)
+        return q.train(self.training)
 
     def extra_repr(self) -> str:
         gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"

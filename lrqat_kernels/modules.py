@@ -17,6 +17,9 @@ device: the deployed integers are bit-identical to the ones training used.
 
 The activation-quantising layers ``ActQuantRMSNorm`` / ``ActQuantMLP`` live in ``act_modules.py``
 (re-exported here).
+
+Size: about 510 lines: the training layer and the deployment layer it fuses into, with the argument
+checks they share; apart, each would import the other's rules.
 """
 
 from __future__ import annotations
@@ -290,7 +293,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
     bit-identical to it on CPU). Either way ``W_int`` is bit-identical to the training forward's.
     """
 
-    _keep_dtypes = ("scale",)
+    _keep_dtypes = ("scale", "offset")
 
     #: Use ``lrqat_kernels.int4_linear`` (the deployment GEMM) when available. Its fp32 sums run
     #: in a different order than ``F.linear``, so outputs match the LR-QAT forward to rounding;
@@ -311,6 +314,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         input_bits: int | None = None,
         output_bits: int | None = None,
         act_symmetric: bool = False,
+        offset: bool = False,
     ):
         super().__init__()
         g = _check_layer_args(in_features, out_features, bits, None, group_size, None, "")
@@ -329,6 +333,10 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
             self.register_buffer("zero_point", None)
         else:
             self.register_buffer("zero_point", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device))
+        if offset:
+            self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("offset", None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -349,6 +357,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         group_size: int | None = None,
         bias: torch.Tensor | None = None,
         bits: int = 4,
+        offset: torch.Tensor | None = None,
     ) -> "QuantizedLinear":
         """Build from integer weights.
 
@@ -360,6 +369,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
             group_size: None for per-channel, else a divisor of ``in``.
             bias: None or float ``[out]``; its dtype is kept.
             bits: 2..8.
+            offset: None or float ``[out, G]``, a float offset per group (L4Q): ``W_hat = s * (W_int - z) + offset``.
 
         Returns:
             A ``QuantizedLinear`` on ``w_int``'s device.
@@ -397,10 +407,19 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
                 raise TypeError(f"bias must be None or a floating-point torch.Tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
             if tuple(bias.shape) != (out_f,):
                 raise ValueError(f"bias must be [out] = [{out_f}], got {tuple(bias.shape)}")
+        if offset is not None:
+            if not isinstance(offset, torch.Tensor) or not offset.is_floating_point():
+                raise TypeError(f"offset must be None or a floating-point torch.Tensor, got {getattr(offset, 'dtype', type(offset).__name__)}")
+            if tuple(offset.shape) != (out_f, n_groups):
+                raise ValueError(f"offset must have scale's shape {(out_f, n_groups)}, got {tuple(offset.shape)}")
+            if not torch.isfinite(offset).all():
+                raise ValueError("offset holds non-finite values")
         mod = cls(
             in_f, out_f, bits=bits, group_size=group_size, symmetric=zero_point is None, bias=bias is not None,
-            dtype=None if bias is None else bias.dtype, device=w_int.device,
+            dtype=None if bias is None else bias.dtype, device=w_int.device, offset=offset is not None,
         )
+        if offset is not None:
+            mod.offset.copy_(offset.to(torch.float32))
         w8 = w_int.to(torch.int8)
         mod.qweight.copy_(pack_nibbles(w8) if mod.packed else w8)
         mod.scale.copy_(scale.to(torch.float32))
@@ -435,12 +454,15 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W_hat = s * (W_int - z)`` ``[out, in]``, computed in fp32, cast to ``dtype`` last."""
+        """``W_hat = s * (W_int - z) (+ offset)`` ``[out, in]``, computed in fp32, cast to ``dtype`` last."""
         g = self.in_features // self.scale.shape[1]
         w = self.w_int.to(torch.float32)
         if self.zero_point is not None:
             w = w - expand_groups(self.zero_point.to(torch.float32), g)
-        return (expand_groups(self.scale.to(torch.float32), g) * w).to(dtype)
+        w = expand_groups(self.scale.to(torch.float32), g) * w
+        if self.offset is not None:
+            w = w + expand_groups(self.offset, g)
+        return w.to(dtype)
 
     def _kernel(self, x: torch.Tensor):
         """``lrqat_kernels.int4_linear`` when it exists and takes this layer, else None."""
@@ -463,6 +485,11 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         if kernel is not None:
             y = kernel(x, self.qweight, self.scale, zero_point=self.zero_point, group_size=self.group_size,
                        bias=self.bias, bits=self.bits)
+            if self.offset is not None:
+                # x @ expand(offset)^T = (x summed per group) @ offset^T: [..., G] @ [G, out], fp32
+                n_groups = self.offset.shape[1]
+                xg = x.to(torch.float32).reshape(*x.shape[:-1], n_groups, self.in_features // n_groups).sum(-1)
+                y = (y.to(torch.float32) + F.linear(xg, self.offset)).to(y.dtype)
         else:
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"x must be [..., in] = [..., {self.in_features}], got {tuple(x.shape)}")
@@ -485,5 +512,6 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         store = "packed nibbles (uint8)" if self.packed else "int8"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {gran}, "
-            f"symmetric={self.symmetric}, bias={self.bias is not None}, storage={store}{_act_repr(self)}"
+            f"symmetric={self.symmetric}, bias={self.bias is not None}, storage={store}"
+            f"{', float offset' if self.offset is not None else ''}{_act_repr(self)}"
         )

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .api import lrqat_layers
+from .api import QUANTIZER_PARAMS, lrqat_layers
 
 __all__ = ["build_optimizer", "MasterWeights", "MasterAdamW", "linear_warmup_decay"]
 
@@ -171,14 +171,17 @@ def build_optimizer(model: nn.Module, lr: float, lr_scale: float, *, betas=(0.9,
     """
     config = getattr(model, "lrqat_config", None)
     learn = lr_scale > 0 and (config is None or bool(getattr(config, "learn_scale", True)))
+    quantizer_leaves = {n for names in QUANTIZER_PARAMS.values() for n in names}
     for _, layer in lrqat_layers(model):
-        layer.scale.requires_grad_(learn and (config is not None or layer.scale.requires_grad))
+        for qname in QUANTIZER_PARAMS[type(layer)]:
+            t = getattr(layer, qname)
+            t.requires_grad_(learn and (config is not None or t.requires_grad))
     lora, scales, other = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        (lora if leaf in ("lora_A", "lora_B") else scales if leaf == "scale" else other).append(p)
+        (lora if leaf in ("lora_A", "lora_B") else scales if leaf in quantizer_leaves else other).append(p)
     if other:
         raise ValueError(f"unexpected trainable parameters outside lora_A/lora_B/scale: {len(other)} tensors")
     if lr_scale == 0:  # scales outside LRQATLinear layers (none in practice) freeze too

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .formats import check_bits
+from .modules import _KeepDtypes, factor_dtype
 
 __all__ = ["PEQATLinear", "PEQATLinearFunction", "check_peqat_args", "peqat_linear", "peqat_merge", "smoothquant_init"]
 
@@ -206,7 +207,7 @@ def smoothquant_init(act_absmax: torch.Tensor, w0: torch.Tensor, migration: floa
     return s.clamp(lo, hi)
 
 
-class PEQATLinear(nn.Module):
+class PEQATLinear(_KeepDtypes, nn.Module):
     """An ``nn.Linear`` under PE-QAT: frozen ``W0``; trainable ``lora_A``, ``lora_B``, ``log_smooth``, ``clip``.
 
     Tensors:
@@ -214,7 +215,11 @@ class PEQATLinear(nn.Module):
         log_smooth: parameter fp32 ``[in]``; layers reading one tensor (q/k/v, gate/up) may share it.
         clip: parameter fp32 ``[1]``, the static activation threshold ``c > 0`` (shareable likewise).
         bias: frozen ``[out]`` or None.
+    log_smooth and clip stay fp32 under ``module.to(torch.bfloat16)``; the factors are fp32 under fp16.
     """
+
+    _keep_dtypes = ("log_smooth", "clip")
+    _factors = ("lora_A", "lora_B")
 
     def __init__(self, in_features: int, out_features: int, *, bits: int = 4, act_bits: int = 4, rank: int = 32,
                  alpha: float = 1.0, clip_grad_scale: float = 1.0, bias: bool = True, dtype=None, device=None):
@@ -222,7 +227,7 @@ class PEQATLinear(nn.Module):
         check_bits(bits)
         check_bits(act_bits)
         dtype = dtype or torch.get_default_dtype()
-        fdt = torch.float32 if dtype == torch.float16 else dtype
+        fdt = factor_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.act_bits, self.rank, self.alpha = bits, act_bits, rank, float(alpha)
         self.clip_grad_scale = clip_grad_scale
@@ -262,7 +267,22 @@ class PEQATLinear(nn.Module):
             mod.bias.copy_(linear.bias.detach())
         return mod
 
+    @classmethod
+    def from_config(cls, linear: nn.Linear, config, *, act_absmax: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None, name: str = "") -> "PEQATLinear":
+        """:meth:`from_linear` with an ``LRQATConfig(method="peqat")`` (what ``prepare`` calls)."""
+        where = f"layer {name!r}: " if name else ""
+        try:
+            mod = cls.from_linear(linear, act_absmax=act_absmax, bits=config.bits, act_bits=config.act_bits,
+                                  rank=config.rank, alpha=config.alpha, migration=config.migration,
+                                  clip_grad_scale=config.clip_grad_scale, generator=generator)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}{e}") from None
+        dtype = config.torch_compute_dtype
+        return mod if dtype is None else mod.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., in]`` -> ``[..., out]`` in x's dtype."""
         return peqat_linear(x, self.w0, self.lora_A, self.lora_B, self.log_smooth, self.clip, self.bias,
                             bits=self.bits, act_bits=self.act_bits, alpha=self.alpha, clip_grad_scale=self.clip_grad_scale)
 

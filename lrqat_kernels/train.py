@@ -34,6 +34,9 @@ from ._io import atomic_write_json, json_safe
 from .api import convert, lrqat_layers, prepare
 from .checkpoint import META_FILE, STATE_FILE, load_pretrained, load_trainer_state, save_pretrained, save_trainer_state
 from .data import WindowSampler, check_byte_fallback, evaluate_perplexity, load_tokenizer, read_text, tokenize
+from .distributed import (check_same_model, clip_grad_norm_, gather_model, is_comm_error, load_checkpoint, meta_skeleton,
+                          prune_checkpoints, save_checkpoint, wrap)
+from .distributed import setup as setup_distributed
 
 # Re-exported: the optimizer's names lived here (demo.py and tests import them from train).
 from .optim import MasterAdamW, MasterWeights, _check_optim_args, build_optimizer, linear_warmup_decay  # noqa: F401
@@ -58,7 +61,7 @@ def phi_fingerprint(model: nn.Module) -> list:
     """Cheap checksum of every frozen ``Phi0`` (sum and sum of squares as float64)."""
     out = []
     for name, layer in lrqat_layers(model):
-        p = layer.phi.detach().to(torch.float64)
+        p = (layer.phi if hasattr(layer, "phi") else layer.w0).detach().to(torch.float64)  # L4Q / PE-QAT: W0
         out.append([name, float(p.sum()), float((p * p).sum())])
     return out
 
@@ -225,6 +228,7 @@ def fit(
     step_hook=None,
     master_weights: bool = True,
     loss_fn=None,
+    dist_ctx=None,
 ) -> dict:
     """Train the prepared ``model`` (a HF causal LM) on ``sampler``'s windows.
 
@@ -243,6 +247,11 @@ def fit(
         master_weights: step bf16 trainable tensors through fp32 copies (:class:`MasterWeights`).
         loss_fn: ``(model, input_ids [batch, seq]) -> scalar loss``; default the next-token
             cross-entropy; :class:`DistillationLoss` for knowledge distillation.
+        dist_ctx: a :class:`~lrqat_kernels.distributed.DistContext` (``model`` already passed to
+            :func:`~lrqat_kernels.distributed.wrap`): each rank takes its slice of every micro-batch,
+            the logged loss is the ranks' mean, checkpoints are DCP directories named by
+            ``trainer_state.pt`` (any number of ranks, one process included, resumes them), the
+            progress bar is rank 0's, and SIGINT / SIGTERM act as usual (resume from ``save_every``).
 
     With fp16 loss scaling, a step whose gradients overflowed is skipped by the GradScaler (the
     scale shrinks): as HF's Trainer, it does not advance the learning-rate schedule, and its
@@ -275,6 +284,7 @@ def fit(
     state_path = None if ckpt_dir is None else os.path.join(ckpt_dir, STATE_FILE)
     fingerprint = phi_fingerprint(model)
 
+    fwd = model if dist_ctx is None else dist_ctx.forward_model  # what computes the loss (DDP: its wrapper)
     if resume and state_path is not None and os.path.isfile(state_path):
         state = load_trainer_state(state_path)  # ValueError naming the file when damaged
         if run_info is not None and state.get("run_info") is not None:
@@ -287,10 +297,18 @@ def fit(
         names = [n for n, _ in trainable]
         if sorted(saved) != sorted(names):
             raise ValueError("cannot resume: the checkpoint's trainable tensors do not match the model's")
-        with torch.no_grad():
-            for n, p in trainable:
-                p.copy_(saved[n])
-        opt.load_state_dict(state["optimizer"])  # MasterAdamW: its fp32 copies too
+        if state.get("format") == "dcp":  # written by N ranks: DCP reshards it onto this run's ranks
+            load_checkpoint(ckpt_dir, state["dcp_dir"], trainable, opt, dist_ctx)
+            for group, saved_group in zip(opt.param_groups, state["param_groups"]):
+                group.update(saved_group)
+        elif dist_ctx is not None:
+            raise ValueError(f"cannot resume {state_path} on {dist_ctx.world_size} ranks: a single-process checkpoint "
+                             "resumes in one process (a checkpoint written by several ranks resumes on any number)")
+        else:
+            with torch.no_grad():
+                for n, p in trainable:
+                    p.copy_(saved[n])
+            opt.load_state_dict(state["optimizer"])  # MasterAdamW: its fp32 copies too
         sched.load_state_dict(state["scheduler"])
         if state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
@@ -305,12 +323,20 @@ def fit(
         if state_path is None:
             return
         rng_cpu, rng_cuda = rng if rng is not None else _rng_states()
+        if dist_ctx is not None:  # tensors: DCP, each rank its shards; the rest: rank 0's trainer_state.pt
+            tensors = {"format": "dcp", "dcp_dir": save_checkpoint(ckpt_dir, step_done, trainable, opt, dist_ctx),
+                       "trainable": [n for n, _ in trainable], "world_size": dist_ctx.world_size,
+                       "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
+        else:
+            tensors = {"trainable": {n: p.detach().cpu().clone() for n, p in trainable}, "optimizer": opt.state_dict()}
+        if dist_ctx is not None and not dist_ctx.main:
+            dist_ctx.barrier("after saving a checkpoint")
+            return
         save_trainer_state(
             {
                 "step": step_done,
                 "samples": step_done * grad_accum * batch_size,
-                "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
-                "optimizer": opt.state_dict(),
+                **tensors,
                 "scheduler": sched.state_dict(),
                 "grad_scaler": scaler.state_dict(),
                 "rng_cpu": rng_cpu,
@@ -323,14 +349,19 @@ def fit(
             },
             state_path,
         )
+        if dist_ctx is not None:  # trainer_state.pt names the new DCP directory: the older ones can go
+            prune_checkpoints(ckpt_dir, tensors["dcp_dir"])
+            dist_ctx.barrier("after saving a checkpoint")
 
     model.train()
     tokens_per_step = batch_size * grad_accum * sampler.seq_len
-    bar = progress_bar(total=steps, initial=start, desc=desc, dynamic_ncols=True) if progress else None
+    main = dist_ctx is None or dist_ctx.main
+    bar = progress_bar(total=steps, initial=start, desc=desc, dynamic_ncols=True) if progress and main else None
     t_start = time.perf_counter()
     steps_run = 0
     done, rng_done = start, _rng_states()  # steps finished (of the whole run) and the RNG state after them
-    interrupts = _Interrupts() if state_path is not None else None  # SIGINT / SIGTERM: save, then stop
+    # SIGINT / SIGTERM: save, then stop (one process; ranks could not agree on the step to save)
+    interrupts = _Interrupts() if state_path is not None and dist_ctx is None else None
     try:
         if interrupts is not None:
             interrupts.install()
@@ -341,16 +372,27 @@ def fit(
                 t0 = time.perf_counter()
                 loss_sum = 0.0
                 for micro in range(grad_accum):
-                    x = sampler.batch((step * grad_accum + micro) * batch_size, batch_size).to(device)
-                    loss = (loss_fn or _lm_loss)(model, x)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower the learning rates")
+                    first = (step * grad_accum + micro) * batch_size
+                    if dist_ctx is None:
+                        x = sampler.batch(first, batch_size).to(device)
+                    else:  # this rank's slice of the global micro-batch
+                        x = sampler.batch(first, batch_size, dist_ctx.rank, dist_ctx.world_size).to(device)
+                    loss = (loss_fn or _lm_loss)(fwd, x)
+                    value = float(loss.detach()) if dist_ctx is None else dist_ctx.mean(float(loss.detach()))
+                    if not math.isfinite(value):  # the ranks' mean: every rank stops at the same step
+                        raise FloatingPointError(f"loss is {value} at step {step}; lower the learning rates")
                     scaler.scale(loss / grad_accum).backward()
+                    if dist_ctx is not None:
+                        dist_ctx.reduce_replicated()  # tensors FSDP2 does not shard (fp32 scales beside bf16 factors)
                     if masters is not None:
                         masters.pull_grads()  # accumulate the micro-batches in fp32, not in the bf16 .grad
-                    loss_sum += float(loss.detach())
+                    loss_sum += value
                 scaler.unscale_(opt)  # (a no-op without fp16) clipping sees the true gradients (masters: their fp32 ones)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, max_grad_norm)) if max_grad_norm > 0 else None
+                grad_norm = None
+                if max_grad_norm > 0 and dist_ctx is not None and dist_ctx.mode == "fsdp":
+                    grad_norm = float(clip_grad_norm_(opt_params, max_grad_norm, dist_ctx))  # over the ranks' shards
+                elif max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt_params, max_grad_norm))
                 if interrupts is not None:
                     interrupts.hold()  # the step is applied whole (a signal now waits for the next release)
                 lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
@@ -390,6 +432,10 @@ def fit(
                     break
         except _Stop:
             pass
+        except Exception as e:
+            if dist_ctx is None or not is_comm_error(e):
+                raise
+            raise dist_ctx.lost(e, f"in step {done + 1}") from None
         if interrupts is not None and interrupts.signum is not None:  # save the last finished step, stop
             interrupts.hold()
             save_state(done, rng_done)
@@ -472,11 +518,24 @@ def run_train(args) -> dict:
     Args:
         args: a :class:`lrqat_kernels.cli.TrainArgs`.
 
+    Under torchrun (``WORLD_SIZE`` set; ``args.distributed``): every rank loads and prepares the
+    model, trains its slice of each batch (:mod:`lrqat_kernels.distributed`); rank 0 saves the
+    gathered model and writes ``results.json``.
+
     Writes ``<out>/results.json`` and returns its content.
     """
     args.validate()
+    ctx = setup_distributed(args.distributed, args.dist_backend, args.device, args.batch_size, args.dist_timeout)
+    try:
+        return _run_train(args, ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _run_train(args, ctx) -> dict:
     torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if ctx is None else str(ctx.device)
     args.lrqat_config()  # validates the quantization arguments before any loading
     model = load_causal_lm(args.model, device=device)  # range estimation then runs on the device
     eval_len = args.eval_seq_len or args.seq_len
@@ -497,6 +556,11 @@ def run_train(args) -> dict:
         prepare(model, config)
     if args.grad_checkpointing:
         enable_layer_checkpointing(model)
+    skeleton = None
+    if ctx is not None:
+        check_same_model(ctx, phi_fingerprint(model))
+        skeleton = meta_skeleton(model) if ctx.mode == "fsdp" and ctx.main else None  # rank 0's gathered model
+        wrap(model, ctx)
     ids = tokenize(read_text(args.data), tokenizer, vocab)
     sampler = WindowSampler(ids, args.seq_len, seed=args.seed)
     eval_ids = None
@@ -510,6 +574,7 @@ def run_train(args) -> dict:
         lr_scale=args.lr_scale, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, betas=args.betas,
         weight_decay=args.weight_decay, ckpt_dir=os.path.join(args.out, "checkpoint"), save_every=args.save_every,
         resume=args.resume, stop_after=args.stop_after, progress=args.progress, device=device, run_info=run_info,
+        dist_ctx=ctx,
     )
     out = {
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()},
@@ -520,7 +585,9 @@ def run_train(args) -> dict:
         "final_loss": result["history"][-1]["loss"] if result["history"] else None,
         "history": result["history"],
     }
-    if result["finished"]:
+    final = model if ctx is None or not result["finished"] else gather_model(model, ctx, skeleton)  # None: not rank 0
+    if final is not None and result["finished"]:
+        model = final
         model.eval()
         out["lrqat_dir"] = save_pretrained(model, os.path.join(args.out, "lrqat"), tokenizer=tokenizer)
         if eval_ids is not None:
@@ -533,7 +600,8 @@ def run_train(args) -> dict:
             if eval_ids is not None:
                 out["eval_quantized"] = evaluate_perplexity(model, eval_ids, eval_len, batch_size=args.batch_size)
     out = json_safe(out)  # null, not NaN / Infinity, for missing or non-finite values
-    atomic_write_json(os.path.join(args.out, "results.json"), out)
+    if ctx is None or ctx.main:
+        atomic_write_json(os.path.join(args.out, "results.json"), out)
     return out
 
 

@@ -117,7 +117,8 @@ def _register_attention(inner: str) -> str:
 def install_activation_quantizers(model: nn.Module, config) -> None:
     """Install (or, with ``config.act_bits is None``, leave off) the weight-activation quantisers.
 
-    Called by ``prepare`` after the module swap and by ``load_pretrained``; idempotent.
+    LR-QAT only: ``method="peqat"`` quantises its activations inside ``PEQATLinear`` (static,
+    smoothed), so nothing is installed for it (``tests/test_methods_model.py``). Called by ``prepare`` after the module swap and by ``load_pretrained``; idempotent.
 
     Raises:
         ValueError: ``kv_bits`` on a model without ``q/k/v/o_proj`` attention modules; an
@@ -125,7 +126,7 @@ def install_activation_quantizers(model: nn.Module, config) -> None:
             k/v projection that was not swapped (excluded), since its output is the KV cache.
             The model's attention implementation must be one of :data:`WRAPPABLE_ATTN`.
     """
-    if config is None or config.act_bits is None:
+    if config is None or config.act_bits is None or getattr(config, "method", "lrqat") != "lrqat":
         return
     attn = [(n, m) for n, m in model.named_modules() if _is_attention(m)]
     hf_config = getattr(model, "config", None)

@@ -35,8 +35,10 @@ LAYERS = [
     ("checks", ["_checks"]),
     ("reference/ops", ["reference", "ops"]),
     ("init", ["init"]),
-    ("functions", ["functions", "config", "l4q", "_oracle_l4q", "peqat", "_oracle_peqat", "sasq", "_oracle_sasq", "pquant", "_oracle_pquant"]),
-    ("modules", ["act_modules", "modules", "wa_quant"]),
+    ("functions", ["functions", "config"]),
+    # the sibling methods: functions, autograd and layers of one method in one module (docs/METHODS.md)
+    ("modules", ["act_modules", "modules", "wa_quant", "l4q", "_oracle_l4q", "peqat", "_oracle_peqat", "sasq",
+                 "_oracle_sasq", "pquant", "_oracle_pquant"]),
     ("api", ["api", "checkpoint", "export"]),
     ("train", ["train", "optim", "data"]),
     ("cli", ["cli", "__main__", "demo", "demo_smollm2"]),

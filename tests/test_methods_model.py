@@ -1,0 +1,135 @@
+"""L4Q and PE-QAT through the model-level workflow: prepare, fit, save/load, convert (issue 19)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrqat_kernels import LRQATConfig, convert, load_pretrained, prepare, save_pretrained
+from lrqat_kernels.data import WindowSampler
+from lrqat_kernels.l4q import L4QLinear
+from lrqat_kernels.modules import QuantizedLinear
+from lrqat_kernels.ops._launch import use_kernels
+from lrqat_kernels.peqat import PEQATLinear
+from lrqat_kernels.train import fit
+
+
+@pytest.fixture(autouse=True)
+def _eager_cpu_path():
+    """Model-level tests run the eager CPU path (conftest turns the Triton interpreter on)."""
+    with use_kernels(False):
+        yield
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def ids(n=2, t=16, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _train(model, steps=3):
+    sampler = WindowSampler(ids(8, 16, seed=5).flatten(), 16, seed=0)
+    return fit(model, sampler, steps=steps, batch_size=2, lr=5e-2, lr_scale=1e-2, progress=False)
+
+
+def _trainable(model):
+    return sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad})
+
+
+def test_l4q_prepare_train_save_load_convert(tmp_path):
+    model = prepare(tiny_llama(), LRQATConfig(method="l4q", group_size=32, rank=4))
+    layers = [m for m in model.modules() if isinstance(m, L4QLinear)]
+    assert len(layers) == 14 and all(m.group_size == 32 for m in layers)
+    assert _trainable(model) == ["lora_A", "lora_B", "offset", "scale"]
+    before = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".w0")}
+    hist = _train(model)
+    losses = [h["loss"] for h in hist["history"]]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in before.items()), "W0 must stay frozen"
+    assert any(m.offset.abs().sum() > 0 for m in layers), "the offset trains"
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    save_pretrained(model, str(tmp_path / "l4q"))
+    back = load_pretrained(str(tmp_path / "l4q"))
+    assert back.lrqat_config.method == "l4q"
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, ref)
+    convert(model)
+    q = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(q) == 14 and all(m.offset is not None for m in q)
+    for m in q:
+        m.use_int4_kernel = False  # the exact dequantise path: s * W_int + b is the training W_q
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+        for m in q:
+            m.use_int4_kernel = True
+        kernel = model(x).logits
+    torch.testing.assert_close(kernel, ref, rtol=1e-4, atol=1e-4)  # fp32 sums in another order
+    save_pretrained(model, str(tmp_path / "int4"))
+    back = load_pretrained(str(tmp_path / "int4"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, kernel, rtol=0, atol=0)
+
+
+def test_peqat_prepare_needs_calibration_and_trains(tmp_path):
+    cfg = LRQATConfig(method="peqat", act_bits=4, rank=4)
+    with pytest.raises(ValueError, match="calibration data is needed by method='peqat'"):
+        prepare(tiny_llama(), cfg)
+    model = prepare(tiny_llama(), cfg, calibration=ids(4, 16, seed=9))
+    layers = [m for m in model.modules() if isinstance(m, PEQATLinear)]
+    assert len(layers) == 14
+    assert _trainable(model) == ["clip", "log_smooth", "lora_A", "lora_B"]
+    assert all(float(m.clip) > 0 for m in layers) and any(m.log_smooth.abs().sum() > 0 for m in layers)
+    hist = _train(model)
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in hist["history"]])))
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    save_pretrained(model, str(tmp_path / "peqat"))
+    back = load_pretrained(str(tmp_path / "peqat"))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, ref)
+    with pytest.raises(ValueError, match="method='peqat' layers is not implemented yet"):
+        convert(model)
+
+
+def test_bf16_keeps_quantiser_tensors_fp32():
+    model = prepare(tiny_llama(), LRQATConfig(method="l4q", group_size=32, rank=4, compute_dtype="bfloat16"))
+    m = next(m for m in model.modules() if isinstance(m, L4QLinear))
+    assert m.w0.dtype == torch.bfloat16 and m.lora_A.dtype == torch.bfloat16
+    assert m.scale.dtype == torch.float32 and m.offset.dtype == torch.float32
+    model = prepare(tiny_llama(), LRQATConfig(method="peqat", act_bits=4, rank=4, compute_dtype="bfloat16"),
+                    calibration=ids())
+    m = next(m for m in model.modules() if isinstance(m, PEQATLinear))
+    assert m.w0.dtype == torch.bfloat16 and m.log_smooth.dtype == torch.float32 and m.clip.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="l4q", phi_format="packed_int"), "phi_format applies to method='lrqat' only"),
+    (dict(method="peqat"), "set act_bits"),
+    (dict(method="peqat", act_bits=4, group_size=32), "per output channel"),
+    (dict(method="l4q", symmetric=False), "symmetric=False does not apply"),
+    (dict(method="l4q", act_bits=8), "weight-only"),
+    (dict(method="lrqat", grad_scale=0.1), "grad_scale applies to method='l4q' only"),
+    (dict(method="l4q", grad_scale=0.0), "grad_scale must be None"),
+    (dict(method="peqat", act_bits=4, migration=1.5), "migration must be in"),
+    (dict(method="sasq"), "method must be one of"),
+])
+def test_method_contradictions_are_one_line_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LRQATConfig(**kwargs)
+
+
+def test_config_round_trip_keeps_the_method():
+    cfg = LRQATConfig(method="l4q", group_size=64, grad_scale=0.5, scale_init="lsq")
+    back = LRQATConfig.from_json(cfg.to_json())
+    assert back == cfg and back.phi_format is None
+    assert LRQATConfig().phi_format == "fixed_point" and LRQATConfig().method == "lrqat"
