@@ -133,3 +133,13 @@ def test_config_round_trip_keeps_the_method():
     back = LRQATConfig.from_json(cfg.to_json())
     assert back == cfg and back.phi_format is None
     assert LRQATConfig().phi_format == "fixed_point" and LRQATConfig().method == "lrqat"
+
+
+def test_l4q_export_is_refused_naming_the_layer(tmp_path):
+    from lrqat_kernels.export import export
+    from lrqat_kernels.export._common import ExportError
+
+    model = convert(prepare(tiny_llama(), LRQATConfig(method="l4q", group_size=32, rank=4)))
+    with pytest.raises(ExportError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' has a float offset"):
+        export(model, str(tmp_path / "ct"), format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()

@@ -137,6 +137,9 @@ def collect_layers(model: nn.Module) -> list[QuantLayer]:
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
+            if getattr(m, "offset", None) is not None:
+                raise ExportError(f"layer {name!r} has a float offset per group (method='l4q': W_hat = s * W_int + b); "
+                                  "no export format holds it exactly yet")
             layer = QuantLayer(
                 name=name,
                 w_int=m.w_int.detach().cpu(),
