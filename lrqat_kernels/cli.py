@@ -15,7 +15,7 @@ written by ``lrqat`` (``lrqat_config.json`` present). Text is tokenised with the
 directory's tokenizer when it has one, else byte-level (ids = UTF-8 bytes; vocab >= 256; a model
 with vocab_size > 256 and no tokenizer files is refused unless --byte-tokens).
 
-Size: about 520 lines: the parser of five sub-commands (about 130 lines of flags) and
+Size: about 545 lines: the parser of five sub-commands (about 140 lines of flags) and
 :class:`TrainArgs`, the meaning of the train flags, kept beside the flags it maps.
 """
 
@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--byte-tokens", action="store_true",
                    help="allow the byte-level fallback (no tokenizer files in --model) for a model with vocab_size > 256")
+    g = t.add_argument_group("several processes (torchrun --nproc_per_node N -m lrqat_kernels train ...)")
+    g.add_argument("--distributed", default="auto", choices=["auto", "fsdp", "ddp"],
+                   help="data parallelism under torchrun: auto = ddp when WORLD_SIZE > 1, one process otherwise; "
+                        "fsdp = FSDP2 fully_shard per decoder layer (Phi0 buffers stay replicated)")
+    g.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="process-group backend: auto = nccl on CUDA, gloo on CPU")
+    g.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a collective waits for the other ranks before the run stops with an error")
 
     e = sub.add_parser("eval", help="perplexity on non-overlapping windows of held-out text")
     e.add_argument("--model", required=True)
@@ -242,6 +250,9 @@ class TrainArgs:
     kv_bits: int | None = None
     fuse_act_quant: bool | None = None
     byte_tokens: bool = False  # allow the byte-level fallback for a model with vocab_size > 256
+    distributed: str = "auto"  # under torchrun: "auto" (ddp when WORLD_SIZE > 1), "fsdp", "ddp"
+    dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "gloo", "nccl"
+    dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks
 
     def lrqat_config(self) -> "LRQATConfig":
         """The :class:`LRQATConfig` of these arguments (fields left at None get the documented defaults)."""
@@ -364,8 +375,18 @@ def _cmd_train(a) -> int:
         convert=a.convert, stop_after=a.stop_after, device=a.device, progress=not a.no_progress,
         exclude=list(a.exclude), target_modules=a.target_modules, act_bits=a.act_bits, kv_bits=a.kv_bits,
         fuse_act_quant=False if a.no_fuse_act_quant else None, byte_tokens=a.byte_tokens,
+        distributed=a.distributed, dist_backend=a.dist_backend, dist_timeout=a.dist_timeout,
     )
-    res = run_train(args)
+    from .distributed import DistributedError, launch_env
+
+    try:
+        res = run_train(args)
+    except DistributedError as e:  # a dead or stalled rank: one line, exit status 1, never a hang
+        print(f"lrqat train: error: {e}", file=sys.stderr)
+        return 1
+    env = launch_env()
+    if env is not None and env[0] != 0:  # rank 0 prints the summary
+        return 0
     summary = {k: res.get(k) for k in ("steps_done", "finished", "skipped_steps", "final_loss", "tokens", "tokens_per_s",
                                        "train_seconds", "peak_memory_gb", "resumed_from", "lrqat_dir", "quantized_dir")}
     for k in ("eval_lrqat", "eval_quantized"):

@@ -141,10 +141,21 @@ class WindowSampler:
             self._perm, self._perm_epoch = torch.randperm(self.n_windows, generator=g), epoch
         return self._perm
 
-    def batch(self, start: int, batch_size: int) -> torch.Tensor:
-        """Samples ``start .. start + batch_size - 1`` as int64 ``[batch_size, seq_len]``."""
+    def batch(self, start: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Samples ``start .. start + batch_size - 1`` as int64 ``[batch_size, seq_len]``; with
+        ``world_size`` ranks, rank ``rank``'s slice of them: ``[batch_size / world_size, seq_len]``,
+        samples ``start + rank * b .. start + (rank + 1) * b - 1`` with ``b = batch_size / world_size``
+        (the ranks' slices together are the 1-rank batch: tests/test_distributed.py)."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}")
+        local = batch_size // world_size
+        start += rank * local
         rows = []
-        for k in range(start, start + batch_size):
+        for k in range(start, start + local):
             epoch, i = divmod(k, self.n_windows)
             rows.append(int(self._perm_for(epoch)[i]))
         return self.windows[rows]

@@ -11,9 +11,11 @@ trainable tensors, the optimizer and scheduler states, the RNG states, the data 
 consumed) and the loss history; the frozen ``Phi0`` is rebuilt deterministically by ``prepare`` and
 checked against a fingerprint. Resuming reproduces the uninterrupted run's loss curve exactly on CPU.
 
-Size: about 550 lines. ``fit`` is one loop of about 250 lines whose order of operations is the
-exact-resume and signal contract (what the saved state holds at each point); the signal handling,
-progress bar and model helpers beside it are the ones ``fit`` and ``run_train`` share.
+Size: about 620 lines. ``fit`` is one loop of about 280 lines whose order of operations is the
+exact-resume and signal contract (what the saved state holds at each point), for one process and
+for the ranks of :mod:`lrqat_kernels.distributed` alike (one loop: a second would drift from it);
+the signal handling, progress bar and model helpers beside it are the ones ``fit`` and
+``run_train`` share.
 """
 
 from __future__ import annotations

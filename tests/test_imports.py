@@ -40,7 +40,7 @@ LAYERS = [
     ("modules", ["act_modules", "modules", "wa_quant", "l4q", "_oracle_l4q", "peqat", "_oracle_peqat", "sasq",
                  "_oracle_sasq", "pquant", "_oracle_pquant"]),
     ("api", ["api", "checkpoint", "export"]),
-    ("train", ["train", "optim", "data"]),
+    ("train", ["train", "optim", "data", "distributed"]),
     ("cli", ["cli", "__main__", "demo", "demo_smollm2"]),
 ]
 RANK = {f"{PKG}.{name}": rank for rank, (_, names) in enumerate(LAYERS) for name in names}
