@@ -305,13 +305,9 @@ def convert(model: nn.Module, *, scale_dtype: str | None = None) -> nn.Module:
         raise ValueError("convert() needs a model prepared with lrqat_kernels.prepare(); it has no LRQATLinear layers")
     from .export._common import UNIT_ROUNDOFF, scale_rounding
 
-    kinds = {type(layer).__name__ for _, layer in layers}
-    if "PEQATLinear" in kinds:
-        raise ValueError("convert() of method='peqat' layers is not implemented yet (folding the smoothing into the "
-                         "preceding norm / projection; docs/METHODS.md); keep the trained checkpoint")
     converted = []
     for name, layer in layers:
-        q = layer.to_quantized() if isinstance(layer, L4QLinear) else QuantizedLinear.from_lrqat(layer)
+        q = QuantizedLinear.from_lrqat(layer) if isinstance(layer, LRQATLinear) else layer.to_quantized()
         if scale_dtype is not None:
             grid = _SCALE_GRIDS[scale_dtype]
             rounding = scale_rounding(q.scale, grid)

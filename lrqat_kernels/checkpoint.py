@@ -109,6 +109,9 @@ def _module_spec(m: nn.Module) -> dict:
     }
     if m.offset is not None:
         spec["offset"] = True
+    if m.input_step is not None:
+        spec["input_qrange"] = list(m.input_qrange)
+        spec["input_smooth"] = m.input_smooth is not None
     return spec
 
 
@@ -130,10 +133,15 @@ def _build_module(spec: dict, name: str) -> nn.Module:
             bias=spec["bias"], learn_scale=spec.get("learn_scale", True), dtype=dtype, **act,
         )
     if spec["type"] == "QuantizedLinear":
-        return QuantizedLinear(
+        mod = QuantizedLinear(
             spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
             symmetric=spec["symmetric"], bias=spec["bias"], dtype=dtype, offset=spec.get("offset", False), **act,
         )
+        if "input_qrange" in spec:  # static input quantiser: step (and smoothing) loaded from the weights
+            lo, hi = spec["input_qrange"]
+            mod.set_static_input_quant(torch.ones(1), (int(lo), int(hi)),
+                                       torch.ones(mod.in_features) if spec.get("input_smooth") else None)
+        return mod
     if spec["type"] == "L4QLinear":
         mod = L4QLinear(
             spec["in_features"], spec["out_features"], bits=spec["bits"], rank=spec["rank"], alpha=spec["alpha"],

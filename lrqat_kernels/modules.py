@@ -18,7 +18,7 @@ device: the deployed integers are bit-identical to the ones training used.
 The activation-quantising layers ``ActQuantRMSNorm`` / ``ActQuantMLP`` live in ``act_modules.py``
 (re-exported here).
 
-Size: about 510 lines: the training layer and the deployment layer it fuses into, with the argument
+Size: about 550 lines: the training layer and the deployment layer it fuses into, with the argument
 checks they share; apart, each would import the other's rules.
 """
 
@@ -293,7 +293,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
     bit-identical to it on CPU). Either way ``W_int`` is bit-identical to the training forward's.
     """
 
-    _keep_dtypes = ("scale", "offset")
+    _keep_dtypes = ("scale", "offset", "input_smooth", "input_step")
 
     #: Use ``lrqat_kernels.int4_linear`` (the deployment GEMM) when available. Its fp32 sums run
     #: in a different order than ``F.linear``, so outputs match the LR-QAT forward to rounding;
@@ -337,6 +337,9 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
             self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
         else:
             self.register_buffer("offset", None)
+        self.register_buffer("input_smooth", None)
+        self.register_buffer("input_step", None)
+        self.input_qrange: tuple[int, int] | None = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -447,6 +450,39 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         _set_act_quant(q, layer.input_bits, layer.output_bits, layer.act_symmetric)
         return q
 
+    @torch.no_grad()
+    def set_static_input_quant(self, step: torch.Tensor, qrange: tuple[int, int], smooth: torch.Tensor | None = None):
+        """Quantise the input with a fixed step (static activations, PE-QAT / SASQ deployment):
+        ``x_q = step * clip(round_half_even((x / smooth) / step), qmin, qmax)``, in fp32, cast to
+        x's dtype. Replaces the per-token ``input_bits`` quantiser.
+
+        Args:
+            step: fp32 ``[1]``, > 0. qrange: ``(qmin, qmax)`` integers, ``qmin < qmax``.
+            smooth: None or fp32 ``[in]``, > 0: per-input-channel divisor (PE-QAT's smoothing,
+                until folded into the preceding layer).
+        """
+        step = torch.as_tensor(step, dtype=torch.float32).reshape(1)
+        if not torch.isfinite(step).all() or float(step) <= 0:
+            raise ValueError(f"step must be a finite number > 0, got {float(step)}")
+        lo, hi = qrange
+        if not (isinstance(lo, int) and isinstance(hi, int) and lo < hi):
+            raise ValueError(f"qrange must be two ints (qmin, qmax) with qmin < qmax, got {qrange!r}")
+        if smooth is not None:
+            smooth = smooth.detach().to(torch.float32).reshape(-1)
+            if smooth.numel() != self.in_features or not torch.isfinite(smooth).all() or bool((smooth <= 0).any()):
+                raise ValueError(f"smooth must be [in] = [{self.in_features}] positive finite values")
+            self.input_smooth = smooth.to(self.scale.device).clone()
+        self.input_step = step.to(self.scale.device)
+        self.input_qrange = (lo, hi)
+        self.input_bits = None
+
+    def _static_input(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        if self.input_smooth is not None:
+            x32 = x32 / self.input_smooth
+        lo, hi = self.input_qrange
+        return (self.input_step * torch.round(x32 / self.input_step).clamp(lo, hi)).to(x.dtype)
+
     @property
     def w_int(self) -> torch.Tensor:
         """int8 ``[out, in]`` integer weights (unpacked)."""
@@ -480,6 +516,8 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in]`` float -> ``[..., out]`` in x's dtype (activation quantisers as in LRQATLinear)."""
+        if self.input_step is not None:
+            x = self._static_input(x)
         x = _quant_act(x, self.input_bits, self.act_symmetric)
         kernel = self._kernel(x)
         if kernel is not None:
@@ -513,5 +551,6 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {gran}, "
             f"symmetric={self.symmetric}, bias={self.bias is not None}, storage={store}"
-            f"{', float offset' if self.offset is not None else ''}{_act_repr(self)}"
+            f"{', float offset' if self.offset is not None else ''}"
+            f"{f', static input {self.input_qrange}' if self.input_step is not None else ''}{_act_repr(self)}"
         )

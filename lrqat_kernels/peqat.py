@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .formats import check_bits
-from .modules import _KeepDtypes, factor_dtype
+from .modules import QuantizedLinear, _KeepDtypes, factor_dtype
 
 __all__ = ["PEQATLinear", "PEQATLinearFunction", "check_peqat_args", "peqat_linear", "peqat_merge", "smoothquant_init"]
 
@@ -289,6 +289,19 @@ class PEQATLinear(_KeepDtypes, nn.Module):
     def merge(self):
         """``(W_int, dw, s)``: :func:`peqat_merge`."""
         return peqat_merge(self.w0, self.lora_A, self.lora_B, self.log_smooth, bits=self.bits, alpha=self.alpha)
+
+    @torch.no_grad()
+    def to_quantized(self) -> QuantizedLinear:
+        """The deployment layer: ``W_int`` with per-channel ``dw`` and a static input quantiser
+        (step ``c / Qa`` on ``[-Qa, Qa]`` after dividing by ``s``): bit-identical to the training
+        forward on the dequantise path (``tests/test_methods_model.py``). The smoothing stays a
+        per-channel division of the input until it is folded into the preceding layer."""
+        w_int, dw, s = self.merge()
+        bias = None if self.bias is None else self.bias.detach().clone()
+        q = QuantizedLinear.from_int(w_int, dw, None, group_size=None, bias=bias, bits=self.bits)
+        qa = _qmax(self.act_bits)
+        q.set_static_input_quant(self.clip.detach().float().reshape(()) / qa, (-qa, qa), smooth=s)
+        return q.train(self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

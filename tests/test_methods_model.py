@@ -87,7 +87,7 @@ def test_peqat_prepare_needs_calibration_and_trains(tmp_path):
     layers = [m for m in model.modules() if isinstance(m, PEQATLinear)]
     assert len(layers) == 14
     assert _trainable(model) == ["clip", "log_smooth", "lora_A", "lora_B"]
-    assert all(float(m.clip) > 0 for m in layers) and any(m.log_smooth.abs().sum() > 0 for m in layers)
+    assert all(m.clip.item() > 0 for m in layers) and any(m.log_smooth.abs().sum() > 0 for m in layers)
     hist = _train(model)
     assert all(torch.isfinite(torch.tensor([h["loss"] for h in hist["history"]])))
     x = ids()
@@ -97,8 +97,21 @@ def test_peqat_prepare_needs_calibration_and_trains(tmp_path):
     back = load_pretrained(str(tmp_path / "peqat"))
     with torch.no_grad():
         assert torch.equal(back(x).logits, ref)
-    with pytest.raises(ValueError, match="method='peqat' layers is not implemented yet"):
-        convert(model)
+    convert(model)
+    q = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(q) == 14 and all(m.input_step is not None and m.input_qrange == (-7, 7) for m in q)
+    for m in q:
+        m.use_int4_kernel = False  # exact dequantise path: dw * W_int and the same static x_q as training
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+        for m in q:
+            m.use_int4_kernel = True
+        kernel = model(x).logits
+    torch.testing.assert_close(kernel, ref, rtol=2e-3, atol=2e-3)  # fp32 sums in another order, then requantised
+    save_pretrained(model, str(tmp_path / "int4"))
+    back = load_pretrained(str(tmp_path / "int4"))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, kernel)
 
 
 def test_bf16_keeps_quantiser_tensors_fp32():

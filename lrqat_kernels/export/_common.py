@@ -140,6 +140,9 @@ def collect_layers(model: nn.Module) -> list[QuantLayer]:
             if getattr(m, "offset", None) is not None:
                 raise ExportError(f"layer {name!r} has a float offset per group (method='l4q': W_hat = s * W_int + b); "
                                   "no export format holds it exactly yet")
+            if getattr(m, "input_step", None) is not None:
+                raise ExportError(f"layer {name!r} quantises its input statically (method='peqat' smoothing and clip); "
+                                  "exporting static activation scales is not supported yet")
             layer = QuantLayer(
                 name=name,
                 w_int=m.w_int.detach().cpu(),
