@@ -304,7 +304,7 @@ def fit(
             for group, saved_group in zip(opt.param_groups, state["param_groups"]):
                 group.update(saved_group)
         elif dist_ctx is not None:
-            raise ValueError(f"cannot resume {state_path} on {dist_ctx.world_size} ranks: a single-process checkpoint "
+            raise ValueError(f"cannot resume {state_path} under torchrun (WORLD_SIZE={dist_ctx.world_size}): a single-process checkpoint "
                              "resumes in one process (a checkpoint written by several ranks resumes on any number)")
         else:
             with torch.no_grad():

@@ -225,6 +225,23 @@ def test_bad_launch_is_a_one_line_error_on_every_rank_before_any_collective(tmp_
     assert not dist.is_initialized()
 
 
+def test_single_process_checkpoint_is_refused_on_ranks(launch, one_process, monkeypatch, capsys):
+    """A checkpoint of one process holds whole tensors, not DCP shards: refused on every rank (here a
+    1-rank FSDP2 group in this process), one line, the group closed."""
+    import torch.distributed as dist
+
+    from lrqat_kernels.cli import main
+
+    work, _, _ = launch
+    _one_rank(work, "single", "--stop-after", "2")
+    capsys.readouterr()
+    _env(monkeypatch, 0, world=1)
+    assert main(_train_argv(work, "single", "--resume", "--distributed", "fsdp")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]  # HF bar
+    assert len(err) == 1 and "a single-process checkpoint resumes in one process" in err[0], err
+    assert not dist.is_initialized()
+
+
 def test_launch_env_and_modes(monkeypatch):
     from lrqat_kernels.distributed import launch_env, setup
 
