@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-fuse-act-quant", action="store_true", default=None,
                    help="with --act-bits: every linear quantises its own input (default: q/k/v and gate/up "
                         "inputs once in the RMSNorm making them, down_proj's in the SwiGLU)")
+    m = t.add_argument_group("method (docs/METHODS.md)")
+    m.add_argument("--method", default=None, choices=["lrqat", "l4q", "peqat"],
+                   help="lrqat (default" + _KEEP + "); l4q: LoRA inside an LSQ quantiser with learned step and offset; "
+                        "peqat: W4A4 with learned smoothing and static clip (needs --act-bits; calibrated on the "
+                        "first training windows)")
+    m.add_argument("--scale-init", default=None, choices=["l4q", "lsq"], help="l4q: initial step (default l4q)")
+    m.add_argument("--grad-scale", type=float, default=None, help="l4q: LSQ gradient scale (default 1/sqrt(group*qmax))")
+    m.add_argument("--migration", type=float, default=None, help="peqat: SmoothQuant migration of the init (default 0.5)")
+    m.add_argument("--clip-grad-scale", type=float, default=None, help="peqat: factor on the clip gradient (default 1)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of lora_A / lora_B")
     o.add_argument("--lr-scale", type=float, default=1e-5, help="peak learning rate of the scales (0 = frozen s = s0)")
@@ -193,10 +202,14 @@ def _quant_fields() -> tuple[dict, tuple, dict]:
     d = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
          for f in dataclasses.fields(LRQATConfig)}
     defaults = {k: d[k] for k in ("bits", "symmetric", "rank", "alpha", "phi_format", "range_method", "init",
-                                  "svd_steps", "fuse_act_quant")}
+                                  "svd_steps", "fuse_act_quant", "method")}
     # None / the default is a value of its own for these: they count as given when they differ from the default.
     if_changed = {k: d[k] for k in ("group_size", "exclude", "target_modules", "learn_scale")}
-    return defaults, ("act_bits", "kv_bits", "compute_dtype"), if_changed
+    return defaults, ("act_bits", "kv_bits", "compute_dtype", *_METHOD_ARGS), if_changed
+
+
+# LRQATConfig fields of one method only (docs/METHODS.md): None = not given.
+_METHOD_ARGS = ("scale_init", "grad_scale", "migration", "clip_grad_scale")
 
 
 _FLAG = {"symmetric": "--asymmetric", "fuse_act_quant": "--no-fuse-act-quant", "learn_scale": "learn_scale"}
@@ -253,6 +266,11 @@ class TrainArgs:
     kv_bits: int | None = None
     fuse_act_quant: bool | None = None
     byte_tokens: bool = False  # allow the byte-level fallback for a model with vocab_size > 256
+    method: str | None = None  # "lrqat" (default), "l4q", "peqat" (docs/METHODS.md)
+    scale_init: str | None = None
+    grad_scale: float | None = None
+    migration: float | None = None
+    clip_grad_scale: float | None = None
     distributed: str = "auto"  # under torchrun: "auto" (ddp when WORLD_SIZE > 1), "fsdp", "ddp"
     dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "gloo", "nccl"
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks
@@ -265,7 +283,7 @@ class TrainArgs:
         return LRQATConfig(
             **q, group_size=self.group_size, target_modules=self.target_modules, exclude=list(self.exclude),
             learn_scale=self.learn_scale, compute_dtype=self.compute_dtype, seed=self.seed, act_bits=self.act_bits,
-            kv_bits=self.kv_bits,
+            kv_bits=self.kv_bits, **{k: getattr(self, k) for k in _METHOD_ARGS},
         )
 
     def resolved(self, checkpoint: "LRQATConfig | None" = None, model_dtype: str | None = None) -> "TrainArgs":
@@ -361,6 +379,7 @@ _RESUME_KEYS = (
     "model", "data", "bits", "group_size", "symmetric", "rank", "alpha", "phi_format", "range_method", "init",
     "svd_steps", "compute_dtype", "learn_scale", "lr", "lr_scale", "steps", "batch_size", "grad_accum", "seq_len",
     "warmup_ratio", "max_grad_norm", "betas", "weight_decay", "seed", "exclude", "target_modules", "act_bits", "kv_bits",
+    "method", "scale_init", "grad_scale", "migration", "clip_grad_scale",
 )
 
 
@@ -378,6 +397,8 @@ def _cmd_train(a) -> int:
         convert=a.convert, stop_after=a.stop_after, device=a.device, progress=not a.no_progress,
         exclude=list(a.exclude), target_modules=a.target_modules, act_bits=a.act_bits, kv_bits=a.kv_bits,
         fuse_act_quant=False if a.no_fuse_act_quant else None, byte_tokens=a.byte_tokens,
+        method=a.method, scale_init=a.scale_init, grad_scale=a.grad_scale, migration=a.migration,
+        clip_grad_scale=a.clip_grad_scale,
         distributed=a.distributed, dist_backend=a.dist_backend, dist_timeout=a.dist_timeout,
     )
     from .distributed import DistributedError, launch_env

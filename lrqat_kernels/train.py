@@ -555,7 +555,11 @@ def _run_train(args, ctx) -> dict:
     else:
         args = args.resolved()
         config = args.lrqat_config()
-        prepare(model, config)
+        calibration = None
+        if config.method == "peqat":  # smoothing / clip init from the first training windows (docs/METHODS.md)
+            calib_ids = tokenize(read_text(args.data), tokenizer, vocab)
+            calibration = WindowSampler(calib_ids, args.seq_len, seed=args.seed).batch(0, args.batch_size).to(device)
+        prepare(model, config, calibration=calibration)
     if args.grad_checkpointing:
         enable_layer_checkpointing(model)
     skeleton = None

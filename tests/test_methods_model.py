@@ -178,3 +178,34 @@ def test_compare_methods_quick_run(tmp_path, capsys):
     lr, l4 = memory_7b("lrqat"), memory_7b("l4q")
     assert abs(l4["base_weights_gb"] - 2 * lr["base_weights_gb"]) < 1e-9 and lr["total_gb"] < l4["total_gb"]
     assert abs(memory_7b("lrqat", phi_format="packed_int")["base_weights_gb"] * 2 - lr["base_weights_gb"]) < 1e-9
+
+
+@pytest.mark.parametrize("method,extra", [("l4q", ["--group-size", "32", "--grad-scale", "0.5"]),
+                                          ("peqat", ["--act-bits", "4", "--migration", "0.4"])])
+def test_lrqat_train_method_end_to_end(tmp_path, method, extra):
+    """`lrqat train --method l4q|peqat ... --convert`: trains, saves the checkpoint and the converted
+    model; the config records the method and its fields; --resume with another method is refused."""
+    import json
+
+    from pydoc_data.topics import topics
+
+    from lrqat_kernels.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(str(model_dir))
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(topics[k] for k in sorted(topics)[:4])[:8000])
+    out = tmp_path / "out"
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", "3",
+            "--batch-size", "2", "--seq-len", "16", "--rank", "4", "--lr", "1e-2", "--lr-scale", "1e-3",
+            "--method", method, *extra, "--convert", "--no-progress", "--save-every", "1"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["history"]) == 3
+    back = load_pretrained(str(out / "lrqat"))
+    assert back.lrqat_config.method == method
+    assert (back.lrqat_config.grad_scale == 0.5) if method == "l4q" else (back.lrqat_config.migration == 0.4)
+    q = load_pretrained(str(out / "quantized"))
+    assert q.lrqat_stage == "quantized"
+    other = "l4q" if method == "peqat" else "peqat"
+    assert main([*args, "--resume", "--method", other, "--act-bits", "4"]) == 2
