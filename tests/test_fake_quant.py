@@ -20,6 +20,8 @@ import itertools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import lrqat_kernels as lk
 from lrqat_kernels import functions, reference
@@ -28,6 +30,7 @@ from lrqat_kernels.ops import fake_quant as fq
 from lrqat_kernels.ops import fused_linear  # noqa: F401  (registers the lrqat::fused_linear_* ops)
 from lrqat_kernels.ops._launch import interpreting
 from lrqat_kernels.ops._tiles import FMA_RANK_CHUNK, MAX_RANK, bwd_config, bwd_grid, fwd_config
+from lrqat_kernels.ops._triton_quant import RNE_LIMIT, int_to_f32, nibble_codes, round_half_even
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = torch.cuda.is_available() or interpreting()
@@ -423,6 +426,35 @@ def test_bad_input_names_the_argument(case, api):
             fn(torch.randn(3, 64, device=DEVICE), phi, A, B, s, **kw)
         else:
             fn(phi, A, B, s, **kw)
+
+
+@triton.jit
+def _helpers_kernel(z_ptr, q_ptr, byte_ptr, lo_ptr, hi_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(q_ptr + i, round_half_even(tl.load(z_ptr + i)))
+    u_lo, u_hi = nibble_codes(tl.load(byte_ptr + i).to(tl.int32))
+    tl.store(lo_ptr + i, int_to_f32(u_lo, 8))
+    tl.store(hi_ptr + i, int_to_f32(u_hi, 8))
+
+
+@needs_kernels
+def test_shared_quantiser_helpers():
+    """ops/_triton_quant.py, which every kernel uses: ``round_half_even`` is ``torch.round`` (ties to
+    even; a zero's sign aside) below 2^22 and passes larger values, +-inf and NaN through; the
+    nibble decoder reads every byte as ``formats.unpack_nibbles`` does (low nibble: even column)."""
+    from lrqat_kernels.formats import unpack_nibbles
+
+    ties = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 7.5, -8.5, 0.49999997, -0.50000006, 4194303.5, -4194302.5, 3.0, -0.0]
+    big = [4194304.5, -5000000.5, 1e30, float("inf"), float("-inf"), float("nan")]
+    z = torch.tensor(ties + big + [0.0] * (256 - len(ties) - len(big)), device=DEVICE)
+    byte = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    q, lo, hi = (torch.empty(256, device=DEVICE) for _ in range(3))
+    _helpers_kernel[(1,)](z, q, byte, lo, hi, N=256)
+    small = z.abs() < RNE_LIMIT.value  # 2^22
+    assert torch.equal(q[small], torch.round(z[small]))  # as numbers: (-0.5 + c) - c is +0.0, torch.round's -0.0
+    assert torch.equal(q[~small & ~z.isnan()], z[~small & ~z.isnan()]) and q[z.isnan()].isnan().all()
+    want = unpack_nibbles(byte.view(256, 1).cpu()).float()  # [256, 2]: columns 2j, 2j + 1 of byte j
+    assert torch.equal(lo.cpu(), want[:, 0]) and torch.equal(hi.cpu(), want[:, 1])
 
 
 def test_public_names_are_the_dispatchers():

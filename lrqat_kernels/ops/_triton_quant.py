@@ -50,7 +50,7 @@ PHI_KIND = {"packed_int": 0, "fixed_point": 1, "bf16": 2, "fp16": 2, "fp32": 2}
 #: 1.5 * 2^23: adding and subtracting it rounds an fp32 ``|x| < 2^22`` to the nearest integer, ties
 #: to even, in the default rounding mode (the sum lands in ``[2^23, 2^24)``, where the ulp is 1).
 RNE_MAGIC = tl.constexpr(12582912.0)
-#: 2^22: beyond it every fp32 is an integer already and far outside any grid (``|q| <= 128``).
+#: 2^22: :func:`round_half_even` passes larger magnitudes through (far outside any grid, ``|q| <= 128``).
 RNE_LIMIT = tl.constexpr(4194304.0)
 
 
@@ -126,8 +126,9 @@ def decode_phi(phi_ptr, row_off, rmask, cols, cmask, col0, n_valid,
 def round_half_even(z):
     """``torch.round`` on fp32: exact for ``|z| < 2^22``; larger ``|z|``, +-inf and NaN pass through.
 
-    Passing through is exact enough: beyond 2^22 every fp32 is an integer, clips to the grid's end
-    and lies outside the mask. Two FADDs, no libdevice (portable to the interpreter); kernels run
+    Passing through is exact enough: beyond 2^22 every value clips to the grid's end and lies
+    outside the mask, whatever its rounding. A result of zero is +0.0 where ``torch.round`` gives -0.0 (equal as
+    numbers; tests/test_fake_quant.py::test_shared_quantiser_helpers). Two FADDs, no libdevice (portable to the interpreter); kernels run
     with ``enable_fp_fusion=False`` so nothing contracts them.
     """
     return tl.where(tl.abs(z) < RNE_LIMIT, (z + RNE_MAGIC) - RNE_MAGIC, z)

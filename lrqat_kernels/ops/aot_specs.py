@@ -94,7 +94,7 @@ def fake_quant_specs() -> list[KernelSpec]:
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, BLOCK_T=cfg.block_t,
                               SPLIT_BF16=dt == torch.bfloat16, DOT_FP32=dt == torch.float32,
                               G_DOT_FP32=dt == torch.float32 and not fused, INTERPRET=False, I64=False)
-                    # G-free backward: 16-bit activations only (functions.py keeps fp32 unfused)
+                    # G-free backward: 16-bit activations only (the fused_linear ops keep fp32 unfused)
                     act = "bf16" if fused and dt == torch.float32 else _TT[dt]
                     ptrs = dict(g_ptr=act, dy_ptr=act, x_ptr=act, phi_ptr=_PHI_TT[fmt], a_ptr=_TT[dt], b_ptr=_TT[dt],
                                 scale_ptr="fp32", zp_ptr="fp32", da_part_ptr="fp32", db_part_ptr="fp32", ds_ptr="fp32")
