@@ -73,4 +73,11 @@ TORCH_LIBRARY(lrqat, m) {
   m.def("int4_linear_prepacked_cpu(Tensor x, Tensor packed_weight, Tensor packed_scale, "
         "Tensor? packed_zero, int out_features, int group_size, Tensor? bias=None, str isa=\"auto\") "
         "-> Tensor", {at::Tag::pt2_compliant_tag});
+
+  // ---- binary_cpu: pQuant's 1-bit GEMM, y = scale * x @ S^T + bias, S = +-1; csrc/binary_cpu/ --
+  m.set_python_module("lrqat_kernels.pquant");
+  // x fp32 [M, K] contiguous; packed uint8 [N, ceil(K / 8)] (pquant.pack_signs: LSB-first along
+  // k, bit 1 = +1); scale fp32 [1] or [N]; bias fp32 [N]; isa: auto|scalar|avx2|avx512. CPU only.
+  m.def("binary_linear_cpu(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, "
+        "str isa=\"auto\") -> Tensor", {at::Tag::pt2_compliant_tag});
 }

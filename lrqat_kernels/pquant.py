@@ -24,22 +24,29 @@ Deployment (``deploy()``): 1-bit weights packed 8 a byte, LSB-first along the in
 (:func:`pack_signs`: bit ``k`` of byte ``j`` is column ``8j + k``, 1 for +1, padding bits 0), the
 scale ``lam`` in fp32; b-bit weights int8 with ``sw``. The deployed forward equals the training
 forward bit for bit (same fp32 ops on the same values) for fp32 / bf16 / fp16 latent weights and
-inputs: ``tests/test_pquant.py::test_deploy_equals_the_training_forward``.
+inputs: ``tests/test_pquant.py::test_deploy_equals_the_training_forward``. ``binary_linear`` wraps the
+native CPU 1-bit GEMM (``csrc/binary_cpu/``), which ``PackedPQuantLinear.use_binary_kernel`` turns on.
+
+Size: about 540 lines: one method read top to bottom (quantisers, autograd function, layers, FFN,
+packed deployment form and its GEMM wrapper), as l4q.py / peqat.py; the packing and the GEMM wrapper
+go to ops/ with the Triton kernels (issue 20's fused ops).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _ext
 from .formats import check_bits
 
 __all__ = [
     "BitLinear", "PQuantFFN", "PQuantLinear", "PQuantLinearFunction", "PackedPQuantFFN", "PackedPQuantLinear",
-    "absmax_quant", "absmax_quantize", "average_weight_bits", "binarize", "binarize_weight", "check_pquant_args",
+    "absmax_quant", "absmax_quantize", "average_weight_bits", "binary_linear", "binarize", "binarize_weight", "check_pquant_args",
     "pack_signs", "pquant_linear", "pquant_weight_bits", "unpack_signs",
 ]
 
@@ -276,7 +283,7 @@ def pack_signs(sign: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = F.pad(bits, (0, pad))
     weights = 1 << torch.arange(8, device=bits.device, dtype=torch.int32)
-    return (bits.reshape(out_f, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    return (bits.reshape(out_f, (in_f + pad) // 8, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
 def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -288,7 +295,46 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = to
                          f"{packed.shape[1]} bytes a row, got {in_features!r}")
     shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
     bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return (bits.reshape(packed.shape[0], -1)[:, :in_features].to(dtype) * 2 - 1)
+    return bits.reshape(packed.shape[0], 8 * packed.shape[1])[:, :in_features].to(dtype) * 2 - 1
+
+
+def _binary_linear_cpu_fake(x, packed, scale, bias, in_features, isa="auto"):
+    torch._check(x.dim() == 2 and x.shape[1] == in_features, lambda: "lrqat::binary_linear_cpu: x must be [M, in_features]")
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def _register_fake() -> None:
+    global _fake_registered
+    if not _fake_registered:  # csrc/registration.cpp names this module (m.set_python_module)
+        torch.library.register_fake("lrqat::binary_linear_cpu", _binary_linear_cpu_fake)
+        _fake_registered = True
+
+
+_fake_registered = False
+if "lrqat_kernels._C" in sys.modules and hasattr(torch.ops.lrqat, "binary_linear_cpu"):
+    _register_fake()
+
+
+def binary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  in_features: int, isa: str = "auto") -> torch.Tensor:
+    """The native CPU 1-bit GEMM ``y = scale * x @ S^T + bias`` (``csrc/binary_cpu/``, runtime ISA dispatch).
+
+    It sums ``2 * sum_{S=+1} x - sum x`` in fp32, in another order than ``F.linear``: equal to the
+    dequantised product to fp32 rounding, not bit for bit (``tests/test_pquant.py``).
+
+    Args:
+        x: float ``[..., in_features]`` on CPU (computed in fp32, returned in x's dtype).
+        packed: uint8 ``[N, ceil(in_features / 8)]`` (:func:`pack_signs`). scale: fp32 ``[1]`` or ``[N]``.
+        bias: None or ``[N]``. isa: ``auto`` (``LRQAT_CPU_ISA``, else the best), ``scalar``, ``avx2``, ``avx512``.
+    """
+    _ext.require_extension("binary_linear_cpu")
+    if not hasattr(torch.ops.lrqat, "binary_linear_cpu"):
+        raise RuntimeError("lrqat_kernels._C predates binary_linear_cpu: rebuild it (python setup.py build_ext --inplace)")
+    _register_fake()
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    y = torch.ops.lrqat.binary_linear_cpu(x2, packed, scale.to(torch.float32), None if bias is None else bias.float(),
+                                          in_features, isa)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 class PackedPQuantLinear(nn.Module):
@@ -325,10 +371,16 @@ class PackedPQuantLinear(nn.Module):
             code = self.qweight.to(cdt)
         return (self.weight_scale.to(cdt).reshape(()) * code).to(dtype)
 
+    #: 1-bit layers on CPU: run :func:`binary_linear` (the native GEMM; equal to fp32 rounding) instead of
+    #: the exact dequantise-then-matmul path (bit-identical to training). Off by default.
+    use_binary_kernel: bool = False
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cdt = _cdt(x)
         x_q = _quant_input(x.to(cdt), self.act_bits)
+        if self.use_binary_kernel and self.weight_bits == 1 and x.device.type == "cpu" and cdt == torch.float32:
+            return binary_linear(x_q, self.qweight, self.weight_scale, self.bias, in_features=self.in_features).to(x.dtype)
         return F.linear(x_q.to(x.dtype), self.dequantize(cdt).to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -271,3 +272,64 @@ def test_bad_arguments_name_the_argument():
         pquant_weight_bits(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="from_linear needs an nn.Linear"):
         PQuantLinear.from_linear(torch.nn.Conv1d(1, 1, 1))
+
+
+def _native() -> bool:
+    from lrqat_kernels import _ext
+
+    return _ext.load_extension() and hasattr(torch.ops.lrqat, "binary_linear_cpu")
+
+
+def _cpu_isas():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return ["scalar"] + (["avx2"] if " avx2" in flags and " fma" in flags else []) + (["avx512"] if " avx512f" in flags else [])
+
+
+native = pytest.mark.skipif(not _native(), reason="lrqat_kernels._C without binary_linear_cpu (rebuild: setup.py build_ext)")
+
+
+@native
+@pytest.mark.parametrize("isa", _cpu_isas())
+@pytest.mark.parametrize("M,N,K", [(1, 5, 3), (3, 7, 16), (5, 9, 33), (4, 64, 64), (9, 33, 100), (1, 17, 1000), (6, 3, 31)])
+def test_native_binary_gemm_matches_the_dequantised_product(isa, M, N, K):
+    """``binary_linear`` (2 * sum_{S=+1} x - sum x, fp32) equals x @ (scale * S)^T + bias in fp64 to fp32 rounding:
+    |err| <= 1e-5 * (sum_k |x| * |scale| + |bias|), every ISA, K tails of 1..31, per-tensor and per-row scales."""
+    from lrqat_kernels.pquant import binary_linear
+
+    gen = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x = torch.randn(M, K, generator=gen)
+    sign, lam = binarize(torch.randn(N, K, generator=gen))
+    packed = pack_signs(sign)
+    for scale in (lam.reshape(1), torch.rand(N, generator=gen) + 0.5):
+        for bias in (None, torch.randn(N, generator=gen)):
+            want = x.double() @ (sign.double() * scale.double().reshape(-1, 1)).t()
+            if bias is not None:
+                want = want + bias.double()
+            y = binary_linear(x, packed, scale, bias, in_features=K, isa=isa)
+            tol = 1e-5 * (x.abs().double().sum(1, keepdim=True) * scale.abs().max() + (0 if bias is None else bias.abs().double()))
+            assert y.dtype == torch.float32 and ((y.double() - want).abs() <= tol).all()
+    wrong = pack_signs(-sign)
+    assert not torch.allclose(binary_linear(x, wrong, lam.reshape(1), in_features=K, isa=isa).double(), x.double() @ (lam * sign).double().t())
+
+
+@native
+def test_native_binary_gemm_in_the_deployed_layer_and_its_errors():
+    from lrqat_kernels.pquant import PackedPQuantLinear, binary_linear
+
+    torch.manual_seed(0)
+    layer = BitLinear(40, 12, bias=True).deploy()
+    x = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+    exact = layer(x)
+    layer.use_binary_kernel = True
+    fast = layer(x)
+    assert fast.dtype == torch.bfloat16 and fast.shape == exact.shape
+    torch.testing.assert_close(fast.float(), exact.float(), rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    assert PackedPQuantLinear.use_binary_kernel is False
+    packed, scale = layer.qweight, layer.weight_scale
+    with pytest.raises(RuntimeError, match="unknown instruction set 'neon'"):
+        binary_linear(torch.randn(2, 40), packed, scale, in_features=40, isa="neon")
+    with pytest.raises(RuntimeError, match=r"in_features \(41\) must equal x.size\(1\) = 40"):
+        torch.ops.lrqat.binary_linear_cpu(torch.randn(2, 40), packed, scale, None, 41, "auto")
+    with pytest.raises(RuntimeError, match="scale must be \\[1\\] or \\[N\\]"):
+        binary_linear(torch.randn(2, 40), packed, torch.ones(3), in_features=40)
+    torch.library.opcheck(torch.ops.lrqat.binary_linear_cpu, (torch.randn(3, 40), packed, scale, layer.bias.float(), 40, "auto"))
