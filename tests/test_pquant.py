@@ -290,7 +290,8 @@ native = pytest.mark.skipif(not _native(), reason="lrqat_kernels._C without bina
 
 @native
 @pytest.mark.parametrize("isa", _cpu_isas())
-@pytest.mark.parametrize("M,N,K", [(1, 5, 3), (3, 7, 16), (5, 9, 33), (4, 64, 64), (9, 33, 100), (1, 17, 1000), (6, 3, 31)])
+@pytest.mark.parametrize("M,N,K", [(1, 5, 3), (3, 7, 16), (5, 9, 33), (4, 64, 64), (9, 33, 100), (1, 17, 1000), (6, 3, 31),
+                                   (5, 6, 1024), (7, 5, 2100)])
 def test_native_binary_gemm_matches_the_dequantised_product(isa, M, N, K):
     """``binary_linear`` (2 * sum_{S=+1} x - sum x, fp32) equals x @ (scale * S)^T + bias in fp64 to fp32 rounding:
     |err| <= 1e-5 * (sum_k |x| * |scale| + |bias|), every ISA, K tails of 1..31, per-tensor and per-row scales."""

@@ -18,7 +18,8 @@
 namespace lrqat {
 namespace binary_cpu {
 
-constexpr int kRowBlock = 4;  // rows of x sharing one weight mask load
+constexpr int kRowBlock = 4;       // rows of x sharing one weight mask load
+constexpr int64_t kKChunk = 1024;  // k per pass of the AVX-512 kernel (a multiple of 32)
 
 // One call covers output columns [n0, n1) for all M rows. Raw host memory, row-major.
 struct GemmParams {
