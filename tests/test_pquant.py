@@ -334,3 +334,30 @@ def test_native_binary_gemm_in_the_deployed_layer_and_its_errors():
     with pytest.raises(RuntimeError, match="scale must be \\[1\\] or \\[N\\]"):
         binary_linear(torch.randn(2, 40), packed, torch.ones(3), in_features=40)
     torch.library.opcheck(torch.ops.lrqat.binary_linear_cpu, (torch.randn(3, 40), packed, scale, layer.bias.float(), 40, "auto"))
+
+
+@native
+def test_native_binary_gemm_isa_from_the_environment(monkeypatch):
+    """``isa="auto"`` reads LRQAT_CPU_ISA: scalar there equals the forced scalar path bit for bit; an unknown name
+    is an error naming the variable."""
+    from lrqat_kernels.pquant import binary_linear
+
+    x = torch.randn(3, 70)
+    sign, lam = binarize(torch.randn(6, 70))
+    packed = pack_signs(sign)
+    forced = binary_linear(x, packed, lam.reshape(1), in_features=70, isa="scalar")
+    monkeypatch.setenv("LRQAT_CPU_ISA", "scalar")
+    assert torch.equal(binary_linear(x, packed, lam.reshape(1), in_features=70), forced)
+    monkeypatch.setenv("LRQAT_CPU_ISA", "sve")
+    with pytest.raises(RuntimeError, match=r"unknown instruction set 'sve' \(LRQAT_CPU_ISA\)"):
+        binary_linear(x, packed, lam.reshape(1), in_features=70)
+
+
+def test_binary_linear_without_the_extension_says_how_to_build(monkeypatch):
+    from lrqat_kernels import _ext
+    from lrqat_kernels.pquant import binary_linear
+
+    monkeypatch.setattr(_ext, "_loaded", False)
+    monkeypatch.setattr(_ext, "_error", "disabled by LRQAT_DISABLE_EXT=1")
+    with pytest.raises(RuntimeError, match="binary_linear_cpu needs the compiled extension"):
+        binary_linear(torch.randn(2, 8), torch.zeros(3, 1, dtype=torch.uint8), torch.ones(1), in_features=8)
