@@ -38,6 +38,25 @@ tensors are rebuilt at a time (counted once as "recompute").
 
 Usage:  PYTHONPATH=. python bench/bench_memory.py [--layers 32] [--seq 1024] [--quick]
 Writes bench/results/memory_cpu.csv (one row per configuration, bytes and GB).
+
+``--fsdp``: per-GPU memory of ``lrqat train --distributed fsdp`` (lrqat_kernels.distributed) on
+N = 1, 2, 4, 8 GPUs for LLaMA-2-7B, LLaMA-2-13B and LLaMA-2-70B shapes (batch 1 per GPU, seq 1024,
+r = 32, bf16, W4 per-channel, layer checkpointing, the current lrqat_linear), where each byte goes:
+  Phi0         frozen Phi0 buffers: replicated (FSDP2 does not shard buffers), whole on every GPU
+  root         embeddings, final norm, LM head: FSDP2's root group, gathered from the forward to
+               the end of the backward (the root is not resharded after its forward): whole
+  norms        the decoder layers' norms: sharded (1/N)
+  factors      lora_A / lora_B (bf16), their fp32 masters, fp32 gradients, 2 AdamW moments: 1/N
+  scales       fp32 scales beside bf16 factors: FSDP2's ignored_params (one dtype per group), so
+               replicated with their gradient and 2 moments (16 B per scale)
+  FSDP buffers two layers' gathered norms + factors (current and prefetched) and one layer's
+               unsharded factor gradients in bf16 and in fp32 (reduce dtype)
+  activations  checkpointed layer inputs + one layer's recompute + head and loss (per GPU: batch 1)
+  transient    as above (one W_hat + dL/dW_hat of the largest linear, or the head's fp32 logits)
+Parameter and state bytes are exact (the tensors of LRQATLinear built structurally, no weights);
+the saved-for-backward bytes of one layer are measured on a structural layer of the real width at
+two short sequence lengths (they must scale linearly, checked) and scaled to seq.
+Writes bench/results/memory_fsdp.csv.
 """
 
 from __future__ import annotations
@@ -266,6 +285,125 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+# LLaMA-2 shapes (70B: grouped-query attention, 8 KV heads); vocabulary 32000.
+FSDP_SHAPES = {
+    "LLaMA-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       num_hidden_layers=32),
+    "LLaMA-2-13B": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                        num_hidden_layers=40),
+    "LLaMA-2-70B": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                        num_hidden_layers=80),
+}
+FSDP_QUICK_SHAPES = {"quick-a": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=4,
+                                     num_hidden_layers=4),
+                     "quick-b": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=2,
+                                     num_hidden_layers=8)}
+AIMS = ((1, 80e9), (8, 24e9))  # 70B packed INT4: one 80 GB GPU; 8 x 24 GB with FSDP2
+
+
+def structural_layer(cfg, phi_format: str, device="cpu"):
+    """A decoder layer whose linears are LRQATLinear built structurally (zeros, no range
+    estimation): the tensors and the saved-for-backward shapes of a prepared layer, no weights
+    (``device="meta"``: the tensors' sizes only)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(cfg, layer_idx=0)
+    for name, m in list(layer.named_modules()):
+        if isinstance(m, nn.Linear):
+            parent, leaf = name.rsplit(".", 1)
+            setattr(layer.get_submodule(parent), leaf, LRQATLinear(
+                m.in_features, m.out_features, bits=4, rank=32, phi_format=phi_format, bias=m.bias is not None,
+                dtype=torch.bfloat16, device="meta"))
+    layer = layer.to(torch.bfloat16)  # norms bf16; scales and Phi0 keep their dtypes (LRQATLinear._keep_dtypes)
+    if device != "meta":
+        layer = layer.to_empty(device=device)
+        with torch.no_grad():
+            for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+                t.fill_(1 if name.endswith(("weight", "scale")) else 0)
+    layer.requires_grad_(False)
+    for m in layer.modules():
+        if isinstance(m, LRQATLinear):
+            for t in (m.lora_A, m.lora_B, m.scale):
+                t.requires_grad_(True)
+    return layer
+
+
+def fsdp_accounting(name: str, shape: dict, seq: int, world_sizes=(1, 2, 4, 8), probes=(16, 32)) -> list[dict]:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32000 if not name.startswith("quick") else 512, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, attn_implementation="sdpa", **shape)
+    L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    layer = structural_layer(cfg, "packed_int")
+    saved = {p: measure_layer(layer, cfg, p, "current")["saved_bytes"] for p in probes}
+    linear_in_seq = saved[probes[1]] * probes[0] == saved[probes[0]] * probes[1]
+    per_layer_saved = saved[probes[0]] * seq // probes[0]
+    head = measure_head(cfg, seq)
+    lin = [m for m in layer.modules() if isinstance(m, LRQATLinear)]
+    lora_n = sum(m.lora_A.numel() + m.lora_B.numel() for m in lin)
+    scale_n = sum(m.scale.numel() for m in lin)
+    norms = _bytes([p for n, p in layer.named_parameters() if "norm" in n])
+    largest = max(m.in_features * m.out_features for m in lin)
+    rows = []
+    for phi_format in ("fixed_point", "packed_int"):
+        phi_layer = sum(_bytes([m.phi]) for m in structural_layer(cfg, phi_format, "meta").modules()
+                        if isinstance(m, LRQATLinear))
+        for n in world_sizes:
+            parts = {
+                "phi": L * phi_layer,
+                "root": head["weights_bytes"],
+                "norms": L * norms // n,
+                # bf16 factor + fp32 master + fp32 gradient (on the master) + 2 fp32 moments = 18 B each
+                "factors": L * lora_n * (2 + 4 + 4 + 8) // n,
+                "scales": L * scale_n * (4 + 4 + 8),  # replicated: the scale, its gradient, 2 moments
+                "fsdp_buffers": 0 if n == 1 else 2 * (norms + lora_n * 2) + lora_n * (2 + 4),
+                "activations": L * seq * H * 2 + per_layer_saved + head["saved_bytes"],
+                "transient": max(2 * largest * 2, 2 * seq * V * 4),
+            }
+            total = sum(parts.values())
+            rows.append({"model": name, "phi_format": phi_format, "gpus": n, **{f"{k}_bytes": v for k, v in parts.items()},
+                         "total_bytes": total, "total_gb": round(total / GB, 3), "seq": seq, "batch_per_gpu": 1,
+                         "per_layer_saved_bytes": per_layer_saved, "saved_linear_in_seq": linear_in_seq})
+    del layer
+    return rows
+
+
+def fsdp_main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description="per-GPU memory of LR-QAT under FSDP2 (lrqat train --distributed fsdp)")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--quick", action="store_true", help="two small shapes (seconds), for tests")
+    ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "memory_fsdp.csv"))
+    args = ap.parse_args(argv)
+    rows = []
+    for name, shape in (FSDP_QUICK_SHAPES if args.quick else FSDP_SHAPES).items():
+        rows += fsdp_accounting(name, shape, args.seq)
+    cols = ("phi", "root", "norms", "factors", "scales", "fsdp_buffers", "activations", "transient")
+    hdr = f"{'model':<12} {'Phi0':<12} {'GPUs':>4} " + " ".join(f"{c[:9]:>9}" for c in cols) + f" {'TOTAL':>8}"
+    print(f"LR-QAT per-GPU memory under FSDP2 (GB = 1e9 B), batch 1 per GPU, seq {args.seq}, r=32, bf16, W4 per-channel, "
+          "layer checkpointing; GPUs 1 = one process, no FSDP2")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['model']:<12} {r['phi_format']:<12} {r['gpus']:>4} " + " ".join(f"{r[c + '_bytes'] / GB:>9.2f}" for c in cols)
+              + f" {r['total_bytes'] / GB:>8.2f}")
+    bad = sorted({r["model"] for r in rows if not r["saved_linear_in_seq"]})
+    print(f"\nsaved-for-backward bytes linear in seq (probes 16, 32): {'yes' if not bad else 'NO for ' + ', '.join(bad)}")
+    for n, cap in AIMS:
+        r = next((r for r in rows if r["model"] == "LLaMA-2-70B" and r["phi_format"] == "packed_int" and r["gpus"] == n), None)
+        if r is not None:
+            print(f"aim: 70B, packed INT4 Phi0, {n} GPU(s) of {cap / GB:.0f} GB: {r['total_bytes'] / GB:.1f} GB per GPU -> "
+                  f"{'holds' if r['total_bytes'] <= cap else 'does NOT hold'}"
+                  + ("" if r["total_bytes"] <= cap else f" (the replicated Phi0 alone is {r['phi_bytes'] / GB:.1f} GB)"))
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nwrote {args.csv}")
+    return rows
+
+
 def print_table(rows) -> None:
     hdr = (f"{'Phi0':<12} {'lrqat_linear':<13} {'ckpt':<5} {'weights':>8} {'train':>7} {'grads':>7} {'AdamW':>7} "
            f"{'activ.':>8} {'transient':>9} {'TOTAL':>8}")
@@ -287,4 +425,7 @@ def print_table(rows) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--fsdp" in sys.argv[1:]:
+        fsdp_main([a for a in sys.argv[1:] if a != "--fsdp"])
+    else:
+        main()

@@ -60,6 +60,7 @@ __all__ = [
     "check_same_model",
     "gather_model",
     "save_checkpoint",
+    "prune_checkpoints",
     "load_checkpoint",
     "clip_grad_norm_",
     "meta_skeleton",

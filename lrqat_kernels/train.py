@@ -486,7 +486,13 @@ def disable_layer_checkpointing(model: nn.Module) -> None:
 def resolve_device(device: str | None) -> str:
     """``device`` (default: cuda when available, else cpu); a CUDA device without CUDA is an error."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: lrqat runs on cpu or cuda (cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: torch.cuda.is_available() is False here; use --device cpu")
     return device
 
@@ -537,6 +543,13 @@ def run_train(args) -> dict:
 
 def _run_train(args, ctx) -> dict:
     torch.manual_seed(args.seed)
+    if ctx is not None and not ctx.main:  # progress bars and logs: rank 0's only (HF's loading bar too)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     device = resolve_device(args.device) if ctx is None else str(ctx.device)
     args.lrqat_config()  # validates the quantization arguments before any loading
     model = load_causal_lm(args.model, device=device)  # range estimation then runs on the device

@@ -273,6 +273,37 @@ def test_rank_slices_make_the_one_rank_batch():
         s.batch(0, 8, 4, 4)
 
 
+def test_fsdp_memory_accounting_quick(tmp_path, capsys, set_kernel_options):
+    """bench/bench_memory.py --fsdp: what FSDP2 shards divides by N, what it replicates does not."""
+    import importlib.util
+
+    set_kernel_options(kernels=False)  # the saved tensors of the eager path (the interpreter is slow)
+
+    spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                               "bench_memory.py"))
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    rows = bm.fsdp_main(["--quick", "--seq", "64", "--csv", str(tmp_path / "fsdp.csv")])
+    key = {(r["model"], r["phi_format"], r["gpus"]): r for r in rows}
+    for (model, fmt, n), r in key.items():
+        one = key[(model, fmt, 1)]
+        assert r["saved_linear_in_seq"]
+        assert r["phi_bytes"] == one["phi_bytes"] and r["scales_bytes"] == one["scales_bytes"]  # replicated
+        assert r["factors_bytes"] == one["factors_bytes"] // n and r["norms_bytes"] == one["norms_bytes"] // n
+        assert (r["fsdp_buffers_bytes"] == 0) == (n == 1)
+        assert 2 * key[(model, "packed_int", n)]["phi_bytes"] == key[(model, "fixed_point", n)]["phi_bytes"]
+    assert key[("quick-b", "packed_int", 8)]["total_bytes"] < key[("quick-b", "packed_int", 1)]["total_bytes"]
+    assert "TOTAL" in capsys.readouterr().out
+    # 1 GPU: the same bytes as the single-GPU accounting (a prepared layer, measured at full length)
+    single = bm.main(["--quick", "--seq", "64", "--csv", str(tmp_path / "single.csv")])
+    quick_7b = {k: v for k, v in vars(bm.llama2_7b_config(64, True)).items() if k in ("hidden_size", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+    mine = {r["phi_format"]: r for r in bm.fsdp_accounting("quick-7B-layout", quick_7b, 64, world_sizes=(1,))}
+    for r in single:
+        if r["lrqat_linear"] == "current" and r["layer_checkpointing"]:
+            assert mine[r["phi_format"]]["total_bytes"] == r["total_bytes"], r["phi_format"]
+
+
 def _worker(scenarios) -> int:
     """One rank of the launch: every scenario through ``cli.main`` in one process group."""
     import datetime
