@@ -101,7 +101,7 @@ def check_fake_quant_args(
     if tuple(lora_B.shape) != (out_features, rank):
         raise ValueError(f"lora_B must be [out, r] = [{out_features}, {rank}], got {tuple(lora_B.shape)}")
     g = check_group_size(group_size, in_features)
-    n_groups = in_features // g
+    n_groups = 1 if group_size is None else in_features // g  # per-channel: one scale even for in = 0
     if tuple(scale.shape) != (out_features, n_groups):
         gran = "per-channel [out, 1]" if group_size is None else f"[out, in // group_size] for group_size={group_size}"
         raise ValueError(f"scale must be {gran} = [{out_features}, {n_groups}], got {tuple(scale.shape)}")

@@ -122,6 +122,9 @@ def _validate_targets(targets, config: LRQATConfig) -> None:
             raise ValueError(f"group_size={config.group_size} does not divide in_features={in_f} of layer {name!r}")
         if config.phi_format == "packed_int" and in_f % 2:
             raise ValueError(f"phi_format='packed_int' needs an even in_features; layer {name!r} has {in_f}")
+        if config.rank > max(out_f, in_f):
+            raise ValueError(f"rank={config.rank} exceeds max(out, in) = {max(out_f, in_f)} of layer {name!r}: "
+                             "each LoRA factor would be larger than the weight")
         if config.init == "svd" and config.rank > min(out_f, in_f):
             raise ValueError(f"init='svd' needs rank <= min(out, in) = {min(out_f, in_f)} for layer {name!r}, got rank={config.rank}")
         if not lin.weight.is_floating_point():

@@ -335,6 +335,8 @@ class TrainArgs:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2^63), got {self.seed!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check_optim_args(self.lr, self.lr_scale, self.max_grad_norm)
@@ -428,6 +430,8 @@ def _cmd_eval(a) -> int:
 
     if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         raise ValueError(f"--out {a.out}: directory {os.path.dirname(os.path.abspath(a.out))} does not exist")
+    if a.out and os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out} is a directory; give a file path for the JSON result")
     device = resolve_device(a.device)
     model = load_causal_lm(a.model, device=device)
     seq_len = a.seq_len
@@ -439,6 +443,8 @@ def _cmd_eval(a) -> int:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     check_byte_fallback(tok, vocab, a.model, a.byte_tokens)
     ids = tokenize(read_text(a.data), tok, vocab)
+    if ids.numel() < seq_len + 1:
+        raise ValueError(f"--data {a.data} has {ids.numel()} tokens, fewer than one window of {seq_len} + 1")
     res = evaluate_perplexity(model, ids, seq_len, batch_size=a.batch_size, device=device, max_windows=a.max_windows)
     res.update(model=a.model, data=a.data, stage=getattr(model, "lrqat_stage", None) or "fp", tokenizer=getattr(tok, "name", type(tok).__name__))
     print(f"{res['metric']}: {res['perplexity']:.4f}  ({res['windows']} windows, {res['tokens']} predicted tokens, stage {res['stage']})")
@@ -452,6 +458,8 @@ def _cmd_convert(a) -> int:
     from .api import convert, load_pretrained, save_pretrained
     from .data import load_tokenizer
 
+    if not os.path.isdir(a.model):
+        raise ValueError(f"--model {a.model!r} is not a directory (an LR-QAT checkpoint)")
     out = os.path.abspath(a.out)
     if os.path.lexists(out):  # as lrqat export: an existing --out is replaced only when asked to
         if not a.overwrite:

@@ -222,6 +222,8 @@ class LRQATConfig:
             raise TypeError(f"learn_scale must be a bool, got {self.learn_scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
         for name in ("act_bits", "kv_bits"):
             check_act_bits(name, getattr(self, name), optional=True)
         if self.kv_bits is not None and self.act_bits is None:
@@ -263,6 +265,8 @@ class LRQATConfig:
             raise TypeError(f"learn_scale must be a bool, got {self.learn_scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
         if m == "l4q":
             if self.act_bits is not None:
                 raise ValueError(f"act_bits does not apply to method='l4q' (weight-only), got act_bits={self.act_bits}")

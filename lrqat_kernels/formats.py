@@ -125,6 +125,8 @@ def pack_nibbles(w_int: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"w_int must have an integer dtype, got {w_int.dtype}")
     if w_int.dim() < 1 or w_int.shape[-1] % 2 != 0:
         raise ValueError(f"w_int's last dimension (in) must be even for nibble packing, got shape {tuple(w_int.shape)}")
+    if w_int.is_meta:
+        raise ValueError("w_int is on the meta device: pack_nibbles checks values, it needs a real tensor")
     if w_int.numel() and (int(w_int.min()) < -8 or int(w_int.max()) > 7):
         raise ValueError("w_int values must be in [-8, 7] to fit a signed nibble")
     if _native_layout(w_int, torch.int8):
@@ -187,6 +189,8 @@ def encode_phi(x: torch.Tensor, bits: int, phi_format: str) -> torch.Tensor:
     check_bits(bits, phi_format)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.is_meta:
+        raise ValueError("x is on the meta device: encode_phi rounds values, it needs a real tensor")
     x = x.float()
     if phi_format in ("bf16", "fp16", "fp32"):
         return x.to(PHI_DTYPES[phi_format])

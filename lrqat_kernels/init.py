@@ -159,6 +159,8 @@ def estimate_scale(
     if not w.is_floating_point():
         raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
     check_bits(bits)
+    if w.is_meta:
+        raise ValueError("w is on the meta device: estimate_scale needs the weight's values")
     if not torch.isfinite(w).all():
         raise ValueError("w holds NaN or Inf values: no range can be estimated for them")
     p = parse_range_method(method)

@@ -237,6 +237,8 @@ def merge_weight(
         ``scale``, and ``zero_point`` as int8 (or None). ``s * (w_int - z)`` equals the
         training forward's ``W_hat`` before its final cast.
     """
+    if isinstance(phi, torch.Tensor) and phi.is_meta:
+        raise ValueError("phi is on the meta device: merge_weight computes integer values, it needs real tensors")
     w_int, _ = _w_int_and_dequant(
         phi, lora_A, lora_B, scale, bits=bits, phi_format=phi_format, alpha=alpha,
         zero_point=zero_point, group_size=group_size, out_dtype=None, check_values=True,

@@ -284,7 +284,8 @@ def fit(
     tokens_before, seconds_before = 0, 0.0  # of the run before a resumption
     resumed_from = None
     state_path = None if ckpt_dir is None else os.path.join(ckpt_dir, STATE_FILE)
-    fingerprint = phi_fingerprint(model)
+    # under FSDP2 Phi0 is sharded: the whole one's fingerprint was taken before (check_same_model)
+    fingerprint = phi_fingerprint(model) if dist_ctx is None or dist_ctx.fingerprint is None else dist_ctx.fingerprint
 
     fwd = model if dist_ctx is None else dist_ctx.forward_model  # what computes the loss (DDP: its wrapper)
     if resume and state_path is not None and os.path.isfile(state_path):

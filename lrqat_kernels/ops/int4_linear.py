@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .._checks import check_group_size
 from . import int4_cuda
 from ._int4_rules import (
     _caller_stacklevel,
@@ -361,8 +362,14 @@ def int4_linear(
         raise ValueError(f"int4_linear reads INT-b weights with b in 2..4, got bits={bits!r}")
     if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
         raise TypeError(f"qweight must be a uint8 tensor [N, K / 2], got {getattr(qweight, 'shape', type(qweight))}")
+    if qweight.dtype != torch.uint8:  # checked here for every device (meta included), before any dispatch
+        raise TypeError(f"qweight must be uint8 [N, K / 2] (packed nibbles), got {qweight.dtype}")
+    if qweight.shape[1] < 1:
+        raise ValueError(f"qweight must be [N, K / 2] with K >= 2, got shape {tuple(qweight.shape)}")
     K = 2 * qweight.shape[1]
     x2 = flatten(x, K)
+    if group_size is not None and group_size != -1:
+        check_group_size(group_size, K)
     gs = effective_group_size(K, scale, group_size)  # None: per channel
     g = op_group_size(gs, K)  # the native ops' code: -1 for per channel
     zero_point_in, zero_point = zero_point, _zero_point_int(zero_point)
