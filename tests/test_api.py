@@ -24,6 +24,7 @@ from lrqat_kernels import (
 )
 from lrqat_kernels.formats import decode_phi
 from lrqat_kernels.reference import lowrank_product, quantize_z
+from lrqat_kernels.ops._launch import use_kernels
 
 ARCHS = ["llama", "mistral", "qwen2"]
 
@@ -33,9 +34,8 @@ def _eager_cpu_path(monkeypatch):
     """Model-level tests run the eager CPU path, fast. tests/conftest.py turns the Triton
     interpreter on for the kernel tests; the environment is left alone (Triton reads it when
     kernels are defined), only the dispatcher's choice is switched off here."""
-    functions = getattr(lrqat_kernels, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 def tiny_hf(arch: str = "llama", seed: int = 0, tie: bool = False, hidden: int = 64):

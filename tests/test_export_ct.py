@@ -20,6 +20,7 @@ from lrqat_kernels import QuantizedLinear
 from lrqat_kernels.export import ExportError, export
 from lrqat_kernels.export import compressed_tensors as ct_writer
 from lrqat_kernels.export._common import collect_layers
+from lrqat_kernels.ops._launch import use_kernels
 
 from export_models import converted, tiny_hf
 
@@ -33,9 +34,8 @@ from safetensors.torch import load_file  # noqa: E402
 @pytest.fixture(autouse=True)
 def _eager_cpu_path(monkeypatch):
     """Model-level tests run the eager CPU path (as tests/test_api.py)."""
-    functions = getattr(lrqat_kernels, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 # name: (converted() arguments, extra). Bits 2/3/4/8, per-channel and g=32, sym and asym,

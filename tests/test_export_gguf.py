@@ -27,6 +27,7 @@ from export_models import converted, tiny_hf
 from lrqat_kernels.export import ExportError, export
 from lrqat_kernels.export.gguf import llama_cpp_logits, llama_cpp_perplexity
 from lrqat_kernels.modules import QuantizedLinear
+from lrqat_kernels.ops._launch import use_kernels
 
 VOCAB = 400  # the test tokenizer's size; every model here uses it
 N_THREADS = 1  # llama.cpp threads: tiny models, shared CPU
@@ -35,9 +36,8 @@ N_THREADS = 1  # llama.cpp threads: tiny models, shared CPU
 @pytest.fixture(autouse=True)
 def _eager_cpu_path(monkeypatch):
     """Model-level tests run the eager CPU path (as tests/test_api.py)."""
-    functions = getattr(lrqat_kernels, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------

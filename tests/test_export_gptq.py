@@ -27,14 +27,14 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from lrqat_kernels.export import ExportError, export  # noqa: E402
 from lrqat_kernels.export import gptq as G  # noqa: E402
 from lrqat_kernels.export._common import QuantLayer, collect_layers, dense_state  # noqa: E402
+from lrqat_kernels.ops._launch import use_kernels
 
 
 @pytest.fixture(autouse=True)
 def _eager_cpu_path(monkeypatch):
     """Model-level tests run the eager CPU path (as tests/test_api.py)."""
-    functions = getattr(lrqat_kernels, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 # ---- GPTQ's unpack rules, written from the format's description (facts sheet 2.2 / 2.7a) -------

@@ -43,12 +43,9 @@ def _eager_cpu_path(monkeypatch, request):
     if "interpreted" in request.node.name:
         yield
         return
-    functions = getattr(lk, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):  # as tests/test_reliability.py
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
     from lrqat_kernels.ops import _launch
 
-    with _launch.use_kernels(False) if hasattr(_launch, "use_kernels") else contextlib.nullcontext():
+    with _launch.use_kernels(False):
         yield
 
 

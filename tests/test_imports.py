@@ -48,8 +48,6 @@ RANK = {f"{PKG}.{name}": rank for rank, (_, names) in enumerate(LAYERS) for name
 #: Function-level imports from a lower layer to a higher one (importer -> imported), each a lazy
 #: look-up made on purpose: only these are allowed.
 LAZY_UPWARD = {
-    # the Triton launchers ask the dispatcher module whether the interpreter runs (tests patch it there)
-    ("lrqat_kernels.ops.act_quant", "lrqat_kernels.functions"),
     # export/_common reads deployment layers (QuantizedLinear) out of a model
     ("lrqat_kernels.export._common", "lrqat_kernels.modules"),
     ("lrqat_kernels.train", "lrqat_kernels.cli"),  # train.TrainArgs: deprecated alias of cli.TrainArgs (one release)

@@ -12,6 +12,7 @@ from lrqat_kernels import LRQATConfig, LRQATLinear, QuantizedLinear
 from lrqat_kernels.formats import decode_phi, encode_phi, qrange, unpack_nibbles
 from lrqat_kernels.init import estimate_scale
 from lrqat_kernels.reference import expand_groups, lowrank_product, quantize_z
+from lrqat_kernels.ops._launch import use_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +20,8 @@ def _eager_cpu_path(monkeypatch):
     """Model-level tests run the eager CPU path, fast. tests/conftest.py turns the Triton
     interpreter on for the kernel tests; the environment is left alone (Triton reads it when
     kernels are defined), only the dispatcher's choice is switched off here."""
-    functions = getattr(lrqat_kernels, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 def _linear(out_f=24, in_f=32, bias=True, dtype=torch.float32, seed=0):

@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("LRQAT_SKIP_REAL_MODEL") == "1", 
 def _eager_cpu_path(monkeypatch):
     """The eager CPU path, as users run it (tests/conftest.py turns the Triton interpreter on for the
     kernel tests; interpreting a 135M model's kernels would take hours)."""
-    import lrqat_kernels.functions as functions
+    from lrqat_kernels.ops._launch import use_kernels
 
-    monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 def test_smollm2_quick_demo_round_trips_through_third_party_readers(tmp_path):

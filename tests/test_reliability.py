@@ -24,9 +24,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 @pytest.fixture(autouse=True)
 def _eager_cpu_path(monkeypatch):
     """Run the eager CPU path (tests/conftest.py enables the Triton interpreter for kernel tests)."""
-    functions = getattr(lrqat_kernels, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 def _tiny_llama(seed=0, vocab=256, max_pos=64):
@@ -406,6 +405,7 @@ def loss(model, x):  # announces each forward, then leaves the parent time to si
     return _loss(model, x)
 t._lm_loss = loss
 from lrqat_kernels.cli import main
+from lrqat_kernels.ops._launch import use_kernels
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -19,6 +19,7 @@ from lrqat_kernels.cli import main
 from lrqat_kernels.data import ByteTokenizer, WindowSampler, evaluate_perplexity, load_tokenizer, read_text, tokenize
 from lrqat_kernels.modules import factor_dtype
 from lrqat_kernels.train import build_optimizer, enable_layer_checkpointing, fit, linear_warmup_decay
+from lrqat_kernels.ops._launch import use_kernels
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -26,9 +27,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 @pytest.fixture(autouse=True)
 def _eager_cpu_path(monkeypatch):
     """Run the eager CPU path (tests/conftest.py enables the Triton interpreter for kernel tests)."""
-    functions = getattr(lrqat_kernels, "functions", None)
-    if functions is not None and hasattr(functions, "_interpreting"):
-        monkeypatch.setattr(functions, "_interpreting", lambda: False)
+    with use_kernels(False):
+        yield
 
 
 def _tiny_llama(seed=0):
