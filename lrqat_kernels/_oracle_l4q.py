@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``g`` (LSQ's gradient scale, forward untouched)."""
-
-    @staticmethod
-    def forward(ctx, t, g):
-        ctx.g = g
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.g, None
+from .reference import scale_grad
 
 
 def l4q_fake_quant_weight(w0, lora_A, lora_B, scale, offset, *, bits: int, alpha: float = 1.0,
@@ -43,8 +32,8 @@ def l4q_fake_quant_weight(w0, lora_A, lora_B, scale, offset, *, bits: int, alpha
                            grad_scale=grad_scale)
     cdt = torch.float64 if any(t.dtype == torch.float64 for t in (w0, lora_A, lora_B, scale, offset)) else torch.float32
     qmin, qmax = qrange(bits)
-    s = _GradScale.apply(scale.to(cdt), gs).repeat_interleave(g, 1)
-    b = _GradScale.apply(offset.to(cdt), gs).repeat_interleave(g, 1)
+    s = scale_grad(scale.to(cdt), gs).repeat_interleave(g, 1)
+    b = scale_grad(offset.to(cdt), gs).repeat_interleave(g, 1)
     w_comb = w0.detach().to(cdt) + (alpha / lora_A.shape[0]) * (lora_B.to(cdt) @ lora_A.to(cdt))
     vc = ((w_comb - b) / s).clamp(qmin, qmax)
     q = vc + (torch.round(vc) - vc).detach()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import scale_grad
+
 
 def peqat_linear(x, w0, lora_A, lora_B, log_smooth, clip, bias=None, *, bits: int = 4, act_bits: int = 4,
                  alpha: float = 1.0, clip_grad_scale: float = 1.0, quantize: bool = True) -> torch.Tensor:
@@ -32,24 +34,9 @@ def peqat_linear(x, w0, lora_A, lora_B, log_smooth, clip, bias=None, *, bits: in
         u = w_s / dw
         w_s = dw * (u + (torch.round(u).clamp(-qw, qw) - u).detach())
         c = clip.to(cdt).reshape(())
-        c = _scaled(c, clip_grad_scale)
+        c = scale_grad(c, clip_grad_scale)
         x_c = torch.where(x_s > c, c, torch.where(x_s < -c, -c, x_s))
         da = c / qa
         v = x_c / da
         x_s = da * (v + (torch.round(v) - v).detach())
     return F.linear(x_s.to(x.dtype), w_s.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-class _Scale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, g):
-        ctx.g = g
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.g, None
-
-
-def _scaled(t, g):
-    return _Scale.apply(t, g)

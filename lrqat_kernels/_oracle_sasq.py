@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``g`` (LSQ's gradient scale, forward untouched)."""
-
-    @staticmethod
-    def forward(ctx, t, g):
-        ctx.g = g
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.g, None
+from .reference import scale_grad
 
 
 def sasq_fake_quant(x: torch.Tensor, scale: torch.Tensor, *, bits: int = 8, grad_scale: float = 1.0) -> torch.Tensor:
@@ -23,7 +12,7 @@ def sasq_fake_quant(x: torch.Tensor, scale: torch.Tensor, *, bits: int = 8, grad
 
     Straight-through graph: ``v = x / s``, ``vc = torch.clamp(v, Qn, Qp)`` (inclusive: the gradient
     passes at ``v == Qn`` / ``Qp``), ``x_q = s * (vc + (round(vc) - vc).detach())``; ``s`` enters
-    through ``_GradScale(g)``. Computed in fp32 (fp64 if an input is), cast to x's dtype last.
+    through ``reference.scale_grad(g)``. Computed in fp32 (fp64 if an input is), cast to x's dtype last.
 
     Args: as ``lrqat_kernels.sasq.sasq_fake_quant``.
     """
@@ -32,6 +21,6 @@ def sasq_fake_quant(x: torch.Tensor, scale: torch.Tensor, *, bits: int = 8, grad
     check_sasq_args(x, scale, bits=bits, grad_scale=grad_scale)
     cdt = torch.float64 if torch.float64 in (x.dtype, scale.dtype) else torch.float32
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    s = _GradScale.apply(scale.to(cdt).reshape(()), grad_scale)
+    s = scale_grad(scale.to(cdt).reshape(()), grad_scale)
     vc = torch.clamp(x.to(cdt) / s, qn, qp)
     return (s * (vc + (torch.round(vc) - vc).detach())).to(x.dtype)

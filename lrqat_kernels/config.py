@@ -194,22 +194,36 @@ class LRQATConfig:
         if self.phi_format == "fixed_point" and self.bits > 7:
             raise ValueError(f"phi_format='fixed_point' (Q b.(8-b)) needs bits <= 7, got bits={self.bits}")
         check_bits(self.bits, self.phi_format)
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
-        ):
-            raise ValueError(f"group_size must be None (per-channel) or a positive int, got {self.group_size!r}")
+        self._validate_common()
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
-        self.alpha = float(self.alpha)
         parse_range_method(self.range_method, "range_method")
         if self.init not in ("lora", "svd"):
             raise ValueError(f"init must be 'lora' or 'svd', got {self.init!r}")
         if isinstance(self.svd_steps, bool) or not isinstance(self.svd_steps, int) or self.svd_steps < 1:
             raise ValueError(f"svd_steps must be an int >= 1, got {self.svd_steps!r}")
+        for name in ("act_bits", "kv_bits"):
+            check_act_bits(name, getattr(self, name), optional=True)
+        if self.kv_bits is not None and self.act_bits is None:
+            raise ValueError(
+                f"kv_bits={self.kv_bits} needs act_bits: KV-cache quantisation is part of weight-activation "
+                "quantisation (set act_bits=8 or 4, or use a preset such as 'W4A8KV4')"
+            )
+        for name in ("act_symmetric", "fuse_act_quant"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def _validate_common(self) -> None:
+        """The checks every method shares: group size, rank, alpha, targets, learn_scale, seed."""
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(f"group_size must be None (per-channel) or a positive int, got {self.group_size!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
         for name in ("target_modules", "exclude"):
             val = getattr(self, name)
             if val is None and name == "target_modules":
@@ -224,30 +238,12 @@ class LRQATConfig:
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
-        for name in ("act_bits", "kv_bits"):
-            check_act_bits(name, getattr(self, name), optional=True)
-        if self.kv_bits is not None and self.act_bits is None:
-            raise ValueError(
-                f"kv_bits={self.kv_bits} needs act_bits: KV-cache quantisation is part of weight-activation "
-                "quantisation (set act_bits=8 or 4, or use a preset such as 'W4A8KV4')"
-            )
-        for name in ("act_symmetric", "fuse_act_quant"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def _validate_sibling(self) -> None:
         """The checks of ``method="l4q"`` / ``"peqat"`` (docs/METHODS.md)."""
         m = self.method
         check_bits(self.bits)
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
-        ):
-            raise ValueError(f"group_size must be None (per-channel) or a positive int, got {self.group_size!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
-        self.alpha = float(self.alpha)
+        self._validate_common()
         if self.symmetric is not True:
             raise ValueError(f"symmetric=False does not apply to method={m!r}: "
                              + ("the learned float offset b is its zero point" if m == "l4q" else "its grids are symmetric"))
@@ -255,18 +251,6 @@ class LRQATConfig:
             raise ValueError(f"init={self.init!r} does not apply to method={m!r} (LoRA init only)")
         if self.kv_bits is not None:
             raise ValueError(f"kv_bits does not apply to method={m!r}, got kv_bits={self.kv_bits}")
-        for name in ("target_modules", "exclude"):
-            val = getattr(self, name)
-            if val is None and name == "target_modules":
-                continue
-            if not isinstance(val, list) or not all(isinstance(k, str) and k for k in val):
-                raise TypeError(f"{name} must be a list of non-empty module names, got {val!r}")
-        if not isinstance(self.learn_scale, bool):
-            raise TypeError(f"learn_scale must be a bool, got {self.learn_scale!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
         if m == "l4q":
             if self.act_bits is not None:
                 raise ValueError(f"act_bits does not apply to method='l4q' (weight-only), got act_bits={self.act_bits}")

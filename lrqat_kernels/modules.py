@@ -78,6 +78,15 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def register_frozen_bias(module: nn.Module, bias: bool, out_features: int, dtype, device) -> None:
+    """``module.bias``: a frozen zero parameter ``[out_features]`` (a checkpoint or the source layer fills
+    it), or None. Every training and deployment layer holds its bias this way."""
+    if bias:
+        module.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+    else:
+        module.register_parameter("bias", None)
+
+
 class _KeepDtypes:
     """Mixin: ``module.to(bf16)`` / ``.half()`` must not cast the tensors named in ``_keep_dtypes``,
     and turns a cast of the tensors named in ``_factors`` to fp16 into fp32 (:func:`factor_dtype`).
@@ -168,10 +177,7 @@ class LRQATLinear(_KeepDtypes, nn.Module):
             self.register_buffer("zero_point", None)
         else:
             self.register_buffer("zero_point", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_frozen_bias(self, bias, out_features, dtype, device)
 
     @classmethod
     @torch.no_grad()
@@ -340,10 +346,7 @@ class QuantizedLinear(_KeepDtypes, nn.Module):
         self.register_buffer("input_smooth", None)
         self.register_buffer("input_step", None)
         self.input_qrange: tuple[int, int] | None = None
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_frozen_bias(self, bias, out_features, dtype, device)
 
     @property
     def packed(self) -> bool:

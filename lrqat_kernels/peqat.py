@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .formats import check_bits
-from .modules import QuantizedLinear, _KeepDtypes, factor_dtype
+from .init import lora_init
+from .modules import QuantizedLinear, _KeepDtypes, factor_dtype, register_frozen_bias
 
 __all__ = ["PEQATLinear", "PEQATLinearFunction", "check_peqat_args", "peqat_linear", "peqat_merge", "smoothquant_init"]
 
@@ -236,10 +237,7 @@ class PEQATLinear(_KeepDtypes, nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=fdt, device=device))
         self.log_smooth = nn.Parameter(torch.zeros(in_features, dtype=torch.float32, device=device))
         self.clip = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_frozen_bias(self, bias, out_features, dtype, device)
 
     @classmethod
     @torch.no_grad()
@@ -256,8 +254,7 @@ class PEQATLinear(_KeepDtypes, nn.Module):
         mod = cls(in_f, out_f, bits=bits, act_bits=act_bits, rank=rank, alpha=alpha, clip_grad_scale=clip_grad_scale,
                   bias=linear.bias is not None, dtype=w0.dtype, device=w0.device)
         mod.w0.copy_(w0)
-        bound = 1.0 / math.sqrt(in_f)
-        mod.lora_A.copy_(torch.empty(rank, in_f).uniform_(-bound, bound, generator=generator))
+        mod.lora_A.copy_(lora_init(out_f, in_f, rank, generator=generator)[0])
         if act_absmax is not None:
             s = smoothquant_init(act_absmax, w0, migration)
             mod.log_smooth.copy_(torch.log(s))

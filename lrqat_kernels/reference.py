@@ -407,3 +407,20 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
     d_a = (grad * up).float()
     d_gate = d_a * sig * (1 + gf * (1 - sig))  # autograd's order of silu_backward
     return d_gate.to(gate.dtype), d_up
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, g):
+        ctx.g = g
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
+
+
+def scale_grad(t: torch.Tensor, g: float) -> torch.Tensor:
+    """``t`` unchanged in the forward; its gradient multiplied by ``g`` (LSQ's gradient scale: the
+    sibling methods' oracles, docs/METHODS.md, pass their step sizes through it)."""
+    return _ScaleGrad.apply(t, g)
