@@ -42,15 +42,16 @@ Writes bench/results/memory_cpu.csv (one row per configuration, bytes and GB).
 ``--fsdp``: per-GPU memory of ``lrqat train --distributed fsdp`` (lrqat_kernels.distributed) on
 N = 1, 2, 4, 8 GPUs for LLaMA-2-7B, LLaMA-2-13B and LLaMA-2-70B shapes (batch 1 per GPU, seq 1024,
 r = 32, bf16, W4 per-channel, layer checkpointing, the current lrqat_linear), where each byte goes:
-  Phi0         frozen Phi0 buffers: replicated (FSDP2 does not shard buffers), whole on every GPU
+  Phi0         frozen Phi0: sharded (1/N; lrqat_kernels.distributed makes it a frozen parameter,
+               since FSDP2 does not shard buffers)
   root         embeddings, final norm, LM head: FSDP2's root group, gathered from the forward to
                the end of the backward (the root is not resharded after its forward): whole
   norms        the decoder layers' norms: sharded (1/N)
   factors      lora_A / lora_B (bf16), their fp32 masters, fp32 gradients, 2 AdamW moments: 1/N
   scales       fp32 scales beside bf16 factors: FSDP2's ignored_params (one dtype per group), so
                replicated with their gradient and 2 moments (16 B per scale)
-  FSDP buffers two layers' gathered norms + factors (current and prefetched) and one layer's
-               unsharded factor gradients in bf16 and in fp32 (reduce dtype)
+  FSDP buffers two layers' gathered Phi0 + norms + factors (current and prefetched) and one
+               layer's unsharded factor gradients in bf16 and in fp32 (reduce dtype)
   activations  checkpointed layer inputs + one layer's recompute + head and loss (per GPU: batch 1)
   transient    as above (one W_hat + dL/dW_hat of the largest linear, or the head's fp32 logits)
 Parameter and state bytes are exact (the tensors of LRQATLinear built structurally, no weights);
@@ -351,13 +352,13 @@ def fsdp_accounting(name: str, shape: dict, seq: int, world_sizes=(1, 2, 4, 8), 
                         if isinstance(m, LRQATLinear))
         for n in world_sizes:
             parts = {
-                "phi": L * phi_layer,
+                "phi": L * phi_layer // n,
                 "root": head["weights_bytes"],
                 "norms": L * norms // n,
                 # bf16 factor + fp32 master + fp32 gradient (on the master) + 2 fp32 moments = 18 B each
                 "factors": L * lora_n * (2 + 4 + 4 + 8) // n,
                 "scales": L * scale_n * (4 + 4 + 8),  # replicated: the scale, its gradient, 2 moments
-                "fsdp_buffers": 0 if n == 1 else 2 * (norms + lora_n * 2) + lora_n * (2 + 4),
+                "fsdp_buffers": 0 if n == 1 else 2 * (phi_layer + norms + lora_n * 2) + lora_n * (2 + 4),
                 "activations": L * seq * H * 2 + per_layer_saved + head["saved_bytes"],
                 "transient": max(2 * largest * 2, 2 * seq * V * 4),
             }
@@ -394,7 +395,7 @@ def fsdp_main(argv=None) -> list[dict]:
         if r is not None:
             print(f"aim: 70B, packed INT4 Phi0, {n} GPU(s) of {cap / GB:.0f} GB: {r['total_bytes'] / GB:.1f} GB per GPU -> "
                   f"{'holds' if r['total_bytes'] <= cap else 'does NOT hold'}"
-                  + ("" if r["total_bytes"] <= cap else f" (the replicated Phi0 alone is {r['phi_bytes'] / GB:.1f} GB)"))
+                  )
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("several processes (torchrun --nproc_per_node N -m lrqat_kernels train ...)")
     g.add_argument("--distributed", default="auto", choices=["auto", "fsdp", "ddp"],
                    help="data parallelism under torchrun: auto = ddp when WORLD_SIZE > 1, one process otherwise; "
-                        "fsdp = FSDP2 fully_shard per decoder layer (Phi0 buffers stay replicated)")
+                        "fsdp = FSDP2 fully_shard per decoder layer and the root (Phi0, factors, optimizer state sharded)")
     g.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="process-group backend: auto = nccl on CUDA, gloo on CPU")
     g.add_argument("--dist-timeout", type=float, default=1800.0,

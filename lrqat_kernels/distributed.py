@@ -7,10 +7,9 @@ rank 0.
 :func:`setup` checks the launch and starts the process group, :func:`wrap` shards or replicates the
 prepared model, :func:`lrqat_kernels.train.fit` takes the :class:`DistContext` and
 :func:`gather_model` hands rank 0 a plain single-process model for ``save_pretrained`` /
-``convert``. ``--distributed auto`` (the default) is DDP when ``WORLD_SIZE > 1``: the frozen
-``Phi0`` is a buffer, which FSDP2 does not shard, so FSDP2 saves only the frozen floating tensors
-(embeddings, ``lm_head``, norms, biases) and the trainable state's shards, at the price of an
-all-gather per decoder layer in the forward and the backward.
+``convert``. ``--distributed auto`` (the default) is DDP when ``WORLD_SIZE > 1`` (every rank holds
+the whole model; no gathers): ``fsdp`` is for models whose ``Phi0`` and optimizer state do not fit
+one GPU, at the price of an all-gather per decoder layer in the forward and the backward.
 
 What each mode does with the tensors of an :class:`~lrqat_kernels.modules.LRQATLinear`:
 
@@ -20,7 +19,8 @@ What each mode does with the tensors of an :class:`~lrqat_kernels.modules.LRQATL
   trainable tensors; when the factors are bf16 the fp32 scales are ``ignored_params``: replicated
   (4 bytes per scale, plus grad and two AdamW moments), their gradients averaged by
   :meth:`DistContext.reduce_replicated`. The fp32 masters of bf16 factors are DTensor shards.
-  ``Phi0`` and ``zero_point`` are buffers: replicated on every rank.
+  ``Phi0`` (int8 / uint8 nibbles) becomes a frozen parameter of the same name, so FSDP2 shards it
+  (1/N per rank, gathered per layer); ``zero_point`` (one int8 per group) stays a replicated buffer.
 * ``ddp``: ``DistributedDataParallel(find_unused_parameters=False, broadcast_buffers=False)``:
   frozen tensors are not reduced, the ``Phi0`` buffers are never broadcast (every rank rebuilds the
   same ``Phi0`` from the same seed; :func:`check_same_model` compares fingerprints once).
@@ -92,6 +92,8 @@ class DistContext:
     timeout_s: float
     owns_group: bool = False
     forward_model: nn.Module | None = None
+    fingerprint: list | None = None  # of the whole Phi0, taken before sharding (check_same_model)
+    phi_bytes: int = 0  # bytes of Phi0 this rank holds (FSDP2: its shards)
     replicated: list = dataclasses.field(default_factory=list)
 
     @property
@@ -220,12 +222,13 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """Shard (fsdp) or replicate (ddp) the prepared ``model`` on ``ctx.device``; sets
+    """Shard (fsdp; ``model`` may be on the CPU: each layer moves to ``ctx.device`` as it is sharded)
+    or replicate (ddp) the prepared ``model`` on ``ctx.device``; sets
     ``ctx.forward_model`` and returns it. ``model`` keeps its names and attributes (FSDP2 shards in
     place; DDP wraps it)."""
-    model.to(ctx.device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if ctx.mode == "ddp":
+        model.to(ctx.device)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -233,6 +236,7 @@ def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
             else {"broadcast_buffers": False}
         ctx.forward_model = DDP(model, device_ids=ids, find_unused_parameters=False, **no_sync)
+        ctx.phi_bytes = _phi_bytes_here(model)
         return ctx.forward_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -245,12 +249,40 @@ def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
         rest = {p.dtype for _, p in trainable if p not in ignored}
         if len(rest) > 1:
             raise ValueError(f"fsdp: the trainable tensors besides the scales have several dtypes ({sorted(map(str, rest))})")
+    # Phi0 as a frozen parameter: FSDP2 shards parameters, not buffers, and gathers it with its layer
+    # (mixed dtypes travel as bytes). Same name, so state dicts and checkpoints do not change.
+    for m in model.modules():
+        phi = m._buffers.get("phi") if "phi" in m._buffers else None
+        if isinstance(phi, torch.Tensor) and not phi.is_floating_point():
+            del m._buffers["phi"]
+            m.register_parameter("phi", nn.Parameter(phi, requires_grad=False))
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
+    # fully_shard moved each group's tensors to the device one layer at a time (a model prepared on
+    # the CPU never sits whole on a GPU); what it does not manage follows: ignored scales, buffers
+    with torch.no_grad():
+        for p in ignored:
+            p.data = p.data.to(ctx.device)
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.device != ctx.device:
+                    m._buffers[name] = b.to(ctx.device)
     ctx.forward_model = model
+    ctx.phi_bytes = _phi_bytes_here(model)
     return model
+
+
+def _phi_bytes_here(model: nn.Module) -> int:
+    """Bytes of ``Phi0`` held by this rank (a DTensor: its local shard)."""
+    total = 0
+    for m in model.modules():
+        t = m._parameters.get("phi") if "phi" in m._parameters else m._buffers.get("phi")
+        if isinstance(t, torch.Tensor):
+            t = t.to_local() if hasattr(t, "to_local") else t
+            total += t.numel() * t.element_size()
+    return total
 
 
 def check_same_model(ctx: DistContext, fingerprint) -> None:
@@ -261,6 +293,7 @@ def check_same_model(ctx: DistContext, fingerprint) -> None:
         dist.all_gather_object(seen, fingerprint)
     except (RuntimeError, dist.DistError) as e:
         raise ctx.lost(e, "while comparing the ranks' models") from None
+    ctx.fingerprint = fingerprint
     bad = [r for r, f in enumerate(seen) if f != seen[0]]
     if bad:
         raise ValueError(f"ranks {bad} built a different frozen Phi0 than rank 0 (a different --model or files changed "
@@ -386,7 +419,8 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
 
 
 def gather_model(model: nn.Module, ctx: DistContext, skeleton: nn.Module | None) -> nn.Module | None:
-    """The trained model as one plain single-process module on rank 0 (CPU), None on the others.
+    """The trained model as one plain single-process module on rank 0, None on the others (FSDP2:
+    on the CPU; DDP: where it trained).
     DDP: the wrapped module itself. FSDP2: the full state dict gathered
     (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, a collective: every rank
     calls it) and loaded into ``skeleton`` (:func:`meta_skeleton`, made before sharding)."""
@@ -405,7 +439,7 @@ def gather_model(model: nn.Module, ctx: DistContext, skeleton: nn.Module | None)
         p.requires_grad_(model.get_parameter(name).requires_grad)
     if hasattr(skeleton, "tie_weights") and getattr(getattr(skeleton, "config", None), "tie_word_embeddings", False):
         skeleton.tie_weights()
-    return skeleton.to(ctx.device)
+    return skeleton  # on the CPU: a model FSDP2 had to shard need not fit rank 0's GPU whole
 
 
 def is_comm_error(e: BaseException) -> bool:

@@ -553,7 +553,9 @@ def _run_train(args, ctx) -> dict:
             pass
     device = resolve_device(args.device) if ctx is None else str(ctx.device)
     args.lrqat_config()  # validates the quantization arguments before any loading
-    model = load_causal_lm(args.model, device=device)  # range estimation then runs on the device
+    # range estimation then runs on the device; FSDP2: on the CPU, the model is sharded onto the GPUs after
+    load_device = "cpu" if ctx is not None and ctx.mode == "fsdp" else device
+    model = load_causal_lm(args.model, device=load_device)
     eval_len = args.eval_seq_len or args.seq_len
     check_window(model, args.seq_len)
     check_window(model, eval_len, "eval_seq_len")
@@ -601,6 +603,8 @@ def _run_train(args, ctx) -> dict:
         "lrqat_config": config.to_dict(),
         "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
         "train_tokens_available": int(ids.numel()),
+        **({} if ctx is None else {"distributed": {"mode": ctx.mode, "world_size": ctx.world_size, "backend": ctx.backend,
+                                                   "phi_bytes_per_rank": ctx.phi_bytes}}),
         **{k: v for k, v in result.items() if k != "history"},
         "final_loss": result["history"][-1]["loss"] if result["history"] else None,
         "history": result["history"],

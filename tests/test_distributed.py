@@ -56,7 +56,8 @@ def _scenarios(work):
     return [
         {"argv": _train_argv(work, "fsdp", "--distributed", "fsdp", "--convert")},
         {"argv": _train_argv(work, "ddp", "--distributed", "ddp")},
-        {"argv": _train_argv(work, "fsdp_bf16", "--distributed", "fsdp", "--compute-dtype", "bfloat16")},
+        {"argv": _train_argv(work, "fsdp_bf16", "--distributed", "fsdp", "--compute-dtype", "bfloat16", "--phi-format",
+                             "packed_int")},
         {"argv": _train_argv(work, "resume22", "--distributed", "fsdp", "--stop-after", "2")},
         {"argv": _train_argv(work, "resume22", "--distributed", "fsdp", "--resume")},
         {"argv": _train_argv(work, "resume21_fsdp", "--distributed", "fsdp", "--stop-after", "2")},
@@ -137,15 +138,21 @@ def test_two_ranks_follow_the_one_rank_loss_curve(launch, one_process):
     _assert_same_curve(_history(work / "fsdp"), one, rtol=1e-5)
     _assert_same_curve(_history(work / "ddp"), one, rtol=1e-5)
     assert _history(work / "fsdp")[-1]["loss"] < one[0]["loss"]  # it trained
+    # Phi0: sharded by FSDP2 (half per rank; each layer's rows split in 2), whole on every DDP rank
+    info = {m: json.load(open(work / m / "results.json"))["distributed"] for m in ("fsdp", "ddp")}
+    assert info["fsdp"]["mode"] == "fsdp" and info["ddp"]["world_size"] == 2
+    assert info["fsdp"]["phi_bytes_per_rank"] * 2 == info["ddp"]["phi_bytes_per_rank"] > 0
 
 
 def test_fsdp_bf16_factors_fp32_masters_on_shards(launch, one_process):
-    """bf16 factors (DTensor shards, fp32 masters per shard) and fp32 scales (replicated)."""
+    """bf16 factors (DTensor shards, fp32 masters per shard), fp32 scales (replicated), packed
+    INT4 Phi0 (uint8, sharded as a frozen parameter)."""
     from lrqat_kernels.api import lrqat_layers
     from lrqat_kernels.checkpoint import load_pretrained
 
     work, out, _ = launch
-    _assert_same_curve(_history(work / "fsdp_bf16"), _one_rank(work, "one_bf16", "--compute-dtype", "bfloat16"), rtol=5e-3)
+    one = _one_rank(work, "one_bf16", "--compute-dtype", "bfloat16", "--phi-format", "packed_int")
+    _assert_same_curve(_history(work / "fsdp_bf16"), one, rtol=5e-3)
     layers = lrqat_layers(load_pretrained(str(work / "fsdp_bf16" / "lrqat")))
     assert layers and all(m.lora_A.dtype == torch.bfloat16 and m.scale.dtype == torch.float32 for _, m in layers)
 
@@ -274,7 +281,7 @@ def test_rank_slices_make_the_one_rank_batch():
 
 
 def test_fsdp_memory_accounting_quick(tmp_path, capsys, set_kernel_options):
-    """bench/bench_memory.py --fsdp: what FSDP2 shards divides by N, what it replicates does not."""
+    """bench/bench_memory.py --fsdp: what FSDP2 shards divides by N (Phi0 too), what it replicates does not."""
     import importlib.util
 
     set_kernel_options(kernels=False)  # the saved tensors of the eager path (the interpreter is slow)
@@ -288,8 +295,9 @@ def test_fsdp_memory_accounting_quick(tmp_path, capsys, set_kernel_options):
     for (model, fmt, n), r in key.items():
         one = key[(model, fmt, 1)]
         assert r["saved_linear_in_seq"]
-        assert r["phi_bytes"] == one["phi_bytes"] and r["scales_bytes"] == one["scales_bytes"]  # replicated
-        assert r["factors_bytes"] == one["factors_bytes"] // n and r["norms_bytes"] == one["norms_bytes"] // n
+        assert r["scales_bytes"] == one["scales_bytes"]  # replicated
+        for part in ("phi", "factors", "norms"):  # sharded
+            assert r[f"{part}_bytes"] == one[f"{part}_bytes"] // n
         assert (r["fsdp_buffers_bytes"] == 0) == (n == 1)
         assert 2 * key[(model, "packed_int", n)]["phi_bytes"] == key[(model, "fixed_point", n)]["phi_bytes"]
     assert key[("quick-b", "packed_int", 8)]["total_bytes"] < key[("quick-b", "packed_int", 1)]["total_bytes"]
