@@ -36,8 +36,10 @@ __all__ = [
     "calibrate_static_scale",
     "calibrating",
     "check_sasq_args",
+    "deploy",
     "sasq_fake_quant",
     "sasq_freeze",
+    "wrap_quantized",
 ]
 
 
@@ -231,6 +233,19 @@ class SASQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.act_quant(x))
 
+    @torch.no_grad()
+    def to_quantized(self) -> nn.Module:
+        """The deployed layer: a copy of the wrapped ``QuantizedLinear`` quantising its input with the
+        learned step (``QuantizedLinear.set_static_input_quant``: no per-token max at run time);
+        equal to this layer's forward bit for bit (the same fp32 operations)."""
+        import copy
+
+        if not hasattr(self.linear, "set_static_input_quant"):
+            raise TypeError(f"to_quantized needs a wrapped QuantizedLinear, got {type(self.linear).__name__}")
+        q = copy.deepcopy(self.linear)
+        q.set_static_input_quant(self.scale.detach().float(), _grid(self.act_quant.bits))
+        return q
+
 
 @contextlib.contextmanager
 def calibrating(model: nn.Module):
@@ -261,3 +276,37 @@ def sasq_freeze(model: nn.Module) -> list[nn.Parameter]:
     for p in scales:
         p.requires_grad_(True)
     return scales
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def wrap_quantized(model: nn.Module, *, bits: int = 8, grad_scale: float = 1.0) -> list[str]:
+    """Wrap every ``QuantizedLinear`` of a converted model in :class:`SASQLinear` (in place); returns
+    their names. Layers that quantise their input already (``input_bits`` or a static step) are an
+    error: SASQ's static quantiser replaces them."""
+    from .modules import QuantizedLinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if not names:
+        raise ValueError("model holds no QuantizedLinear: SASQ trains static activation scales on a converted "
+                         "(weight-quantised) model; convert it first")
+    for n in names:
+        q = model.get_submodule(n)
+        if q.input_step is not None:
+            raise ValueError(f"layer {n!r} already quantises its input statically")
+        _swap(model, n, SASQLinear(q, bits=bits, grad_scale=grad_scale))
+    return names
+
+
+def deploy(model: nn.Module) -> nn.Module:
+    """Replace every :class:`SASQLinear` by its deployed ``QuantizedLinear`` (:meth:`SASQLinear.to_quantized`),
+    in place; the model then saves, loads and serves with static activation scales."""
+    names = [n for n, m in model.named_modules() if isinstance(m, SASQLinear)]
+    if not names:
+        raise ValueError("model holds no SASQLinear to deploy")
+    for n in names:
+        _swap(model, n, model.get_submodule(n).to_quantized())
+    return model

@@ -187,3 +187,51 @@ def test_bad_arguments_name_the_argument():
             pass
     with pytest.raises(ValueError, match="model holds no StaticActQuant"):
         sasq_freeze(torch.nn.Linear(2, 2))
+
+
+def test_model_wrap_calibrate_train_deploy_save_load(tmp_path):
+    """A converted model: every QuantizedLinear wrapped in SASQLinear, calibrated, its steps trained
+    (weights bit-identical), then deployed as QuantizedLinear with a static input step: the deployed
+    logits equal the SASQ model's (exact dequantise path) and survive save/load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lrqat_kernels import LRQATConfig, convert, load_pretrained, prepare, save_pretrained
+    from lrqat_kernels.modules import QuantizedLinear
+    from lrqat_kernels.ops._launch import use_kernels
+    from lrqat_kernels.sasq import SASQLinear, calibrating, deploy, sasq_freeze, wrap_quantized
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    with use_kernels(False):
+        model = convert(prepare(LlamaForCausalLM(cfg).eval(), LRQATConfig(rank=4, range_method="minmax")))
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        names = wrap_quantized(model, bits=8)
+        assert len(names) == 7
+        with calibrating(model):
+            model(ids)
+        weights = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("act_quant.scale")}
+        opt = torch.optim.AdamW(sasq_freeze(model), lr=1e-5)  # steps are ~1e-3: AdamW moves each by ~lr
+        for _ in range(2):
+            opt.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.use_int4_kernel = False
+        with torch.no_grad():
+            ref = model(ids).logits
+        deploy(model)
+        assert not any(isinstance(m, SASQLinear) for m in model.modules())
+        qs = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        assert len(qs) == 7 and all(m.input_qrange == (-128, 127) for m in qs)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref)
+        save_pretrained(model, str(tmp_path / "sasq"))
+        back = load_pretrained(str(tmp_path / "sasq"))
+        for m in back.modules():
+            if isinstance(m, QuantizedLinear):
+                m.use_int4_kernel = False
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, ref)
