@@ -21,7 +21,7 @@ What each mode does with the tensors of an :class:`~lrqat_kernels.modules.LRQATL
   :meth:`DistContext.reduce_replicated`. The fp32 masters of bf16 factors are DTensor shards.
   ``Phi0`` (int8 / uint8 nibbles) becomes a frozen parameter of the same name, so FSDP2 shards it
   (1/N per rank, gathered per layer); ``zero_point`` (one int8 per group) stays a replicated buffer.
-* ``ddp``: ``DistributedDataParallel(find_unused_parameters=False, broadcast_buffers=False)``:
+* ``ddp``: ``DistributedDataParallel(find_unused_parameters=False)``, no buffer sync per forward:
   frozen tensors are not reduced, the ``Phi0`` buffers are never broadcast (every rank rebuilds the
   same ``Phi0`` from the same seed; :func:`check_same_model` compares fingerprints once).
 
@@ -31,7 +31,9 @@ the reduced tensors are only the trainable ones (small). Rank ``r`` takes sample
 losses is the 1-rank loss, so the gradients are the 1-rank ones up to summation order
 (tests/test_distributed.py::test_two_ranks_follow_the_one_rank_loss_curve).
 
-Size: about 400 lines: the launch checks, the two wrappers, the checkpoint format and the gathered
+Tested with ``--method lrqat`` only (L4Q / PE-QAT layers under ranks: not yet).
+
+Size: about 450 lines: the launch checks, the two wrappers, the checkpoint format and the gathered
 model belong together (each depends on the others' choices: what is sharded decides what DCP
 saves and how rank 0 gets the full model).
 """
