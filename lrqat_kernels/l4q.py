@@ -17,6 +17,14 @@ the LSQ gradient scale, :func:`lsq_grad_scale`)::
     dL/ds      = g * sum_group G * (M * (W_int - v) + (1 - M) * clip(v))          (LSQ)
     dL/db      = g * sum_group G * (1 - M)                                        (LSQ+ offset)
 
+Kernels: where :func:`~lrqat_kernels.ops._launch.kernels_run_on` (CUDA; CPU under
+``TRITON_INTERPRET=1``; not under ``use_kernels(False)``) and the dtypes allow (fp32/bf16/fp16
+``W0`` and factors, fp32 ``s`` and ``b``, rank <= 128), both autograd functions run the fused
+LR-QAT kernels in their L4Q mode (``ops/fake_quant.py``: ``lrqat::l4q_fwd``, ``lrqat::l4q_bwd``,
+``lrqat::l4q_w_int``): one forward pass over ``W0``, and a backward that recomputes ``v`` per tile
+and reduces ``G`` into all four gradients in one pass. Otherwise (fp64, CPU without the
+interpreter) the eager functions below, which the kernels match (``tests/test_l4q_kernels.py``).
+
 Deployment: ``W_int`` (integers), ``s`` and a float offset ``b`` per group: ``W_hat = s * W_int + b``
 equals ``W_q`` bit for bit (``test_l4q.py::test_merge_is_exact``).
 
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 from ._checks import check_group_size
 from .formats import check_bits, qrange
 from .modules import QuantizedLinear, _KeepDtypes, factor_dtype
+from .ops._launch import kernels_run_on
 
 __all__ = [
     "L4QLinear",
@@ -132,6 +141,17 @@ def _quantise(w0, lora_A, lora_B, scale, offset, *, bits, alpha, g):
     return v, torch.round(v).clamp(qmin, qmax), s, b
 
 
+def _kernel_ops(w0, lora_A, scale, offset, *dtypes):
+    """``ops.fake_quant`` when its L4Q kernels compute for these inputs, else None (eager).
+
+    Imported here, not at the top: ``import lrqat_kernels`` imports no Triton kernel module."""
+    if not kernels_run_on(w0.device):
+        return None
+    from .ops import fake_quant
+
+    return fake_quant if fake_quant.l4q_uses_kernels(w0, lora_A, scale, offset, *dtypes) else None
+
+
 def _grads(grad_w, v, w_int, lora_A, lora_B, scale, offset, *, bits, alpha, g, grad_scale, needs):
     """Gradients of ``(lora_A, lora_B, scale, offset)`` from ``G = dL/dW_q`` (module docstring)."""
     cdt = v.dtype
@@ -156,16 +176,25 @@ class L4QWeightFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w0, lora_A, lora_B, scale, offset, bits, alpha, g, grad_scale, out_dtype):
-        with torch.no_grad():
-            _, w_int, s, b = _quantise(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g)
         ctx.save_for_backward(w0, lora_A, lora_B, scale, offset)
         ctx.args = (bits, alpha, g, grad_scale)
+        if _kernel_ops(w0, lora_A, scale, offset, out_dtype) is not None:
+            return torch.ops.lrqat.l4q_fwd(w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale, out_dtype)
+        with torch.no_grad():
+            _, w_int, s, b = _quantise(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g)
         return (s * w_int + b).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_w):
         w0, lora_A, lora_B, scale, offset = ctx.saved_tensors
         bits, alpha, g, grad_scale = ctx.args
+        needs = ctx.needs_input_grad[1:5]
+        if not any(needs):
+            return (None,) * 10
+        if _kernel_ops(w0, lora_A, scale, offset, grad_w.dtype) is not None:
+            grads = torch.ops.lrqat.l4q_bwd(grad_w.contiguous(), w0, lora_A, lora_B, scale, offset, bits, alpha,
+                                            grad_scale)
+            return (None, *(t if n else None for t, n in zip(grads, needs)), None, None, None, None, None)
         v, w_int, _, _ = _quantise(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g)
         grads = _grads(grad_w.to(v.dtype), v, w_int, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g,
                        grad_scale=grad_scale, needs=ctx.needs_input_grad[1:5])
@@ -181,9 +210,12 @@ class L4QLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w0, lora_A, lora_B, scale, offset, bias, bits, alpha, g, grad_scale):
-        with torch.no_grad():
-            _, w_int, s, b = _quantise(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g)
-            w_q = (s * w_int + b).to(x.dtype)
+        if _kernel_ops(w0, lora_A, scale, offset, x.dtype) is not None:
+            w_q = torch.ops.lrqat.l4q_fwd(w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale, x.dtype)
+        else:
+            with torch.no_grad():
+                _, w_int, s, b = _quantise(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g)
+                w_q = (s * w_int + b).to(x.dtype)
         ctx.save_for_backward(x, w0, lora_A, lora_B, scale, offset)
         ctx.args = (bits, alpha, g, grad_scale)
         return F.linear(x, w_q, None if bias is None else bias.to(x.dtype))
@@ -192,12 +224,32 @@ class L4QLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w0, lora_A, lora_B, scale, offset = ctx.saved_tensors
         bits, alpha, g, grad_scale = ctx.args
+        if _kernel_ops(w0, lora_A, scale, offset, x.dtype, dy.dtype) is not None:
+            return _kernel_linear_backward(ctx, dy, x, w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale)
         v, w_int, s, b = _quantise(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g)
         dx = (dy @ (s * w_int + b).to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = dy.reshape(-1, dy.shape[-1]).to(v.dtype).t() @ x.reshape(-1, x.shape[-1]).to(v.dtype)
         grads = _grads(grad_w, v, w_int, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g,
                        grad_scale=grad_scale, needs=ctx.needs_input_grad[2:6])
         return (dx, None, *grads, None, None, None, None, None)
+
+
+def _kernel_linear_backward(ctx, dy, x, w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale):
+    """:class:`L4QLinearFunction`'s backward on the kernels: ``W_q`` recomputed by the forward kernel
+    for ``dx``; ``G = dy^T x`` in fp32 (as the eager path forms it), one backward-kernel pass over it."""
+    needs = ctx.needs_input_grad
+    dx = None
+    if needs[0]:
+        w_q = torch.ops.lrqat.l4q_fwd(w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale, dy.dtype)
+        dx = (dy @ w_q).to(x.dtype)
+        del w_q
+    grads = (None,) * 4
+    if any(needs[2:6]):
+        grad_w = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+        grads = torch.ops.lrqat.l4q_bwd(grad_w, w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale)
+        del grad_w
+        grads = tuple(t if n else None for t, n in zip(grads, needs[2:6]))
+    return (dx, None, *grads, None, None, None, None, None)
 
 
 def l4q_linear(x, w0, lora_A, lora_B, scale, offset, bias=None, *, bits: int, alpha: float = 1.0,
@@ -242,6 +294,10 @@ def l4q_merge(w0, lora_A, lora_B, scale, offset, *, bits: int, alpha: float = 1.
     """``(W_int int8 [out, in], scale fp32 [out, G], offset fp32 [out, G])`` with ``s * W_int + b == W_q``."""
     g, _ = check_l4q_args(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, group_size=group_size,
                           grad_scale=1.0)
+    if _kernel_ops(w0, lora_A, scale, offset) is not None:
+        w_int, _ = torch.ops.lrqat.l4q_w_int(w0.detach(), lora_A.detach(), lora_B.detach(), scale.detach(),
+                                            offset.detach(), bits, float(alpha))  # a NaN is written as 0
+        return w_int, scale.detach().float().clone(), offset.detach().float().clone()
     _, w_int, _, _ = _quantise(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, g=g)
     return w_int.to(torch.int8), scale.detach().float().clone(), offset.detach().float().clone()
 

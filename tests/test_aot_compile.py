@@ -53,6 +53,7 @@ def ptx_facts(ptx: str) -> dict:
         rne_const="0f4B400000" in ptx and "0fCB400000" in ptx,  # (z + c) - c kept, c = 1.5 * 2^23
         contractible=bool(re.search(r"\b(add|sub|mul)\.f32\b", ptx)),  # fp32 op without .rn
         mul_s64="mul.lo.s64" in ptx,
+        div_rn="div.rn.f32" in ptx,  # IEEE division (L4Q's v = (Z - b) / s through tl.math.div_rn)
     )
 
 
@@ -175,6 +176,42 @@ def test_int64_offsets_variant(reports):
     spec = next(s for s in aot_specs.fake_quant_specs() if s.default and s.name.startswith("fwd") and "int8" not in s.name)
     assert not reports[(spec.name, 90)]["mul_s64"]
     assert reports[(spec.name + "+I64", 90)]["mul_s64"]
+
+
+def test_l4q_configs_divide_exactly_and_do_not_spill(reports):
+    """The L4Q mode of the fake-quant kernels (``aot_specs.l4q_specs``): ``v = (Z - b) / s`` is an
+    IEEE ``div.rn.f32`` (LR-QAT's kernels divide nowhere); no forward and no G-in-HBM backward row
+    spills (the layer's path). The G-free rows with fp32 factors spill 4 B on one arch each (ptxas,
+    Triton 3.8; nothing launches them from ``l4q.py``) and are held by the backward rule above."""
+    l4q = {k: r for k, r in reports.items() if "-l4q" in k[0]}
+    assert {s.name for s in aot_specs.l4q_specs()} == {k[0] for k in l4q}
+    assert any(k[0].startswith("fwd-l4q") and "R128" in k[0] for k in l4q)
+    assert any(k[0].startswith("bwd-l4q_fused_g") for k in l4q)
+    for (name, arch), r in reports.items():
+        assert r["div_rn"] == ("-l4q" in name), f"{name} sm_{arch}: div.rn.f32 {'missing' if r['div_rn'] else 'unexpected'}"
+    spilled = [f"{n} sm_{a}: {r['spill_stores']} B" for (n, a), r in l4q.items()
+               if (r["spill_stores"] or r["spill_loads"]) and not ("_fused_g" in n and "-fp32-" in n)]
+    assert not spilled, "register spills in L4Q configurations: " + ", ".join(spilled)
+
+
+def test_l4q_launcher_configs_are_the_enumerated_ones():
+    """The configs the L4Q launchers compute at LLaMA-2-7B shapes (same tables as LR-QAT) are compiled
+    in their L4Q mode, for the W0 / factor dtypes the layer runs with."""
+    import torch
+
+    specs = aot_specs.l4q_specs()
+    fwd = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["R_PAD"], s.constexprs["R_CHUNK"],
+            s.constexprs["GPT"], s.num_warps) for s in specs if s.name.startswith("fwd")}
+    bwd = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["R_PAD"], s.constexprs["GPT"],
+            s.constexprs["SPLIT_BF16"], s.num_warps) for s in specs if s.name.startswith("bwd-l4q-")}
+    for out, inn in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        for rank in (8, 16, 32, 64, 128):
+            for g in (inn, 128) + ((32,) if rank == 32 else ()):
+                for dt in (torch.bfloat16, torch.float32):
+                    c = _tiles.fwd_config(out, inn, rank, g, dt, interpret=False)
+                    assert (c.block_m, c.block_n, c.r_pad, c.r_chunk, c.gpt, c.num_warps) in fwd, (out, inn, rank, g, dt)
+                    b = _tiles.bwd_config(out, inn, rank, g, dt, fused_g=False, interpret=False)
+                    assert (b.block_m, b.block_n, b.r_pad, b.gpt, dt == torch.bfloat16, b.num_warps) in bwd, (out, inn, rank, g, dt)
 
 
 if __name__ == "__main__":  # child process of the ``reports`` fixture

@@ -111,8 +111,11 @@ def col_tile(tile_n, in_features, group_size, chunks, BLOCK_N: tl.constexpr, GPT
 
 @triton.jit
 def load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GPT: tl.constexpr, HAS_ZP: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GPT: tl.constexpr, HAS_ZP: tl.constexpr,
+                  S_OTHER: tl.constexpr = 0.0):
     """Scale and zero point of the tile, broadcastable against ``[BM, BN]``.
+
+    ``S_OTHER``: the scale of masked lanes (L4Q divides by it: 1.0 keeps padding lanes finite).
 
     ``GPT == 1``: ``[BM, 1]`` (one group a tile). ``GPT > 1``: the ``[BM, GPT]`` values are loaded
     once and expanded to ``[BM, BN]`` in registers (a per-element gather would carry a 64-bit
@@ -123,7 +126,7 @@ def load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups,
         # grp == n_groups on the dead tail tiles of a backward band: nothing to load there (the
         # values would be unused, but the last row's load would run one element past the end).
         qmask = and_scalar(rmask, grp < n_groups)
-        s = tl.load(scale_ptr + offs, mask=qmask, other=0.0)[:, None]
+        s = tl.load(scale_ptr + offs, mask=qmask, other=S_OTHER)[:, None]
         if HAS_ZP:
             zp = tl.load(zp_ptr + offs, mask=qmask, other=0.0)[:, None]
         else:
@@ -132,7 +135,7 @@ def load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups,
         gidx = grp + tl.arange(0, GPT)
         offs = rows[:, None] * n_groups + gidx[None, :]
         m2 = rmask[:, None] & (gidx < n_groups)[None, :]
-        s = expand_groups(tl.load(scale_ptr + offs, mask=m2, other=0.0), BLOCK_M, BLOCK_N, GPT)
+        s = expand_groups(tl.load(scale_ptr + offs, mask=m2, other=S_OTHER), BLOCK_M, BLOCK_N, GPT)
         if HAS_ZP:
             zp = expand_groups(tl.load(zp_ptr + offs, mask=m2, other=0.0), BLOCK_M, BLOCK_N, GPT)
         else:

@@ -9,6 +9,8 @@
 ``decode_phi``              a Phi0 tile in fp32 grid units, every ``phi_format``
 ``cast`` / ``to_bf16_rne``  fp32 -> compute dtype, IEEE round-to-nearest-even on every backend
 ``dot``                     ``acc + a @ b`` with fp32 accumulation (IEEE where asked)
+``l4q_v`` / ``l4q_mask``    L4Q's ``v = (Z - b) / s`` (IEEE division) and its inclusive mask on ``v``
+``l4q_dequant``             L4Q's ``W_q = s * W_int + b`` in fp32 (two roundings, as the eager layer)
 ``and_scalar``              a block mask AND a scalar condition, as a select
 =========================== ====================================================================
 
@@ -36,6 +38,9 @@ __all__ = [
     "dequant",
     "dot",
     "int_to_f32",
+    "l4q_dequant",
+    "l4q_mask",
+    "l4q_v",
     "nibble_code",
     "nibble_codes",
     "phi_constexprs",
@@ -156,6 +161,28 @@ def center(w_int, zp, HAS_ZP: tl.constexpr):
 def dequant(w_int, s, zp, HAS_ZP: tl.constexpr):
     """``W_hat = s * (W_int - z)`` in fp32 (one rounding, as the reference)."""
     return s * center(w_int, zp, HAS_ZP)
+
+
+@triton.jit
+def l4q_v(z, s, b):
+    """L4Q's ``v = (Z - b) / s`` in fp32 with IEEE round-to-nearest division (``div_rn``: Triton's
+    ``/`` on fp32 is the approximate ``div.full.f32`` on GPUs), as ``l4q._quantise`` divides
+    (tests/test_l4q_kernels.py::test_forward_matches_eager_and_oracle)."""
+    return tl.math.div_rn(z - b, s)
+
+
+@triton.jit
+def l4q_mask(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """L4Q's straight-through mask ``qmin <= v <= qmax`` on ``v`` before rounding (inclusive; False
+    for NaN). LR-QAT's mask (:func:`round_clip`) is on ``round(Z)``."""
+    return (v >= QMIN) & (v <= QMAX)
+
+
+@triton.jit
+def l4q_dequant(w_int, s, b):
+    """L4Q's ``W_q = s * W_int + b`` in fp32: a product and a sum, each rounded (no FMA: the
+    kernels run with ``enable_fp_fusion=False``), so the merged ``s * W_int + b`` equals it bit for bit."""
+    return s * w_int + b
 
 
 @triton.jit

@@ -1,8 +1,9 @@
 """Fake-quantised weight (NUMERICS.md "Forward", "Backward"): Triton kernels, launchers, the
 ``lrqat::fake_quant_*`` ops with their fakes, and autograd.
 
-Size: about 700 lines on purpose: one op family, read top to bottom in the order of its chain;
-what other kernels share lives in ``_triton_quant.py`` and ``_tiles.py``.
+Size: about 870 lines on purpose: one op family (LR-QAT's quantiser and L4Q's mode of the same two
+kernels), read top to bottom in the order of its chain; what other kernels share lives in
+``_triton_quant.py`` and ``_tiles.py``.
 
     C     = (alpha / r) * lora_B @ lora_A                 [out, in], grid units, fp32
     Z     = decode(Phi0) + C
@@ -64,7 +65,16 @@ for op (CPU; fp64 for ``gradcheck``; ranks above ``MAX_RANK``):
 ``fake_quant_fwd``              ``W_hat`` ``[out, in]`` (differentiable: ``register_autograd``)
 ``fake_quant_w_int``            int8 ``W_int`` and the NaN count (merge)
 ``fake_quant_bwd``              ``(dA, dB, ds)`` from ``G = dL/dW_hat``
+``l4q_fwd``                     L4Q's ``W_q`` (differentiable); kernels only (``l4q.py`` dispatches)
+``l4q_w_int``                   L4Q's int8 ``W_int`` and the NaN count (merge)
+``l4q_bwd``                     L4Q's ``(dA, dB, ds, db)`` from ``G = dL/dW_q``
 =============================== ==================================================================
+
+L4Q (``l4q.py``) runs on the same two kernels with the ``L4Q`` constexpr: Phi0 is the float ``W0``
+and the zero-point pointer carries the fp32 offset ``b``; ``v = (Z - b) / s`` (IEEE ``div_rn``),
+``W_q = s * W_int + b``, the mask on ``v``, ``dZ = M G``, and the offset's group sums of
+``G (1 - M)`` go to a second partial buffer with ds's layout (:func:`l4q_forward`,
+:func:`l4q_backward`).
 """
 
 from __future__ import annotations
@@ -101,7 +111,19 @@ from ._tiles import (  # FMA_RANK_CHUNK, rank_pad, small_tiles: re-exported (the
     z_from_lowrank,
     z_tile,
 )
-from ._triton_quant import PHI_KIND, and_scalar, cast, center, dequant, dot, phi_constexprs, round_clip
+from ._triton_quant import (
+    PHI_KIND,
+    and_scalar,
+    cast,
+    center,
+    dequant,
+    dot,
+    l4q_dequant,
+    l4q_mask,
+    l4q_v,
+    phi_constexprs,
+    round_clip,
+)
 
 __all__ = [
     "FMA_RANK_CHUNK",
@@ -117,6 +139,10 @@ __all__ = [
     "fake_quant_forward",
     "fwd_config",
     "interpreting",
+    "L4Q_W0_FORMAT",
+    "l4q_backward",
+    "l4q_forward",
+    "l4q_uses_kernels",
     "needs_int64",
     "phi_constexprs",
     "rank_pad",
@@ -139,12 +165,15 @@ def _fake_quant_fwd_kernel(
     PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     HAS_ZP: tl.constexpr, GPT: tl.constexpr, WRITE_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
-    DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr, I64: tl.constexpr,
+    DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr, I64: tl.constexpr, L4Q: tl.constexpr = False,
 ):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``W_hat`` (or int8 ``W_int``): one read of Phi0, one write.
 
     Grid: ``(n_col_tiles, n_row_tiles)``; axis 0 walks along a row band, so consecutive programs
     stream contiguous Phi0 rows and reuse the same lora_B slice from L1/L2.
+
+    ``L4Q``: Phi0 is the float ``W0`` and ``zp_ptr`` the fp32 offset ``b``: ``v = (Z - b) / s``,
+    ``W_int = clip(round(v))``, ``W_q = s * W_int + b`` (``write_int``: L4Q's ``W_int``).
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -162,7 +191,11 @@ def _fake_quant_fwd_kernel(
         a_tile = lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
         z = z_tile(phi_ptr, b_tile, a_tile, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, lr_scale,
                     PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N, DOT_FP32)
-    w_int, _ = round_clip(z, QMIN, QMAX)
+    if L4Q:
+        s, off = load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, True, 1.0)
+        w_int, _ = round_clip(l4q_v(z, s, off), QMIN, QMAX)
+    else:
+        w_int, _ = round_clip(z, QMIN, QMAX)
 
     offs = rows[:, None] * in_features + cols[None, :]
     if WRITE_INT:
@@ -172,8 +205,11 @@ def _fake_quant_fwd_kernel(
         n_nan = tl.sum(tl.sum((is_nan & mask).to(tl.int32), axis=1), axis=0)
         tl.store(nan_ptr + pid_m * tl.num_programs(0) + pid_n, n_nan)
     else:
-        s, zp = load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, HAS_ZP)
-        w_hat = dequant(w_int, s, zp, HAS_ZP)
+        if L4Q:
+            w_hat = l4q_dequant(w_int, s, off)
+        else:
+            s, zp = load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, HAS_ZP)
+            w_hat = dequant(w_int, s, zp, HAS_ZP)
         tl.store(out_ptr + offs, cast(w_hat, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -228,14 +264,14 @@ def _rank_reduce(dz, a_tile, b_tile, db_acc, SPLIT_BF16: tl.constexpr, DOT_FP32:
 @triton.jit
 def _fake_quant_bwd_kernel(
     g_ptr, dy_ptr, x_ptr, phi_ptr, a_ptr, b_ptr, scale_ptr, zp_ptr,
-    da_part_ptr, db_part_ptr, ds_ptr,
+    da_part_ptr, db_part_ptr, ds_ptr, dof_ptr,
     out_features, in_features, rank, group_size, n_groups, chunks, stride_phi,
     n_tiles_m, n_tiles_n, tiles_m_per_prog, tiles_n_per_prog, n_tokens, ds_band_stride, lr_scale,
     PHI_KIND: tl.constexpr, PHI_MUL: tl.constexpr, PACKED_PAIRS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     HAS_ZP: tl.constexpr, GPT: tl.constexpr, FUSED_G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     SPLIT_BF16: tl.constexpr, DOT_FP32: tl.constexpr, G_DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, L4Q: tl.constexpr = False,
 ):
     """Recompute ``Z, W_int, M`` per tile and reduce ``G`` into dA, dB, ds partials in one pass.
 
@@ -247,6 +283,10 @@ def _fake_quant_bwd_kernel(
     * ``db_part[j, row, r]``: sum over the band's columns of ``dZ A^T`` (register accumulator).
     * ``ds[j * ds_band_stride + row * n_groups + grp]``: group sums of ``G (W_int - z)``; bands
       write disjoint entries, so ``ds_band_stride`` is 0 when a group never crosses a band.
+
+    ``L4Q`` (Phi0 the float ``W0``, ``zp_ptr`` the offset ``b``): ``v = (Z - b) / s``, ``M`` on ``v``,
+    ``dZ = M G``; ``ds`` takes ``G (M (W_int - v) + (1 - M) clip(v))`` and ``dof`` (same layout)
+    ``G (1 - M)``, both unscaled by the LSQ gradient scale (the launcher applies it).
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -256,10 +296,14 @@ def _fake_quant_bwd_kernel(
         da_band = da_part_ptr + pid_m.to(tl.int64) * rank * in_features
         db_band = db_part_ptr + pid_n.to(tl.int64) * out_features * rank
         ds_band = ds_ptr + pid_n.to(tl.int64) * ds_band_stride
+        if L4Q:
+            dof_band = dof_ptr + pid_n.to(tl.int64) * ds_band_stride
     else:
         da_band = da_part_ptr + pid_m * rank * in_features
         db_band = db_part_ptr + pid_n * out_features * rank
         ds_band = ds_ptr + pid_n * ds_band_stride
+        if L4Q:
+            dof_band = dof_ptr + pid_n * ds_band_stride
 
     for tm in range(0, tiles_m_per_prog):
         tile_m = pid_m * tiles_m_per_prog + tm
@@ -267,6 +311,8 @@ def _fake_quant_bwd_kernel(
         b_tile = lora_rows(b_ptr, rows, rmask, rank, R_PAD)
         db_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         ds_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if L4Q:
+            dof_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for tn in range(0, tiles_n_per_prog):
             tile_n = pid_n * tiles_n_per_prog + tn
             cols, cmask, grp, chunk, col0, n_valid = col_tile(tile_n, in_features, group_size, chunks, BLOCK_N, GPT)
@@ -277,17 +323,30 @@ def _fake_quant_bwd_kernel(
             a_tile = lora_cols(a_ptr, cols, cmask, rank, in_features, R_PAD)
             z = z_tile(phi_ptr, b_tile, a_tile, rows[:, None] * stride_phi, rmask, cols, cmask, col0, n_valid, lr_scale,
                         PHI_KIND, PHI_MUL, PACKED_PAIRS, BLOCK_N, DOT_FP32)
-            w_int, inside = round_clip(z, QMIN, QMAX)
+            if L4Q:
+                s, off = load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, True, 1.0)
+                v = l4q_v(z, s, off)
+                w_int, _ = round_clip(v, QMIN, QMAX)
+                inside = l4q_mask(v, QMIN, QMAX)
+            else:
+                w_int, inside = round_clip(z, QMIN, QMAX)
             if FUSED_G:
                 g = _g_tile_from_dy_x(dy_ptr, x_ptr, rows, rmask, cols, cmask, n_tokens, out_features, in_features,
                                       BLOCK_M, BLOCK_N, BLOCK_T, G_DOT_FP32, I64)
             else:
                 g = tl.load(g_ptr + rows[:, None] * in_features + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s, zp = load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, HAS_ZP)
+            if L4Q:
+                # dZ = M G; outside the mask clip(v) == W_int (NaN stays NaN), so the LSQ step
+                # term is G * where(M, W_int - v, W_int); the offset term is G (1 - M).
+                dz = tl.where(inside & mask, g, 0.0)
+                gw = tl.where(mask, g * tl.where(inside, w_int - v, w_int), 0.0)
+                gof = tl.where(inside, 0.0, tl.where(mask, g, 0.0))
+            else:
+                s, zp = load_qparams(scale_ptr, zp_ptr, rows, rmask, grp, n_groups, BLOCK_M, BLOCK_N, GPT, HAS_ZP)
 
-            # STE through the rounding, inclusive clip mask; padding lanes contribute exact zeros.
-            dz = tl.where(inside & mask, s * g, 0.0)
-            gw = tl.where(mask, g * center(w_int, zp, HAS_ZP), 0.0)
+                # STE through the rounding, inclusive clip mask; padding lanes contribute exact zeros.
+                dz = tl.where(inside & mask, s * g, 0.0)
+                gw = tl.where(mask, g * center(w_int, zp, HAS_ZP), 0.0)
 
             # dB rows (reduced along in) stay in registers for the whole column band; dA columns
             # (this row tile's share) go to the band's partial.
@@ -303,12 +362,21 @@ def _fake_quant_bwd_kernel(
                 flush = (chunk == chunks - 1) | (tn == tiles_n_per_prog - 1)
                 tl.store(ds_band + rows * n_groups + grp, ds_acc, mask=and_scalar(rmask, flush & (tile_n < n_tiles_n)))
                 ds_acc = tl.where(flush, 0.0, ds_acc)
+                if L4Q:
+                    dof_acc += tl.sum(gof, axis=1)
+                    tl.store(dof_band + rows * n_groups + grp, dof_acc,
+                             mask=and_scalar(rmask, flush & (tile_n < n_tiles_n)))
+                    dof_acc = tl.where(flush, 0.0, dof_acc)
             else:
                 G: tl.constexpr = BLOCK_N // GPT
                 ds_tile = tl.sum(tl.reshape(gw, (BLOCK_M, GPT, G)), axis=2)
                 gidx = grp + tl.arange(0, GPT)
                 tl.store(ds_band + rows[:, None] * n_groups + gidx[None, :], ds_tile,
                          mask=and_scalar(rmask[:, None] & (gidx < n_groups)[None, :], tile_n < n_tiles_n))
+                if L4Q:
+                    dof_tile = tl.sum(tl.reshape(gof, (BLOCK_M, GPT, G)), axis=2)
+                    tl.store(dof_band + rows[:, None] * n_groups + gidx[None, :], dof_tile,
+                             mask=and_scalar(rmask[:, None] & (gidx < n_groups)[None, :], tile_n < n_tiles_n))
 
         tl.store(db_band + rows[:, None] * rank + rr[None, :], db_acc, mask=rmask[:, None] & rank_mask[None, :])
         # The next row tile revisits this band's dA partial: make this tile's stores visible to
@@ -344,6 +412,7 @@ def fake_quant_forward(
     alpha: float,
     out_dtype: torch.dtype,
     write_int: bool = False,
+    l4q: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, int]:
     """Launch the forward kernel (inputs already validated by ``_checks.check_fake_quant_args``).
 
@@ -354,6 +423,8 @@ def fake_quant_forward(
             ``in // n_groups``. zero_point: None or shaped like scale.
         out_dtype: fp32, bf16 or fp16: dtype of ``W_hat``.
         write_int: write int8 ``W_int`` instead of ``W_hat``.
+        l4q: L4Q's quantiser (:func:`l4q_forward`): ``phi`` is the float ``W0``, ``zero_point``
+            the fp32 offset ``b`` and the result ``W_q = s * W_int + b``.
 
     Returns:
         ``W_hat`` ``[out, in]`` in ``out_dtype``; with ``write_int``, ``(W_int int8 [out, in],
@@ -390,7 +461,7 @@ def fake_quant_forward(
             HAS_ZP=zp is not None, GPT=cfg.gpt, WRITE_INT=write_int,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad, R_CHUNK=cfg.r_chunk,
             DOT_FP32=_dot_fp32(lora_A.dtype, interpret), INTERPRET=interpret,
-            I64=needs_int64(out.numel(), phi.numel()),
+            I64=needs_int64(out.numel(), phi.numel()), L4Q=l4q,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
     if write_int:
@@ -411,7 +482,8 @@ def fake_quant_backward(
     alpha: float,
     dy: torch.Tensor | None = None,
     x: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    l4q: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernel: ``(dL/dlora_A, dL/dlora_B, dL/dscale)``.
 
     Args:
@@ -419,10 +491,12 @@ def fake_quant_backward(
             and ``x`` given: then each tile builds ``G = dy^T x`` itself (the G-free backward of
             the fused linear; ``dy`` ``[T, out]``, ``x`` ``[T, in]``, same 16/32-bit dtype).
         phi, lora_A, lora_B, scale, zero_point, bits, phi_format, alpha: as the forward.
+        l4q: L4Q's gradients (:func:`l4q_backward`): a fourth result, the offset's, and the step's
+            LSQ term; both without the LSQ gradient scale.
 
     Returns:
         ``dA`` ``[r, in]`` in lora_A's dtype, ``dB`` ``[out, r]`` in lora_B's dtype, ``ds`` like
-        ``scale`` (fp32).
+        ``scale`` (fp32); with ``l4q`` also the offset's, fp32 ``[out, n_groups]``.
     """
     phi = phi.contiguous()  # the kernels address it as dense rows (a no-op when it is)
     out_features = phi.shape[0]
@@ -437,7 +511,8 @@ def fake_quant_backward(
     _, _, chunks, n_tiles_n = column_tiling(in_features, g, cfg.block_n_max)
     n_tiles_m = triton.cdiv(out_features, cfg.block_m)
     if out_features == 0 or in_features == 0:
-        return torch.zeros_like(lora_A), torch.zeros_like(lora_B), torch.zeros_like(scale)
+        zeros = (torch.zeros_like(lora_A), torch.zeros_like(lora_B), torch.zeros_like(scale))
+        return zeros + (torch.zeros_like(scale),) if l4q else zeros
     p_m, p_n, tm, tn = bwd_grid(out_features, in_features, n_tiles_m, n_tiles_n,
                                 target_programs=target_programs(device), chunks=chunks, gpt=cfg.gpt)
     a = lora_A.contiguous()
@@ -454,6 +529,7 @@ def fake_quant_backward(
     else:
         ds_part = torch.zeros(p_n, out_features, n_groups, dtype=torch.float32, device=device)
         ds_band_stride = out_features * n_groups
+    dof_part = torch.zeros_like(ds_part) if l4q else ds_part  # the offset's partials: ds's layout
     if fused_g:
         if dy is None or x is None:
             raise ValueError("fake_quant_backward: give grad, or both dy and x")
@@ -472,7 +548,7 @@ def fake_quant_backward(
     with on_device(g_arg):
         _fake_quant_bwd_kernel[grid](
             g_arg, dy, x, phi, a, b, s, s if zp is None else zp,
-            da_part, db_part, ds_part,
+            da_part, db_part, ds_part, dof_part,
             out_features, in_features, rank, g, n_groups, chunks, phi.shape[1],
             n_tiles_m, n_tiles_n, tm, tn, n_tokens, ds_band_stride, float(alpha / rank),
             **phi_constexprs(bits, phi_format, g, cfg.gpt),
@@ -481,12 +557,15 @@ def fake_quant_backward(
             SPLIT_BF16=lora_A.dtype == torch.bfloat16, DOT_FP32=_dot_fp32(lora_A.dtype, interpret),
             G_DOT_FP32=_dot_fp32(g_arg.dtype, interpret), INTERPRET=interpret,
             I64=needs_int64(out_features * in_features, phi.numel(), da_part.numel(), db_part.numel(), ds_part.numel(), *big),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+            L4Q=l4q, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
     lr = alpha / rank
     d_a = (da_part.sum(0) if p_m > 1 else da_part[0]) * lr
     d_b = (db_part.sum(0) if p_n > 1 else db_part[0]) * lr
     d_s = ds_part.sum(0) if ds_part.shape[0] > 1 else ds_part[0]
+    if l4q:
+        d_of = dof_part.sum(0) if dof_part.shape[0] > 1 else dof_part[0]
+        return d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_s.to(scale.dtype), d_of
     return d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_s.to(scale.dtype)
 
 
@@ -662,6 +741,110 @@ class FakeQuantWeightFunction(torch.autograd.Function):
                                                        bits, phi_format, alpha)
         return (None, d_a if ctx.needs_input_grad[1] else None, d_b if ctx.needs_input_grad[2] else None,
                 d_s if ctx.needs_input_grad[3] else None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# L4Q on the same kernels (``L4Q`` constexpr; the layer, its eager path and formulas: ``l4q.py``)
+# ----------------------------------------------------------------------------------------------
+
+#: ``W0`` dtype -> the float Phi0 format the kernels decode it with (exactly, to fp32).
+L4Q_W0_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def l4q_uses_kernels(w0: torch.Tensor, lora_A: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                     *dtypes: torch.dtype) -> bool:
+    """:func:`uses_kernels` for L4Q: also a fp32/bf16/fp16 ``W0`` and an fp32 offset."""
+    return (w0.dtype in L4Q_W0_FORMAT and offset.dtype == torch.float32
+            and uses_kernels(w0, lora_A, scale, *dtypes))
+
+
+def l4q_forward(w0, lora_A, lora_B, scale, offset, *, bits: int, alpha: float, out_dtype: torch.dtype,
+                write_int: bool = False):
+    """L4Q's ``W_q = s * clip(round((W0 + (alpha/r) B A - b) / s)) + b`` ``[out, in]`` in ``out_dtype``
+    (``write_int``: ``(W_int int8, NaN count)``) by the forward kernel with ``L4Q``.
+
+    Args: ``w0`` fp32/bf16/fp16 ``[out, in]``; ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``;
+    ``scale``, ``offset`` fp32 ``[out, G]`` (validated by ``l4q.check_l4q_args``).
+    """
+    return fake_quant_forward(w0, lora_A, lora_B, scale, offset, bits=bits, phi_format=L4Q_W0_FORMAT[w0.dtype],
+                              alpha=alpha, out_dtype=out_dtype, write_int=write_int, l4q=True)
+
+
+def l4q_backward(grad, w0, lora_A, lora_B, scale, offset, *, bits: int, alpha: float, grad_scale: float,
+                 dy: torch.Tensor | None = None, x: torch.Tensor | None = None):
+    """L4Q's ``(dL/dlora_A, dL/dlora_B, dL/dscale, dL/doffset)`` from ``G = dL/dW_q`` ``[out, in]`` (or
+    ``dy`` ``[T, out]`` and ``x`` ``[T, in]``: G tiles built in the kernel) in one pass; the step and
+    offset gradients times the LSQ ``grad_scale`` (formulas: ``l4q.py``)."""
+    d_a, d_b, d_s, d_of = fake_quant_backward(grad, w0, lora_A, lora_B, scale, offset, bits=bits,
+                                              phi_format=L4Q_W0_FORMAT[w0.dtype], alpha=alpha, dy=dy, x=x, l4q=True)
+    return d_a, d_b, (grad_scale * d_s).to(scale.dtype), (grad_scale * d_of).to(offset.dtype)
+
+
+def _l4q_check_kernels(op: str, w0, lora_A, scale, offset, *dtypes) -> None:
+    if not l4q_uses_kernels(w0, lora_A, scale, offset, *dtypes):
+        raise RuntimeError(
+            f"lrqat::{op} runs the Triton kernels only (CUDA, or CPU under TRITON_INTERPRET=1; fp32/bf16/fp16 w0, "
+            f"factors and output, fp32 scale and offset, rank <= {MAX_RANK}, non-empty): call lrqat_kernels.l4q, "
+            "which falls back to eager PyTorch")
+
+
+@torch.library.custom_op("lrqat::l4q_fwd", mutates_args=())
+def _l4q_fwd(w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+             bits: int, alpha: float, grad_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """L4Q's ``W_q`` ``[out, in]`` in ``out_dtype`` (differentiable; ``grad_scale`` is the LSQ one)."""
+    _l4q_check_kernels("l4q_fwd", w0, lora_A, scale, offset, out_dtype)
+    return l4q_forward(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, out_dtype=out_dtype)
+
+
+@_l4q_fwd.register_fake
+def _(w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale, out_dtype):
+    return w0.new_empty((w0.shape[0], lora_A.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("lrqat::l4q_w_int", mutates_args=())
+def _l4q_w_int(w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor,
+               offset: torch.Tensor, bits: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_int int8 [out, in], NaN count int64 [])``: L4Q's integers as the training forward forms them."""
+    _l4q_check_kernels("l4q_w_int", w0, lora_A, scale, offset)
+    w_int, n_nan = l4q_forward(w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, out_dtype=torch.float32,
+                               write_int=True)
+    return w_int, torch.tensor(n_nan, dtype=torch.int64, device=w0.device)
+
+
+@_l4q_w_int.register_fake
+def _(w0, lora_A, lora_B, scale, offset, bits, alpha):
+    return w0.new_empty((w0.shape[0], lora_A.shape[1]), dtype=torch.int8), w0.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("lrqat::l4q_bwd", mutates_args=())
+def _l4q_bwd(grad: torch.Tensor, w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor,
+             offset: torch.Tensor, bits: int, alpha: float, grad_scale: float,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dL/dlora_A, dL/dlora_B, dL/dscale, dL/doffset)`` from ``grad = dL/dW_q`` ``[out, in]``."""
+    _l4q_check_kernels("l4q_bwd", w0, lora_A, scale, offset, grad.dtype)
+    return l4q_backward(grad, w0, lora_A, lora_B, scale, offset, bits=bits, alpha=alpha, grad_scale=grad_scale)
+
+
+@_l4q_bwd.register_fake
+def _(grad, w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale):
+    return torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(scale), torch.empty_like(offset)
+
+
+def _l4q_fwd_setup_context(ctx, inputs, output):
+    w0, lora_A, lora_B, scale, offset, bits, alpha, grad_scale, out_dtype = inputs
+    ctx.save_for_backward(w0, lora_A, lora_B, scale, offset)
+    ctx.meta = (bits, alpha, grad_scale)
+
+
+def _l4q_fwd_backward(ctx, grad):
+    w0, lora_A, lora_B, scale, offset = ctx.saved_tensors
+    bits, alpha, grad_scale = ctx.meta
+    d_a, d_b, d_s, d_of = torch.ops.lrqat.l4q_bwd(grad.contiguous(), w0, lora_A, lora_B, scale, offset, bits, alpha,
+                                                  grad_scale)
+    return None, d_a, d_b, d_s, d_of, None, None, None, None
+
+
+_l4q_fwd.register_autograd(_l4q_fwd_backward, setup_context=_l4q_fwd_setup_context)
 
 
 # Names that moved in the split of this module (issue 18). The public ones warn and go in the next
