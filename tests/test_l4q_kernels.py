@@ -120,8 +120,10 @@ def test_bands_and_programs_do_not_change_the_result():
 
 
 @pytest.mark.parametrize("w_dtype,f_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                                             (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
-                         ids=["w0-bf16,bf16", "w0-fp16,fp32", "w0-bf16,fp32", "w0-fp32,bf16"])
+                                             (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.float32, torch.float32), (torch.float16, torch.float16)],
+                         ids=["w0-bf16,bf16", "w0-fp16,fp32", "w0-bf16,fp32", "w0-fp32,bf16", "w0-fp32,fp32",
+                              "w0-fp16,fp16"])
 def test_dtypes_linear_matches_eager(w_dtype, f_dtype, kernel_calls):
     """16-bit W0 (decoded exactly), bf16 / fp32 factors, x in W0's dtype: y and W_q bit for bit against
     the eager layer; every gradient (x, lora_A, lora_B, scale, offset) to the factors' rounding."""
@@ -139,7 +141,7 @@ def test_dtypes_linear_matches_eager(w_dtype, f_dtype, kernel_calls):
         res.append([y.detach(), w] + [t.grad for t in leaves])
     assert kernel_calls == {"fwd": 3, "bwd": 1}  # y, W_q for dx, the weight; one backward pass
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
-    rel = REL[torch.float32] if f_dtype == torch.float32 and w_dtype != torch.bfloat16 else REL[torch.bfloat16]
+    rel = REL[torch.float32] if f_dtype == torch.float32 and w_dtype == torch.float32 else REL[torch.bfloat16]
     for name, got, want in zip(("x", "lora_A", "lora_B", "scale", "offset"), res[0][2:], res[1][2:]):
         assert got.dtype == want.dtype, name
         _assert_rel(got, want, rel, name)
