@@ -17,6 +17,7 @@ import torch
 import lrqat_kernels
 from lrqat_kernels import LRQATConfig, load_pretrained, prepare, save_pretrained
 from lrqat_kernels.cli import main
+from lrqat_kernels.ops._launch import use_kernels
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -405,7 +406,6 @@ def loss(model, x):  # announces each forward, then leaves the parent time to si
     return _loss(model, x)
 t._lm_loss = loss
 from lrqat_kernels.cli import main
-from lrqat_kernels.ops._launch import use_kernels
 sys.exit(main(sys.argv[1:]))
 """
 
