@@ -195,17 +195,15 @@ def test_g_free_backward_matches_g_in_memory(act_dtype, f_dtype):
 
 
 def test_ops_opcheck():
-    """``lrqat::l4q_fwd`` / ``l4q_w_int`` / ``l4q_bwd``: schema, fakes, autograd registration, dispatch."""
+    """``lrqat::l4q_fwd`` / ``l4q_w_int`` / ``l4q_bwd``: schema, fakes, autograd registration, AOT dispatch."""
     w0, A, B, s, b = _problem(9, 32, 2, 4, 16, seed=2)
     G = torch.randn(9, 32, generator=torch.Generator().manual_seed(3))
-    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.lrqat.l4q_fwd.default, (w0, A, B, s, b, 4, 1.0, 0.5, torch.float32), test_utils=tests)
     torch.library.opcheck(torch.ops.lrqat.l4q_fwd.default,
-                          (w0, A.requires_grad_(), B.requires_grad_(), s.requires_grad_(), b.requires_grad_(), 4, 1.0,
-                           0.5, torch.float32), test_utils=tests)
+                          (w0.to(torch.bfloat16), A.requires_grad_(), B.requires_grad_(), s.requires_grad_(),
+                           b.requires_grad_(), 4, 1.0, 0.5, torch.bfloat16))
     A, B, s, b = (t.detach() for t in (A, B, s, b))
-    torch.library.opcheck(torch.ops.lrqat.l4q_w_int.default, (w0, A, B, s, b, 4, 1.0), test_utils=tests)
-    torch.library.opcheck(torch.ops.lrqat.l4q_bwd.default, (G, w0, A, B, s, b, 4, 1.0, 0.5), test_utils=tests)
+    torch.library.opcheck(torch.ops.lrqat.l4q_w_int.default, (w0, A, B, s, b, 4, 1.0))
+    torch.library.opcheck(torch.ops.lrqat.l4q_bwd.default, (G, w0, A, B, s, b, 4, 1.0, 0.5))
 
 
 def test_ops_refuse_eager_inputs():
@@ -217,3 +215,16 @@ def test_ops_refuse_eager_inputs():
     with use_kernels(False), pytest.raises(RuntimeError, match=r"lrqat::l4q_bwd runs the Triton kernels only"):
         torch.ops.lrqat.l4q_bwd(w0, w0, A, B, s, b, 4, 1.0, 0.5)
     assert l4q.l4q_fake_quant_weight(w0.double(), A.double(), B.double(), s.double(), b.double(), bits=4).dtype == torch.float64
+
+
+def test_fwd_op_is_differentiable():
+    """``lrqat::l4q_fwd``'s registered autograd (through ``lrqat::l4q_bwd``) gives the layer's gradients."""
+    w0, A, B, s, b = _problem(10, 48, 2, 3, 16, seed=4)
+    G = torch.randn(10, 48, generator=torch.Generator().manual_seed(5))
+    want = _weight_and_grads("kernels", w0, A, B, s, b, G, bits=3, alpha=1.0, group_size=16, grad_scale=0.25)
+    leaves = [t.clone().requires_grad_(True) for t in (A, B, s, b)]
+    w = torch.ops.lrqat.l4q_fwd(w0, *leaves, 3, 1.0, 0.25, torch.float32)
+    (w * G).sum().backward()
+    assert torch.equal(w.detach(), want[0])
+    for got, exp in zip((t.grad for t in leaves), want[1:]):
+        assert torch.equal(got, exp)
