@@ -627,7 +627,7 @@ def _named_error(fn, *a, names, **k):
     assert "\n" not in msg and any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", msg) for n in names), msg
 
 
-@pytest.mark.parametrize("group_size", [None])
+@pytest.mark.parametrize("group_size", [None, 8])
 def test_fake_quant_weight_with_zero_input_columns(group_size):
     phi = torch.zeros(3, 0)
     A, B = torch.zeros(2, 0), torch.zeros(3, 2)
