@@ -1,4 +1,5 @@
-"""Small converted models for the export tests (tests/test_export*.py).
+"""Small models for the tests: ``tiny_llama`` (training and CLI tests), ``tiny_hf`` and
+``converted`` (the export tests, tests/test_export*.py).
 
 ``converted(...)`` builds a random tiny HF causal LM, prepares it for LR-QAT, gives the LoRA
 factors random values (so ``C != 0`` and rounding decisions differ from RTN), optionally moves the
@@ -11,6 +12,16 @@ from __future__ import annotations
 import torch
 
 import lrqat_kernels as L
+
+
+def tiny_llama(seed: int = 0, *, hidden: int = 32, heads: int = 2, vocab: int = 256, max_pos: int = 64):
+    """A random ``LlamaForCausalLM`` in fp32 (train mode): 2 layers, MLP 2 x hidden, no GQA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_pos)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
 
 
 def tiny_hf(arch: str = "llama", *, seed: int = 0, tie: bool = False, hidden: int = 64, layers: int = 2,

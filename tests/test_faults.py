@@ -29,6 +29,7 @@ import sys
 
 import pytest
 import torch
+from export_models import tiny_llama as _tiny_llama
 
 from lrqat_kernels import load_pretrained
 
@@ -194,15 +195,6 @@ def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("server"))
     yield s
     s.close()
-
-
-def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="module")

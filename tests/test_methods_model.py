@@ -10,6 +10,7 @@ from lrqat_kernels.data import WindowSampler
 from lrqat_kernels.l4q import L4QLinear
 from lrqat_kernels.modules import QuantizedLinear
 from lrqat_kernels.ops._launch import use_kernels
+from export_models import tiny_hf
 from lrqat_kernels.peqat import PEQATLinear
 from lrqat_kernels.train import fit
 
@@ -22,12 +23,7 @@ def _eager_cpu_path():
 
 
 def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_hf("llama", seed=seed, max_pos=64)  # hidden 64, 4 heads, 2 KV heads (GQA)
 
 
 def ids(n=2, t=16, seed=0):

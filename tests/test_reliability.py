@@ -18,6 +18,7 @@ import lrqat_kernels
 from lrqat_kernels import LRQATConfig, load_pretrained, prepare, save_pretrained
 from lrqat_kernels.cli import main
 from lrqat_kernels.ops._launch import use_kernels
+from export_models import tiny_llama as _tiny_llama
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -27,15 +28,6 @@ def _eager_cpu_path(monkeypatch):
     """Run the eager CPU path (tests/conftest.py enables the Triton interpreter for kernel tests)."""
     with use_kernels(False):
         yield
-
-
-def _tiny_llama(seed=0, vocab=256, max_pos=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=max_pos)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from lrqat_kernels.data import ByteTokenizer, WindowSampler, evaluate_perplexity
 from lrqat_kernels.modules import factor_dtype
 from lrqat_kernels.train import build_optimizer, enable_layer_checkpointing, fit, linear_warmup_decay
 from lrqat_kernels.ops._launch import use_kernels
+from export_models import tiny_llama as _tiny_llama
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -29,15 +30,6 @@ def _eager_cpu_path(monkeypatch):
     """Run the eager CPU path (tests/conftest.py enables the Triton interpreter for kernel tests)."""
     with use_kernels(False):
         yield
-
-
-def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="module")
